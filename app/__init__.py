@@ -1,0 +1,1 @@
+"""User entry points: the ``clear-dit`` command line and the Gradio web UI."""

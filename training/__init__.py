@@ -1,0 +1,1 @@
+"""Distillation of CLEAR students from full-attention teachers: self-generated data, losses, trainer."""
