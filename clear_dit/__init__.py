@@ -1,11 +1,21 @@
 """clear-dit: CLEAR (convolution-like local attention) for diffusion transformers in diffusers."""
 
+from ._version import __version__ as __version__
 from .attention import available_backends, clear_attention, pool_tokens, proportional_scale
 from .mask import CLEARLayout, attention_density
-
-__version__ = "0.1.0"
+from .patching import PatchHandle, patch, patch_handle, unpatch
+from .processors import CLEARFluxAttnProcessor
+from .weights import clear_state_dict, load_weights, save_weights
 
 __all__ = [
+    "clear_state_dict",
+    "load_weights",
+    "save_weights",
+    "CLEARFluxAttnProcessor",
+    "PatchHandle",
+    "patch",
+    "patch_handle",
+    "unpatch",
     "CLEARLayout",
     "attention_density",
     "available_backends",

@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "CLEARLayout",
+    "check_window_config",
     "in_window",
     "window_row_extents",
     "mask_predicate",
@@ -34,6 +35,14 @@ __all__ = [
 def in_window(dy, dx, window_size: int):
     """The circular window test on token offsets; works on ints and on tensors (flex ``mask_mod``)."""
     return dy * dy + dx * dx < window_size * window_size
+
+
+def check_window_config(window_size: int, down_factor: int = 1) -> None:
+    """Raise a one-line ``ValueError`` unless radius and down factor are positive ints."""
+    if not isinstance(window_size, int) or window_size <= 0:
+        raise ValueError(f"window_size must be a positive int (a token radius such as 8, 16, 32), got {window_size!r}")
+    if not isinstance(down_factor, int) or down_factor <= 0:
+        raise ValueError(f"down_factor must be a positive int (1 = no pooled tokens), got {down_factor!r}")
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,7 @@ class CLEARLayout:
         h, w = self.grid
         if not (isinstance(h, int) and isinstance(w, int)) or h <= 0 or w <= 0:
             raise ValueError(f"grid must be two positive ints (h, w), got {self.grid!r}")
-        if not isinstance(self.window_size, int) or self.window_size <= 0:
-            raise ValueError(
-                f"window_size must be a positive int (a token radius such as 8, 16, 32), got {self.window_size!r}"
-            )
-        if not isinstance(self.down_factor, int) or self.down_factor <= 0:
-            raise ValueError(f"down_factor must be a positive int (1 = no pooled tokens), got {self.down_factor!r}")
+        check_window_config(self.window_size, self.down_factor)
         if h % self.down_factor or w % self.down_factor:
             raise ValueError(
                 f"grid {h}x{w} is not divisible by down_factor {self.down_factor}: "

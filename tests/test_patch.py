@@ -1,0 +1,116 @@
+"""clear_dit.patch / unpatch on a tiny real FluxTransformer2DModel."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from flux_models import flux_inputs, run, tiny_flux_transformer
+
+import clear_dit
+from clear_dit.patching import image_grid_from_ids
+
+
+@pytest.fixture()
+def model(tmp_path):
+    return tiny_flux_transformer(tmp_path / "transformer")
+
+
+@pytest.mark.parametrize("backend", ["auto", *clear_dit.available_backends()])
+@pytest.mark.parametrize("text_len", [0, 5])
+def test_radius_larger_than_grid_reproduces_full_attention(model, backend, text_len):
+    inputs = flux_inputs((6, 4), text_len=text_len)
+    reference = run(model, inputs)
+    with clear_dit.patch(model, window_size=8, backend=backend):
+        patched = run(model, inputs)
+    torch.testing.assert_close(patched, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", clear_dit.available_backends())
+@pytest.mark.parametrize("down_factor", [1, 2])
+def test_small_radius_equals_dense_oracle(model, backend, down_factor):
+    inputs = flux_inputs((6, 8), text_len=3, batch=2)
+    full = run(model, inputs)
+    with clear_dit.patch(model, window_size=2, down_factor=down_factor, backend="dense"):
+        oracle = run(model, inputs)
+    with clear_dit.patch(model, window_size=2, down_factor=down_factor, backend=backend):
+        out = run(model, inputs)
+    torch.testing.assert_close(out, oracle, atol=1e-4, rtol=1e-4)
+    assert (oracle - full).abs().max() > 1e-3  # the local window really changes the result
+
+
+def test_unpatch_restores_the_original_processors(model):
+    inputs = flux_inputs((4, 4))
+    originals = dict(model.attn_processors)
+    reference = run(model, inputs)
+    handle = clear_dit.patch(model, window_size=1, down_factor=2)
+    assert handle.num_layers == 3 == len(originals)
+    assert all(isinstance(p, clear_dit.CLEARFluxAttnProcessor) for p in model.attn_processors.values())
+    assert clear_dit.patch_handle(model) is handle
+    clear_dit.unpatch(model)
+    assert clear_dit.patch_handle(model) is None
+    assert all(model.attn_processors[k] is v for k, v in originals.items())
+    assert all(isinstance(p, FluxAttnProcessor) for p in model.attn_processors.values())
+    assert not any("spatial_weight" in k for k in model.state_dict())
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_context_manager_and_repatch(model):
+    inputs = flux_inputs((4, 4))
+    reference = run(model, inputs)
+    with clear_dit.patch(model, window_size=1) as handle:
+        assert handle.config == {
+            "window_size": 1,
+            "down_factor": 1,
+            "backend": "auto",
+            "proportional_attention": False,
+        }
+        second = clear_dit.patch(model, window_size=2)  # re-patching replaces the first patch
+        assert clear_dit.patch_handle(model) is second
+        assert next(iter(model.attn_processors.values())).window_size == 2
+    # the first handle is stale: leaving its block does not touch the second patch
+    assert clear_dit.patch_handle(model) is second
+    second.unpatch()
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_one_patched_model_serves_several_resolutions(model):
+    a, b = flux_inputs((6, 4)), flux_inputs((4, 10), text_len=2)
+    with clear_dit.patch(model, window_size=2, backend="dense"):
+        first_a = run(model, a)
+        out_b = run(model, b)
+        second_a = run(model, a)
+    assert out_b.shape == (1, 40, 16)
+    torch.testing.assert_close(first_a, second_a, atol=0, rtol=0)
+
+
+def test_grid_is_read_from_img_ids():
+    ids = flux_inputs((3, 7))["img_ids"]
+    assert image_grid_from_ids(ids) == (3, 7)
+    assert image_grid_from_ids(ids[None]) == (3, 7)
+    with pytest.raises(ValueError, match="row-major grid"):
+        image_grid_from_ids(ids[:-2])
+
+
+def test_patch_rejects_unsupported_models_and_bad_arguments(model):
+    with pytest.raises(ValueError, match=r"cannot patch Linear; supported transformers: FluxTransformer2DModel"):
+        clear_dit.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="window_size must be a positive int"):
+        clear_dit.patch(model, window_size=0)
+    with pytest.raises(ValueError, match="down_factor must be a positive int"):
+        clear_dit.patch(model, window_size=4, down_factor=0)
+    with pytest.raises(ValueError, match="unknown backend 'nope'; known backends: 'auto', 'dense'"):
+        clear_dit.patch(model, window_size=4, backend="nope")
+    assert clear_dit.patch_handle(model) is None
+
+
+def test_grid_not_divisible_by_down_factor_is_a_clear_error(model):
+    with clear_dit.patch(model, window_size=2, down_factor=4):
+        with pytest.raises(ValueError, match="grid 6x4 is not divisible by down_factor 4"):
+            run(model, flux_inputs((6, 4)))
+
+
+def test_diffusers_attention_backends_are_refused_not_ignored(model):
+    with clear_dit.patch(model, window_size=2):
+        for processor in model.attn_processors.values():
+            processor._attention_backend = "flash"
+        with pytest.raises(ValueError, match="set_attention_backend cannot compute CLEAR"):
+            run(model, flux_inputs((4, 4)))

@@ -1,0 +1,139 @@
+"""CLEAR checkpoints: the published format loads unchanged; our own files configure themselves."""
+
+import huggingface_hub.constants
+import pytest
+import torch
+from flux_models import flux_inputs, run, tiny_flux_transformer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import clear_dit
+
+ATTN = ("to_q", "to_k", "to_v")
+
+
+def official_tensors(model, down_factor: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A checkpoint written the way the published clear_local_*.safetensors are: names, shapes, no metadata."""
+    g = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    names = [
+        f"transformer_blocks.{i}.attn.{p}.{kind}"
+        for i in range(len(model.transformer_blocks))
+        for p in (*ATTN, "to_out.0")
+        for kind in ("weight", "bias")
+    ] + [
+        f"single_transformer_blocks.{i}.attn.{p}.{kind}"
+        for i in range(len(model.single_transformer_blocks))
+        for p in ATTN
+        for kind in ("weight", "bias")
+    ]
+    tensors = {name: torch.randn(sd[name].shape, generator=g) * 0.1 for name in names}
+    if down_factor > 1:
+        d = down_factor
+        blocks = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+        blocks += [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
+        for block in blocks:
+            tensors[f"{block}.attn.processor.spatial_weight"] = torch.rand((1, 1, 1, d, 1, d, 1), generator=g)
+    return tensors
+
+
+@pytest.fixture()
+def model(tmp_path):
+    return tiny_flux_transformer(tmp_path / "transformer")
+
+
+@pytest.mark.parametrize(
+    ("filename", "radius", "down"), [("clear_local_8.safetensors", 8, 1), ("clear_local_2_down_2.safetensors", 2, 2)]
+)
+def test_official_files_load_unchanged(model, tmp_path, filename, radius, down):
+    tensors = official_tensors(model, down)
+    path = tmp_path / filename
+    save_file(tensors, str(path))
+    handle = clear_dit.load_weights(model, path)
+    assert (handle.window_size, handle.down_factor) == (radius, down)
+    state = model.state_dict()
+    for name, value in tensors.items():
+        torch.testing.assert_close(state[name], value, atol=0, rtol=0)
+    assert set(clear_dit.clear_state_dict(model)) == set(tensors)
+    assert run(model, flux_inputs((4, 4))).isfinite().all()
+
+
+def test_radius_argument_for_files_without_metadata_or_published_name(model, tmp_path):
+    path = tmp_path / "my_weights.safetensors"
+    save_file(official_tensors(model, 1), str(path))
+    with pytest.raises(ValueError, match="has no CLEAR metadata .* pass window_size"):
+        clear_dit.load_weights(model, path)
+    assert clear_dit.load_weights(model, path, window_size=3).window_size == 3
+
+
+def test_save_load_round_trip_with_metadata(model, tmp_path):
+    inputs = flux_inputs((4, 6), text_len=3)
+    clear_dit.patch(model, window_size=3, down_factor=2, backend="dense")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if clear_dit.weights.is_clear_key(name):
+                param.add_(torch.randn_like(param) * 0.05)
+    expected = run(model, inputs)
+    path = clear_dit.save_weights(model, tmp_path / "run" / "student.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["window_size"] == "3" and meta["down_factor"] == "2"
+    assert meta["base_model"] == "FluxTransformer2DModel"
+
+    fresh = tiny_flux_transformer(tmp_path / "fresh")
+    handle = clear_dit.load_weights(fresh, path, backend="dense")
+    assert handle.config["window_size"] == 3 and handle.config["down_factor"] == 2
+    torch.testing.assert_close(run(fresh, inputs), expected, atol=0, rtol=0)
+
+
+def test_save_refuses_unpatched_models_and_existing_files(model, tmp_path):
+    with pytest.raises(ValueError, match="needs a CLEAR-patched model"):
+        clear_dit.save_weights(model, tmp_path / "w.safetensors")
+    clear_dit.patch(model, window_size=2)
+    path = clear_dit.save_weights(model, tmp_path / "w.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        clear_dit.save_weights(model, path)
+    assert path.read_bytes() == before
+    clear_dit.save_weights(model, path, overwrite=True)
+
+
+def test_mismatched_files_fail_naming_the_keys(model, tmp_path):
+    tensors = official_tensors(model, 1)
+    reference = run(model, flux_inputs((4, 4)))
+
+    missing = dict(tensors)
+    del missing["single_transformer_blocks.1.attn.to_k.weight"]
+    save_file(missing, str(tmp_path / "clear_local_4.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys: single_transformer_blocks\.1\.attn\.to_k\.weight"):
+        clear_dit.load_weights(model, tmp_path / "clear_local_4.safetensors")
+
+    extra = {**tensors, "transformer_blocks.0.attn.add_q_proj.weight": torch.zeros(32, 32)}
+    save_file(extra, str(tmp_path / "clear_local_5.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected: transformer_blocks\.0\.attn\.add_q_proj\.weight"):
+        clear_dit.load_weights(model, tmp_path / "clear_local_5.safetensors")
+
+    wrong = {**tensors, "transformer_blocks.0.attn.to_q.weight": torch.zeros(32, 16)}
+    save_file(wrong, str(tmp_path / "clear_local_6.safetensors"))
+    with pytest.raises(ValueError, match=r"wrong shape: transformer_blocks\.0\.attn\.to_q\.weight \(32, 16\)"):
+        clear_dit.load_weights(model, tmp_path / "clear_local_6.safetensors")
+
+    pooled = official_tensors(model, 2)
+    save_file(pooled, str(tmp_path / "pooled.safetensors"))
+    with pytest.raises(ValueError, match="holds pooling weights .* pass down_factor"):
+        clear_dit.load_weights(model, tmp_path / "pooled.safetensors", window_size=4)
+
+    # a failed load leaves the model as it was
+    assert clear_dit.patch_handle(model) is None
+    torch.testing.assert_close(run(model, flux_inputs((4, 4))), reference, atol=0, rtol=0)
+
+
+def test_missing_files_and_unreachable_hub(model, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="CLEAR weights file not found: .*nope.safetensors"):
+        clear_dit.load_weights(model, tmp_path / "nope.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        clear_dit.load_weights(model, tmp_path / "garbage.safetensors", window_size=4)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"could not fetch 'clear_local_16.safetensors' from hub repo Huage001/CLEAR"):
+        clear_dit.load_weights(model, "Huage001/CLEAR/clear_local_16.safetensors")
