@@ -24,9 +24,18 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 import clear_dit
 from clear_dit.weights import ClearWeights
 
+from .loading import default_max_sequence_length
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["HighResFluxPipeline", "HighResFluxPipelineOutput", "ntk_scaled_rope", "parse_stages", "vae_tiling"]
+__all__ = [
+    "HighResFluxPipeline",
+    "check_highres_inputs",
+    "HighResFluxPipelineOutput",
+    "ntk_scaled_rope",
+    "parse_stages",
+    "vae_tiling",
+]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 BASE_ATTENTIONS = ("full", "clear")
@@ -112,6 +121,47 @@ def _per_stage(value: Any, count: int, name: str) -> list[Any]:
     return [value] * count
 
 
+def check_highres_inputs(
+    stages: Sequence[tuple[int, int]],
+    strengths: Sequence[float],
+    ntk_factor: float = 1.0,
+    base_attention: str = "full",
+    down_factor: int = 1,
+    output_type: str = "pil",
+    unit: int = 16,
+) -> None:
+    """Raise a one-line ValueError for settings :class:`HighResFluxPipeline` cannot run (no model needed).
+
+    ``stages`` are ``(width, height)``; ``strengths`` one per upscale stage; ``unit`` the pixels per image token.
+    """
+    if not stages:
+        raise ValueError("stages is empty; give at least one (width, height)")
+    if base_attention not in BASE_ATTENTIONS:
+        raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if not ntk_factor > 0:
+        raise ValueError(f"ntk_factor must be > 0, got {ntk_factor}")
+    for i, strength in enumerate(strengths, start=1):
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength}")
+    for i, (width, height) in enumerate(stages):
+        clear = i > 0 or base_attention == "clear"
+        multiple = unit * (down_factor if clear else 1)
+        if width <= 0 or height <= 0 or width % multiple or height % multiple:
+            why = f"{unit}*d, CLEAR down factor d={down_factor}" if multiple > unit else f"{unit} px per image token"
+            raise ValueError(
+                f"stage {i} size {width}x{height} must be positive multiples of {multiple} ({why}) in both sides"
+            )
+        if i > 0:
+            prev_w, prev_h = stages[i - 1]
+            if width < prev_w or height < prev_h or width * height == prev_w * prev_h:
+                raise ValueError(
+                    f"stage sizes must increase: stage {i} ({width}x{height}) is not larger than "
+                    f"stage {i - 1} ({prev_w}x{prev_h}) in one side and no smaller in the other"
+                )
+
+
 class HighResFluxPipeline(FluxPipeline):
     """FLUX text-to-image at high resolution by progressive SDEdit upscaling with CLEAR attention.
 
@@ -137,43 +187,6 @@ class HighResFluxPipeline(FluxPipeline):
         latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return self.vae.decode(latents, return_dict=False)[0]
-
-    def _check_highres_inputs(
-        self,
-        stages: list[tuple[int, int]],
-        strengths: list[float],
-        ntk_factor: float,
-        base_attention: str,
-        down_factor: int,
-        output_type: str,
-    ) -> None:
-        if not stages:
-            raise ValueError("stages is empty; give at least one (width, height)")
-        if base_attention not in BASE_ATTENTIONS:
-            raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not ntk_factor > 0:
-            raise ValueError(f"ntk_factor must be > 0, got {ntk_factor}")
-        for i, strength in enumerate(strengths, start=1):
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength}")
-        unit = self.vae_scale_factor * 2
-        for i, (width, height) in enumerate(stages):
-            clear = i > 0 or base_attention == "clear"
-            multiple = unit * (down_factor if clear else 1)
-            if width <= 0 or height <= 0 or width % multiple or height % multiple:
-                why = f"16*d with CLEAR down factor d={down_factor}" if clear and down_factor > 1 else str(unit)
-                raise ValueError(
-                    f"stage {i} size {width}x{height} must be positive multiples of {multiple} ({why}) in both sides"
-                )
-            if i > 0:
-                prev_w, prev_h = stages[i - 1]
-                if width < prev_w or height < prev_h or width * height == prev_w * prev_h:
-                    raise ValueError(
-                        f"stage sizes must increase: stage {i} ({width}x{height}) is not larger than "
-                        f"stage {i - 1} ({prev_w}x{prev_h}) in one side and no smaller in the other"
-                    )
 
     @torch.no_grad()
     def __call__(
@@ -204,7 +217,7 @@ class HighResFluxPipeline(FluxPipeline):
         joint_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
     ) -> HighResFluxPipelineOutput | tuple:
         """Generate at ``stages[0]``, then upscale and refine at every further stage size.
 
@@ -235,6 +248,7 @@ class HighResFluxPipeline(FluxPipeline):
             callback_on_step_end: called as ``callback(self, step, timestep, callback_kwargs)`` at every step of
                 every stage; ``self.stage_index`` tells the stage; setting ``self._interrupt = True`` stops the
                 remaining steps and stages.
+            max_sequence_length: T5 length; by default the tokenizer's limit, at most 512.
 
         Returns:
             :class:`HighResFluxPipelineOutput` (or ``(images, stage_images)`` with ``return_dict=False``).
@@ -268,9 +282,12 @@ class HighResFluxPipeline(FluxPipeline):
             weights = None
         down = weights.down_factor if weights is not None else (down_factor or 1)
         window = weights.window_size if weights is not None else (window_size or 16)
-        self._check_highres_inputs(stages, strengths, ntk_factor, base_attention, down, output_type)
+        check_highres_inputs(
+            stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2
+        )
 
         device = self._execution_device
+        max_sequence_length = max_sequence_length or default_max_sequence_length(self)
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds, _ = self.encode_prompt(
                 prompt=prompt, prompt_2=prompt_2, device=device, max_sequence_length=max_sequence_length
