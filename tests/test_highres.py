@@ -1,12 +1,22 @@
 """High-resolution pipeline on the tiny FLUX model: stages, seeds, CLEAR only where asked, the model left as found."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import clear_dit
+from app.cli import main
 from pipelines.highres import HighResFluxPipeline, parse_stages
+
+REPO = Path(__file__).resolve().parents[1]
 
 STAGES = [(64, 48), (128, 96)]  # (width, height): not square, so a swapped axis shows
 FAST = dict(prompt="a red circle", num_inference_steps=2, strength=0.7)
@@ -142,7 +152,10 @@ def test_interrupt_stops_remaining_stages(pipe):
     ("kwargs", "message"),
     [
         (dict(stages=[(64, 72)]), r"stage 0 size 64x72 must be positive multiples of 16"),
-        (dict(stages=[(64, 64), (96, 96)], down_factor=4), r"stage 1 size 96x96 .* multiples of 64 \(16\*d, CLEAR down factor d=4\)"),
+        (
+            dict(stages=[(64, 64), (96, 96)], down_factor=4),
+            r"stage 1 size 96x96 .* multiples of 64 \(16\*d, CLEAR down factor d=4\)",
+        ),
         (dict(stages=[(128, 128), (64, 64)]), r"stage sizes must increase: stage 1 \(64x64\)"),
         (dict(stages=[(64, 64), (64, 64)]), r"stage sizes must increase"),
         (dict(stages=[(64, 64), (128, 128)], strength=0.0), r"strength of stage 1 must be in \(0, 1\], got 0.0"),
@@ -174,3 +187,46 @@ def test_parse_stages():
     assert parse_stages("1024x768, 2048X1536") == [(1024, 768), (2048, 1536)]
     with pytest.raises(ValueError, match=r"'1024' is not WIDTHxHEIGHT"):
         parse_stages("1024")
+
+
+def test_cli_writes_final_and_stage_pngs(tiny_pipeline_path, tmp_path):
+    out = tmp_path / "big.png"
+    args = ["highres", "--prompt", "a red circle", "--stages", "64x64,128x96", "--steps", "2", "--seed", "1"]
+    args += ["--window", "2", "--down", "2", "--ntk", "4", "--save-stages", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out} (128x96)" in proc.stdout
+    with Image.open(out) as final, Image.open(tmp_path / "big-stage0.png") as base:
+        assert (final.size, base.size) == ((128, 96), (64, 64))
+        settings = json.loads(final.text["clear-dit"])
+    assert settings["stages"] == "64x64,128x96" and (settings["window"], settings["down"], settings["ntk"]) == (2, 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stages", "128x128,64x64"], "error: stage sizes must increase"),
+        (["--stages", "64x64,96x96", "--down", "4"], "error: stage 1 size 96x96 must be positive multiples of 64"),
+        (["--stages", "64x64,128x128", "--strength", "1.5"], "error: strength of stage 1 must be in (0, 1]"),
+        (["--stages", "64x64,128x128", "--ntk", "0"], "error: --ntk must be > 0"),
+        (["--stages", "64"], "error: stage size '64' is not WIDTHxHEIGHT"),
+        (["--stages", "64x64", "--weights", "missing.safetensors"], "error: weights file not found"),
+        (["--stages", "64x64", "--out", "x.jpg"], "error: --out must be a .png file"),
+        (["--stages", "64x64", "--out", "{existing}"], "exists; pass --overwrite"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    existing = tmp_path / "taken.png"
+    existing.write_bytes(b"mine")
+    args = [a.replace("{existing}", str(existing)) for a in args]
+    code = main(["highres", "--prompt", "a red circle", *args])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and "Traceback" not in err
+    assert existing.read_bytes() == b"mine"
