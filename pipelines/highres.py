@@ -116,7 +116,7 @@ class HighResFluxPipeline(FluxPipeline):
 
     Example::
 
-        pipe = HighResFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+        pipe = HighResFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)
         out = pipe("a lighthouse", stages=[(1024, 1024), (2048, 2048)], clear_weights="clear_local_16.safetensors")
         out.images[0].save("out.png")  # out.stage_images[0][0] is the 1024 px base image
     """
