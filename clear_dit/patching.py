@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers import FluxControlNetModel, FluxMultiControlNetModel, FluxTransformer2DModel, SD3Transformer2DModel
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .attention import available_backends
 from .backends import BACKENDS
@@ -107,40 +108,42 @@ def _sd3_grids(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """How to patch one family of diffusers models.
+    """How to patch one diffusers model class.
 
     Attributes:
-        name: shown in logs and errors.
-        classes: the model classes of the family.
+        model: the model class.
         processor: the :class:`~clear_dit.processors.CLEARAttnProcessor` subclass installed on every attention.
         grid_kwargs: ``(model, forward kwargs) -> attention kwargs`` (``clear_grid``, ...), run before each forward.
+        forwards_attention_kwargs: the model hands its ``joint_attention_kwargs`` to every attention call, so the
+            grid travels with them (also through gradient checkpointing); otherwise (``FluxControlNetModel``)
+            a pre-hook on each attention module adds the grid of the model's current call.
         refused_methods: model methods that would silently replace CLEAR by full attention while patched.
     """
 
-    name: str
-    classes: tuple[type[nn.Module], ...]
+    model: type[nn.Module]
     processor: type[CLEARAttnProcessor]
     grid_kwargs: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+    forwards_attention_kwargs: bool = True
     refused_methods: tuple[str, ...] = ()
 
 
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
-    ModelFamily("FLUX.1", (FluxTransformer2DModel, FluxControlNetModel), CLEARFluxAttnProcessor, _flux_grids),
+    ModelFamily(FluxTransformer2DModel, CLEARFluxAttnProcessor, _flux_grids),
+    ModelFamily(FluxControlNetModel, CLEARFluxAttnProcessor, _flux_grids, forwards_attention_kwargs=False),
+    # SD3's fuse/unfuse swap processors wholesale (FusedJointAttnProcessor2_0 / the saved pre-fusion ones)
     ModelFamily(
-        "SD3",
-        (SD3Transformer2DModel,),
+        SD3Transformer2DModel,
         CLEARJointAttnProcessor,
         _sd3_grids,
-        # both swap processors wholesale (FusedJointAttnProcessor2_0 / the saved pre-fusion ones)
         refused_methods=("fuse_qkv_projections", "unfuse_qkv_projections"),
     ),
 )
-SUPPORTED_MODELS: tuple[type[nn.Module], ...] = tuple(cls for family in MODEL_FAMILIES for cls in family.classes)
+SUPPORTED_MODELS: tuple[type[nn.Module], ...] = tuple(family.model for family in MODEL_FAMILIES)
 
 
 def _family(model: nn.Module) -> ModelFamily:
     for family in MODEL_FAMILIES:
-        if isinstance(model, family.classes):
+        if isinstance(model, family.model):
             return family
     supported = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
     raise ValueError(
@@ -182,11 +185,12 @@ class _ModelPatch:
 
     model: nn.Module
     original_processors: dict[str, Any]
-    hook: torch.utils.hooks.RemovableHandle
+    hooks: list[torch.utils.hooks.RemovableHandle]
     guarded: tuple[str, ...]
 
     def restore(self) -> None:
-        self.hook.remove()
+        for hook in self.hooks:
+            hook.remove()
         for name in self.guarded:
             self.model.__dict__.pop(name, None)
         self.model.set_attn_processor(dict(self.original_processors))
@@ -247,15 +251,31 @@ class PatchHandle:
         self.unpatch()
 
 
-def _grid_hook(family: ModelFamily, forward_params: list[str]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _grid_hooks(model: nn.Module, family: ModelFamily, attention_names: list[str]) -> list[RemovableHandle]:
+    """A forward pre-hook on ``model`` that reads the grid of each call and brings it to every CLEAR processor."""
+    forward_params = list(inspect.signature(model.forward).parameters)
+    current: dict[str, Any] = {}  # grid kwargs of the model's current call, for models that do not forward them
+
+    def read_grid(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = {**dict(zip(forward_params, args, strict=False)), **kwargs}
-        joint = dict(kwargs.get("joint_attention_kwargs") or {})  # never mutate the caller's dict
-        joint.update(family.grid_kwargs(module, kwargs))
-        kwargs["joint_attention_kwargs"] = joint
+        grid_kwargs = family.grid_kwargs(module, kwargs)
+        if family.forwards_attention_kwargs:
+            # a copy: never mutate the caller's dict
+            kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), **grid_kwargs}
+        else:
+            current.clear()
+            current.update(grid_kwargs)
         return (), kwargs
 
-    return hook
+    def add_grid(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, **current}
+
+    hooks = [model.register_forward_pre_hook(read_grid, with_kwargs=True)]
+    if not family.forwards_attention_kwargs:
+        hooks += [
+            model.get_submodule(name).register_forward_pre_hook(add_grid, with_kwargs=True) for name in attention_names
+        ]
+    return hooks
 
 
 def _refuse_attention_backend(model: nn.Module, backend: str) -> None:
@@ -316,9 +336,9 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
             for name in originals
         }
     )
-    forward_params = list(inspect.signature(model.forward).parameters)
-    hook = model.register_forward_pre_hook(_grid_hook(family, forward_params), with_kwargs=True)
-    return _ModelPatch(model, originals, hook, _install_guards(model, family))
+    attention_names = [name.removesuffix(".processor") for name in originals]
+    hooks = _grid_hooks(model, family, attention_names)
+    return _ModelPatch(model, originals, hooks, _install_guards(model, family))
 
 
 def patch(
