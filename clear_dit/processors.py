@@ -11,6 +11,9 @@ differ only in how they build the joint sequence:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -22,8 +25,19 @@ from .mask import CLEARLayout
 __all__ = ["CLEARAttnProcessor", "CLEARFluxAttnProcessor", "CLEARJointAttnProcessor"]
 
 
+def _module_call(forward: Callable) -> Callable:
+    """A ``__call__`` that runs ``nn.Module.__call__`` (so module hooks, e.g. accelerate's offload, apply) but shows
+    ``forward``'s signature: diffusers' attention drops every kwarg its processor's ``__call__`` does not name."""
+
+    @functools.wraps(forward)
+    def __call__(self: nn.Module, *args, **kwargs):
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    return __call__
+
+
 class CLEARAttnProcessor(nn.Module):
-    """What every CLEAR processor holds and checks; subclasses implement ``__call__`` for one attention family.
+    """What every CLEAR processor holds and checks; subclasses implement ``forward`` for one attention family.
 
     The image token grid is not state of the processor: :func:`clear_dit.patch` installs a forward
     pre-hook on the model that reads it from the model's inputs and passes it to every processor as
@@ -116,7 +130,7 @@ class CLEARFluxAttnProcessor(CLEARAttnProcessor):
     is ``[target h*w] + [reference hr*wr]`` in one coordinate space (rule in :mod:`clear_dit.mask`).
     """
 
-    def __call__(
+    def forward(
         self,
         attn: nn.Module,
         hidden_states: torch.Tensor,
@@ -154,6 +168,8 @@ class CLEARFluxAttnProcessor(CLEARAttnProcessor):
         encoder_out = attn.to_add_out(encoder_out.contiguous())
         return out, encoder_out
 
+    __call__ = _module_call(forward)
+
 
 class CLEARJointAttnProcessor(CLEARAttnProcessor):
     """Drop-in replacement for diffusers' ``JointAttnProcessor2_0`` (SD3 / SD3.5) computing CLEAR attention.
@@ -163,7 +179,7 @@ class CLEARJointAttnProcessor(CLEARAttnProcessor):
     ``encoder_hidden_states`` (SD3.5's image-only ``attn2``) it is plain local attention over the image.
     """
 
-    def __call__(
+    def forward(
         self,
         attn: nn.Module,
         hidden_states: torch.Tensor,
@@ -204,3 +220,5 @@ class CLEARJointAttnProcessor(CLEARAttnProcessor):
         if encoder_hidden_states is None:
             return out
         return out, encoder_out
+
+    __call__ = _module_call(forward)
