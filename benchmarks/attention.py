@@ -1,0 +1,165 @@
+"""Speed of CLEAR attention backends against full attention (unmasked SDPA), side by side in one process.
+
+Example::
+
+    python benchmarks/attention.py                      # fp32, 1024/2048/4096 px, r = 8/16/32, 2 threads
+    python benchmarks/attention.py --grids 64 128 --dtype bf16 --json out.json
+    python benchmarks/attention.py --smoke --json /tmp/smoke.json   # tiny sizes, for the test suite
+
+Per row: time of full attention over text + image tokens, of each CLEAR backend (through the public
+``clear_attention``), the speedup ``full / backend`` and the ideal speedup ``1 / density`` (the FLOP ratio).
+Times are medians after a warm-up; full attention is measured once per grid (it does not depend on r).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this checkout, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._timing import median_seconds
+from clear_dit import CLEARLayout, attention_density, clear_attention
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grids", type=int, nargs="+", default=[64, 128, 256], help="square token grids (px / 16)")
+    p.add_argument("--radii", type=int, nargs="+", default=[8, 16, 32], help="window radii in tokens")
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--backends", nargs="+", default=["tiled", "dense"], help="CLEAR backends to time")
+    p.add_argument("--flex", action="store_true", help="also time 'flex' (slow to compile / O(seq^2) on CPU)")
+    p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--budget", type=float, default=60.0, help="stop repeating an entry after this many seconds")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the rows to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.grids, args.radii, args.text_len, args.heads, args.head_dim = [8, 16], [2, 4], 16, 2, 16
+        args.repeats, args.warmup = 1, 0
+    if args.flex and "flex" not in args.backends:
+        args.backends = [*args.backends, "flex"]
+    return args
+
+
+def _skip_reason(backend: str, seq: int, args: argparse.Namespace) -> str | None:
+    if backend == "dense" and seq > args.dense_max_seq:
+        return f"seq {seq} > --dense-max-seq {args.dense_max_seq} (O(seq^2) mask)"
+    return None
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for side in args.grids:
+        grid, seq = (side, side), args.text_len + side * side
+        q, k, v = (torch.randn(args.batch, seq, args.heads, args.head_dim, generator=gen).to(dtype) for _ in range(3))
+
+        def full(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+        with torch.no_grad():
+            full_s = median_seconds(full, args.repeats, args.warmup, args.budget)
+            for r in args.radii:
+                layout = CLEARLayout(grid, args.text_len, r)
+                density = attention_density(grid, args.text_len, r)
+                row = {
+                    "pixels": side * 16,
+                    "grid": list(grid),
+                    "text_len": args.text_len,
+                    "window_size": r,
+                    "seq": seq,
+                    "heads": args.heads,
+                    "head_dim": args.head_dim,
+                    "batch": args.batch,
+                    "dtype": args.dtype,
+                    "threads": args.threads,
+                    "density": density,
+                    "ideal_speedup": 1.0 / density,
+                    "full_ms": full_s * 1e3,
+                    "backends": {},
+                    "skipped": {},
+                }
+                for name in args.backends:
+                    reason = _skip_reason(name, seq, args)
+                    if reason:
+                        row["skipped"][name] = reason
+                        continue
+
+                    def clear(name=name, layout=layout, q=q, k=k, v=v):
+                        return clear_attention(
+                            q,
+                            k,
+                            v,
+                            grid=layout.grid,
+                            text_len=layout.text_len,
+                            window_size=layout.window_size,
+                            backend=name,
+                        )
+
+                    t = median_seconds(clear, args.repeats, args.warmup, args.budget)
+                    row["backends"][name] = {"ms": t * 1e3, "speedup": full_s / t}
+                rows.append(row)
+                print(format_row(row, args.backends), flush=True)
+    return rows
+
+
+def format_header(backends: list[str]) -> str:
+    cols = [f"{'px':>5}", f"{'grid':>8}", f"{'r':>3}", f"{'seq':>6}", f"{'density':>8}", f"{'ideal':>6}"]
+    cols += [f"{'full ms':>9}"] + [f"{name + ' ms (x)':>20}" for name in backends]
+    return " ".join(cols)
+
+
+def format_row(row: dict, backends: list[str]) -> str:
+    h, w = row["grid"]
+    cols = [f"{row['pixels']:>5}", f"{f'{h}x{w}':>8}", f"{row['window_size']:>3}", f"{row['seq']:>6}"]
+    cols += [f"{row['density']:>8.4f}", f"{row['ideal_speedup']:>5.1f}x", f"{row['full_ms']:>9.1f}"]
+    for name in backends:
+        if name in row["backends"]:
+            entry = row["backends"][name]
+            cols.append(f"{entry['ms']:>11.1f} ({entry['speedup']:>5.2f}x)")
+        else:
+            cols.append(f"{'skipped':>20}")
+    return " ".join(cols)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(
+        f"CLEAR attention vs full SDPA: text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, "
+        f"batch {args.batch}, {args.dtype}, {args.threads} threads, torch {torch.__version__}; "
+        f"median of {args.repeats} after {args.warmup} warm-up; (x) = full / backend"
+    )
+    print(format_header(args.backends))
+    rows = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "rows": rows}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _jsonable(values: dict) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
