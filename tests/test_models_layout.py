@@ -70,3 +70,25 @@ def test_reference_grid_attention_equals_masked_sdpa(backend):
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"seq length 39 != text_len \+ image tokens = 2 \+ 4\*6 \+ 6\*2"):
         clear_dit.clear_attention(q, k, v, grid=grid, text_len=2, window_size=r, reference_grid=ref)
+
+
+@pytest.mark.parametrize("backend", [b for b in clear_dit.available_backends() if b != "dense"])
+@pytest.mark.parametrize(
+    ("text_len", "grid", "ref", "r", "d", "text_position"),
+    [
+        (3, (10, 18), (12, 6), 3, 2, "first"),  # several tiles, reference taller than the target
+        (5, (4, 4), (20, 12), 2, 1, "first"),  # reference far larger: cropped to the reach of the target
+        (0, (9, 17), None, 2, 1, "last"),
+        (4, (16, 8), None, 3, 4, "last"),
+    ],
+)
+def test_backends_equal_dense_on_multi_tile_layouts(backend, text_len, grid, ref, r, d, text_position):
+    n = grid[0] * grid[1] + (ref[0] * ref[1] if ref else 0)
+    q, k, v = _qkv(text_len + n, batch=1)
+    kwargs = dict(
+        grid=grid, text_len=text_len, window_size=r, down_factor=d, text_position=text_position, reference_grid=ref
+    )
+    expected = clear_dit.clear_attention(q, k, v, **kwargs, backend="dense")
+    torch.testing.assert_close(
+        clear_dit.clear_attention(q, k, v, **kwargs, backend=backend), expected, atol=1e-5, rtol=1e-5
+    )
