@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -140,7 +139,7 @@ class CLEARLayout:
     def kv_len(self) -> int:
         return self.text_len + self.num_image + self.num_pooled
 
-    @cached_property
+    @property  # not cached_property: its lock (Python < 3.12) is a graph break under torch.compile
     def covers_grid(self) -> bool:
         """True when every image token sees every other one (then CLEAR equals full attention)."""
         h = max(g[0] for g in self.image_grids)
