@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import FluxControlNetModel, FluxMultiControlNetModel, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    ContextParallelConfig,
+    FluxControlNetModel,
+    FluxMultiControlNetModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+)
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -290,13 +296,21 @@ def _refuse_attention_backend(model: nn.Module, backend: str) -> None:
     )
 
 
+def _is_context_parallel(config: Any) -> bool:
+    return isinstance(config, ContextParallelConfig) or getattr(config, "context_parallel_config", None) is not None
+
+
+def _context_parallel_error(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"diffusers context parallelism splits the sequence of {type(model).__name__} for full attention, "
+        "which CLEAR cannot follow; use pipelines.parallel for patch-parallel CLEAR inference"
+    )
+
+
 def _refuse_context_parallelism(model: nn.Module, *, config: Any, cp_plan: Any = None) -> None:
     """``enable_parallelism`` of a patched model: tensor parallelism (head sharding) only."""
-    if getattr(config, "context_parallel_config", None) is not None or type(config).__name__ == "ContextParallelConfig":
-        raise ValueError(
-            f"diffusers context parallelism would compute full attention in the CLEAR-patched {type(model).__name__}; "
-            "use pipelines.parallel for patch-parallel CLEAR inference, or clear_dit.unpatch(...) first"
-        )
+    if _is_context_parallel(config):
+        raise _context_parallel_error(model)
     type(model).enable_parallelism(model, config=config, cp_plan=cp_plan)
 
 
@@ -325,6 +339,8 @@ def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
 
 def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
     family = _family(model)
+    if _is_context_parallel(getattr(model, "_parallel_config", None)):
+        raise _context_parallel_error(model)
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous._release(model)

@@ -95,3 +95,29 @@ def test_img_ids_that_are_not_target_then_reference_grids_are_refused():
     with pytest.raises(ValueError, match="row-major grid"):
         image_grids_from_ids(torch.cat([ids[6:], ids[:6]]))  # reference first
     assert image_grids_from_ids(flux_inputs((3, 5))["img_ids"][None]) == ((3, 5), None)
+
+
+def test_diffusers_attention_backends_and_context_parallelism_fail_fast(transformer):
+    from diffusers import ContextParallelConfig, ParallelConfig
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry.get_active_backend()
+    inputs = flux_inputs((4, 4))
+    with clear_dit.patch(transformer, window_size=1):
+        expected = run(transformer, inputs)
+        with pytest.raises(ValueError, match=r"set_attention_backend\('_native_flash'\) would compute full attention"):
+            transformer.set_attention_backend("_native_flash")
+        with pytest.raises(ValueError, match="context parallelism splits the sequence of FluxTransformer2DModel"):
+            transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
+        # refused before any side effect: no processor, no model attribute, no global backend changed
+        assert _AttentionBackendRegistry.get_active_backend() == active and transformer._parallel_config is None
+        assert all(p._attention_backend is None for p in transformer.attn_processors.values())
+        torch.testing.assert_close(run(transformer, inputs), expected, atol=0, rtol=0)
+    assert "set_attention_backend" not in vars(transformer)  # diffusers' own method is back
+
+    transformer._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    try:
+        with pytest.raises(ValueError, match="context parallelism splits the sequence"):
+            clear_dit.patch(transformer, window_size=1)
+    finally:
+        transformer._parallel_config = None
