@@ -10,7 +10,6 @@ from peft.utils import get_peft_model_state_dict
 from pipeline_models import flux_transformer_variant, transformer_inputs
 
 import clear_dit
-from pipelines.tiny import load_tiny_pipeline
 
 CLOSE = dict(atol=1e-5, rtol=1e-5)
 
@@ -27,12 +26,8 @@ def lora_dir(tmp_path_factory):
     return folder / "style"
 
 
-@pytest.fixture()
-def pipe():
-    return load_tiny_pipeline()
-
-
-def test_lora_before_or_after_patch_set_adapters_fuse_and_unload(pipe, lora_dir):
+def test_lora_before_or_after_patch_set_adapters_fuse_and_unload(tiny_pipe, lora_dir):
+    pipe = tiny_pipe
     transformer = pipe.transformer
     inputs = transformer_inputs(transformer, (4, 6))
     with clear_dit.patch(pipe, window_size=2):
@@ -59,8 +54,8 @@ def test_lora_before_or_after_patch_set_adapters_fuse_and_unload(pipe, lora_dir)
         torch.testing.assert_close(run(transformer, inputs), styled, **CLOSE)
 
 
-def test_clear_weights_load_into_a_lora_carrying_transformer(pipe, lora_dir, tmp_path):
-    student = load_tiny_pipeline()
+def test_clear_weights_load_into_a_lora_carrying_transformer(tiny_pipeline_path, lora_dir, tmp_path):
+    student, pipe = (FluxPipeline.from_pretrained(tiny_pipeline_path) for _ in range(2))
     clear_dit.patch(student, window_size=2, down_factor=2)
     with torch.no_grad():
         for name, param in student.transformer.named_parameters():

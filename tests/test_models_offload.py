@@ -3,19 +3,26 @@
 import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, CpuOffload
+from diffusers import FluxPipeline
 from flux_models import run
 from pipeline_models import transformer_inputs
 
 import clear_dit
-from pipelines.tiny import T5_MAX_LENGTH, load_tiny_pipeline
+from pipelines.tiny import T5_MAX_LENGTH
 
 CALL = dict(prompt="a red circle", num_inference_steps=1, output_type="np", max_sequence_length=T5_MAX_LENGTH)
 
 
-def _pipe():
-    pipe = load_tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@pytest.fixture()
+def make_pipe(tiny_pipeline_path):
+    """Fresh tiny FLUX pipelines (each test patches and hooks its own)."""
+
+    def make():
+        pipe = FluxPipeline.from_pretrained(tiny_pipeline_path)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
 
 
 def _generate(pipe, height=64, width=96):
@@ -23,12 +30,12 @@ def _generate(pipe, height=64, width=96):
 
 
 @pytest.mark.parametrize("patch_first", [True, False])
-def test_model_cpu_offload_runs_patched(patch_first):
-    reference_pipe = _pipe()
+def test_model_cpu_offload_runs_patched(make_pipe, patch_first):
+    reference_pipe = make_pipe()
     clear_dit.patch(reference_pipe, window_size=2, down_factor=2)
     expected = _generate(reference_pipe)
 
-    pipe = _pipe()
+    pipe = make_pipe()
     if patch_first:
         clear_dit.patch(pipe, window_size=2, down_factor=2)
     pipe.enable_model_cpu_offload(device="cpu")
@@ -38,8 +45,8 @@ def test_model_cpu_offload_runs_patched(patch_first):
     torch.testing.assert_close(_generate(pipe), expected, atol=1e-6, rtol=0)
 
 
-def test_sequential_cpu_offload_reaches_the_clear_parameters():
-    pipe = _pipe()
+def test_sequential_cpu_offload_reaches_the_clear_parameters(make_pipe):
+    pipe = make_pipe()
     clear_dit.patch(pipe, window_size=2, down_factor=2)
     processor = pipe.transformer.transformer_blocks[0].attn.processor
     calls = []
@@ -56,8 +63,8 @@ def test_sequential_cpu_offload_reaches_the_clear_parameters():
     # execution device, patched or not, so the call itself is exercised on GPU machines only)
 
 
-def test_vae_tiling_with_a_patched_pipeline(monkeypatch):
-    pipe = _pipe()
+def test_vae_tiling_with_a_patched_pipeline(make_pipe, monkeypatch):
+    pipe = make_pipe()
     clear_dit.patch(pipe, window_size=2)
     pipe.vae.enable_tiling()
     tiled = []

@@ -17,15 +17,15 @@ from PIL import Image
 from pipeline_models import flux_controlnet, flux_transformer_variant, tiny_sd3_pipeline
 
 import clear_dit
-from pipelines.tiny import T5_MAX_LENGTH, load_tiny_pipeline
+from pipelines.tiny import T5_MAX_LENGTH
 
 HEIGHT, WIDTH = 64, 96  # a 4 x 6 token grid
 CALL = dict(prompt="a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=1, output_type="pil")
 
 
 @pytest.fixture(scope="module")
-def flux_pipe():
-    pipe = load_tiny_pipeline()
+def flux_pipe(tiny_pipeline_path):
+    pipe = FluxPipeline.from_pretrained(tiny_pipeline_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
