@@ -1,5 +1,5 @@
 """One full call of every supported pipeline class, patched: FLUX t2i / schnell-like / img2img / inpaint / Fill /
-Control / Kontext / ControlNet (union, multi), SD3 and SD3.5."""
+Control / Kontext / ControlNet (union, multi), SD3 and SD3.5 (text-to-image and img2img)."""
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxMultiControlNetModel,
     FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
 )
 from PIL import Image
 from pipeline_models import flux_controlnet, flux_transformer_variant, tiny_sd3_pipeline
@@ -108,7 +109,9 @@ def test_flux_controlnet_pipeline_patches_the_controlnets_too(flux_pipe, tmp_pat
 def test_sd3_pipeline_runs_patched(tmp_path, dual_attention):
     pipe = tiny_sd3_pipeline(tmp_path / "sd3", dual_attention=dual_attention)
     pipe.set_progress_bar_config(disable=True)
+    img2img = StableDiffusion3Img2ImgPipeline.from_pipe(pipe)
     with clear_dit.patch(pipe, window_size=2, down_factor=2) as handle:
         assert handle.num_layers == (3 if dual_attention else 2)
         image = pipe(**CALL, max_sequence_length=16).images[0]
-    assert image.size == (WIDTH, HEIGHT)
+        edited = img2img(**CALL, image=_image(6), strength=1.0, max_sequence_length=16).images[0]
+    assert image.size == edited.size == (WIDTH, HEIGHT)
