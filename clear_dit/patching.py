@@ -23,6 +23,8 @@ from diffusers import (
     FluxTransformer2DModel,
     SD3Transformer2DModel,
 )
+from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -123,24 +125,31 @@ class ModelFamily:
         forwards_attention_kwargs: the model hands its ``joint_attention_kwargs`` to every attention call, so the
             grid travels with them (also through gradient checkpointing); otherwise (``FluxControlNetModel``)
             a pre-hook on each attention module adds the grid of the model's current call.
+        replaces: the diffusers processors CLEAR stands in for; any other (IP-Adapter, PAG, custom) does more
+            than attention and is refused rather than silently dropped.
         refused_methods: model methods that would silently replace CLEAR by full attention while patched.
     """
 
     model: type[nn.Module]
     processor: type[CLEARAttnProcessor]
     grid_kwargs: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+    replaces: tuple[type, ...]
     forwards_attention_kwargs: bool = True
     refused_methods: tuple[str, ...] = ()
 
 
 MODEL_FAMILIES: tuple[ModelFamily, ...] = (
-    ModelFamily(FluxTransformer2DModel, CLEARFluxAttnProcessor, _flux_grids),
-    ModelFamily(FluxControlNetModel, CLEARFluxAttnProcessor, _flux_grids, forwards_attention_kwargs=False),
-    # SD3's fuse/unfuse swap processors wholesale (FusedJointAttnProcessor2_0 / the saved pre-fusion ones)
+    ModelFamily(FluxTransformer2DModel, CLEARFluxAttnProcessor, _flux_grids, (FluxAttnProcessor,)),
+    ModelFamily(
+        FluxControlNetModel, CLEARFluxAttnProcessor, _flux_grids, (FluxAttnProcessor,), forwards_attention_kwargs=False
+    ),
+    # SD3's fuse/unfuse swap processors wholesale (FusedJointAttnProcessor2_0 / the saved pre-fusion ones);
+    # fusing keeps to_q/to_k/to_v, which CLEAR uses, so a model fused before patch() is fine
     ModelFamily(
         SD3Transformer2DModel,
         CLEARJointAttnProcessor,
         _sd3_grids,
+        (JointAttnProcessor2_0, FusedJointAttnProcessor2_0),
         refused_methods=("fuse_qkv_projections", "unfuse_qkv_projections"),
     ),
 )
@@ -337,10 +346,25 @@ def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
     return tuple(guards)
 
 
-def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
+def _check_replaceable(model: nn.Module) -> None:
+    """Refuse models whose attention processors do more than attention (checked before anything is patched)."""
     family = _family(model)
     if _is_context_parallel(getattr(model, "_parallel_config", None)):
         raise _context_parallel_error(model)
+    handle = getattr(model, _HANDLE_ATTR, None)
+    records = [p for p in handle._patches if p.model is model] if handle is not None else []
+    processors = records[0].original_processors if records else model.attn_processors
+    for name, processor in processors.items():
+        if not isinstance(processor, family.replaces):
+            raise ValueError(
+                f"clear_dit.patch would drop the {type(processor).__name__} of {type(model).__name__}.{name} "
+                f"(CLEAR replaces {', '.join(cls.__name__ for cls in family.replaces)}): unload IP-Adapters or "
+                "custom processors first"
+            )
+
+
+def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
+    family = _family(model)
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous._release(model)
@@ -387,6 +411,7 @@ def patch(
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
     for model in models:
+        _check_replaceable(model)
         if backend != "auto" and backend not in available_backends(model.device, model.dtype):
             logger.warning("backend %r is not available for %s/%s", backend, model.device, model.dtype)
 

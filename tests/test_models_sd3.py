@@ -71,3 +71,22 @@ def test_methods_that_would_bring_full_attention_back_are_refused(model):
         torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)
     model.fuse_qkv_projections()  # unpatched: diffusers' own methods are back
     model.unfuse_qkv_projections()
+
+
+def test_processors_that_do_more_than_attention_are_not_dropped(model):
+    from diffusers.models.attention_processor import PAGJointAttnProcessor2_0
+
+    inputs = sd3_inputs((4, 4))
+    reference = run(model, inputs)
+    originals = dict(model.attn_processors)
+    model.set_attn_processor({**originals, "transformer_blocks.1.attn.processor": PAGJointAttnProcessor2_0()})
+    try:
+        with pytest.raises(ValueError, match=r"would drop the PAGJointAttnProcessor2_0 of SD3Transformer2DModel"):
+            clear_dit.patch(model, window_size=1)
+        assert clear_dit.patch_handle(model) is None
+    finally:
+        model.set_attn_processor(originals)
+    model.fuse_qkv_projections()  # fused before patch: to_q/to_k/to_v stay, and CLEAR uses them
+    with clear_dit.patch(model, window_size=8):
+        torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=1e-5)
+    model.unfuse_qkv_projections()
