@@ -271,3 +271,14 @@ def test_clear_attention_rejects_mismatched_tensors() -> None:
 def test_clear_attention_rejects_mixed_devices() -> None:
     with pytest.raises(ValueError, match="one device"):
         _call(k=torch.randn(1, 18, 2, 4, device="cuda"))
+
+
+def test_tiled_float64_autograd_path_is_exact() -> None:
+    """The differentiable (plain ops) path keeps float64 scores: equal to dense to float64 rounding."""
+    layout = CLEARLayout((22, 12), 5, 3, 2)
+    q, k, v, weight = _inputs(layout, batch=2, dtype=torch.float64, requires_grad=True)
+    outs = [_attend(layout, q, k, v, weight, name) for name in ("dense", "tiled")]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12)
+    grads = [torch.autograd.grad(out.sum(), (q, k, v, weight)) for out in outs]
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
