@@ -90,3 +90,17 @@ def test_processors_that_do_more_than_attention_are_not_dropped(model):
     with clear_dit.patch(model, window_size=8):
         torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=1e-5)
     model.unfuse_qkv_projections()
+
+
+def test_a_pipeline_with_an_unsupported_model_names_it(model):
+    from diffusers import SD3ControlNetModel
+
+    controlnet = SD3ControlNetModel(**{k: v for k, v in TINY_SD3_CONFIG.items() if k != "pos_embed_max_size"})
+    pipe_like = type("Pipe", (), {"transformer": model, "controlnet": controlnet})()
+    with pytest.raises(
+        ValueError,
+        match=r"cannot patch SD3ControlNetModel; supported transformers: FluxTransformer2DModel, "
+        r"FluxControlNetModel, SD3Transformer2DModel \(or a pipeline whose \.transformer / \.controlnet",
+    ):
+        clear_dit.patch(pipe_like, window_size=2)
+    assert clear_dit.patch_handle(model) is None  # nothing was patched
