@@ -4,7 +4,7 @@ from ._version import __version__ as __version__
 from .attention import available_backends, clear_attention, pool_tokens, proportional_scale
 from .mask import CLEARLayout, attention_density
 from .patching import PatchHandle, patch, patch_handle, unpatch
-from .processors import CLEARFluxAttnProcessor
+from .processors import CLEARFluxAttnProcessor, CLEARJointAttnProcessor
 from .weights import ClearWeights, apply_weights, clear_state_dict, load_weights, read_weights, save_weights
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "load_weights",
     "save_weights",
     "CLEARFluxAttnProcessor",
+    "CLEARJointAttnProcessor",
     "PatchHandle",
     "patch",
     "patch_handle",

@@ -9,7 +9,7 @@ import torch
 from .backends import BACKENDS, select_backend
 from .mask import CLEARLayout
 
-__all__ = ["clear_attention", "pool_tokens", "available_backends", "proportional_scale"]
+__all__ = ["clear_attention", "clear_attention_with_layout", "pool_tokens", "available_backends", "proportional_scale"]
 
 TRAINING_SEQ_LEN = 64 * 64 + 512  # FLUX 1024 px + 512 text tokens: the length CLEAR was distilled at
 
@@ -73,10 +73,17 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     if query.shape[1] != layout.q_len:
-        h, w = layout.grid
-        raise ValueError(
-            f"seq length {query.shape[1]} != text_len + h*w = {layout.text_len} + {h}*{w} = {layout.q_len}"
-        )
+        grids = " + ".join(f"{h}*{w}" for h, w in layout.image_grids)
+        raise ValueError(f"seq length {query.shape[1]} != text_len + image tokens = {layout.text_len} + {grids}")
+
+
+def _with_pooled(tokens: torch.Tensor, layout: CLEARLayout, spatial_weight: torch.Tensor | None) -> torch.Tensor:
+    """Keys or values ``(batch, q_len, heads, head_dim)`` with the pooled tokens of every grid appended."""
+    pooled, start = [tokens], layout.image_start
+    for h, w in layout.image_grids:
+        pooled.append(pool_tokens(tokens[:, start : start + h * w], (h, w), layout.down_factor, spatial_weight))
+        start += h * w
+    return torch.cat(pooled, dim=1)
 
 
 def clear_attention(
@@ -91,29 +98,52 @@ def clear_attention(
     spatial_weight: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    text_position: str = "first",
+    reference_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """CLEAR attention over a FLUX-ordered sequence (text first, then the row-major image grid).
+    """CLEAR attention over a joint text + image sequence (mask rule: :mod:`clear_dit.mask`).
 
     Args:
-        query, key, value: ``(batch, text_len + h*w, heads, head_dim)``, diffusers' dispatch layout.
-        grid: ``(h, w)`` image tokens.
-        text_len: text tokens at the start of the sequence (0 allowed).
+        query, key, value: ``(batch, seq, heads, head_dim)``, diffusers' dispatch layout, where ``seq`` is
+            ``text_len + h*w`` (``+ hr*wr`` with a reference grid), in the order given by ``text_position``.
+        grid: ``(h, w)`` image tokens (the target image).
+        text_len: number of text tokens (0 allowed).
         window_size: radius ``r``; an image query sees image keys with ``dy^2 + dx^2 < r^2``.
-        down_factor: ``d > 1`` appends ``(h/d)*(w/d)`` pooled keys/values that every image query sees.
+        down_factor: ``d > 1`` appends ``(h/d)*(w/d)`` pooled keys/values per grid that every image query sees.
         spatial_weight: pooling weight, ``(d, d)`` or ``(1, 1, 1, d, 1, d, 1)``; ``None`` is uniform.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         backend: one of :func:`available_backends` or ``"auto"``.
+        text_position: ``"first"`` (FLUX: ``[text] + [image]``) or ``"last"`` (SD3: ``[image] + [text]``);
+            the sequence is used as it comes, never reordered.
+        reference_grid: ``(hr, wr)`` of a reference image whose row-major tokens follow the target's and share
+            its coordinates (FLUX Kontext), or ``None``.
 
     Returns:
-        ``(batch, text_len + h*w, heads, head_dim)`` in the query's dtype.
+        ``(batch, seq, heads, head_dim)`` in the query's dtype.
     """
-    layout = CLEARLayout(tuple(grid), text_len, window_size, down_factor)
+    ref = tuple(reference_grid) if reference_grid is not None else None
+    layout = CLEARLayout(tuple(grid), text_len, window_size, down_factor, text_position, ref)
+    return clear_attention_with_layout(
+        query, key, value, layout, spatial_weight=spatial_weight, scale=scale, backend=backend
+    )
+
+
+def clear_attention_with_layout(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: CLEARLayout,
+    *,
+    spatial_weight: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`clear_attention` for callers that already hold the :class:`~clear_dit.mask.CLEARLayout`."""
     _check_inputs(query, key, value, layout)
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    if down_factor > 1:
-        image = slice(text_len, None)
-        key = torch.cat([key, pool_tokens(key[:, image], layout.grid, down_factor, spatial_weight)], dim=1)
-        value = torch.cat([value, pool_tokens(value[:, image], layout.grid, down_factor, spatial_weight)], dim=1)
+    if layout.down_factor > 1:
+        key = _with_pooled(key, layout, spatial_weight)
+        value = _with_pooled(value, layout, spatial_weight)
     impl = select_backend(backend, layout, query)
     return impl(query, key, value, layout, scale)

@@ -2,27 +2,36 @@
 
 Every backend, the FLOP counter and the patch-parallel runner derive from this module.
 
-Sequence layout (FLUX order, DESIGN.md 1.1)::
+Sequence layout (DESIGN.md 1.1)::
 
-    queries: [text_len text tokens] + [h*w image tokens, row-major]
-    keys:    [text_len text tokens] + [h*w image tokens, row-major] + [(h/d)*(w/d) pooled tokens]
+    FLUX ("first"):  queries [text] + [image]      keys [text] + [image] + [pooled]
+    SD3  ("last"):   queries [image] + [text]      keys [image] + [text] + [pooled]
+
+``[image]`` is the row-major ``h*w`` target grid, followed for FLUX Kontext by the row-major ``hr*wr``
+reference grid. Both grids share one coordinate space: token ``(y, x)`` of either grid sits at row ``y``,
+column ``x`` (that is how Kontext's ``img_ids`` place them; only their first id differs). ``[pooled]``
+holds the ``(h/d)*(w/d)`` pooled tokens of the target grid, then the ``(hr/d)*(wr/d)`` of the reference.
 
 Rule:
     text query  -> every text and image key, no pooled key
-    image query -> every text key, every pooled key, and the image keys inside the circular
-                   window ``dy^2 + dx^2 < r^2`` around itself.
+    image query -> every text key, every pooled key, and the image keys (of either grid) inside the
+                   circular window ``dy^2 + dx^2 < r^2`` around its own coordinates.
+
+So a Kontext target token sees the reference tokens around the same place, and a reference token the
+target tokens around it: local correspondence between the two images, at the same cost per token as
+one image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 __all__ = [
     "CLEARLayout",
+    "TEXT_POSITIONS",
     "check_window_config",
     "in_window",
     "window_row_extents",
@@ -45,49 +54,82 @@ def check_window_config(window_size: int, down_factor: int = 1) -> None:
         raise ValueError(f"down_factor must be a positive int (1 = no pooled tokens), got {down_factor!r}")
 
 
+TEXT_POSITIONS = ("first", "last")
+
+
+def _check_grid(name: str, grid: tuple[int, int], down_factor: int) -> None:
+    h, w = grid
+    if not (isinstance(h, int) and isinstance(w, int)) or h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be two positive ints (h, w), got {grid!r}")
+    if h % down_factor or w % down_factor:
+        raise ValueError(
+            f"{name} {h}x{w} is not divisible by down_factor {down_factor}: "
+            f"image sizes must be multiples of {16 * down_factor} px"
+        )
+
+
 @dataclass(frozen=True)
 class CLEARLayout:
     """Geometry of one CLEAR attention call; hashable, so schedules can be cached by it.
 
     Args:
-        grid: ``(h, w)``, the image token grid (``H/16, W/16`` for FLUX).
-        text_len: number of text tokens at the start of the sequence.
+        grid: ``(h, w)``, the (target) image token grid (``H/16, W/16`` for FLUX).
+        text_len: number of text tokens.
         window_size: radius ``r`` of the circular window, in tokens.
-        down_factor: ``d``; for ``d > 1`` the keys/values get ``(h/d)*(w/d)`` pooled tokens.
+        down_factor: ``d``; for ``d > 1`` the keys/values get ``(h/d)*(w/d)`` pooled tokens per grid.
+        text_position: ``"first"`` (FLUX: text before the image) or ``"last"`` (SD3: text after it).
+        reference_grid: ``(hr, wr)`` of a reference image that follows the target grid in the sequence
+            and shares its coordinate space (FLUX Kontext), or ``None``.
     """
 
     grid: tuple[int, int]
     text_len: int
     window_size: int
     down_factor: int = 1
+    text_position: str = "first"
+    reference_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        h, w = self.grid
-        if not (isinstance(h, int) and isinstance(w, int)) or h <= 0 or w <= 0:
-            raise ValueError(f"grid must be two positive ints (h, w), got {self.grid!r}")
         check_window_config(self.window_size, self.down_factor)
-        if h % self.down_factor or w % self.down_factor:
-            raise ValueError(
-                f"grid {h}x{w} is not divisible by down_factor {self.down_factor}: "
-                f"image sizes must be multiples of {16 * self.down_factor} px"
-            )
+        _check_grid("grid", self.grid, self.down_factor)
+        if self.reference_grid is not None:
+            _check_grid("reference_grid", self.reference_grid, self.down_factor)
         if not isinstance(self.text_len, int) or self.text_len < 0:
             raise ValueError(f"text_len must be a non-negative int, got {self.text_len!r}")
+        if self.text_position not in TEXT_POSITIONS:
+            raise ValueError(f"text_position must be 'first' or 'last', got {self.text_position!r}")
+
+    @property
+    def image_grids(self) -> tuple[tuple[int, int], ...]:
+        """The target grid, then the reference grid if any, in sequence order."""
+        return (self.grid,) if self.reference_grid is None else (self.grid, self.reference_grid)
 
     @property
     def num_image(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """Image tokens of all grids."""
+        return sum(h * w for h, w in self.image_grids)
+
+    @property
+    def text_start(self) -> int:
+        """Index of the first text token in the query sequence."""
+        return 0 if self.text_position == "first" else self.num_image
+
+    @property
+    def image_start(self) -> int:
+        """Index of the first image token in the query sequence."""
+        return self.text_len if self.text_position == "first" else 0
 
     @property
     def pooled_grid(self) -> tuple[int, int]:
+        """Pooled grid of the target image."""
         return (self.grid[0] // self.down_factor, self.grid[1] // self.down_factor)
 
     @property
     def num_pooled(self) -> int:
         if self.down_factor == 1:
             return 0
-        hp, wp = self.pooled_grid
-        return hp * wp
+        d = self.down_factor
+        return sum((h // d) * (w // d) for h, w in self.image_grids)
 
     @property
     def q_len(self) -> int:
@@ -97,10 +139,11 @@ class CLEARLayout:
     def kv_len(self) -> int:
         return self.text_len + self.num_image + self.num_pooled
 
-    @cached_property
+    @property  # not cached_property: its lock (Python < 3.12) is a graph break under torch.compile
     def covers_grid(self) -> bool:
         """True when every image token sees every other one (then CLEAR equals full attention)."""
-        h, w = self.grid
+        h = max(g[0] for g in self.image_grids)
+        w = max(g[1] for g in self.image_grids)
         return bool(in_window(h - 1, w - 1, self.window_size))
 
 
@@ -118,18 +161,29 @@ def window_row_extents(window_size: int) -> list[tuple[int, int]]:
 
 def mask_predicate(layout: CLEARLayout) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``allowed(q_idx, kv_idx) -> bool tensor`` on broadcastable index tensors (a flex ``mask_mod`` core)."""
-    t, w = layout.text_len, layout.grid[1]
-    n_img = layout.num_image
-    r = layout.window_size
+    t0, t1 = layout.text_start, layout.text_start + layout.text_len
+    i0 = layout.image_start
+    q_len, r = layout.q_len, layout.window_size
+    w = layout.grid[1]
+    n_target = layout.grid[0] * w
+    w_ref = layout.reference_grid[1] if layout.reference_grid is not None else w
+
+    def coords(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) of an image token in the shared coordinate space (garbage for other tokens)."""
+        img = idx - i0
+        if layout.reference_grid is None:
+            return img // w, img % w
+        ref = img - n_target
+        in_target = img < n_target
+        return torch.where(in_target, img // w, ref // w_ref), torch.where(in_target, img % w, ref % w_ref)
 
     def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        q_img = q_idx - t
-        k_img = kv_idx - t
-        q_is_text = q_idx < t
-        k_is_text = kv_idx < t
-        k_is_image = (kv_idx >= t) & (k_img < n_img)
-        k_is_pooled = k_img >= n_img
-        local = in_window(q_img // w - k_img // w, q_img % w - k_img % w, r)
+        q_is_text = (q_idx >= t0) & (q_idx < t1)
+        k_is_text = (kv_idx >= t0) & (kv_idx < t1)
+        k_is_pooled = kv_idx >= q_len
+        k_is_image = ~k_is_text & ~k_is_pooled
+        (qy, qx), (ky, kx) = coords(q_idx), coords(kv_idx)
+        local = in_window(qy - ky, qx - kx, r)
         text_row = q_is_text & ~k_is_pooled
         image_row = ~q_is_text & (k_is_text | k_is_pooled | (k_is_image & local))
         return text_row | image_row
@@ -144,25 +198,36 @@ def dense_mask(layout: CLEARLayout, device: torch.device | str | None = None) ->
     return mask_predicate(layout)(q, k)
 
 
-def _image_pairs(grid: tuple[int, int], window_size: int) -> int:
-    """Exact count of (image query, image key) pairs inside the window, clipped to the grid."""
-    h, w = grid
+def _overlap(n_query: int, n_key: int, offset: int) -> int:
+    """``#{q in [0, n_query) : q - offset in [0, n_key)}``: positions of one axis with a key at that offset."""
+    return max(0, min(n_query, n_key + offset) - max(0, offset))
+
+
+def _image_pairs(query_grid: tuple[int, int], key_grid: tuple[int, int], window_size: int) -> int:
+    """Exact count of (query, key) pairs inside the window between two grids sharing one coordinate space."""
     total = 0
     for dy, half in window_row_extents(window_size):
-        rows = h - abs(dy)
-        if rows <= 0:
-            continue
-        for dx in range(-half, half + 1):
-            total += rows * max(w - abs(dx), 0)
+        rows = _overlap(query_grid[0], key_grid[0], dy)
+        if rows:
+            total += rows * sum(_overlap(query_grid[1], key_grid[1], dx) for dx in range(-half, half + 1))
     return total
 
 
-def attention_density(grid: tuple[int, int], text_len: int, window_size: int, down_factor: int = 1) -> float:
+def attention_density(
+    grid: tuple[int, int],
+    text_len: int,
+    window_size: int,
+    down_factor: int = 1,
+    reference_grid: tuple[int, int] | None = None,
+) -> float:
     """Fraction of (query, key) pairs CLEAR computes relative to full attention over text + image.
 
-    ``1 / density`` is the ideal speedup of the attention product (its FLOP ratio).
+    ``1 / density`` is the ideal speedup of the attention product (its FLOP ratio). The text position
+    does not change it.
     """
-    layout = CLEARLayout(tuple(grid), text_len, window_size, down_factor)
+    ref = tuple(reference_grid) if reference_grid is not None else None
+    layout = CLEARLayout(tuple(grid), text_len, window_size, down_factor, reference_grid=ref)
     t, n = layout.text_len, layout.num_image
-    computed = t * (t + n) + n * (t + layout.num_pooled) + _image_pairs(layout.grid, window_size)
+    pairs = sum(_image_pairs(a, b, window_size) for a in layout.image_grids for b in layout.image_grids)
+    computed = t * (t + n) + n * (t + layout.num_pooled) + pairs
     return computed / float((t + n) ** 2)

@@ -1,64 +1,224 @@
-"""``patch`` / ``unpatch``: install CLEAR processors on a diffusers transformer (or pipeline)."""
+"""``patch`` / ``unpatch``: install CLEAR processors on diffusers transformers, ControlNets and pipelines.
+
+What can be patched is one table, :data:`MODEL_FAMILIES`: for each family the model classes, the
+processor that replaces their attention, and how the image token grid is read from a forward call.
+A pipeline is patched through its ``transformer`` and ``controlnet`` components (a
+``FluxMultiControlNetModel`` through each of its nets).
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import (
+    ContextParallelConfig,
+    FluxControlNetModel,
+    FluxMultiControlNetModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+)
+from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .attention import available_backends
 from .backends import BACKENDS
 from .mask import check_window_config
-from .processors import CLEARFluxAttnProcessor
+from .processors import CLEARAttnProcessor, CLEARFluxAttnProcessor, CLEARJointAttnProcessor
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MODEL_FAMILIES",
+    "ModelFamily",
+    "PIPELINE_COMPONENTS",
     "PatchHandle",
+    "SUPPORTED_MODELS",
+    "image_grid_from_ids",
+    "image_grids_from_ids",
     "patch",
     "patch_handle",
-    "unpatch",
+    "patchable_models",
     "resolve_transformer",
-    "image_grid_from_ids",
-    "SUPPORTED_MODELS",
+    "unpatch",
 ]
 
-SUPPORTED_MODELS: tuple[type[nn.Module], ...] = (FluxTransformer2DModel,)
 _HANDLE_ATTR = "_clear_dit_patch"
 
+#: Pipeline attributes that hold models to patch, in this order.
+PIPELINE_COMPONENTS = ("transformer", "controlnet")
 
-def resolve_transformer(pipe_or_transformer: Any) -> nn.Module:
-    """The transformer of a pipeline, or the model itself; a clear error for anything unsupported."""
-    model = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    if not isinstance(model, SUPPORTED_MODELS):
-        supported = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+
+def image_grids_from_ids(img_ids: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """``(grid, reference_grid)`` described by FLUX ``img_ids`` ``([batch,] n, 3)``.
+
+    Target tokens have ``img_ids[:, 0] == 0`` and come first; FLUX Kontext appends reference-image tokens
+    with ``img_ids[:, 0] == 1`` (``reference_grid`` is ``None`` without them). Each group is a row-major
+    grid whose last token sits at ``(h - 1, w - 1)``. Reads the ids with one device sync.
+    """
+    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    is_target = ids[:, 0] == 0
+    rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    stats = torch.stack(
+        [
+            is_target.sum(),
+            torch.diff(is_target.long()).clamp(min=0).sum(),  # a target token after a reference token
+            torch.where(is_target, rows, -1).max(),
+            torch.where(is_target, cols, -1).max(),
+            torch.where(is_target, -1, rows).max(),
+            torch.where(is_target, -1, cols).max(),
+        ]
+    ).tolist()
+    n_target, misplaced, h, w, hr, wr = (int(v) for v in stats)
+    h, w, hr, wr = h + 1, w + 1, hr + 1, wr + 1
+    n_reference = ids.shape[0] - n_target
+    if misplaced or h * w != n_target or (n_reference and hr * wr != n_reference):
         raise ValueError(
-            f"clear_dit cannot patch {type(model).__name__}; supported transformers: {supported} "
-            "(or a pipeline whose .transformer is one of them)"
+            f"img_ids of {ids.shape[0]} tokens do not describe a row-major grid ending at row {h - 1}, col {w - 1}"
+            + (f" followed by a reference grid ending at row {hr - 1}, col {wr - 1}" if n_reference else "")
         )
-    return model
+    return (h, w), ((hr, wr) if n_reference else None)
 
 
 def image_grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
     """``(h, w)`` of the row-major image grid described by FLUX ``img_ids`` ``([batch,] h*w, 3)``."""
-    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-    last = ids[-1, 1:3].tolist()
-    h, w = int(last[0]) + 1, int(last[1]) + 1
-    if h * w != ids.shape[0]:
+    grid, reference = image_grids_from_ids(img_ids)
+    if reference is not None:
+        raise ValueError("img_ids hold a reference image (FLUX Kontext): use image_grids_from_ids")
+    return grid
+
+
+def _flux_grids(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    img_ids = inputs.get("img_ids")
+    if img_ids is None:
+        raise ValueError(f"a CLEAR-patched {type(model).__name__} needs `img_ids` to know the image token grid")
+    grid, reference = image_grids_from_ids(img_ids)
+    return {"clear_grid": grid, "clear_reference_grid": reference}
+
+
+def _sd3_grids(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    latents = inputs.get("hidden_states")
+    if latents is None or latents.dim() != 4:
         raise ValueError(
-            f"img_ids of {ids.shape[0]} tokens do not describe a row-major grid ending at row {h - 1}, col {w - 1}"
+            f"a CLEAR-patched {type(model).__name__} needs latent `hidden_states` (batch, channels, height, width) "
+            "to know the image token grid"
         )
-    return h, w
+    p = model.config.patch_size
+    return {"clear_grid": (int(latents.shape[-2]) // p, int(latents.shape[-1]) // p)}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How to patch one diffusers model class.
+
+    Attributes:
+        model: the model class.
+        processor: the :class:`~clear_dit.processors.CLEARAttnProcessor` subclass installed on every attention.
+        grid_kwargs: ``(model, forward kwargs) -> attention kwargs`` (``clear_grid``, ...), run before each forward.
+        forwards_attention_kwargs: the model hands its ``joint_attention_kwargs`` to every attention call, so the
+            grid travels with them (also through gradient checkpointing); otherwise (``FluxControlNetModel``)
+            a pre-hook on each attention module adds the grid of the model's current call.
+        replaces: the diffusers processors CLEAR stands in for; any other (IP-Adapter, PAG, custom) does more
+            than attention and is refused rather than silently dropped.
+        refused_methods: model methods that would silently replace CLEAR by full attention while patched.
+    """
+
+    model: type[nn.Module]
+    processor: type[CLEARAttnProcessor]
+    grid_kwargs: Callable[[nn.Module, dict[str, Any]], dict[str, Any]]
+    replaces: tuple[type, ...]
+    forwards_attention_kwargs: bool = True
+    refused_methods: tuple[str, ...] = ()
+
+
+MODEL_FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily(FluxTransformer2DModel, CLEARFluxAttnProcessor, _flux_grids, (FluxAttnProcessor,)),
+    ModelFamily(
+        FluxControlNetModel, CLEARFluxAttnProcessor, _flux_grids, (FluxAttnProcessor,), forwards_attention_kwargs=False
+    ),
+    # SD3's fuse/unfuse swap processors wholesale (FusedJointAttnProcessor2_0 / the saved pre-fusion ones);
+    # fusing keeps to_q/to_k/to_v, which CLEAR uses, so a model fused before patch() is fine
+    ModelFamily(
+        SD3Transformer2DModel,
+        CLEARJointAttnProcessor,
+        _sd3_grids,
+        (JointAttnProcessor2_0, FusedJointAttnProcessor2_0),
+        refused_methods=("fuse_qkv_projections", "unfuse_qkv_projections"),
+    ),
+)
+SUPPORTED_MODELS: tuple[type[nn.Module], ...] = tuple(family.model for family in MODEL_FAMILIES)
+
+
+def _family(model: nn.Module) -> ModelFamily:
+    for family in MODEL_FAMILIES:
+        if isinstance(model, family.model):
+            return family
+    supported = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+    raise ValueError(
+        f"clear_dit cannot patch {type(model).__name__}; supported transformers: {supported} "
+        f"(or a pipeline whose .{' / .'.join(PIPELINE_COMPONENTS)} are among them)"
+    )
+
+
+def _expand(model: nn.Module) -> list[nn.Module]:
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model patches its original module
+    return [getattr(m, "_orig_mod", m) for m in model.nets] if isinstance(model, FluxMultiControlNetModel) else [model]
+
+
+def patchable_models(pipe_or_model: Any) -> list[nn.Module]:
+    """The models :func:`patch` acts on: a pipeline's transformer and ControlNet(s), or the model itself.
+
+    Raises a one-line ``ValueError`` naming the class when one of them is not supported.
+    """
+    if isinstance(pipe_or_model, nn.Module):
+        models = _expand(pipe_or_model)
+    else:
+        components = [getattr(pipe_or_model, name, None) for name in PIPELINE_COMPONENTS]
+        models = [m for component in components if component is not None for m in _expand(component)]
+    for model in models or [pipe_or_model]:
+        _family(model)
+    return models
+
+
+def resolve_transformer(pipe_or_transformer: Any) -> nn.Module:
+    """The transformer of a pipeline (the model that CLEAR weights belong to), or the model itself."""
+    model = _expand(getattr(pipe_or_transformer, "transformer", pipe_or_transformer))[0]
+    _family(model)
+    return model
+
+
+@dataclass
+class _ModelPatch:
+    """The state one patched model needs to be restored exactly."""
+
+    model: nn.Module
+    original_processors: dict[str, Any]
+    hooks: list[torch.utils.hooks.RemovableHandle]
+    guarded: tuple[str, ...]
+
+    def restore(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for name in self.guarded:
+            self.model.__dict__.pop(name, None)
+        self.model.set_attn_processor(dict(self.original_processors))
+        delattr(self.model, _HANDLE_ATTR)
 
 
 @dataclass
 class PatchHandle:
-    """What :func:`patch` installed; ``unpatch()`` (or leaving the ``with`` block) restores the model exactly."""
+    """What :func:`patch` installed; ``unpatch()`` (or leaving the ``with`` block) restores the models exactly.
+
+    ``transformer`` is the first patched model (a pipeline's transformer); ``models`` lists all of them
+    (with a ControlNet pipeline, the ControlNet(s) too); ``num_layers`` counts their attention layers.
+    """
 
     transformer: nn.Module = field(repr=False)
     window_size: int
@@ -66,8 +226,7 @@ class PatchHandle:
     backend: str
     proportional_attention: bool
     num_layers: int
-    _original_processors: dict[str, Any] = field(repr=False)
-    _hook: torch.utils.hooks.RemovableHandle = field(repr=False)
+    _patches: list[_ModelPatch] = field(repr=False)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -79,15 +238,26 @@ class PatchHandle:
         }
 
     @property
-    def processors(self) -> dict[str, CLEARFluxAttnProcessor]:
+    def models(self) -> list[nn.Module]:
+        """The models this handle still holds patched."""
+        return [p.model for p in self._patches]
+
+    @property
+    def processors(self) -> dict[str, CLEARAttnProcessor]:
         return dict(self.transformer.attn_processors)
 
+    def _release(self, model: nn.Module) -> None:
+        """Restore one model of this handle (it is being re-patched or unpatched on its own)."""
+        for p in list(self._patches):
+            if p.model is model:
+                p.restore()
+                self._patches.remove(p)
+
     def unpatch(self) -> None:
-        if getattr(self.transformer, _HANDLE_ATTR, None) is not self:
-            return
-        self._hook.remove()
-        self.transformer.set_attn_processor(dict(self._original_processors))
-        delattr(self.transformer, _HANDLE_ATTR)
+        for p in self._patches:
+            if getattr(p.model, _HANDLE_ATTR, None) is self:
+                p.restore()
+        self._patches.clear()
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -96,18 +266,119 @@ class PatchHandle:
         self.unpatch()
 
 
-def _grid_hook(forward_params: list[str]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _grid_hooks(model: nn.Module, family: ModelFamily, attention_names: list[str]) -> list[RemovableHandle]:
+    """A forward pre-hook on ``model`` that reads the grid of each call and brings it to every CLEAR processor."""
+    forward_params = list(inspect.signature(model.forward).parameters)
+    current: dict[str, Any] = {}  # grid kwargs of the model's current call, for models that do not forward them
+
+    def read_grid(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = {**dict(zip(forward_params, args, strict=False)), **kwargs}
-        img_ids = kwargs.get("img_ids")
-        if img_ids is None:
-            raise ValueError("a CLEAR-patched FLUX transformer needs `img_ids` to know the image token grid")
-        joint = dict(kwargs.get("joint_attention_kwargs") or {})
-        joint["clear_grid"] = image_grid_from_ids(img_ids)
-        kwargs["joint_attention_kwargs"] = joint
+        grid_kwargs = family.grid_kwargs(module, kwargs)
+        if family.forwards_attention_kwargs:
+            # a copy: never mutate the caller's dict
+            kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), **grid_kwargs}
+        else:
+            current.clear()
+            current.update(grid_kwargs)
         return (), kwargs
 
-    return hook
+    def add_grid(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, **current}
+
+    hooks = [model.register_forward_pre_hook(read_grid, with_kwargs=True)]
+    if not family.forwards_attention_kwargs:
+        hooks += [
+            model.get_submodule(name).register_forward_pre_hook(add_grid, with_kwargs=True) for name in attention_names
+        ]
+    return hooks
+
+
+def _refuse_attention_backend(model: nn.Module, backend: str) -> None:
+    """``set_attention_backend`` of a patched model: only ``"native"`` (a no-op for CLEAR) is accepted."""
+    if str(backend).lower() == "native":
+        type(model).set_attention_backend(model, backend)
+        return
+    raise ValueError(
+        f"set_attention_backend({backend!r}) would compute full attention in the CLEAR-patched "
+        f"{type(model).__name__}; choose a CLEAR backend with clear_dit.patch(..., backend=NAME) "
+        f"(available: {', '.join(available_backends())}) or call clear_dit.unpatch(...) first"
+    )
+
+
+def _is_context_parallel(config: Any) -> bool:
+    return isinstance(config, ContextParallelConfig) or getattr(config, "context_parallel_config", None) is not None
+
+
+def _context_parallel_error(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"diffusers context parallelism splits the sequence of {type(model).__name__} for full attention, "
+        "which CLEAR cannot follow; use pipelines.parallel for patch-parallel CLEAR inference"
+    )
+
+
+def _refuse_context_parallelism(model: nn.Module, *, config: Any, cp_plan: Any = None) -> None:
+    """``enable_parallelism`` of a patched model: tensor parallelism (head sharding) only."""
+    if _is_context_parallel(config):
+        raise _context_parallel_error(model)
+    type(model).enable_parallelism(model, config=config, cp_plan=cp_plan)
+
+
+def _refuse(method: str) -> Callable[..., None]:
+    def refused(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            f"{method}() on the CLEAR-patched {type(model).__name__} would replace CLEAR by full attention; "
+            "call clear_dit.unpatch(...) first (and patch again afterwards)"
+        )
+
+    return refused
+
+
+def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
+    """Shadow the model's methods that would silently undo CLEAR by refusing ones (instance attributes)."""
+    guards: dict[str, Callable[..., None]] = {
+        "set_attention_backend": _refuse_attention_backend,
+        "enable_parallelism": _refuse_context_parallelism,
+        **{name: _refuse(name) for name in family.refused_methods},
+    }
+    guards = {name: fn for name, fn in guards.items() if hasattr(model, name)}
+    for name, fn in guards.items():
+        setattr(model, name, types.MethodType(fn, model))
+    return tuple(guards)
+
+
+def _check_replaceable(model: nn.Module) -> None:
+    """Refuse models whose attention processors do more than attention (checked before anything is patched)."""
+    family = _family(model)
+    if _is_context_parallel(getattr(model, "_parallel_config", None)):
+        raise _context_parallel_error(model)
+    handle = getattr(model, _HANDLE_ATTR, None)
+    records = [p for p in handle._patches if p.model is model] if handle is not None else []
+    processors = records[0].original_processors if records else model.attn_processors
+    for name, processor in processors.items():
+        if not isinstance(processor, family.replaces):
+            raise ValueError(
+                f"clear_dit.patch would drop the {type(processor).__name__} of {type(model).__name__}.{name} "
+                f"(CLEAR replaces {', '.join(cls.__name__ for cls in family.replaces)}): unload IP-Adapters or "
+                "custom processors first"
+            )
+
+
+def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
+    family = _family(model)
+    previous = getattr(model, _HANDLE_ATTR, None)
+    if previous is not None:
+        previous._release(model)
+    originals = dict(model.attn_processors)
+    reference = next(model.parameters())
+    model.set_attn_processor(
+        {
+            name: make_processor(family.processor).to(device=reference.device, dtype=reference.dtype)
+            for name in originals
+        }
+    )
+    attention_names = [name.removesuffix(".processor") for name in originals]
+    hooks = _grid_hooks(model, family, attention_names)
+    return _ModelPatch(model, originals, hooks, _install_guards(model, family))
 
 
 def patch(
@@ -117,10 +388,11 @@ def patch(
     backend: str = "auto",
     proportional_attention: bool = False,
 ) -> PatchHandle:
-    """Install CLEAR attention on every attention layer of a FLUX transformer.
+    """Install CLEAR attention on every attention layer of a diffusers DiT (see :data:`SUPPORTED_MODELS`).
 
     Args:
-        pipe_or_transformer: a ``FluxTransformer2DModel`` or a pipeline with one as ``.transformer``.
+        pipe_or_transformer: a supported model, or a pipeline: its ``transformer`` and ``controlnet``
+            (all nets of a ``FluxMultiControlNetModel``) are patched with the same settings.
         window_size: radius ``r`` in tokens (16 = 256 px at FLUX's 16 px per token).
         down_factor: ``d > 1`` adds ``d x d`` pooled keys/values with a learnable ``spatial_weight``.
         backend: attention backend name, or ``"auto"``.
@@ -129,48 +401,55 @@ def patch(
     Returns:
         A :class:`PatchHandle`; ``with clear_dit.patch(pipe): ...`` unpatches on exit. Patching a
         patched model first restores its original processors.
+
+    While patched, diffusers methods that would silently bring full attention back
+    (``set_attention_backend`` other than ``"native"``, context-parallel ``enable_parallelism``, SD3's
+    ``fuse_qkv_projections``) raise a ``ValueError`` instead.
     """
-    transformer = resolve_transformer(pipe_or_transformer)
+    models = patchable_models(pipe_or_transformer)
     check_window_config(window_size, down_factor)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
-    if backend != "auto" and backend not in available_backends(transformer.device, transformer.dtype):
-        logger.warning("backend %r is not available for %s/%s", backend, transformer.device, transformer.dtype)
-    unpatch(transformer)
+    for model in models:
+        _check_replaceable(model)
+        if backend != "auto" and backend not in available_backends(model.device, model.dtype):
+            logger.warning("backend %r is not available for %s/%s", backend, model.device, model.dtype)
 
-    originals = dict(transformer.attn_processors)
-    reference = next(transformer.parameters())
-    processors = {
-        name: CLEARFluxAttnProcessor(window_size, down_factor, backend, proportional_attention).to(
-            device=reference.device, dtype=reference.dtype
-        )
-        for name in originals
-    }
-    transformer.set_attn_processor(processors)
-    forward_params = list(inspect.signature(transformer.forward).parameters)
-    hook = transformer.register_forward_pre_hook(_grid_hook(forward_params), with_kwargs=True)
+    def make_processor(cls: type[CLEARAttnProcessor]) -> nn.Module:
+        return cls(window_size, down_factor, backend, proportional_attention)
+
+    patches = [_patch_model(model, make_processor) for model in models]
     handle = PatchHandle(
-        transformer=transformer,
+        transformer=models[0],
         window_size=window_size,
         down_factor=down_factor,
         backend=backend,
         proportional_attention=proportional_attention,
-        num_layers=len(originals),
-        _original_processors=originals,
-        _hook=hook,
+        num_layers=sum(len(p.original_processors) for p in patches),
+        _patches=patches,
     )
-    setattr(transformer, _HANDLE_ATTR, handle)
-    logger.info("patched %d attention layers with CLEAR (%s)", handle.num_layers, handle.config)
+    for model in models:
+        setattr(model, _HANDLE_ATTR, handle)
+    logger.info(
+        "patched %d attention layers of %s with CLEAR (%s)",
+        handle.num_layers,
+        ", ".join(type(m).__name__ for m in models),
+        handle.config,
+    )
     return handle
 
 
 def patch_handle(pipe_or_transformer: Any) -> PatchHandle | None:
-    """The active :class:`PatchHandle` of a model, or ``None`` when it is not patched."""
+    """The active :class:`PatchHandle` of a model (of a pipeline's transformer), or ``None`` when unpatched."""
     return getattr(resolve_transformer(pipe_or_transformer), _HANDLE_ATTR, None)
 
 
 def unpatch(pipe_or_transformer: Any) -> None:
-    """Restore the processors a model had before :func:`patch`; a no-op on an unpatched model."""
-    handle = patch_handle(pipe_or_transformer)
-    if handle is not None:
-        handle.unpatch()
+    """Restore the processors the model(s) had before :func:`patch`; a no-op on unpatched models.
+
+    For a pipeline this restores its transformer and ControlNet(s); for a model, just that model.
+    """
+    for model in patchable_models(pipe_or_transformer):
+        handle = getattr(model, _HANDLE_ATTR, None)
+        if handle is not None:
+            handle._release(model)

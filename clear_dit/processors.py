@@ -1,23 +1,48 @@
-"""Diffusers attention processors that compute CLEAR attention."""
+"""Diffusers attention processors that compute CLEAR attention.
+
+One processor per attention family; they share the CLEAR state (radius, pooling weight, backend) and
+differ only in how they build the joint sequence:
+
+- :class:`CLEARFluxAttnProcessor` (FLUX.1 transformer and ControlNet, Kontext): ``[text] + [image]``
+  (``+ [reference image]``), RoPE, ``(batch, seq, heads, head_dim)``.
+- :class:`CLEARJointAttnProcessor` (SD3 / SD3.5 MMDiT): ``[image] + [text]``, no RoPE, optional qk-norm;
+  SD3.5's image-only ``attn2`` is the same call without text.
+"""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from torch import nn
 
-from .attention import clear_attention, proportional_scale
+from .attention import clear_attention_with_layout, proportional_scale
+from .mask import CLEARLayout
 
-__all__ = ["CLEARFluxAttnProcessor"]
+__all__ = ["CLEARAttnProcessor", "CLEARFluxAttnProcessor", "CLEARJointAttnProcessor"]
 
 
-class CLEARFluxAttnProcessor(nn.Module):
-    """Drop-in replacement for diffusers' ``FluxAttnProcessor`` computing CLEAR attention.
+def _module_call(forward: Callable) -> Callable:
+    """A ``__call__`` that runs ``nn.Module.__call__`` (so module hooks, e.g. accelerate's offload, apply) but shows
+    ``forward``'s signature: diffusers' attention drops every kwarg its processor's ``__call__`` does not name."""
+
+    @functools.wraps(forward)
+    def __call__(self: nn.Module, *args, **kwargs):
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    return __call__
+
+
+class CLEARAttnProcessor(nn.Module):
+    """What every CLEAR processor holds and checks; subclasses implement ``forward`` for one attention family.
 
     The image token grid is not state of the processor: :func:`clear_dit.patch` installs a forward
-    pre-hook on the transformer that reads it from ``img_ids`` and passes it to every processor as
-    the ``clear_grid`` joint-attention kwarg, so one patched model serves any resolution.
+    pre-hook on the model that reads it from the model's inputs and passes it to every processor as
+    the ``clear_grid`` (and, for FLUX Kontext, ``clear_reference_grid``) attention kwarg, so one
+    patched model serves any resolution.
 
     For ``down_factor > 1`` the processor owns the learnable pooling weight ``spatial_weight`` in the
     official shape ``(1, 1, 1, d, 1, d, 1)``, so state-dict keys match the published checkpoints.
@@ -73,7 +98,39 @@ class CLEARFluxAttnProcessor(nn.Module):
                 "choose a CLEAR backend with clear_dit.patch(..., backend=NAME) instead"
             )
 
-    def __call__(
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        grid: tuple[int, int],
+        text_position: str,
+        reference_grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """CLEAR attention of ``(batch, seq, heads, head_dim)`` q/k/v; every non-image token is text.
+
+        Returns ``(batch, seq, heads * head_dim)`` in the query's dtype.
+        """
+        n_image = grid[0] * grid[1] + (reference_grid[0] * reference_grid[1] if reference_grid else 0)
+        layout = CLEARLayout(
+            grid, query.shape[1] - n_image, self.window_size, self.down_factor, text_position, reference_grid
+        )
+        scale = proportional_scale(layout.kv_len, query.shape[-1]) if self.proportional_attention else None
+        out = clear_attention_with_layout(
+            query, key, value, layout, spatial_weight=self.spatial_weight, scale=scale, backend=self.backend
+        )
+        return out.flatten(2, 3).to(query.dtype)
+
+
+class CLEARFluxAttnProcessor(CLEARAttnProcessor):
+    """Drop-in replacement for diffusers' ``FluxAttnProcessor`` computing CLEAR attention.
+
+    Serves ``FluxTransformer2DModel`` and ``FluxControlNetModel`` (whose union mode prepends its mode token
+    to the text, so it simply counts as text). With ``clear_reference_grid`` (FLUX Kontext) the image part
+    is ``[target h*w] + [reference hr*wr]`` in one coordinate space (rule in :mod:`clear_dit.mask`).
+    """
+
+    def forward(
         self,
         attn: nn.Module,
         hidden_states: torch.Tensor,
@@ -81,6 +138,7 @@ class CLEARFluxAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         clear_grid: tuple[int, int] | None = None,
+        clear_reference_grid: tuple[int, int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         self._check_unsupported(attention_mask, clear_grid)
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -102,31 +160,65 @@ class CLEARFluxAttnProcessor(nn.Module):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        h, w = clear_grid
-        text_len = query.shape[1] - h * w
-        scale = None
-        if self.proportional_attention:
-            kv_len = query.shape[1] + (h // self.down_factor) * (w // self.down_factor) * (self.down_factor > 1)
-            scale = proportional_scale(kv_len, attn.head_dim)
-        hidden_states = clear_attention(
-            query,
-            key,
-            value,
-            grid=(h, w),
-            text_len=text_len,
-            window_size=self.window_size,
-            down_factor=self.down_factor,
-            spatial_weight=self.spatial_weight,
-            scale=scale,
-            backend=self.backend,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
+        out = self._attend(query, key, value, clear_grid, "first", clear_reference_grid)
         if encoder_hidden_states is None:
-            return hidden_states
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], h * w], dim=1
-        )
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-        return hidden_states, encoder_hidden_states
+            return out
+        encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        encoder_out = attn.to_add_out(encoder_out.contiguous())
+        return out, encoder_out
+
+    __call__ = _module_call(forward)
+
+
+class CLEARJointAttnProcessor(CLEARAttnProcessor):
+    """Drop-in replacement for diffusers' ``JointAttnProcessor2_0`` (SD3 / SD3.5) computing CLEAR attention.
+
+    The joint sequence is ``[image h*w] + [text]``; it is built directly in ``(batch, seq, heads, head_dim)``
+    (qk-norm acts on ``head_dim`` either way), so no layout copy is made for the CLEAR call. Called without
+    ``encoder_hidden_states`` (SD3.5's image-only ``attn2``) it is plain local attention over the image.
+    """
+
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        clear_grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self._check_unsupported(attention_mask, clear_grid)
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim)
+        key = key.view(batch, -1, attn.heads, head_dim)
+        value = value.view(batch, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if encoder_hidden_states is not None:
+            encoder_query = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
+            encoder_key = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
+            encoder_value = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim)
+            if attn.norm_added_q is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+            if attn.norm_added_k is not None:
+                encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([query, encoder_query], dim=1)
+            key = torch.cat([key, encoder_key], dim=1)
+            value = torch.cat([value, encoder_value], dim=1)
+
+        out = self._attend(query, key, value, clear_grid, "last")
+        if encoder_hidden_states is not None:
+            out, encoder_out = out.split_with_sizes([hidden_states.shape[1], encoder_hidden_states.shape[1]], dim=1)
+            if not attn.context_pre_only:
+                encoder_out = attn.to_add_out(encoder_out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is None:
+            return out
+        return out, encoder_out
+
+    __call__ = _module_call(forward)

@@ -34,11 +34,15 @@ __all__ = [
     "config_from_filename",
 ]
 
+# FLUX: transformer_blocks.{i}.attn / single_transformer_blocks.{i}.attn; SD3: transformer_blocks.{i}.attn and
+# SD3.5's image-only transformer_blocks.{i}.attn2.
 _CLEAR_KEY = re.compile(
-    r"^(?:transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)"
+    r"^(?:transformer_blocks\.\d+\.attn2?\.(?:to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)"
     r"|single_transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v)\.(?:weight|bias)"
-    r"|(?:single_)?transformer_blocks\.\d+\.attn\.processor\.spatial_weight)$"
+    r"|(?:single_)?transformer_blocks\.\d+\.attn2?\.processor\.spatial_weight)$"
 )
+# peft wraps a LoRA-carrying Linear: its own weight becomes `<name>.base_layer.weight`.
+_LORA_BASE = ".base_layer."
 _FILENAME = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?")
 _HUB_PATH = re.compile(r"^[\w.-]+/[\w.-]+/.+\.safetensors$")
 
@@ -48,10 +52,42 @@ def is_clear_key(name: str) -> bool:
     return bool(_CLEAR_KEY.match(name))
 
 
+def _clear_names(transformer: torch.nn.Module) -> dict[str, str]:
+    """``{published name: parameter name}`` of the CLEAR parameters the transformer holds.
+
+    The names differ only under a LoRA adapter (peft's ``...to_q.base_layer.weight``), whose base weights
+    are the CLEAR parameters: the LoRA's own ``lora_A``/``lora_B`` are not.
+    """
+    names = {}
+    for name, _ in transformer.named_parameters():
+        published = name.replace(_LORA_BASE, ".")
+        if is_clear_key(published):
+            names[published] = name
+    return names
+
+
 def clear_state_dict(pipe_or_transformer: Any) -> dict[str, torch.Tensor]:
-    """The CLEAR parameters of a (patched) transformer, by their diffusers state-dict names."""
+    """The CLEAR parameters of a (patched) transformer, by their published diffusers state-dict names.
+
+    With a LoRA adapter loaded these are the base weights (fused into them after ``fuse_lora``).
+    """
     transformer = resolve_transformer(pipe_or_transformer)
-    return {name: tensor for name, tensor in transformer.state_dict().items() if is_clear_key(name)}
+    params = dict(transformer.named_parameters())
+    return {published: params[name].detach() for published, name in _clear_names(transformer).items()}
+
+
+def _check_not_fused(transformer: torch.nn.Module, names: dict[str, str]) -> None:
+    """Loading into LoRA layers whose delta is merged would make a later ``unfuse_lora`` corrupt the weights."""
+    fused = [
+        published
+        for published, name in names.items()
+        if _LORA_BASE in name and transformer.get_submodule(name.split(_LORA_BASE)[0]).merged
+    ]
+    if fused:
+        raise ValueError(
+            f"{_first(sorted(fused))} carry a fused LoRA: call unfuse_lora() before loading CLEAR weights "
+            "(and fuse_lora() again afterwards)"
+        )
 
 
 def config_from_filename(path: str | os.PathLike) -> tuple[int | None, int | None]:
@@ -64,10 +100,11 @@ def config_from_filename(path: str | os.PathLike) -> tuple[int | None, int | Non
 
 def _expected_shapes(transformer: torch.nn.Module, down_factor: int) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the CLEAR tensors the transformer holds once patched with ``down_factor``."""
+    params = dict(transformer.named_parameters())
     shapes = {
-        name: tuple(t.shape)
-        for name, t in transformer.state_dict().items()
-        if is_clear_key(name) and not name.endswith("processor.spatial_weight")
+        published: tuple(params[name].shape)
+        for published, name in _clear_names(transformer).items()
+        if not published.endswith("processor.spatial_weight")
     }
     if down_factor > 1:
         d = down_factor
@@ -202,17 +239,22 @@ def apply_weights(
     if wrong:
         raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
+    _check_not_fused(transformer, _clear_names(transformer))
+
+    # a pipeline: its ControlNets get the same attention (the paper's zero-shot transfer)
     handle = patch(
-        transformer,
+        pipe_or_transformer,
         window_size=weights.window_size,
         down_factor=down_factor,
         backend=backend,
         proportional_attention=proportional_attention,
     )
     params = dict(transformer.named_parameters())
+    names = _clear_names(transformer)
     with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].dtype))
+        for published, value in tensors.items():
+            param = params[names[published]]
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
     logger.info("loaded %d CLEAR tensors from %s (%s)", len(tensors), weights.name, handle.config)
     return handle
 
@@ -228,7 +270,9 @@ def load_weights(
     """Patch a model with CLEAR and load CLEAR attention weights into it (:func:`read_weights` + :func:`apply_weights`).
 
     Args:
-        pipe_or_transformer: a FLUX pipeline or ``FluxTransformer2DModel``.
+        pipe_or_transformer: a pipeline or transformer :func:`clear_dit.patch` supports; a pipeline's
+            ControlNets are patched too (with their own attention weights). Works on a model that carries
+            LoRA adapters (their base weights receive the CLEAR ones), unless the LoRA is fused.
         path: a local ``.safetensors`` file, or ``"owner/repo/filename.safetensors"`` on the hub.
         window_size, down_factor: override the file's metadata; needed for files without metadata
             whose name does not follow ``clear_local_{r}[_down_{d}]``.
@@ -242,6 +286,6 @@ def load_weights(
         FileNotFoundError: no such file. ValueError: unreadable file, unknown radius, or keys/shapes
         that do not match the model (the first few are named).
     """
-    transformer = resolve_transformer(pipe_or_transformer)
+    resolve_transformer(pipe_or_transformer)  # an unsupported model fails before the file is read
     weights = read_weights(path, window_size, down_factor)
-    return apply_weights(transformer, weights, backend=backend, proportional_attention=proportional_attention)
+    return apply_weights(pipe_or_transformer, weights, backend=backend, proportional_attention=proportional_attention)

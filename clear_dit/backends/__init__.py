@@ -12,9 +12,8 @@ from .dense import DenseBackend
 from .flex import FlexBackend
 from .tiled import TiledBackend, computed_scores
 
-BACKENDS: MappingProxyType[str, AttentionBackend] = MappingProxyType(
-    {backend.name: backend for backend in (DenseBackend(), TiledBackend(), FlexBackend())}
-)
+_BY_NAME: dict[str, AttentionBackend] = {b.name: b for b in (DenseBackend(), TiledBackend(), FlexBackend())}
+BACKENDS: MappingProxyType[str, AttentionBackend] = MappingProxyType(_BY_NAME)
 
 DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" costs too much memory for "auto"
 
@@ -44,9 +43,10 @@ def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor) -> Atten
     """Resolve ``name`` (or ``"auto"``) to a backend that runs on ``query``'s device and dtype."""
     if name == "auto":
         name = auto_backend_name(layout, query.device)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
-    backend = BACKENDS[name]
+    # the plain dict: torch.compile graph-breaks on a mappingproxy once the traced code mutated any dict
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown backend {name!r}; known backends: 'auto', {', '.join(map(repr, _BY_NAME))}")
+    backend = _BY_NAME[name]
     reason = backend.unavailable_reason(query.device, query.dtype)
     if reason is not None:
         raise ValueError(f"backend {name!r} is unavailable on {query.device} with {query.dtype}: {reason}")

@@ -13,6 +13,13 @@ parts are merged by their log-sum-exp (the same merge as flash attention's key b
     gather). The window test is the same for every tile: one additive 0/-inf bias of shape
     ``(th*tw, key block)``, built from :func:`clear_dit.mask.in_window` and broadcast with stride 0.
 
+Other layouts of :mod:`clear_dit.mask` use the same three parts. Text last (SD3) only moves the slices:
+text + image keys are ``key[:, :q_len]`` in either order, the global keys are the text slice plus the
+pooled tail. A reference grid (FLUX Kontext) shares the target's coordinates, so the image queries of
+each grid run part (c) once against the key blocks of each grid, cut around the same tile positions, and
+all parts are merged by their log-sum-exp. Tile and reach are those of the largest grid extents, so one
+window bias serves every pair of grids.
+
 Padding keys (outside the real grid) differ from tile to tile, so the shared bias cannot remove them.
 They are removed through the keys instead: queries and keys get one extra channel, 1 for every query and
 0 for a real key / a huge negative number for a padding key, so a padding key's score is ``-huge`` and
@@ -66,19 +73,25 @@ def _tile_side(window_size: int) -> int:
     return 8 if window_size <= 8 else 16 if window_size <= 16 else 32
 
 
+def _extent(layout: CLEARLayout) -> tuple[int, int]:
+    """Rows and columns spanned by all image grids in their shared coordinate space."""
+    return max(h for h, _ in layout.image_grids), max(w for _, w in layout.image_grids)
+
+
 @lru_cache(maxsize=64)
-def _geometry(layout: CLEARLayout) -> _TileGeometry:
-    h, w = layout.grid
+def _geometry(layout: CLEARLayout, grid: tuple[int, int]) -> _TileGeometry:
+    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``); tile and reach are the layout's."""
+    h, w = _extent(layout)
     side = _tile_side(layout.window_size)
     th, tw = min(side, h), min(side, w)
     reach = min(layout.window_size - 1, h - 1), min(layout.window_size - 1, w - 1)
-    return _TileGeometry(tile=(th, tw), reach=reach, tiles=(-(-h // th), -(-w // tw)))
+    return _TileGeometry(tile=(th, tw), reach=reach, tiles=(-(-grid[0] // th), -(-grid[1] // tw)))
 
 
 @lru_cache(maxsize=64)
 def _window_bias(layout: CLEARLayout, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(th*tw, key block)`` additive bias, 0 inside the window of the query, -inf outside; same for all tiles."""
-    geo = _geometry(layout)
+    geo = _geometry(layout, layout.grid)
     (th, tw), (hy, hx), (kh, kw) = geo.tile, geo.reach, geo.key_block
     # key (ky, kx) of a tile's key block sits at offset (ky - hy, kx - hx) from the tile's top-left query
     dy = torch.arange(th)[:, None] - (torch.arange(kh)[None, :] - hy)  # (th, kh)
@@ -95,10 +108,13 @@ def computed_scores(layout: CLEARLayout) -> int:
     """
     if layout.covers_grid and layout.down_factor == 1:
         return layout.q_len * layout.kv_len
-    geo = _geometry(layout)
-    t, n = layout.text_len, layout.num_image
-    (hp, wp), (kh, kw) = geo.padded_grid, geo.key_block
-    return t * (t + n) + n * (t + layout.num_pooled) + hp * wp * kh * kw
+    t, n, grids = layout.text_len, layout.num_image, layout.image_grids
+    local = 0
+    for grid in grids:
+        geo = _geometry(layout, grid)
+        (hp, wp), (kh, kw) = geo.padded_grid, geo.key_block
+        local += len(grids) * hp * wp * kh * kw
+    return t * (t + n) + n * (t + layout.num_pooled) + local
 
 
 def _padding_key_score(dtype: torch.dtype) -> float:
@@ -159,20 +175,28 @@ def _tiles_to_rows(tiles: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int
     return rows.reshape(b, h * w, heads, chans)
 
 
-def _key_blocks(tokens: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int], padding_channel: float):
-    """Image keys or values ``(B, h*w, H, D)`` -> key blocks of all tiles ``(B*H*ntx, nty, kh*kw, D + 1)``.
+def _key_blocks(
+    tokens: torch.Tensor, geo: _TileGeometry, key_grid: tuple[int, int], padding_channel: float
+) -> torch.Tensor:
+    """Image keys or values ``(B, hk*wk, H, D)`` -> the key blocks of all query tiles ``(B*H*ntx, nty, kh*kw, D+1)``.
 
-    The grid is zero-padded by the reach on each side and up to tile multiples; the extra channel is 0 on
-    real tokens and ``padding_channel`` on padding ones. It is copied once into overlapping column strips
+    ``geo`` tiles the query grid; the key grid shares its coordinates (it is the query grid itself, or the
+    other image of a Kontext layout, cropped to the rows and columns any query tile can reach). The keys are
+    zero-padded by the reach on each side and up to tile multiples; the extra channel is 0 on real tokens
+    and ``padding_channel`` on padding ones. It is copied once into overlapping column strips
     ``(B, H, ntx, rows, kw, D + 1)``; tile ``(i, j)``'s block is rows ``[i*th, i*th + kh)`` of strip ``j``,
     one contiguous run, so the blocks are a strided view of the strips.
     """
-    (h, w), (th, tw), (hy, hx), (kh, kw), (nty, ntx) = grid, geo.tile, geo.reach, geo.key_block, geo.tiles
+    (th, tw), (hy, hx), (kh, kw), (nty, ntx) = geo.tile, geo.reach, geo.key_block, geo.tiles
     hp, wp = geo.padded_grid
+    hk, wk = key_grid
     b, _, heads, dim = tokens.shape
     rows, cols, chans = hp + 2 * hy, wp + 2 * hx, dim + 1
+    h, w = min(hk, hp + hy), min(wk, wp + hx)  # keys beyond are out of every tile's reach
     padded = tokens.new_zeros(b, heads, rows, cols, chans)
-    padded[:, :, hy : hy + h, hx : hx + w, :dim] = tokens.reshape(b, h, w, heads, dim).permute(0, 3, 1, 2, 4)
+    padded[:, :, hy : hy + h, hx : hx + w, :dim] = tokens.reshape(b, hk, wk, heads, dim)[:, :h, :w].permute(
+        0, 3, 1, 2, 4
+    )
     if padding_channel:
         real = torch.zeros(rows, cols, dtype=torch.bool, device=tokens.device)
         real[hy : hy + h, hx : hx + w] = True
@@ -184,32 +208,53 @@ def _key_blocks(tokens: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int],
     return strips.as_strided((b * heads * ntx, nty, kh * kw, chans), (rows * row, th * row, chans, 1))
 
 
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the union of disjoint key sets from per-set ``(out (..., L, C), lse (..., L))``."""
+    if len(parts) == 1:
+        return parts[0][0]
+    acc = torch.promote_types(dtype, torch.float32)
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    out = sum(out.to(acc) * torch.exp(lse - total)[..., None].to(acc) for out, lse in parts)
+    return out.to(dtype)
+
+
+def _grid_slices(layout: CLEARLayout) -> list[tuple[tuple[int, int], slice]]:
+    """``(grid, slice of its tokens)`` for every image grid, in sequence order."""
+    slices, start = [], layout.image_start
+    for h, w in layout.image_grids:
+        slices.append(((h, w), slice(start, start + h * w)))
+        start += h * w
+    return slices
+
+
 def _image_rows(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
-) -> torch.Tensor:
-    """Parts (b) and (c): image queries ``(B, h*w, H, D)`` x CLEAR keys/values ``(B, kv_len, H, D)``."""
-    geo = _geometry(layout)
-    t, n, grid = layout.text_len, layout.num_image, layout.grid
+) -> list[torch.Tensor]:
+    """Parts (b) and (c): the image queries of each grid ``(B, h*w, H, D)`` x CLEAR keys/values."""
     b, _, heads, dim = query.shape
-    (nty, ntx), (th, tw) = geo.tiles, geo.tile
-    tiles = _query_tiles(query, geo, grid)  # (B, H, ntx, nty, th*tw, D + 1)
-
-    # (c) local: all tiles in one call, batch = (B, H, ntx), "heads" = nty
-    k = _key_blocks(key[:, t : t + n], geo, grid, _padding_key_score(key.dtype))
-    v = _key_blocks(value[:, t : t + n], geo, grid, 0.0)
+    text = slice(layout.text_start, layout.text_start + layout.text_len)
     bias = _window_bias(layout, query.device, query.dtype)
-    out, lse = _attention_with_lse(tiles.reshape(b * heads * ntx, nty, th * tw, dim + 1), k, v, scale, bias)
-    out = out.reshape(b, heads, -1, dim + 1)
-    if t + layout.num_pooled:
-        # (b) global: text + pooled keys, the same for every image query; the tiles are just a query order
-        extra = key.new_zeros(b, heads, t + layout.num_pooled, 1)
-        global_k = torch.cat([torch.cat([key[:, :t], key[:, t + n :]], dim=1).transpose(1, 2), extra], dim=-1)
-        global_v = torch.cat([torch.cat([value[:, :t], value[:, t + n :]], dim=1).transpose(1, 2), extra], dim=-1)
-        out_g, lse_g = _attention_with_lse(tiles.reshape(b, heads, -1, dim + 1), global_k, global_v, scale)
-        weight = torch.sigmoid(lse_g - lse.reshape(b, heads, -1))[..., None]  # share of the global keys
-        acc = torch.promote_types(query.dtype, torch.float32)
-        out = torch.lerp(out.to(acc), out_g.to(acc), weight.to(acc)).to(query.dtype)
-    return _tiles_to_rows(out[..., :dim], geo, grid)
+    glob = layout.text_len + layout.num_pooled
+    if glob:  # (b) global: text + pooled keys, the same for every image query
+        extra = key.new_zeros(b, heads, glob, 1)
+        global_k = torch.cat([torch.cat([key[:, text], key[:, layout.q_len :]], dim=1).transpose(1, 2), extra], -1)
+        global_v = torch.cat([torch.cat([value[:, text], value[:, layout.q_len :]], dim=1).transpose(1, 2), extra], -1)
+    grids = _grid_slices(layout)
+    rows = []
+    for grid, tokens in grids:
+        geo = _geometry(layout, grid)
+        (nty, ntx), (th, tw) = geo.tiles, geo.tile
+        tiles = _query_tiles(query[:, tokens], geo, grid)  # (B, H, ntx, nty, th*tw, D + 1)
+        parts = []
+        for key_grid, key_tokens in grids:  # (c) local: all tiles in one call, batch = (B, H, ntx), "heads" = nty
+            k = _key_blocks(key[:, key_tokens], geo, key_grid, _padding_key_score(key.dtype))
+            v = _key_blocks(value[:, key_tokens], geo, key_grid, 0.0)
+            out, lse = _attention_with_lse(tiles.reshape(b * heads * ntx, nty, th * tw, dim + 1), k, v, scale, bias)
+            parts.append((out.reshape(b, heads, -1, dim + 1), lse.reshape(b, heads, -1)))
+        if glob:  # the tiles are just a query order for the global keys
+            parts.append(_attention_with_lse(tiles.reshape(b, heads, -1, dim + 1), global_k, global_v, scale))
+        rows.append(_tiles_to_rows(_merge(parts, query.dtype)[..., :dim], geo, grid))
+    return rows
 
 
 class TiledBackend:
@@ -223,19 +268,19 @@ class TiledBackend:
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
     ) -> torch.Tensor:
-        t, n = layout.text_len, layout.num_image
         if layout.covers_grid and layout.down_factor == 1:  # the mask is all True: CLEAR is full attention
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
             )
             return out.transpose(1, 2)
-        image = _image_rows(query[:, t:], key, value, layout, scale)
-        if t == 0:
-            return image
+        image = _image_rows(query, key, value, layout, scale)
+        if layout.text_len == 0:
+            return image[0] if len(image) == 1 else torch.cat(image, dim=1)
+        t0 = layout.text_start
         text = F.scaled_dot_product_attention(  # (a) text rows: every text and image key, no pooled key
-            query[:, :t].transpose(1, 2),
-            key[:, : t + n].transpose(1, 2),
-            value[:, : t + n].transpose(1, 2),
+            query[:, t0 : t0 + layout.text_len].transpose(1, 2),
+            key[:, : layout.q_len].transpose(1, 2),
+            value[:, : layout.q_len].transpose(1, 2),
             scale=scale,
-        )
-        return torch.cat([text.transpose(1, 2), image], dim=1)
+        ).transpose(1, 2)
+        return torch.cat([text, *image] if layout.text_position == "first" else [*image, text], dim=1)
