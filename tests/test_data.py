@@ -158,3 +158,19 @@ def test_import_folder_with_captions(made, tmp_path):
     Image.new("RGB", (32, 32)).save(src / "c.png")
     with pytest.raises(FileNotFoundError, match="no caption for .*c.png"):
         import_images(pipe, src, tmp_path / "data2", resolution=32)
+
+
+def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys):
+    from app.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red circle\n\na blue square\n")
+    args = ["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "data"), "--resolution", "32"]
+    assert main([*args, "--steps", "1"]) == 0
+    assert "2 items at 32x32" in capsys.readouterr().out
+    assert DistillDataset(tmp_path / "data").prompts == ["a red circle", "a blue square"]
+
+    assert main(["make-data", "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == f"error: prompt file not found: {tmp_path / 'nope.txt'}\n"
+    assert main(["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--window", "0"]) == 1
+    assert capsys.readouterr().err.startswith("error: window_size must be a positive int")

@@ -1,6 +1,10 @@
 """The distillation trainer on the tiny FLUX model: what trains, what stays, resume, export, errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
 from training.distill import DistillConfig, Distiller, make_batch, train
 from training.losses import TimestepSampler, distill_losses, weighted_mse
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,7 @@ def test_timesteps_and_weighting_follow_diffusers_flux_script(tiny_pipeline_path
 @pytest.mark.parametrize("lora_rank, down", [(None, 1), (2, 2)])
 def test_only_trainable_tensors_change_and_the_teacher_stays(tmp_path, data_dir, fresh_transformer, lora_rank, down):
     cfg = config(tmp_path, data_dir, window=1, down=down, lora_rank=lora_rank, validation_images=lora_rank is None)
+    cfg.num_validation = 1
     distiller = Distiller(cfg)
     student = distiller.student
     teacher_before = fresh_transformer()
@@ -202,3 +209,57 @@ def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(ValueError, match="data resolution"):  # resuming a run on data of another resolution
         train(config(tmp_path, other, max_steps=2, num_validation=0, resume="latest"))
     assert len(DistillDataset(data_dir)) == 6
+
+
+def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, capsys):
+    from app.cli import main
+
+    common = ["distill", "--data", str(data_dir), "--window", "1", "--max-steps", "2", "--lr", "1e-3"]
+    common += ["--num-validation", "2", "--no-validation-images", "--checkpoint-every", "2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "app.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [*launch, *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    assert {p.name for p in (tmp_path / "ddp/checkpoint-2").glob("random_states_*")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    curves = [
+        [json.loads(line) for line in (tmp_path / name / "logs/train.jsonl").read_text().splitlines()]
+        for name in ("ddp", "one")
+    ]
+    for a, b in zip(*curves, strict=True):
+        for key in ("loss", "loss_fm", "loss_out", "loss_attn", "grad_norm", "epoch"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    a, b = (load_file(tmp_path / name / "clear_local_1.safetensors") for name in ("ddp", "one"))
+    for k in a:  # Adam divides by sqrt(v): float noise in tiny gradients moves weights by up to ~1e-5
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
+
+
+def test_benchmark_smoke(tmp_path, tiny_pipeline_path, capsys):
+    from benchmarks.distill import main
+
+    assert main(["--smoke", "--threads", "1", "--json", str(tmp_path / "distill.json")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out velocity gap" in out and "shared weights (ours)" in out
+    result = json.loads((tmp_path / "distill.json").read_text())
+    assert [g["fm_weight"] for g in result["gap"]] == [1.0, 0.0]
+    assert all(g["gap_undistilled"] > 0 and g["gaps"][0]["step"] == 0 for g in result["gap"])
+    assert [(r["teacher"], r["lora_rank"]) for r in result["table"]] == [
+        ("copy", None),
+        ("shared", None),
+        ("copy", 4),
+        ("shared", 4),
+    ]
+    assert all(r["samples_per_s"] > 0 for r in result["table"])

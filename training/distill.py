@@ -82,6 +82,7 @@ class DistillConfig:
     lora_rank: int | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    fm_weight: float = 1.0
     out_weight: float = 0.5
     attn_weight: float = 0.5
     attn_layers: list[int] | None = None
@@ -294,23 +295,20 @@ def make_batch(
     return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device), b)
 
 
-def _prepare_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
-    """Check RUN_DIR against --resume/--overwrite, write run.json; returns the checkpoint to resume from."""
+def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
+    """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
     out = Path(config.out)
     run_file = out / RUN_FILE
-    record = {"config": _identity_config(config), "data": data_info.shape_summary()}
     if config.resume is not None and not config.overwrite:
         checkpoint = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         if run_file.is_file():
-            _check_same_run(json.loads(run_file.read_text()), record, out)
+            _check_same_run(json.loads(run_file.read_text()), _run_record(config, data_info), out)
         elif checkpoint is not None:
             raise FileNotFoundError(f"{out} has no {RUN_FILE}: cannot tell which run {checkpoint} belongs to")
         if checkpoint is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
-        out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(record, indent=2) + "\n")
         return checkpoint
     if run_file.is_file() and not config.overwrite:
         raise FileExistsError(
@@ -318,14 +316,23 @@ def _prepare_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
         )
     if out.is_dir() and any(out.iterdir()) and not run_file.is_file() and not config.overwrite:
         raise FileExistsError(f"{out} is not empty and holds no distillation run; choose another --out or --overwrite")
-    if config.overwrite and out.is_dir():
+    return None
+
+
+def _write_run_dir(config: DistillConfig, data_info: DataInfo, resuming: bool) -> None:
+    """Clear what --overwrite discards (only the trainer's own files) and write run.json (main process)."""
+    out = Path(config.out)
+    if config.overwrite and not resuming and out.is_dir():
         for path in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
             shutil.rmtree(path, ignore_errors=True)
-        for path in [run_file, *out.glob("clear_local_*.safetensors")]:
-            path.unlink(missing_ok=True)
+        for path in out.glob("clear_local_*.safetensors"):
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(record, indent=2) + "\n")
-    return None
+    (out / RUN_FILE).write_text(json.dumps(_run_record(config, data_info), indent=2) + "\n")
+
+
+def _run_record(config: DistillConfig, data_info: DataInfo) -> dict[str, Any]:
+    return {"config": _identity_config(config), "data": data_info.shape_summary()}
 
 
 def _identity_config(config: DistillConfig) -> dict[str, Any]:
@@ -358,14 +365,13 @@ def _truncate_log(path: Path, step: int) -> None:
 class _Logger:
     """JSON-lines logs in RUN_DIR/logs (main process), mirrored to accelerate's trackers (tensorboard)."""
 
-    def __init__(self, accelerator: Any, folder: Path, resume_step: int | None) -> None:
+    def __init__(self, accelerator: Any, folder: Path, keep_until: int) -> None:
         self.accelerator = accelerator
         self.folder = folder
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                for name in ("train.jsonl", "validation.jsonl"):
-                    _truncate_log(folder / name, resume_step)
+            for name in ("train.jsonl", "validation.jsonl"):
+                _truncate_log(folder / name, keep_until)
 
     def log(self, name: str, values: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -403,19 +409,24 @@ class Distiller:
                 "validation items plus training data (lower --num-validation or make more data)"
             )
         self.out = Path(config.out)
-        self.resume_from = _prepare_run_dir(config, info)
         trackers = "tensorboard" if _has_tensorboard() else None
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets torchrun-started processes without GPUs join over gloo
             gradient_accumulation_steps=config.grad_accum,
             mixed_precision=config.mixed_precision,
             log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
+        self.resume_from = _check_run_dir(config, info)  # every process checks before any writes
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
 
         transformer, scheduler = load_teacher(config.model, self.weight_dtype)
         check_data_fits(info, transformer, config.data)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_run_dir(config, info, resuming=self.resume_from is not None)
+        acc.wait_for_everyone()
         self.scheduler_config = scheduler.config
         self.guidance = config.guidance if transformer.config.guidance_embeds else None
         transformer.to(acc.device)
@@ -459,7 +470,8 @@ class Distiller:
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
-        self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else None)
+        # Log lines after the resumed step (or all, for a fresh start) belong to the interrupted attempt.
+        self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else -1)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
@@ -519,6 +531,7 @@ class Distiller:
                     batch.weighting,
                     self.config.out_weight,
                     self.config.attn_weight,
+                    self.config.fm_weight,
                 )
                 acc.backward(losses.total)
                 if acc.sync_gradients:

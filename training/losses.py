@@ -104,8 +104,9 @@ def distill_losses(
     weighting: torch.Tensor,
     out_weight: float = 0.5,
     attn_weight: float = 0.5,
+    fm_weight: float = 1.0,
 ) -> DistillLosses:
-    """``L_fm + out_weight * L_out + attn_weight * L_attn``, per sample weighted, averaged over the batch.
+    """``fm_weight * L_fm + out_weight * L_out + attn_weight * L_attn``, per sample weighted, batch-averaged.
 
     Args:
         student_velocity, teacher_velocity, flow_target: ``(batch, seq, channels)`` packed velocities;
@@ -127,5 +128,5 @@ def distill_losses(
         attn = torch.stack(per_layer).mean(dim=0)
     else:
         attn = torch.zeros_like(fm)
-    total = fm + out_weight * out + attn_weight * attn
+    total = fm_weight * fm + out_weight * out + attn_weight * attn
     return DistillLosses(total=total.mean(), fm=fm.detach().mean(), out=out.detach().mean(), attn=attn.detach().mean())
