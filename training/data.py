@@ -224,7 +224,8 @@ class _Writer:
         tmp = self.folder / (shard + ".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.folder / shard)
-        _fsync_dir(self.folder / "shards")
+        for sub in ("images", "shards"):  # the renames are durable before the manifest refers to them
+            _fsync_dir(self.folder / sub)
         for row, entry in enumerate(entries):
             entry.update(shard=shard, row=row)
         _append_manifest(self.folder / MANIFEST_FILE, entries)

@@ -4,7 +4,9 @@
 (:mod:`training.data`); the teacher's velocity and attention outputs come from the same transformer with
 its original attention and weights (:class:`training.student.Student`). accelerate provides DDP,
 mixed precision, gradient accumulation and the checkpoint state; launch with
-``accelerate launch -m app.cli distill ...`` for several processes or GPUs.
+``accelerate launch --multi_gpu --num_processes N -m app.cli distill ...`` (or ``torchrun --nproc_per_node N
+-m app.cli distill ...``) for several GPUs, or several CPU processes over gloo on a machine without GPUs.
+(``accelerate launch --cpu --num_processes N`` starts N processes only through ``mpirun``; without it, one.)
 
 Reproducibility: the sample order, the timesteps, the noise and the latent draws of every sample are a
 function of ``(seed, position of the sample in the global sample stream)``, not of any RNG state. A run
@@ -30,7 +32,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +241,6 @@ class _Batch:
     inputs: dict[str, Any]
     target: torch.Tensor
     weighting: torch.Tensor
-    size: int = field(default=0)
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
@@ -292,7 +293,7 @@ def make_batch(
     }
     if guidance is not None:
         inputs["guidance"] = torch.full((b,), guidance, device=device, dtype=torch.float32)
-    return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device), b)
+    return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device))
 
 
 def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
