@@ -177,8 +177,8 @@ def load_tiny_pipeline(torch_dtype: torch.dtype = torch.float32, cache_dir: str 
     return FluxPipeline.from_pretrained(tiny_pipeline_path(cache_dir), dtype=torch_dtype)
 
 
-def train_clip_tokenizer(folder: Path):
-    """Train a byte-level BPE on :func:`tiny_corpus` with CLIP's normalizer and pre-tokenizer.
+def train_clip_tokenizer(folder: Path, corpus: list[str] | None = None):
+    """Train a byte-level BPE on ``corpus`` (default :func:`tiny_corpus`) with CLIP's normalizer and pre-tokenizer.
 
     Writes ``vocab.json``/``merges.txt`` into ``folder`` and returns ``CLIPTokenizer.from_pretrained(folder)``.
     Every byte is in the vocabulary both inside a word and at a word's end (``</w>``), as in CLIP's own vocab,
@@ -215,7 +215,7 @@ def train_clip_tokenizer(folder: Path):
         end_of_word_suffix=suffix,
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_corpus(), trainer)
+    tok.train_from_iterator(corpus or tiny_corpus(), trainer)
 
     folder.mkdir(parents=True, exist_ok=True)
     model = json.loads(tok.to_str())["model"]
@@ -227,8 +227,9 @@ def train_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_MAX_LENGTH)
 
 
-def train_t5_tokenizer(folder: Path):
-    """Train a SentencePiece-style Unigram tokenizer on :func:`tiny_corpus` with T5's pre-tokenizer.
+def train_t5_tokenizer(folder: Path, corpus: list[str] | None = None):
+    """Train a SentencePiece-style Unigram tokenizer on ``corpus`` (default :func:`tiny_corpus`) with T5's
+    pre-tokenizer.
 
     Writes ``tokenizer.json`` into ``folder`` (``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``</s>`` appended to every
     sequence) and returns ``T5TokenizerFast`` loaded from it, with no sentinel tokens.
@@ -252,7 +253,7 @@ def train_t5_tokenizer(folder: Path):
         initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_corpus(), trainer)
+    tok.train_from_iterator(corpus or tiny_corpus(), trainer)
     # Make every build identical: the trainer's float sums vary in their last bits from run to run (round them),
     # and it scores the characters it had to add in hash-map order (give all single characters one low score,
     # so they only fill gaps between learnt pieces); equal scores are then ordered by piece.
@@ -273,8 +274,11 @@ def train_t5_tokenizer(folder: Path):
     return T5TokenizerFast.from_pretrained(folder)
 
 
-def build_tiny_pipeline(work_dir: str | os.PathLike):
+def build_tiny_pipeline(work_dir: str | os.PathLike, corpus: list[str] | None = None):
     """Build the tiny pipeline in memory (tokenizer files are written to ``work_dir``); fp32, on CPU.
+
+    ``corpus`` (default :func:`tiny_corpus`) is the text the tokenizers are trained on: a model trained on a
+    narrow domain (the fidelity benchmark's world) gets one token per word of it.
 
     Deterministic: every randomly initialised part is seeded with :data:`SEED`; the caller's RNG state is kept.
     """
@@ -282,8 +286,8 @@ def build_tiny_pipeline(work_dir: str | os.PathLike):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     work_dir = Path(work_dir)
-    tokenizer = train_clip_tokenizer(work_dir / "tokenizer")
-    tokenizer_2 = train_t5_tokenizer(work_dir / "tokenizer_2")
+    tokenizer = train_clip_tokenizer(work_dir / "tokenizer", corpus)
+    tokenizer_2 = train_t5_tokenizer(work_dir / "tokenizer_2", corpus)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

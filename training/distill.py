@@ -58,6 +58,7 @@ RUN_FILE = "run.json"
 TRAINABLE_FILE = "trainable.safetensors"
 #: Fixed density quantiles of the validation timesteps (mapped through the scheduler's sigma grid).
 VALIDATION_QUANTILES = (0.125, 0.375, 0.625, 0.875)
+DEFAULT_VALIDATION_ITEMS = 4
 #: Config fields a resumed run must share with the run it continues (the rest may change, e.g. max_steps).
 RUN_IDENTITY = ("model", "window", "down", "lora_rank", "teacher", "seed", "batch_size", "grad_accum", "attn_layers")
 
@@ -97,7 +98,7 @@ class DistillConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
-    num_validation: int = 4
+    num_validation: int | None = None
     validation_images: bool = True
     seed: int = 0
     resume: str | None = None
@@ -111,7 +112,7 @@ class DistillConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {getattr(self, name)}")
         for name in ("checkpoint_every", "validate_every", "num_validation", "lr_warmup_steps"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
@@ -404,9 +405,13 @@ class Distiller:
         self.config = config
         self.dataset = DistillDataset(config.data)
         info = self.dataset.info
-        if len(self.dataset) <= config.num_validation:
+        # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
+        self.num_validation = config.num_validation
+        if self.num_validation is None:
+            self.num_validation = min(DEFAULT_VALIDATION_ITEMS, len(self.dataset) // 4)
+        if len(self.dataset) <= self.num_validation:
             raise ValueError(
-                f"{config.data} holds {len(self.dataset)} items: not enough for {config.num_validation} held-out "
+                f"{config.data} holds {len(self.dataset)} items: not enough for {self.num_validation} held-out "
                 "validation items plus training data (lower --num-validation or make more data)"
             )
         self.out = Path(config.out)
@@ -451,7 +456,7 @@ class Distiller:
             config.logit_std,
             config.mode_scale,
         )
-        self.num_train = len(self.dataset) - config.num_validation
+        self.num_train = len(self.dataset) - self.num_validation
         self.stream = SampleStream(self.num_train, config.seed)
         params = list(self.student.trainable.values())
         optimizer = _make_optimizer(config, params)
@@ -648,7 +653,7 @@ class Distiller:
     def fit(self) -> None:
         """Train to ``max_steps`` (from the resumed step), with checkpoints, logs and validation."""
         config, acc = self.config, self.accelerator
-        validating = config.num_validation > 0
+        validating = self.num_validation > 0
         if validating and self.state.step == 0:
             self.validate()
         global_batch = config.batch_size * config.grad_accum * acc.num_processes

@@ -9,16 +9,41 @@ import torch
 from ..mask import CLEARLayout
 from .base import AttentionBackend
 from .dense import DenseBackend
+from .flex import FlexBackend
+from .tiled import TiledBackend, computed_scores
 
 BACKENDS: MappingProxyType[str, AttentionBackend] = MappingProxyType(
-    {backend.name: backend for backend in (DenseBackend(),)}
+    {backend.name: backend for backend in (DenseBackend(), TiledBackend(), FlexBackend())}
 )
+
+DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" costs too much memory for "auto"
+
+
+def auto_backend_name(layout: CLEARLayout, device: torch.device) -> str:
+    """The backend ``"auto"`` picks for ``layout`` on ``device``.
+
+    1. The window covers the grid and there are no pooled keys: CLEAR *is* full attention, and "tiled"
+       runs it as one unmasked SDPA call (only then; a window that covers the grid with ``d > 1`` still
+       differs from full attention by the pooled keys).
+    2. On CUDA: "tiled" for now (a fused Triton kernel is planned).
+    3. "tiled" when it computes fewer than 80% of the scores "dense" computes (measured on CPU: its speed
+       follows that ratio, with a small fixed overhead), or when the sequence is too long for the
+       O(seq^2) boolean mask of "dense"; otherwise "dense" (small or nearly full layouts).
+    """
+    if layout.covers_grid and layout.down_factor == 1:
+        return "tiled"
+    if device.type == "cuda":
+        return "tiled"
+    dense_scores = layout.q_len * layout.kv_len
+    if computed_scores(layout) < 0.8 * dense_scores or dense_scores > DENSE_MAX_SCORES:
+        return "tiled"
+    return "dense"
 
 
 def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor) -> AttentionBackend:
     """Resolve ``name`` (or ``"auto"``) to a backend that runs on ``query``'s device and dtype."""
     if name == "auto":
-        return BACKENDS["dense"]
+        name = auto_backend_name(layout, query.device)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
     backend = BACKENDS[name]
@@ -28,4 +53,4 @@ def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor) -> Atten
     return backend
 
 
-__all__ = ["AttentionBackend", "BACKENDS", "select_backend"]
+__all__ = ["AttentionBackend", "BACKENDS", "auto_backend_name", "select_backend"]

@@ -1,0 +1,425 @@
+"""Train the fidelity benchmark's teacher: a small FLUX pipeline, from scratch, that draws the world's scenes.
+
+    python -m benchmarks.fidelity.train_teacher --out DIR [--minutes 60] [--smoke]
+
+The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)``, ``clear-dit generate
+--model DIR``); what training leaves besides (config, loss log, held-out evaluation, sample grid) goes to
+``DIR/training/``. The recipe, within one time budget (``--minutes``, default one hour on 2 CPU cores):
+
+1. Tokenizers trained on the world's vocabulary with the tiny pipeline's helpers (:mod:`pipelines.tiny`), and
+   its CLIP and T5 text encoders **frozen at their seeded random initialisation**. A random encoder still maps
+   different captions to different embedding sequences (token identity and order survive its residual
+   layers), the transformer's context embedder learns to read them, and frozen encoders let the embeddings be
+   computed once: training them jointly would cost more per step than the transformer itself.
+2. An ``AutoencoderKL`` with the tiny pipeline's config (16 latent channels, scale factor 8), trained on random
+   crops of rendered scenes (MSE + a small KL term) for ``--vae-share`` of the budget; its ``shift_factor`` and
+   ``scaling_factor`` are then set from the latent statistics of the training scenes, as FLUX's are.
+3. Latent distributions and text embeddings of the training scenes cached once.
+4. A ``FluxTransformer2DModel`` (the tiny config with more layers and no guidance embedding: the teacher is
+   not guidance-distilled) trained from scratch with the rectified-flow loss of diffusers' FLUX training
+   script (timesteps from ``compute_density_for_timestep_sampling``, weights from
+   ``compute_loss_weighting_for_sd3``), AdamW with warmup and cosine decay, and an EMA of the weights (saved).
+5. The pipeline saved with ``save_pretrained``, reloaded with ``from_pretrained``, and sampled on held-out
+   scenes: the scene checker's adherence and the VAE's reconstruction quality go to ``training/eval.json``.
+
+Without ``--steps``/``--vae-steps`` each phase runs as many steps as fit in its share of the budget, measured
+on its first steps; the counts are recorded in ``training/config.json`` so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.fidelity.checker import check_scene
+from benchmarks.fidelity.common import generate, held_out_scenes, image_grid
+from benchmarks.fidelity.metrics import psnr
+from pipelines.tiny import TRANSFORMER_CONFIG, VAE_CONFIG, build_tiny_pipeline
+from training.world import Scene, render, sample_scenes, world_corpus
+
+logger = logging.getLogger(__name__)
+
+#: T5 length of the teacher: the longest caption of the world takes about 115 tokens of its tokenizer.
+T5_LENGTH = 128
+#: The first steps of a phase, timed to fit the phase into its share of the budget (all inside the warmup).
+_PROBE_STEPS = 5
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    """Every setting of a teacher run (written to ``training/config.json``)."""
+
+    out: str
+    resolution: int = 256
+    num_scenes: int = 4000
+    max_shapes: int = 3
+    seed: int = 0
+    minutes: float = 60.0
+    vae_share: float = 0.2
+    vae_steps: int | None = None
+    vae_crop: int = 64  # conv net: small crops teach it as well as whole images, at a fraction of the cost
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    vae_channels: tuple[int, ...] = (16, 32, 32, 32)
+    steps: int | None = None
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup: int = 100
+    ema_decay: float = 0.999
+    weighting_scheme: str = "logit_normal"
+    layers: int = 2
+    single_layers: int = 4
+    heads: int = 2
+    eval_scenes: int = 64
+    eval_steps: int = 20
+    overwrite: bool = False
+
+
+#: ``--smoke``: the same code paths on toy sizes, in seconds.
+SMOKE = dict(
+    resolution=64,
+    num_scenes=8,
+    vae_steps=2,
+    vae_crop=32,
+    vae_batch_size=2,
+    vae_channels=(8, 8, 16, 16),
+    steps=3,
+    batch_size=2,
+    warmup=1,
+    layers=1,
+    single_layers=1,
+    eval_scenes=2,
+    eval_steps=2,
+)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace a previous teacher there")
+        if not (out / "model_index.json").is_file() and not (out / "training").is_dir():
+            raise FileExistsError(f"{out} holds files that are not a teacher run; refusing to delete them")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> ``(batch, 3, height, width)`` float32 in [-1, 1], as the VAE takes them."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def _lr_lambda(warmup: int, total: Callable[[], int]) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10% at step ``total()`` (read lazily: it is known after the probe)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total() - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _Phase:
+    """Runs a training step function for a fixed number of steps, or as many as fit in ``seconds``."""
+
+    def __init__(self, name: str, steps: int | None, seconds: float, log: Path):
+        self.name, self.steps, self.seconds, self.log = name, steps, seconds, log
+
+    def total(self) -> int:
+        return self.steps if self.steps is not None else 10**9
+
+    def run(self, step: Callable[[int], dict]) -> int:
+        start = time.perf_counter()
+        bar = tqdm(total=self.steps, desc=self.name, unit="step")
+        i = 0
+        with self.log.open("a") as log:
+            while i < self.total():
+                record = step(i)
+                i += 1
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if self.steps is None and i == _PROBE_STEPS:
+                    per_step = (time.perf_counter() - start) / i
+                    self.steps = max(i, int(self.seconds / per_step))
+                    bar.total = self.steps
+                    logger.info(
+                        "%s: %.2f s/step, running %d steps in %.0f s", self.name, per_step, self.steps, self.seconds
+                    )
+                if i % 10 == 0 or i == self.total():
+                    elapsed = time.perf_counter() - start
+                    log.write(
+                        json.dumps({"phase": self.name, "step": i, "elapsed_s": round(elapsed, 2)} | record) + "\n"
+                    )
+                    log.flush()
+        bar.close()
+        return i
+
+
+def _render_batch(scenes: list[Scene], resolution: int) -> torch.Tensor:
+    return _images_to_tensor([render(scene, resolution) for scene in scenes])
+
+
+def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log: Path) -> int:
+    """Train ``vae`` in place on random crops of the rendered scenes; returns the number of steps run."""
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    phase = _Phase("vae", cfg.vae_steps, seconds, log)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(50, cfg.vae_steps or 50), phase.total))
+    vae.train()
+
+    def step(_: int) -> dict:
+        index = torch.randint(len(scenes), (cfg.vae_batch_size,), generator=generator).tolist()
+        images = _render_batch([scenes[i] for i in index], cfg.resolution)
+        y, x = torch.randint(cfg.resolution - cfg.vae_crop + 1, (2,), generator=generator).tolist()
+        batch = images[:, :, y : y + cfg.vae_crop, x : x + cfg.vae_crop]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        mse = torch.nn.functional.mse_loss(recon, batch)
+        kl = posterior.kl().mean()
+        loss = mse + cfg.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "lr": schedule.get_last_lr()[0]}
+
+    steps = phase.run(step)
+    vae.eval()
+    return steps
+
+
+@torch.no_grad()
+def encode_scenes(pipe, scenes: list[Scene], resolution: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Cache of the training set: latent mean/std ``(n, 16, r/8, r/8)`` (raw, unnormalised), T5 embeddings
+    ``(n, T5_LENGTH, joint_attention_dim)`` and pooled CLIP embeddings ``(n, pooled_projection_dim)``."""
+    means, stds, embeds, pooled = [], [], [], []
+    for start in tqdm(range(0, len(scenes), batch_size), desc="encode", unit="batch"):
+        chunk = scenes[start : start + batch_size]
+        posterior = pipe.vae.encode(_render_batch(chunk, resolution)).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        prompt_embeds, pooled_embeds, _ = pipe.encode_prompt([s.caption for s in chunk], max_sequence_length=T5_LENGTH)
+        embeds.append(prompt_embeds)
+        pooled.append(pooled_embeds)
+    return {
+        "mean": torch.cat(means),
+        "std": torch.cat(stds),
+        "embeds": torch.cat(embeds),
+        "pooled": torch.cat(pooled),
+    }
+
+
+def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, seconds: float, log: Path) -> int:
+    """Train ``pipe.transformer`` from scratch with the rectified-flow loss; leaves the EMA weights in it."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    transformer = pipe.transformer
+    scheduler = copy.deepcopy(pipe.scheduler)  # its timesteps/sigmas at construction are the training ones
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    n, channels, height, width = cache["mean"].shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(cfg.batch_size, height // 2, width // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(T5_LENGTH, 3)
+    phase = _Phase("transformer", cfg.steps, seconds, log)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, phase.total))
+    ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+    transformer.train()
+
+    def step(_: int) -> dict:
+        index = torch.randint(n, (cfg.batch_size,), generator=generator)
+        eps = torch.randn(cache["std"][index].shape, generator=generator)
+        latents = (cache["mean"][index] + cache["std"][index] * eps - shift) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        u = compute_density_for_timestep_sampling(
+            cfg.weighting_scheme, cfg.batch_size, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=generator
+        )
+        indices = (u * scheduler.config.num_train_timesteps).long()
+        timesteps = scheduler.timesteps[indices]
+        sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1)
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        pred = transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, cfg.batch_size, channels, height, width),
+            timestep=timesteps / 1000,
+            guidance=None,
+            pooled_projections=cache["pooled"][index],
+            encoder_hidden_states=cache["embeds"][index],
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        target = FluxPipeline._pack_latents(noise - latents, cfg.batch_size, channels, height, width)
+        weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas).view(-1, 1, 1)
+        loss = (weighting * (pred - target) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(transformer.parameters())
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
+
+    steps = phase.run(step)
+    ema.copy_to(transformer.parameters())
+    transformer.eval()
+    return steps
+
+
+def build_teacher(cfg: TeacherConfig, work_dir: Path):
+    """The untrained teacher pipeline: world tokenizers, frozen random text encoders, new VAE and transformer."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    pipe = build_tiny_pipeline(work_dir, corpus=world_corpus())
+    pipe.tokenizer_2.model_max_length = T5_LENGTH  # read back by pipelines.loading.default_max_sequence_length
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        pipe.vae = AutoencoderKL(**(VAE_CONFIG | dict(block_out_channels=tuple(cfg.vae_channels))))
+        torch.manual_seed(cfg.seed + 1)
+        pipe.transformer = FluxTransformer2DModel(
+            **(
+                TRANSFORMER_CONFIG
+                | dict(
+                    num_layers=cfg.layers,
+                    num_single_layers=cfg.single_layers,
+                    num_attention_heads=cfg.heads,
+                    guidance_embeds=False,
+                )
+            )
+        )
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.requires_grad_(False)
+    return pipe
+
+
+def _check_captions(pipe, scenes: list[Scene]) -> None:
+    lengths = [len(ids) for ids in pipe.tokenizer_2([s.caption for s in scenes]).input_ids]
+    if max(lengths) > T5_LENGTH:
+        raise ValueError(f"a caption takes {max(lengths)} T5 tokens, more than the teacher's {T5_LENGTH}")
+
+
+@torch.no_grad()
+def evaluate(folder: Path, cfg: TeacherConfig) -> dict:
+    """Sample the saved pipeline on held-out scenes; scene-checker adherence of samples and VAE round trips."""
+    from pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(str(folder))
+    scenes = held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes)
+    renders = [render(s, cfg.resolution) for s in scenes]
+    samples = generate(pipe, [s.caption for s in scenes], list(range(len(scenes))), cfg.resolution, cfg.eval_steps)
+    recon = pipe.vae.decode(pipe.vae.encode(_images_to_tensor(renders)).latent_dist.mean).sample
+    recon_images = [pipe.image_processor.postprocess(r[None].clamp(-1, 1))[0] for r in recon]
+    checks = [check_scene(image, scene) for image, scene in zip(samples, scenes, strict=True)]
+    recon_checks = [check_scene(image, scene) for image, scene in zip(recon_images, scenes, strict=True)]
+    grid_rows = [[r, v, s] for r, v, s in zip(renders, recon_images, samples, strict=True)][:16]
+    image_grid(grid_rows, ["render", "vae", "teacher"]).save(folder / "training" / "samples.png")
+    return {
+        "num_scenes": len(scenes),
+        "steps": cfg.eval_steps,
+        "adherence": float(np.mean([c.score for c in checks])),
+        "pass_rate": float(np.mean([c.passed for c in checks])),
+        "vae_psnr": float(psnr((recon + 1) / 2, (_images_to_tensor(renders) + 1) / 2).mean()),
+        "vae_adherence": float(np.mean([c.score for c in recon_checks])),
+        "scenes": [{"caption": s.caption} | c.to_dict() for s, c in zip(scenes, checks, strict=True)],
+    }
+
+
+def train_teacher(cfg: TeacherConfig) -> dict:
+    """Run the whole recipe (module docstring) into ``cfg.out``; returns the evaluation summary."""
+    if cfg.resolution % 16:
+        raise ValueError(f"resolution must be a multiple of 16 (VAE factor 8 x 2x2 packing), got {cfg.resolution}")
+    if not 16 <= cfg.vae_crop <= cfg.resolution or cfg.vae_crop % 16:
+        raise ValueError(f"--vae-crop must be a multiple of 16 in 16..{cfg.resolution}, got {cfg.vae_crop}")
+    if not 0 < cfg.vae_share < 1:
+        raise ValueError(f"--vae-share must be in (0, 1), got {cfg.vae_share}")
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.overwrite)
+    (out / "training").mkdir()
+    log = out / "training" / "log.jsonl"
+    budget = cfg.minutes * 60
+    start = time.perf_counter()
+    scenes = sample_scenes(cfg.num_scenes, cfg.seed, cfg.max_shapes)
+    with tempfile.TemporaryDirectory() as work_dir:
+        pipe = build_teacher(cfg, Path(work_dir))
+        _check_captions(pipe, scenes + held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes))
+        cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
+
+        cache = encode_scenes(pipe, scenes, cfg.resolution)
+        shift = cache["mean"].mean().item()
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / (cache["mean"] - shift).std().item())
+        logger.info("latent shift %.4f, scale %.4f", shift, pipe.vae.config.scaling_factor)
+
+        seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
+        cfg.steps = train_transformer(pipe, cache, cfg, seconds, log)
+        pipe.save_pretrained(out)
+    (out / "training" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    summary = evaluate(out, cfg)
+    summary["train_minutes"] = (time.perf_counter() - start) / 60
+    (out / "training" / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info(
+        "teacher in %s: adherence %.3f, pass rate %.3f (VAE: %.1f dB, adherence %.3f)",
+        out,
+        summary["adherence"],
+        summary["pass_rate"],
+        summary["vae_psnr"],
+        summary["vae_adherence"],
+    )
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> TeacherConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fidelity.train_teacher", description=__doc__.split("\n")[0]
+    )
+    defaults = TeacherConfig(out="")
+    parser.add_argument("--out", required=True, help="pipeline folder to write")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes and a few steps: checks the code paths")
+    for field in dataclasses.fields(TeacherConfig):
+        if field.name in ("out", "overwrite"):
+            continue
+        value = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {' '.join(map(str, value))}")
+        else:
+            kind = float if isinstance(value, float) else str if isinstance(value, str) else int
+            parser.add_argument(flag, type=kind, default=None, help=f"default {value}")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous teacher in --out")
+    args = parser.parse_args(argv)
+    settings = SMOKE.copy() if args.smoke else {}
+    settings |= {k: v for k, v in vars(args).items() if v is not None and k not in ("smoke", "out", "overwrite")}
+    return TeacherConfig(out=args.out, overwrite=args.overwrite, **settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_args(argv)
+        summary = train_teacher(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "scenes"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

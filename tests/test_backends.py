@@ -1,0 +1,273 @@
+"""Every CLEAR backend against the dense oracle, and the oracle against a brute-force reading of DESIGN.md 1.1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
+from clear_dit.backends import BACKENDS, auto_backend_name, select_backend
+from clear_dit.mask import dense_mask
+
+BACKENDS_UNDER_TEST = ["tiled", "flex"]
+HEADS, HEAD_DIM = 2, 8
+
+# (grid, text_len, window_size, down_factor, batch): odd and non-square grids, grids that are not tile
+# multiples (tiles are 8 for r <= 8, 16 for r <= 16), radius 1, radius beyond the grid, pooled keys
+LAYOUTS = [
+    ((7, 5), 3, 2, 1, 2),
+    ((13, 9), 0, 3, 1, 1),
+    ((9, 13), 4, 1, 1, 2),
+    ((21, 11), 5, 3, 1, 2),
+    ((11, 21), 0, 8, 1, 1),
+    ((37, 19), 6, 10, 1, 1),
+    ((16, 16), 7, 4, 1, 1),
+    ((6, 4), 2, 40, 1, 2),  # window covers the grid: full attention
+    ((8, 8), 0, 40, 2, 1),  # covers the grid, but pooled keys: not full attention
+    ((12, 20), 5, 3, 2, 2),
+    ((16, 24), 0, 5, 4, 1),
+    ((24, 16), 9, 17, 4, 2),
+]
+
+
+def _layout_id(case) -> str:
+    (h, w), t, r, d, b = case
+    return f"{h}x{w}-t{t}-r{r}-d{d}-b{b}"
+
+
+def _inputs(layout: CLEARLayout, batch: int, dtype=torch.float32, seed: int = 0, requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, layout.q_len, HEADS, HEAD_DIM)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype).requires_grad_(requires_grad) for _ in range(3))
+    d = layout.down_factor
+    weight = None
+    if d > 1:  # a random (not uniform) pooling weight, in one of the two accepted shapes
+        weight = torch.rand((d, d), generator=gen, dtype=dtype)
+        if layout.grid[0] % 3 == 0:
+            weight = weight.reshape(1, 1, 1, d, 1, d, 1)
+        weight.requires_grad_(requires_grad)
+    return q, k, v, weight
+
+
+def _attend(layout: CLEARLayout, q, k, v, weight, backend: str, scale: float | None = None) -> torch.Tensor:
+    return clear_attention(
+        q,
+        k,
+        v,
+        grid=layout.grid,
+        text_len=layout.text_len,
+        window_size=layout.window_size,
+        down_factor=layout.down_factor,
+        spatial_weight=weight,
+        scale=scale,
+        backend=backend,
+    )
+
+
+def _full_sdpa(q, k, v) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("case", LAYOUTS, ids=_layout_id)
+def test_backend_equals_dense(backend: str, case) -> None:
+    grid, t, r, d, batch = case
+    layout = CLEARLayout(grid, t, r, d)
+    q, k, v, weight = _inputs(layout, batch)
+    expected = _attend(layout, q, k, v, weight, "dense")
+    got = _attend(layout, q, k, v, weight, backend)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS_UNDER_TEST, "auto"])
+@pytest.mark.parametrize("grid,text_len", [((6, 4), 2), ((5, 7), 0)])
+def test_window_beyond_grid_is_full_attention(backend: str, grid, text_len: int) -> None:
+    layout = CLEARLayout(grid, text_len, max(grid) + 1)
+    assert layout.covers_grid
+    q, k, v, _ = _inputs(layout, batch=2)
+    torch.testing.assert_close(_attend(layout, q, k, v, None, backend), _full_sdpa(q, k, v), atol=1e-4, rtol=1e-4)
+
+
+def test_tiled_on_non_contiguous_inputs_and_custom_scale() -> None:
+    layout = CLEARLayout((22, 12), 5, 3, 2)
+    q, k, v = (torch.randn(2, HEADS, layout.q_len, HEAD_DIM).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    expected = _attend(layout, q, k, v, None, "dense", scale=0.7)
+    torch.testing.assert_close(_attend(layout, q, k, v, None, "tiled", scale=0.7), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tiled_bfloat16_close_to_float32() -> None:
+    layout = CLEARLayout((22, 12), 5, 3, 2)
+    q, k, v, weight = _inputs(layout, batch=1)
+    expected = _attend(layout, q, k, v, weight, "dense")
+    got = _attend(layout, q.bfloat16(), k.bfloat16(), v.bfloat16(), weight, "tiled")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+GRAD_LAYOUTS = [((13, 9), 3, 3, 1, 2), ((21, 11), 0, 2, 1, 1), ((12, 20), 5, 3, 2, 2), ((16, 8), 4, 6, 4, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("case", GRAD_LAYOUTS, ids=_layout_id)
+def test_backend_gradients_equal_dense(backend: str, case) -> None:
+    grid, t, r, d, batch = case
+    layout = CLEARLayout(grid, t, r, d)
+    inputs = [x for x in _inputs(layout, batch, requires_grad=True) if x is not None]
+    grad_out = torch.randn(batch, layout.q_len, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+
+    def grads(name: str):
+        out = _attend(layout, *inputs[:3], inputs[3] if d > 1 else None, name)
+        return torch.autograd.grad(out, inputs, grad_out)
+
+    expected = grads("dense")
+    try:
+        got = grads(backend)
+    except NotImplementedError as err:  # FlexAttention has no backward on CPU in torch 2.x
+        if backend == "flex" and "backward on CPU" in str(err):
+            pytest.skip(f"flex: {err}")
+        raise
+    for name, g, e in zip(("query", "key", "value", "spatial_weight"), got, expected, strict=False):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+# --- the oracle itself -------------------------------------------------------------------------------
+
+
+def _brute_force_clear(q, k, v, grid, text_len, r, d, weight) -> torch.Tensor:
+    """DESIGN.md 1.1 read literally, one query and one key at a time (float64, no mask module)."""
+    h, w = grid
+    t = text_len
+    batch, _, heads, dim = q.shape
+    img_k = k[:, t:].reshape(batch, h, w, heads, dim)
+    img_v = v[:, t:].reshape(batch, h, w, heads, dim)
+    keys, values = [k[:, i] for i in range(t + h * w)], [v[:, i] for i in range(t + h * w)]
+    if d > 1:
+        for py in range(h // d):
+            for px in range(w // d):
+                pk = sum(weight[i, j] * img_k[:, py * d + i, px * d + j] for i in range(d) for j in range(d))
+                pv = sum(weight[i, j] * img_v[:, py * d + i, px * d + j] for i in range(d) for j in range(d))
+                keys.append(pk)
+                values.append(pv)
+    num_real = t + h * w
+    out = torch.empty_like(q)
+    for qi in range(t + h * w):
+        allowed = []
+        for ki in range(len(keys)):
+            if qi < t:  # text query: every text and image key, no pooled key
+                ok = ki < num_real
+            elif ki < t or ki >= num_real:  # image query: every text and pooled key
+                ok = True
+            else:
+                (qy, qx), (ky, kx) = divmod(qi - t, w), divmod(ki - t, w)
+                ok = (qy - ky) ** 2 + (qx - kx) ** 2 < r**2
+            if ok:
+                allowed.append(ki)
+        scores = torch.stack([(q[:, qi] * keys[ki]).sum(-1) for ki in allowed], dim=-1) / math.sqrt(dim)
+        probs = scores.softmax(dim=-1)
+        out[:, qi] = sum(probs[..., j, None] * values[ki] for j, ki in enumerate(allowed))
+    return out
+
+
+@pytest.mark.parametrize("grid,text_len,r,d", [((4, 5), 2, 2, 1), ((4, 6), 0, 3, 2), ((6, 4), 3, 1, 2)])
+def test_dense_oracle_equals_brute_force(grid, text_len: int, r: int, d: int) -> None:
+    layout = CLEARLayout(grid, text_len, r, d)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, layout.q_len, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    weight = torch.rand(d, d, generator=gen, dtype=torch.float64)
+    expected = _brute_force_clear(q, k, v, grid, text_len, r, d, weight)
+    got = _attend(layout, q, k, v, weight if d > 1 else None, "dense")
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "grid,text_len,r,d",
+    [((7, 5), 3, 2, 1), ((13, 9), 0, 4, 1), ((8, 12), 6, 3, 2), ((16, 16), 5, 7, 4), ((6, 6), 2, 9, 1)],
+)
+def test_attention_density_counts_dense_mask(grid, text_len: int, r: int, d: int) -> None:
+    layout = CLEARLayout(grid, text_len, r, d)
+    mask = dense_mask(layout)
+    assert mask.shape == (layout.q_len, layout.kv_len)
+    # pooled keys count as computed pairs; the reference is full attention over text + image
+    assert attention_density(grid, text_len, r, d) == pytest.approx(mask.sum().item() / layout.q_len**2, abs=1e-12)
+
+
+# --- "auto" ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout,device,expected",
+    [
+        (CLEARLayout((8, 8), 16, 20), "cpu", "tiled"),  # covers the grid, d = 1: one unmasked SDPA
+        (CLEARLayout((8, 8), 16, 20, 2), "cpu", "dense"),  # covers the grid but pooled keys: a real mask
+        (CLEARLayout((16, 16), 512, 8), "cpu", "dense"),  # small and nearly full
+        (CLEARLayout((64, 64), 512, 8), "cpu", "tiled"),  # sparse enough
+        (CLEARLayout((64, 64), 512, 32), "cpu", "dense"),  # window ~ grid: tiles would compute more
+        (CLEARLayout((128, 128), 512, 60), "cpu", "tiled"),  # too long for a dense mask
+        (CLEARLayout((16, 16), 512, 8), "cuda", "tiled"),
+    ],
+)
+def test_auto_choice(layout: CLEARLayout, device: str, expected: str) -> None:
+    assert auto_backend_name(layout, torch.device(device)) == expected
+
+
+def test_auto_runs_and_matches_dense() -> None:
+    layout = CLEARLayout((12, 20), 5, 3, 2)
+    q, k, v, weight = _inputs(layout, batch=1)
+    assert select_backend("auto", layout, q).name == auto_backend_name(layout, q.device)
+    torch.testing.assert_close(
+        _attend(layout, q, k, v, weight, "auto"), _attend(layout, q, k, v, weight, "dense"), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_registry() -> None:
+    assert {"dense", "tiled", "flex"} <= set(BACKENDS)
+    assert {"dense", "tiled", "flex"} <= set(available_backends("cpu"))
+
+
+# --- input validation --------------------------------------------------------------------------------
+
+
+def _call(q=None, k=None, v=None, **overrides):
+    kwargs = dict(grid=(4, 4), text_len=2, window_size=2)
+    kwargs.update(overrides)
+    default = torch.randn(1, 18, 2, 4)
+    return clear_attention(
+        default if q is None else q, default if k is None else k, default if v is None else v, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(window_size=0), "window_size"),
+        (dict(window_size=-3), "window_size"),
+        (dict(text_len=3), "seq length 18"),
+        (dict(grid=(4, 4), down_factor=3), "divisible by down_factor"),
+        (dict(backend="nope"), "known backends: 'auto', 'dense', 'tiled', 'flex'"),
+        (dict(down_factor=2, spatial_weight=torch.ones(3, 3)), "spatial_weight"),
+        (dict(down_factor=2, spatial_weight=torch.ones(1, 2, 1, 2)), "spatial_weight"),
+    ],
+)
+def test_clear_attention_value_errors(kwargs, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _call(**kwargs)
+
+
+def test_clear_attention_rejects_mismatched_tensors() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        _call(k=torch.randn(1, 18, 2, 8))
+    with pytest.raises(ValueError, match="share a dtype"):
+        _call(v=torch.randn(1, 18, 2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch, seq, heads, head_dim"):
+        _call(q=torch.randn(18, 2, 4), k=torch.randn(18, 2, 4), v=torch.randn(18, 2, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_clear_attention_rejects_mixed_devices() -> None:
+    with pytest.raises(ValueError, match="one device"):
+        _call(k=torch.randn(1, 18, 2, 4, device="cuda"))

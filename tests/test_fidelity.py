@@ -1,0 +1,144 @@
+"""The fidelity benchmark end to end on toy sizes: teacher training (saved and reloaded as a FLUX pipeline),
+the protocol's evaluation and report, and the whole protocol once the distillation CLI exists."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+import clear_dit
+from benchmarks.fidelity import run, train_teacher
+from pipelines.loading import default_max_sequence_length, load_pipeline
+from pipelines.tiny import VAE_CONFIG
+
+
+@pytest.fixture(scope="module")
+def smoke_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fidelity") / "teacher"
+    assert train_teacher.main(["--out", str(out), "--smoke", "--steps", "4"]) == 0
+    return out
+
+
+def test_teacher_smoke_run_saves_a_loadable_pipeline(smoke_teacher, capsys):
+    out = smoke_teacher
+    summary = json.loads((out / "training" / "eval.json").read_text())
+    assert summary["num_scenes"] == 2 and 0 <= summary["adherence"] <= 1 and summary["vae_psnr"] > 0
+
+    config = json.loads((out / "training" / "config.json").read_text())
+    assert config["steps"] == 4 and config["vae_steps"] == 2 and config["resolution"] == 64
+    phases = [json.loads(line) for line in (out / "training" / "log.jsonl").read_text().splitlines()]
+    assert [(p["phase"], p["step"]) for p in phases] == [("vae", 2), ("transformer", 4)]
+    assert (out / "training" / "samples.png").is_file()
+
+    pipe = FluxPipeline.from_pretrained(out)
+    assert pipe.transformer.config.guidance_embeds is False
+    assert pipe.transformer.config.num_layers == 1 and pipe.transformer.config.num_single_layers == 1
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+    assert pipe.vae.config.scaling_factor != VAE_CONFIG["scaling_factor"]  # set from the latent statistics
+    assert default_max_sequence_length(pipe) == train_teacher.T5_LENGTH
+    tokens = pipe.tokenizer("a large red circle at the top left").input_ids
+    assert len(tokens) == 2 + 8  # one CLIP token per word of the world
+    image = pipe(
+        "a small cyan star at the center on a plain black background",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=default_max_sequence_length(pipe),
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+    # A second run into the same folder is refused, and leaves the first untouched.
+    before = (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert train_teacher.main(["--out", str(out), "--smoke"]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_teacher_rejects_bad_settings(tmp_path, capsys):
+    assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--resolution", "72"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert train_teacher.main(["--out", str(tmp_path / "mine"), "--smoke", "--overwrite"]) == 2
+    assert "not a teacher run" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_phase_without_a_step_count_fits_its_time_budget(tmp_path):
+    calls = []
+    phase = train_teacher._Phase("probe", None, seconds=0.0, log=tmp_path / "log.jsonl")
+    assert phase.run(lambda i: calls.append(i) or {"loss": 0.0}) == train_teacher._PROBE_STEPS
+    assert calls == list(range(train_teacher._PROBE_STEPS)) and phase.steps == train_teacher._PROBE_STEPS
+
+
+def test_variants_keep_fluxs_radius_to_grid_ratio():
+    assert [(v.name, v.window, v.down) for v in run.variants_for(256)] == [
+        ("r8", 2, 1),
+        ("r16", 4, 1),
+        ("r32", 8, 1),
+        ("r16_down4", 4, 4),
+        ("r8_down4", 2, 4),
+    ]
+    assert [v.window for v in run.variants_for(1024)] == [8, 16, 32, 16, 8]  # FLUX's own
+    assert [v.window for v in run.variants_for(64)] == [1, 1, 2, 1, 1]  # at least one token
+    with pytest.raises(ValueError, match="not divisible by down factor 4"):
+        run.variants_for(48)
+
+
+def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
+    pipe = load_pipeline(str(smoke_teacher))
+    teacher_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    variants = [v for v in run.variants_for(64) if v.name in ("r16", "r16_down4")]
+    weights = {}
+    for v in variants:  # stand-ins for distilled students: the training-free weights, written and read back
+        with clear_dit.patch(pipe, window_size=v.window, down_factor=v.down):
+            weights[v.name] = clear_dit.save_weights(pipe, tmp_path / f"{v.name}.safetensors")
+    cfg = run.ProtocolConfig(work=str(tmp_path), **run.SMOKE)
+    rows, images = run.evaluate(pipe, cfg, 64, variants, weights)
+
+    scales = (1, 2) if importlib.util.find_spec("pipelines.highres") else (1,)
+    assert cfg.scales == scales
+    assert len(rows) == len(scales) * (1 + 2 * len(variants))
+    for k, v in pipe.transformer.state_dict().items():  # every student was undone
+        assert torch.equal(v, teacher_state[k]), k
+    teacher = rows[0]
+    assert teacher["student"] == "teacher" and teacher["psnr"] == 99.0 and teacher["ssim"] == pytest.approx(1.0)
+    by_key = {(r["scale"], r["student"], r["variant"]): r for r in rows}
+    for v in variants:
+        free, distilled = by_key[1, "training-free", v.name], by_key[1, "distilled", v.name]
+        assert free["density"] == distilled["density"] < 1
+        assert free["psnr"] == distilled["psnr"] and free["ssim"] == distilled["ssim"]  # same weights, same images
+        assert images[1, "distilled", v.name][0].size == (64, 64)
+
+    meta = {"smoke": True, "teacher": str(smoke_teacher), "resolution": 64, "text_len": 128} | {
+        k: getattr(cfg, k)
+        for k in ("num_data", "distill_steps", "eval_steps", "eval_scenes", "highres_scenes", "scales", "grid_rows")
+    }
+    paths = run.write_report(rows, images, meta, tmp_path / "results", "r16")
+    assert [p.name for p in paths] == ["fidelity_smoke.json", "fidelity_smoke.md", "fidelity_smoke_grid.png"]
+    assert json.loads(paths[0].read_text())["rows"] == rows
+    table = [line for line in paths[1].read_text().splitlines() if line.startswith("| 1x")]
+    assert len(table) == 1 + 2 * len(variants)
+    grid = Image.open(paths[2])
+    assert grid.size == (3 * len(scales) * 256, 16 + 2 * 256)
+
+
+def test_protocol_needs_a_teacher(tmp_path, capsys):
+    assert run.main(["--work", str(tmp_path)]) == 2
+    assert "no teacher pipeline in" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("training.distill") is None, reason="needs the distillation CLI (branch distill)"
+)
+def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path):
+    results = tmp_path / "results"
+    argv = ["--work", str(tmp_path / "work"), "--teacher", str(smoke_teacher), "--smoke", "--results", str(results)]
+    assert run.main(argv) == 0
+    rows = json.loads((results / "fidelity_smoke.json").read_text())["rows"]
+    assert {r["student"] for r in rows} == {"teacher", "training-free", "distilled"}
+    assert (results / "fidelity_smoke_grid.png").is_file()

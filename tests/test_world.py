@@ -1,0 +1,143 @@
+"""The fidelity world: reproducible scenes, captions, resolution-independent renders, and the scene checker."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from benchmarks.fidelity.checker import check_scene, label_image
+from training.world import (
+    KINDS,
+    PALETTE,
+    REGIONS,
+    Scene,
+    Shape,
+    read_scenes,
+    region_box,
+    render,
+    sample_scenes,
+    world_corpus,
+    write_scenes,
+)
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    return sample_scenes(60, seed=1)
+
+
+def test_scenes_are_reproducible_from_the_seed(scenes):
+    assert sample_scenes(60, seed=1) == scenes
+    assert sample_scenes(10, seed=1) == scenes[:10]  # a longer list extends a shorter one
+    assert sample_scenes(10, seed=2) != scenes[:10]
+    assert {len(s.shapes) for s in scenes} == {1, 2, 3}
+
+
+def test_shapes_lie_inside_their_regions(scenes):
+    for shape in (s for scene in scenes for s in scene.shapes):
+        x0, y0, x1, y1 = region_box(shape.region)
+        (cx, cy), r = shape.center, shape.radius
+        assert x0 < cx - r and cx + r < x1 and y0 < cy - r and cy + r < y1
+
+
+def test_caption_states_every_shape_and_the_background():
+    scene = Scene(
+        shapes=(
+            Shape(kind="circle", color="red", region="top left", size="large", center=(1 / 6, 1 / 6)),
+            Shape(kind="star", color="yellow", region="center", size="small", center=(0.5, 0.5)),
+            Shape(kind="square", color="white", region="bottom right", size="small", center=(5 / 6, 5 / 6)),
+        ),
+        background="blue",
+        texture="striped",
+    )
+    assert scene.caption == (
+        "a large red circle at the top left, a small yellow star at the center and a small white square "
+        "at the bottom right on a striped blue background"
+    )
+    assert Scene(shapes=scene.shapes[:1], background="blue").caption == (
+        "a large red circle at the top left on a plain blue background"
+    )
+    corpus = " ".join(world_corpus()).split()
+    for word in [*PALETTE, *KINDS, *" ".join(REGIONS).split(), "striped", "dotted", "checkered", "background"]:
+        assert word in corpus
+
+
+def test_scene_json_round_trip_and_validation(scenes, tmp_path):
+    path = tmp_path / "scenes.jsonl"
+    write_scenes(scenes, path)
+    assert read_scenes(path) == scenes
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["caption"] == scenes[0].caption
+    assert Scene.from_dict(json.loads(json.dumps(scenes[3].to_dict()))) == scenes[3]
+
+    shape = scenes[0].shapes[0]
+    with pytest.raises(ValueError, match="shape kind 'hexagon' is not one of circle"):
+        dataclasses.replace(shape, kind="hexagon")
+    with pytest.raises(ValueError, match="distinct regions"):
+        Scene(shapes=(shape, shape), background=next(c for c in PALETTE if c != shape.color))
+    with pytest.raises(ValueError, match="background colour"):
+        Scene(shapes=(shape,), background=shape.color)
+    with pytest.raises(ValueError, match="does not match its scene"):
+        Scene.from_dict(first | {"caption": "a cat"})
+    path.write_text('{"shapes": []}\n')
+    with pytest.raises(ValueError, match="scenes.jsonl:1: not a scene"):
+        read_scenes(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_scenes(tmp_path / "missing.jsonl")
+
+
+def test_render_is_deterministic_and_resolution_independent(scenes):
+    for scene in scenes[:4]:
+        small = render(scene, 256)
+        assert small.size == (256, 256) and small.mode == "RGB"
+        assert np.array_equal(np.asarray(small), np.asarray(render(scene, 256)))
+        large = render(scene, 1024)
+        assert large.size == (1024, 1024)
+        down = np.asarray(large.resize((256, 256), Image.Resampling.BOX)).astype(float)
+        diff = np.abs(down - np.asarray(small))
+        assert diff.mean() < 2.0  # only anti-aliased edges differ
+        assert (label_image(large) == label_image(small)).mean() > 0.99
+
+
+def test_checker_accepts_the_worlds_own_renders(scenes):
+    for size, subset in ((256, scenes), (1024, scenes[:12])):
+        checks = [check_scene(render(s, size), s) for s in subset]
+        assert np.mean([c.score for c in checks]) >= 0.95, size
+        assert np.mean([c.passed for c in checks]) >= 0.95, size
+    # Robust to the blur and noise of a generated image.
+    rng = np.random.default_rng(0)
+    for scene in scenes[:20]:
+        pixels = np.asarray(render(scene, 256).filter(ImageFilter.GaussianBlur(1.5))).astype(float)
+        noisy = (pixels + rng.normal(0, 15, pixels.shape)).clip(0, 255).astype(np.uint8)
+        assert check_scene(noisy, scene).score >= 0.75
+
+
+def test_checker_rejects_mismatched_descriptions_and_noise(scenes):
+    images = [render(s, 256) for s in scenes[:30]]
+    shifted = [check_scene(image, scene) for image, scene in zip(images, scenes[1:31], strict=True)]
+    assert np.mean([c.score for c in shifted]) < 0.2 and not any(c.passed for c in shifted)
+    # One wrong attribute fails that shape (and therefore the scene), whatever the attribute.
+    for scene, image in zip(scenes[:15], images, strict=False):
+        first = scene.shapes[0]
+        swaps = {
+            "kind": KINDS[(KINDS.index(first.kind) + 1) % len(KINDS)],
+            "size": "small" if first.size == "large" else "large",
+        }
+        for field, value in swaps.items():
+            shapes = (dataclasses.replace(first, **{field: value}), *scene.shapes[1:])
+            wrong = dataclasses.replace(scene, shapes=shapes)
+            check = check_scene(image, wrong)
+            assert not check.shapes[0].ok and check.shapes[0].found and not check.passed, field
+    rng = np.random.default_rng(0)
+    noise = [check_scene(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), s) for s in scenes[:10]]
+    assert not any(c.passed for c in noise) and np.mean([c.score for c in noise]) < 0.4
+    assert not any(s.found for c in noise for s in c.shapes)
+
+
+def test_checker_rejects_bad_images(scenes):
+    with pytest.raises(ValueError, match="square"):
+        check_scene(Image.new("RGB", (256, 128)), scenes[0])
+    with pytest.raises(ValueError, match=r"\(height, width, 3\) uint8"):
+        check_scene(np.zeros((64, 64), dtype=np.uint8), scenes[0])
