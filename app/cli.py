@@ -410,6 +410,144 @@ def cmd_highres(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- make-data
+
+
+def _make_data_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="text file, one prompt per line: the teacher generates an image per prompt")
+    source.add_argument("--images", help="folder of images with captions (name.txt or name.json beside name.png)")
+    p.add_argument("--model", default="tiny", help="teacher: 'tiny' (default), a local pipeline folder, or a hub id")
+    p.add_argument("--out", required=True, help="data folder (re-running resumes it)")
+    p.add_argument(
+        "--resolution", type=int, help="square image size in px, multiple of 16 (default: 256 tiny, 1024 else)"
+    )
+    p.add_argument("--num", type=int, help="number of images to generate, prompts cycled (default: one per prompt)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default: 0)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the tokenizer's limit, at most 512)")
+    p.add_argument("--overwrite", action="store_true", help="discard data in --out made with other settings")
+
+
+def _device_and_dtype():
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@subcommand(
+    "make-data", "generate (or import) distillation data: images, VAE latents, text embeddings", _make_data_arguments
+)
+def cmd_make_data(args: argparse.Namespace) -> int:
+    defaults = TINY_DEFAULTS if args.model == "tiny" else FLUX_DEFAULTS
+    resolution = args.resolution or defaults["height"]
+    steps = args.steps or defaults["steps"]
+    if steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {steps}")
+    _quiet_libraries(args.verbose)
+    from pipelines.loading import load_pipeline
+    from training.data import DistillDataset, generate_dataset, import_images, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    device, dtype = _device_and_dtype()
+    pipe = load_pipeline(args.model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(
+        resolution=resolution,
+        batch_size=args.batch_size,
+        max_sequence_length=args.max_sequence_length,
+        model_name=args.model,
+        overwrite=args.overwrite,
+    )
+    if prompts is not None:
+        out = generate_dataset(
+            pipe, prompts, args.out, num=args.num, steps=steps, guidance=args.guidance, seed=args.seed, **common
+        )
+    else:
+        out = import_images(pipe, args.images, args.out, **common)
+    print(f"{out}: {len(DistillDataset(out))} items at {resolution}x{resolution} (info.json, manifest.jsonl)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+
+
+def _layers(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices, got {text!r}") from None
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    # Choices are checked by DistillConfig.check (its errors list them): building the parser stays import-free.
+    p.add_argument("--model", default="tiny", help="teacher: 'tiny' (default), a local pipeline folder, or a hub id")
+    p.add_argument("--data", required=True, help="data folder written by `clear-dit make-data`")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, logs, validation images, the export")
+    p.add_argument("--window", type=int, required=True, help="CLEAR radius in tokens (e.g. 8, 16, 32)")
+    p.add_argument("--down", type=int, default=1, help="CLEAR down factor d: pooled keys/values (default: 1, none)")
+    p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-step (default: 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    p.add_argument("--optimizer", default="adamw", help="adamw (default) or prodigy (pip install prodigyopt)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="default: 1e-4")
+    p.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization schedule (default: constant)")
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="default: 0")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
+    p.add_argument("--lora-rank", type=int, help="train a LoRA of this rank on the projections instead of them")
+    p.add_argument("--mixed-precision", default="no", help="no (default), bf16 or fp16")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fm-weight", type=float, default=1.0, help="weight of L_fm, the flow-matching loss (default: 1)")
+    p.add_argument("--out-weight", type=float, default=0.5, help="weight a of L_out (default: 0.5)")
+    p.add_argument("--attn-weight", type=float, default=0.5, help="weight b of L_attn (default: 0.5)")
+    p.add_argument("--attn-layers", type=_layers, default=None, help="layers aligned by L_attn: 'all' or '0,1,5'")
+    p.add_argument(
+        "--weighting-scheme", default="none", help="none, sigma_sqrt, logit_normal, mode or cosmap (default: none)"
+    )
+    p.add_argument("--logit-mean", type=float, default=0.0, help="logit_normal mean (default: 0)")
+    p.add_argument("--logit-std", type=float, default=1.0, help="logit_normal std (default: 1)")
+    p.add_argument("--mode-scale", type=float, default=1.29, help="'mode' scheme scale (default: 1.29)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance embedding of guidance-distilled teachers")
+    p.add_argument("--teacher", default="shared", help="shared: one model (default); copy: two models (official)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints, 0: none (500)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: 3)")
+    p.add_argument("--validate-every", type=int, default=500, help="steps between validations (default: 500)")
+    p.add_argument(
+        "--num-validation",
+        type=int,
+        help="held-out data items for validation, 0: none (default: 4, a quarter of a smaller data set)",
+    )
+    p.add_argument(
+        "--no-validation-images", dest="validation_images", action="store_false", help="log the gap only, no grid"
+    )
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder: continue a run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+
+
+@subcommand("distill", "distill a CLEAR student from a FLUX teacher (accelerate launch for DDP)", _distill_arguments)
+def cmd_distill(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    _quiet_libraries(args.verbose)
+    from accelerate import PartialState
+
+    from training.distill import DistillConfig, train
+
+    config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    path = train(config)
+    if PartialState().is_main_process:
+        print(f"wrote {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 

@@ -1,0 +1,291 @@
+"""Distillation on the tiny FLUX model: the held-out gap it closes, and its speed and memory per teacher mode.
+
+Example::
+
+    python benchmarks/distill.py                         # 64 + 8 samples, 200 steps; table on a wider model
+    python benchmarks/distill.py --smoke --json /tmp/d.json   # tiny sizes, for the test suite
+
+Part 1 (acceptance): ``clear-dit make-data`` with the tiny teacher, then ``clear-dit distill`` on the training
+items; the held-out velocity gap (mean squared student - teacher velocity, fixed timesteps and noise) of the
+un-distilled CLEAR student (step 0) against the distilled one (last step), and the reduction. Twice: with the
+paper's loss, and with its teacher-matching terms alone (``--fm-weight 0``). The tiny teacher has random
+weights, so its velocity is far from the flow-matching target of its own samples: ``L_fm`` then trains the
+student towards the data and away from the teacher, which only the second run isolates.
+
+Part 2 (table): samples/s and peak memory of one training step loop for the official two-model approach
+(``--teacher copy``) against our shared-weights teacher, each with full projections and with LoRA. Every
+configuration runs in its own process so that the peaks do not mix: peak RSS on CPU (``VmHWM``, reset after
+the imports; the increase over that baseline is what training added), CUDA max allocated on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this checkout, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = [("copy", None), ("shared", None), ("copy", 4), ("shared", 4)]
+#: The paper's loss, and the teacher-matching terms alone (L_fm pulls a random teacher's student off it).
+FM_WEIGHTS = (1.0, 0.0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed at the end)")
+    p.add_argument("--num-train", type=int, default=64, help="self-generated training samples")
+    p.add_argument("--num-val", type=int, default=8, help="held-out samples for the gap")
+    p.add_argument("--resolution", type=int, default=64, help="image size in px (64 -> 4x4 tokens)")
+    p.add_argument("--data-steps", type=int, default=4, help="teacher denoising steps per sample")
+    p.add_argument("--window", type=int, default=1, help="CLEAR radius of the student")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bench-steps", type=int, default=5, help="measured training steps per table row")
+    p.add_argument("--bench-warmup", type=int, default=2)
+    p.add_argument("--bench-batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the table (fastest counts)")
+    p.add_argument("--width", type=int, default=16, help="table model: attention heads of 64 channels")
+    p.add_argument("--layers", type=int, nargs=2, default=[4, 8], help="table model: double and single blocks")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--json", type=Path, help="write the results to this JSON file")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one table row, in a child process
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_train, args.num_val, args.steps, args.data_steps = 4, 2, 3, 2
+        args.bench_steps, args.bench_warmup, args.bench_batch, args.rounds = 1, 1, 1, 1
+        args.width, args.layers = 2, [1, 1]
+    return args
+
+
+def cli(*args: str) -> None:
+    """Run ``clear-dit ARGS`` (in this process); raise if it fails."""
+    from app.cli import main as clear_dit
+
+    code = clear_dit(list(args))
+    if code != 0:
+        raise RuntimeError(f"clear-dit {' '.join(args)} failed with exit code {code}")
+
+
+def make_data(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
+    from pipelines.tiny import tiny_corpus
+
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(tiny_corpus()) + "\n")
+    data = work / "data"
+    start = time.perf_counter()
+    cli(
+        *("make-data", "--model", "tiny", "--prompts", str(prompts), "--out", str(data)),
+        *("--resolution", str(args.resolution), "--num", str(args.num_train + args.num_val)),
+        *("--steps", str(args.data_steps), "--batch-size", "8"),
+    )
+    return data, time.perf_counter() - start
+
+
+def gap_reduction(args: argparse.Namespace, work: Path, data: Path, fm_weight: float) -> dict:
+    """Distill with ``fm_weight`` and read the held-out gaps from the run's validation log."""
+    run = work / f"run-fm{fm_weight:g}"
+    start = time.perf_counter()
+    cli(
+        *("distill", "--model", "tiny", "--data", str(data), "--out", str(run), "--window", str(args.window)),
+        *("--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr)),
+        *("--fm-weight", str(fm_weight), "--num-validation", str(args.num_val)),
+        *("--validate-every", str(max(args.steps // 4, 1)), "--checkpoint-every", "0", "--no-validation-images"),
+        "--overwrite",
+    )
+    gaps = [json.loads(line) for line in (run / "logs" / "validation.jsonl").read_text().splitlines()]
+    first, last = gaps[0]["val_gap"], gaps[-1]["val_gap"]
+    return {
+        "fm_weight": fm_weight,
+        "gaps": gaps,
+        "gap_undistilled": first,
+        "gap_distilled": last,
+        "reduction": 1 - last / first,
+        "distill_s": time.perf_counter() - start,
+    }
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(spec: dict) -> dict:
+    """One table row: build the trainer and time ``bench_steps`` optimizer steps after a warm-up."""
+    from training.distill import DistillConfig, Distiller
+
+    torch.set_num_threads(spec["threads"])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    baseline = _rss_mib("VmRSS")
+    config = DistillConfig(
+        model=spec["model"],
+        data=spec["data"],
+        out=spec["out"],
+        window=spec["window"],
+        batch_size=spec["batch"],
+        lora_rank=spec["lora_rank"],
+        teacher=spec["teacher"],
+        max_steps=spec["warmup"] + spec["steps"],
+        mixed_precision="bf16" if cuda else "no",
+        checkpoint_every=0,
+        num_validation=0,
+        overwrite=True,
+    )
+    distiller = Distiller(config)
+    for _ in range(spec["warmup"]):
+        distiller.train_step()
+    times = []
+    for _ in range(spec["steps"]):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        distiller.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    row = {
+        "teacher": spec["teacher"],
+        "lora_rank": spec["lora_rank"],
+        "trainable_params": sum(p.numel() for p in distiller.student.trainable.values()),
+        "model_params": sum(p.numel() for p in distiller.student.transformer.parameters()),
+        "samples_per_s": spec["batch"] / statistics.median(times),
+    }
+    if cuda:
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row.update(peak_rss_mib=_rss_mib("VmHWM"), baseline_rss_mib=baseline)
+        row["peak_mib"] = row["peak_rss_mib"] - baseline
+    return row
+
+
+def table_model(args: argparse.Namespace, work: Path) -> Path:
+    """A copy of the tiny pipeline whose transformer is wider and deeper (random), so memory shows."""
+    from diffusers import FluxTransformer2DModel
+
+    from pipelines.tiny import TRANSFORMER_CONFIG, tiny_pipeline_path
+
+    folder = work / "table-model"
+    if not (folder / "transformer").is_dir():
+        shutil.copytree(tiny_pipeline_path(), folder, ignore=shutil.ignore_patterns("transformer"))
+        double, single = args.layers
+        config = {**TRANSFORMER_CONFIG, "num_attention_heads": args.width}
+        config.update(num_layers=double, num_single_layers=single)
+        torch.manual_seed(0)
+        FluxTransformer2DModel(**config).save_pretrained(folder / "transformer")
+    return folder
+
+
+def table(args: argparse.Namespace, work: Path, data: Path) -> list[dict]:
+    """One row per (teacher mode, student kind), each measured in its own child process (in this one with
+    --smoke: the plumbing only), ``--rounds`` times interleaved; the fastest round counts (least disturbed)."""
+    model = table_model(args, work)
+    best: dict[tuple, dict] = {}
+    for _ in range(args.rounds):
+        for teacher, lora_rank in MODES:
+            spec = {
+                "model": str(model),
+                "data": str(data),
+                "out": str(work / f"bench-{teacher}-{lora_rank}"),
+                "window": args.window,
+                "batch": args.bench_batch,
+                "lora_rank": lora_rank,
+                "teacher": teacher,
+                "warmup": args.bench_warmup,
+                "steps": args.bench_steps,
+                "threads": args.threads,
+            }
+            row = worker(spec) if args.smoke else _child_worker(spec)
+            key = (teacher, lora_rank)
+            if key not in best or row["samples_per_s"] > best[key]["samples_per_s"]:
+                best[key] = {**row, "peak_mib": max(row["peak_mib"], best.get(key, row)["peak_mib"])}
+    return [best[key] for key in MODES]
+
+
+def _child_worker(spec: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        name = f"{spec['teacher']}/{spec['lora_rank']}"
+        raise RuntimeError(f"benchmark worker {name} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(args: argparse.Namespace, gaps: list[dict], rows: list[dict]) -> str:
+    lines = [
+        f"held-out velocity gap: {args.num_train} self-generated samples at {args.resolution} px, "
+        f"r={args.window}, {args.steps} steps, {args.num_val} held-out samples x 4 timesteps",
+        f"  {'loss':<38} {'step 0':>10} {'distilled':>10} {'reduction':>10}",
+    ]
+    for g in gaps:
+        name = f"L_fm x {g['fm_weight']:g} + 0.5 L_out + 0.5 L_attn"
+        lines.append(f"  {name:<38} {g['gap_undistilled']:>10.4g} {g['gap_distilled']:>10.4g} {g['reduction']:>10.1%}")
+    unit = "CUDA max allocated" if torch.cuda.is_available() else "peak RSS over baseline"
+    lines += [
+        "",
+        f"training steps, model of {rows[0]['model_params'] / 1e6:.1f}M parameters, batch {args.bench_batch}, "
+        f"median step of {args.bench_steps}, best of {args.rounds} rounds ({unit}):",
+        f"  {'teacher':<22} {'student':<10} {'trainable':>10} {'samples/s':>10} {'peak MiB':>9} {'x shared':>9}",
+    ]
+    shared = {r["lora_rank"]: r for r in rows if r["teacher"] == "shared"}
+    for r in rows:
+        name = "two models (official)" if r["teacher"] == "copy" else "shared weights (ours)"
+        student = f"LoRA r={r['lora_rank']}" if r["lora_rank"] else "full"
+        ratio = r["peak_mib"] / shared[r["lora_rank"]]["peak_mib"]
+        lines.append(
+            f"  {name:<22} {student:<10} {r['trainable_params'] / 1e6:>9.2f}M {r['samples_per_s']:>10.2f} "
+            f"{r['peak_mib']:>9.0f} {ratio:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="clear-dit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        data, data_s = make_data(args, work)
+        gaps = [gap_reduction(args, work, data, fm_weight) for fm_weight in FM_WEIGHTS]
+        rows = table(args, work, data)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(report(args, gaps, rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result = {"args": _jsonable(vars(args)), "make_data_s": data_s, "gap": gaps, "table": rows}
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

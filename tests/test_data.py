@@ -1,0 +1,176 @@
+"""Self-generated distillation data: format, resume, crash safety, import, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import training.data as data
+from training.data import DistillDataset, generate_dataset, import_images
+
+PROMPTS = ["a red circle", "a cat sitting on a sofa", "a cup of coffee"]
+SETTINGS = dict(resolution=64, steps=2, batch_size=2, model_name="tiny")
+
+
+def shard_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted((folder / "shards").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_pipeline_path):
+    """Three items, then resumed to four: the module's reference data set."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_pipeline_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = tmp_path_factory.mktemp("made") / "data"
+    generate_dataset(pipe, PROMPTS, out, num=3, **SETTINGS)
+    first = shard_bytes(out)
+    generate_dataset(pipe, PROMPTS, out, num=4, **SETTINGS)
+    return pipe, out, first
+
+
+def test_format_and_resume_skips_finished_items(made):
+    pipe, out, first = made
+    info = json.loads((out / "info.json").read_text())
+    assert info["height"] == info["width"] == 64
+    assert info["latent_shape"] == [16, 8, 8]
+    assert (info["text_seq_len"], info["text_dim"], info["pooled_dim"]) == (64, 32, 32)
+    assert info["settings"] == {"source": "generated", "model": "tiny", "steps": 2, "guidance": 3.5, "seed": 0}
+
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in lines] == [0, 1, 2, 3]
+    assert [e["prompt"] for e in lines] == [*PROMPTS, PROMPTS[0]]  # prompts cycle
+    assert [(e["shard"], e["row"]) for e in lines] == [
+        ("shards/000000.safetensors", 0),
+        ("shards/000000.safetensors", 1),
+        ("shards/000002.safetensors", 0),  # the first run's last, half-full batch
+        ("shards/000003.safetensors", 0),  # the resumed run generated only item 3
+    ]
+    after = shard_bytes(out)
+    assert {k: after[k] for k in first} == first  # finished shards untouched
+
+    with Image.open(out / "images/000001.png") as image:
+        assert image.size == (64, 64)
+        assert json.loads(image.text["parameters"])["prompt"] == PROMPTS[1]
+
+    ds = DistillDataset(out)
+    assert len(ds) == 4 and ds.prompts == [e["prompt"] for e in lines]
+    item = ds[3]
+    assert item["latent_mean"].shape == item["latent_logvar"].shape == (16, 8, 8)
+    assert item["prompt_embeds"].shape == (64, 32) and item["pooled_prompt_embeds"].shape == (32,)
+    # Stored embeddings are the pipeline's own encoding of the prompt.
+    embeds, pooled, _ = pipe.encode_prompt(PROMPTS[0], prompt_2=None, max_sequence_length=64)
+    torch.testing.assert_close(item["prompt_embeds"], embeds[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0], atol=1e-5, rtol=1e-5)
+
+
+def test_interrupted_write_keeps_data_consistent(made, tmp_path, monkeypatch):
+    pipe, reference, _ = made
+    out = tmp_path / "data"
+    calls = []
+    append = data._append_manifest
+
+    def crash_on_second_batch(path, entries):
+        calls.append(entries)
+        if len(calls) == 2:  # the shard of batch 2 is on disk, its manifest lines are not
+            raise KeyboardInterrupt
+        append(path, entries)
+
+    monkeypatch.setattr(data, "_append_manifest", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(pipe, PROMPTS, out, num=4, **SETTINGS)
+    monkeypatch.setattr(data, "_append_manifest", append)
+
+    assert len(DistillDataset(out)) == 2
+    for shard in (out / "shards").iterdir():  # every file under its final name is complete
+        assert shard.suffix == ".safetensors"
+        with safe_open(str(shard), framework="pt") as f:
+            assert set(f.keys()) == set(data.SHARD_KEYS)
+    # A kill during the manifest append leaves a torn last line: readers skip it, the next run cuts it off.
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"index": 2, "prompt": "a cu')
+    assert len(DistillDataset(out)) == 2
+
+    generate_dataset(pipe, PROMPTS, out, num=4, **SETTINGS)
+    assert len(DistillDataset(out)) == 4
+    for i in range(4):  # same items as the reference (batched differently: equal up to 8-bit rounding)
+        a, b = (np.asarray(Image.open(folder / f"images/{i:06d}.png"), dtype=int) for folder in (out, reference))
+        assert np.abs(a - b).max() <= 1
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_dataset_errors_name_the_file(made, tmp_path):
+    pipe, reference, _ = made
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        DistillDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no info.json"):
+        DistillDataset(tmp_path / "empty")
+
+    broken = tmp_path / "broken"
+    for sub in ("", "images", "shards"):
+        (broken / sub).mkdir(exist_ok=True)
+    for name in ("info.json", "manifest.jsonl"):
+        (broken / name).write_bytes((reference / name).read_bytes())
+    for name, blob in shard_bytes(reference).items():
+        (broken / "shards" / name).write_bytes(blob)
+
+    (broken / "shards/000003.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="000003.safetensors"):
+        DistillDataset(broken)[3]
+    (broken / "shards/000003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="000003.safetensors"):
+        DistillDataset(broken)
+
+    (broken / "manifest.jsonl").write_text('{"index": 0}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        DistillDataset(broken)
+
+    with pytest.raises(ValueError, match="resolution"):  # resuming into data made at another resolution
+        generate_dataset(pipe, PROMPTS, reference, num=4, **{**SETTINGS, "resolution": 32})
+    with pytest.raises(ValueError, match="multiple of 16"):
+        generate_dataset(pipe, PROMPTS, tmp_path / "odd", num=1, **{**SETTINGS, "resolution": 72})
+    with pytest.raises(ValueError, match="prompt list changed"):
+        generate_dataset(pipe, ["another prompt"], reference, num=4, **SETTINGS)
+
+
+def test_import_folder_with_captions(made, tmp_path):
+    pipe, _, _ = made
+    src = tmp_path / "images"
+    (src / "sub").mkdir(parents=True)
+    Image.new("RGB", (96, 64), "red").save(src / "a.png")
+    (src / "a.txt").write_text("a red picture\n")
+    Image.new("RGB", (64, 80), "blue").save(src / "sub" / "b.jpg")
+    (src / "sub" / "b.json").write_text(json.dumps({"prompt": "a blue picture"}))
+
+    out = import_images(pipe, src, tmp_path / "data", resolution=32)
+    ds = DistillDataset(out)
+    assert ds.prompts == ["a red picture", "a blue picture"]
+    assert ds[1]["latent_mean"].shape == (16, 4, 4)
+    assert [e["source"] for e in ds.entries] == ["a.png", "sub/b.jpg"]
+    with Image.open(out / "images/000000.png") as image:
+        assert image.size == (32, 32) and image.getpixel((16, 16)) == (255, 0, 0)
+
+    Image.new("RGB", (32, 32)).save(src / "c.png")
+    with pytest.raises(FileNotFoundError, match="no caption for .*c.png"):
+        import_images(pipe, src, tmp_path / "data2", resolution=32)
+
+
+def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys):
+    from app.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red circle\n\na blue square\n")
+    args = ["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "data"), "--resolution", "32"]
+    assert main([*args, "--steps", "1"]) == 0
+    assert "2 items at 32x32" in capsys.readouterr().out
+    assert DistillDataset(tmp_path / "data").prompts == ["a red circle", "a blue square"]
+
+    assert main(["make-data", "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == f"error: prompt file not found: {tmp_path / 'nope.txt'}\n"
+    assert main(["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--window", "0"]) == 1
+    assert capsys.readouterr().err.startswith("error: window_size must be a positive int")

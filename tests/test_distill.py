@@ -1,0 +1,268 @@
+"""The distillation trainer on the tiny FLUX model: what trains, what stays, resume, export, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from safetensors.torch import load_file
+
+import clear_dit
+from app.cli import main
+from clear_dit.weights import is_clear_key
+from training.data import DistillDataset, generate_dataset
+from training.distill import DistillConfig, Distiller, make_batch, train
+from training.losses import TimestepSampler, distill_losses, weighted_mse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_pipeline_path):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_pipeline_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = tmp_path_factory.mktemp("distill") / "data"
+    prompts = ["a red circle", "a blue square", "a cup of coffee", "a mountain lake", "a city street at night"]
+    return generate_dataset(pipe, prompts, out, resolution=64, num=6, steps=2, batch_size=3, model_name="tiny")
+
+
+@pytest.fixture()
+def fresh_transformer(tiny_pipeline_path):
+    return lambda: FluxTransformer2DModel.from_pretrained(tiny_pipeline_path, subfolder="transformer").eval()
+
+
+def config(tmp_path, data_dir, name="run", **overrides) -> DistillConfig:
+    settings = dict(
+        model="tiny",
+        data=str(data_dir),
+        out=str(tmp_path / name),
+        window=1,
+        max_steps=3,
+        batch_size=2,
+        lr=1e-3,
+        checkpoint_every=0,
+        validate_every=0,
+        num_validation=2,
+        validation_images=False,
+    )
+    return DistillConfig(**{**settings, **overrides})
+
+
+def held_out_inputs(distiller: Distiller) -> dict:
+    ds = distiller.dataset
+    batch = make_batch(
+        [ds[4], ds[5]],
+        [torch.Generator().manual_seed(i) for i in range(2)],
+        distiller.sampler,
+        ds.info,
+        distiller.guidance,
+        torch.device("cpu"),
+        torch.float32,
+    )
+    return batch.inputs
+
+
+def forward(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def test_timesteps_and_weighting_follow_diffusers_flux_script(tiny_pipeline_path):
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_pipeline_path, subfolder="scheduler")
+    sampler = TimestepSampler(scheduler.sigmas, "logit_normal")
+    u = torch.tensor([0.0, 0.3, 0.999])
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    # train_dreambooth_flux.py: timesteps = scheduler.timesteps[indices]; the model gets timesteps / 1000
+    torch.testing.assert_close(sampler.from_uniform(u), scheduler.timesteps[indices] / 1000)
+    assert TimestepSampler(scheduler.sigmas, "sigma_sqrt").weighting(torch.tensor([0.5])).item() == 4.0
+    with pytest.raises(ValueError, match="unknown weighting scheme"):
+        TimestepSampler(scheduler.sigmas, "uniform")
+
+    g = torch.Generator().manual_seed(0)
+    pred, target, teacher = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
+    w = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(weighted_mse(pred, target, w), ((pred - target) ** 2).mean((1, 2)) * w)
+    attn_s, attn_t = [torch.randn(2, 5, 6, generator=g) for _ in range(2)], [torch.randn(2, 5, 6, generator=g)] * 2
+    losses = distill_losses(pred, teacher, target, attn_s, attn_t, w, out_weight=0.5, attn_weight=0.25)
+    attn = (weighted_mse(attn_s[0], attn_t[0], w) + weighted_mse(attn_s[1], attn_t[1], w)) / 2
+    expected = weighted_mse(pred, target, w) + 0.5 * weighted_mse(pred, teacher, w) + 0.25 * attn
+    torch.testing.assert_close(losses.total, expected.mean())
+
+
+@pytest.mark.parametrize("lora_rank, down", [(None, 1), (2, 2)])
+def test_only_trainable_tensors_change_and_the_teacher_stays(tmp_path, data_dir, fresh_transformer, lora_rank, down):
+    cfg = config(tmp_path, data_dir, window=1, down=down, lora_rank=lora_rank, validation_images=lora_rank is None)
+    cfg.num_validation = 1
+    distiller = Distiller(cfg)
+    student = distiller.student
+    teacher_before = fresh_transformer()
+    inputs = held_out_inputs(distiller)
+    with torch.no_grad():
+        untrained = forward(student.transformer, inputs)
+    distiller.fit()
+
+    reference = forward(teacher_before, inputs)
+    with student.teacher() as teacher:
+        torch.testing.assert_close(forward(teacher, inputs), reference, atol=0, rtol=0)  # bit for bit
+    trained = forward(student.transformer, inputs)
+    assert (trained - untrained).abs().max() > 1e-6
+
+    before = teacher_before.state_dict()
+    after = {name.replace(".base_layer", ""): t for name, t in student.transformer.state_dict().items()}
+    changed = {name for name in before if not torch.equal(after[name], before[name])}
+    if lora_rank is None:  # exactly the attention projections
+        assert changed == {name for name in before if is_clear_key(name)}
+    else:  # nothing of the base model: the adapter (and the pooling weights) hold the change
+        assert changed == set()
+        assert all(".lora_" in name or "spatial_weight" in name for name in student.trainable)
+        assert all(after[name].abs().max() > 0 for name in after if ".lora_B." in name)  # initialised to 0
+    if down > 1:
+        assert all(not torch.equal(t, torch.full_like(t, 1 / down**2)) for n, t in after.items() if "spatial" in n)
+
+    # The export (LoRA merged) reproduces the student in a fresh model loaded the way users load it.
+    path = distiller.export()
+    assert path.name == ("clear_local_1.safetensors" if down == 1 else "clear_local_1_down_2.safetensors")
+    exported = forward(student.transformer, inputs)
+    torch.testing.assert_close(exported, trained, atol=1e-5, rtol=1e-5)
+    fresh = fresh_transformer()
+    clear_dit.load_weights(fresh, path)
+    torch.testing.assert_close(forward(fresh, inputs), exported, atol=0, rtol=0)
+    if lora_rank is None:  # and the command line takes it
+        args = ["generate", "--prompt", "a cup", "--weights", str(path), "--height", "64", "--width", "64"]
+        assert main([*args, "--steps", "1", "--out", str(tmp_path / "student.png")]) == 0
+
+    logs = [json.loads(line) for line in (tmp_path / "run/logs/train.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs] == [1, 2, 3]
+    assert {"loss", "loss_fm", "loss_out", "loss_attn", "lr", "grad_norm", "samples_per_s"} <= set(logs[0])
+    gaps = [json.loads(line) for line in (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in gaps] == [0, 3] and gaps[0]["val_gap"] > 0
+    assert (tmp_path / "run/validation/step-000003.png").is_file() == (lora_rank is None)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, data_dir, monkeypatch):
+    settings = dict(
+        max_steps=4, checkpoint_every=2, keep_checkpoints=1, lr_scheduler="linear", grad_accum=2, batch_size=1
+    )
+    settings.update(num_validation=0)
+    full = train(config(tmp_path, data_dir, "full", **settings))
+
+    step = Distiller.train_step
+
+    def killed_after_step_3(self):
+        if self.state.step == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Distiller, "train_step", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, data_dir, "resumed", **settings))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = train(config(tmp_path, data_dir, "resumed", resume="latest", **settings))
+
+    a, b = load_file(full), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [
+        [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in path.read_text().splitlines()]
+        for path in (tmp_path / "full/logs/train.jsonl", tmp_path / "resumed/logs/train.jsonl")
+    ]
+    assert [e["step"] for e in logs[1]] == [1, 2, 3, 4] and logs[0] == logs[1]  # step 3 logged once, same losses
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-4"]  # keep last 1
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, data_dir):
+    runs = [
+        load_file(
+            train(config(tmp_path, data_dir, f"gc{flag}", max_steps=1, num_validation=0, gradient_checkpointing=flag))
+        )
+        for flag in (False, True)
+    ]
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
+
+
+def test_clear_errors(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="window_size must be a positive int"):
+        train(config(tmp_path, data_dir, window=0))
+    with pytest.raises(ValueError, match="not enough"):
+        train(config(tmp_path, data_dir, num_validation=6))
+    with pytest.raises(FileNotFoundError, match="no info.json"):
+        train(config(tmp_path, tmp_path))
+
+    train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
+    with pytest.raises(FileExistsError, match="already holds a distillation run"):
+        train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
+    with pytest.raises(ValueError, match="window: 1 -> 2"):
+        train(config(tmp_path, data_dir, window=2, max_steps=1, num_validation=0, resume="latest"))
+
+    other = tmp_path / "other-data"  # data whose text encoder does not fit the model
+    other.mkdir()
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            (other / path.relative_to(data_dir)).parent.mkdir(parents=True, exist_ok=True)
+            (other / path.relative_to(data_dir)).write_bytes(path.read_bytes())
+    info = json.loads((other / "info.json").read_text())
+    (other / "info.json").write_text(json.dumps({**info, "text_dim": 48}))
+    with pytest.raises(ValueError, match="made with another model: T5 embeddings have 48 dims, model takes 32"):
+        train(config(tmp_path, other, "run2"))
+    (other / "info.json").write_text(json.dumps({**info, "height": 128}))
+    with pytest.raises(ValueError, match="data resolution"):  # resuming a run on data of another resolution
+        train(config(tmp_path, other, max_steps=2, num_validation=0, resume="latest"))
+    assert len(DistillDataset(data_dir)) == 6
+
+
+def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, capsys):
+    common = ["distill", "--data", str(data_dir), "--window", "1", "--max-steps", "2", "--lr", "1e-3"]
+    common += ["--num-validation", "2", "--no-validation-images", "--checkpoint-every", "2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "app.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [*launch, *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    assert {p.name for p in (tmp_path / "ddp/checkpoint-2").glob("random_states_*")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    curves = [
+        [json.loads(line) for line in (tmp_path / name / "logs/train.jsonl").read_text().splitlines()]
+        for name in ("ddp", "one")
+    ]
+    for a, b in zip(*curves, strict=True):
+        for key in ("loss", "loss_fm", "loss_out", "loss_attn", "grad_norm", "epoch"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    a, b = (load_file(tmp_path / name / "clear_local_1.safetensors") for name in ("ddp", "one"))
+    for k in a:  # Adam divides by sqrt(v): float noise in tiny gradients moves weights by up to ~1e-5
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
+
+
+def test_benchmark_smoke(tmp_path, tiny_pipeline_path, capsys):
+    from benchmarks.distill import main
+
+    assert main(["--smoke", "--threads", "1", "--json", str(tmp_path / "distill.json")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out velocity gap" in out and "shared weights (ours)" in out
+    result = json.loads((tmp_path / "distill.json").read_text())
+    assert [g["fm_weight"] for g in result["gap"]] == [1.0, 0.0]
+    assert all(g["gap_undistilled"] > 0 and g["gaps"][0]["step"] == 0 for g in result["gap"])
+    assert [(r["teacher"], r["lora_rank"]) for r in result["table"]] == [
+        ("copy", None),
+        ("shared", None),
+        ("copy", 4),
+        ("shared", 4),
+    ]
+    assert all(r["samples_per_s"] > 0 for r in result["table"])

@@ -1,0 +1,525 @@
+"""Self-generated distillation data: the teacher's images, their VAE latents and text embeddings, cached once.
+
+Layout of a data folder (DESIGN.md 1.3: training needs neither the VAE nor the text encoders)::
+
+    info.json                  resolution, latent and text-encoder shapes, VAE scaling, how it was made
+    manifest.jsonl             one line per finished item: index, prompt, seed, image, shard, row
+    images/{index:06d}.png     the image (PNG text chunk: prompt and settings)
+    shards/{index:06d}.safetensors  one per written batch, rows stacked, named after its first index:
+                               latent_mean, latent_logvar  (n, C, H/8, W/8)  VAE posterior (float32)
+                               prompt_embeds               (n, T, D)         T5 sequence embeddings
+                               pooled_prompt_embeds        (n, P)            CLIP pooled embedding
+
+Crash safety: an item is finished when its manifest line is. Images and shards are written to a temporary
+name and renamed into place (atomic), and only then are the manifest lines appended and fsynced. A run killed
+at any moment therefore leaves complete files, at most one batch lost, and possibly a torn last manifest line
+or unreferenced files, which the next run drops before it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from pipelines.loading import default_max_sequence_length
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DATA_FORMAT",
+    "IMAGE_SUFFIXES",
+    "DataInfo",
+    "DistillDataset",
+    "generate_dataset",
+    "import_images",
+    "read_prompts",
+]
+
+DATA_FORMAT = "clear-dit-distill-data"
+INFO_FILE = "info.json"
+MANIFEST_FILE = "manifest.jsonl"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SHARD_KEYS = ("latent_mean", "latent_logvar", "prompt_embeds", "pooled_prompt_embeds")
+
+
+@dataclass
+class DataInfo:
+    """What a data folder holds; ``info.json``. The trainer refuses data whose shapes do not fit its model.
+
+    ``settings`` holds how the items were made (model, steps, guidance, seed or source folder); a resumed
+    run must use the same.
+    """
+
+    height: int
+    width: int
+    latent_shape: tuple[int, int, int]
+    text_seq_len: int
+    text_dim: int
+    pooled_dim: int
+    vae_scaling_factor: float
+    vae_shift_factor: float
+    embeds_dtype: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    format: str = DATA_FORMAT
+    version: int = 1
+
+    @classmethod
+    def read(cls, folder: Path) -> DataInfo:
+        path = folder / INFO_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a clear-dit data folder (no {INFO_FILE}); make one with `clear-dit make-data`"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != DATA_FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}, not {DATA_FORMAT!r}")
+            raw["latent_shape"] = tuple(raw["latent_shape"])
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path} is not a valid clear-dit data info file: {err}") from err
+
+    def write(self, folder: Path) -> None:
+        _atomic_write_bytes(folder / INFO_FILE, (json.dumps(asdict(self), indent=2) + "\n").encode())
+
+    def shape_summary(self) -> dict[str, Any]:
+        """The fields that must agree between data sets used by one training run."""
+        return {
+            "resolution": [self.height, self.width],
+            "latent_shape": list(self.latent_shape),
+            "text_seq_len": self.text_seq_len,
+            "text_dim": self.text_dim,
+            "pooled_dim": self.pooled_dim,
+        }
+
+    def check_matches(self, other: DataInfo, folder: Path) -> None:
+        """Raise unless ``other`` (the settings of this run) describes the same data as ``self`` (on disk)."""
+        mine = {**self.shape_summary(), **self.settings}
+        theirs = {**other.shape_summary(), **other.settings}
+        diffs = [
+            f"{k} {mine.get(k)!r} (on disk) vs {theirs.get(k)!r}"
+            for k in sorted(mine | theirs)
+            if mine.get(k) != theirs.get(k)
+        ]
+        if diffs:
+            raise ValueError(
+                f"{folder} holds data made with other settings ({'; '.join(diffs)}); use another --out, or --overwrite"
+            )
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file, one per line (blank lines and lines starting with ``#`` skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line expected)")
+    return prompts
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _Item:
+    index: int
+    prompt: str
+    seed: int | None = None
+    source: str | None = None  # the imported image
+
+
+class _Writer:
+    """Appends finished batches to a data folder and knows which items are done (the manifest)."""
+
+    def __init__(self, folder: Path, info: DataInfo, overwrite: bool) -> None:
+        self.folder = folder
+        self.info = info
+        manifest = folder / MANIFEST_FILE
+        if (folder / INFO_FILE).exists() and not overwrite:
+            DataInfo.read(folder).check_matches(info, folder)
+        elif folder.exists() and any(folder.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{folder} is not empty and holds no clear-dit data; use another --out, or --overwrite"
+            )
+        elif overwrite and folder.exists():
+            for sub in ("images", "shards"):
+                for f in (folder / sub).glob("*"):
+                    f.unlink()
+            manifest.unlink(missing_ok=True)
+        for sub in ("images", "shards"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        info.write(folder)
+        self.entries = _read_manifest(folder, repair=True)
+        self._drop_unreferenced()
+
+    @property
+    def done(self) -> dict[int, dict[str, Any]]:
+        return {e["index"]: e for e in self.entries}
+
+    def _drop_unreferenced(self) -> None:
+        """Files of a batch that never reached the manifest (a killed run): not part of the data set."""
+        used = {e["image"] for e in self.entries} | {e["shard"] for e in self.entries}
+        for sub in ("images", "shards"):
+            for f in (self.folder / sub).iterdir():
+                if f"{sub}/{f.name}" not in used:
+                    f.unlink()
+
+    def write(
+        self,
+        items: Sequence[_Item],
+        images: Sequence[Image.Image],
+        latents: tuple[torch.Tensor, torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        png_settings: dict[str, Any],
+    ) -> None:
+        entries = []
+        for item, image in zip(items, images, strict=True):
+            name = f"images/{item.index:06d}.png"
+            meta = PngImagePlugin.PngInfo()
+            meta.add_text("parameters", json.dumps({"prompt": item.prompt, "seed": item.seed, **png_settings}))
+            tmp = self.folder / (name + ".tmp")
+            image.save(tmp, format="PNG", pnginfo=meta)
+            os.replace(tmp, self.folder / name)
+            entries.append({"index": item.index, "prompt": item.prompt, "seed": item.seed, "image": name})
+            if item.source is not None:
+                entries[-1]["source"] = item.source
+        shard = f"shards/{items[0].index:06d}.safetensors"
+        mean, logvar = latents
+        tensors = {
+            "latent_mean": mean.float(),
+            "latent_logvar": logvar.float(),
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+        }
+        tmp = self.folder / (shard + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.folder / shard)
+        for sub in ("images", "shards"):  # the renames are durable before the manifest refers to them
+            _fsync_dir(self.folder / sub)
+        for row, entry in enumerate(entries):
+            entry.update(shard=shard, row=row)
+        _append_manifest(self.folder / MANIFEST_FILE, entries)
+        self.entries.extend(entries)
+
+
+def _append_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
+    """One write of whole lines, flushed and fsynced: after it returns, the items are durable."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The manifest's entries. A torn last line (a write cut by a kill) is ignored, or cut off with ``repair``."""
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        logger.warning("%s ends in a torn line (an interrupted write); ignoring it", path)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(complete))
+    entries = []
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            for key in ("index", "prompt", "image", "shard", "row"):
+                entry[key]  # noqa: B018 - presence check
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} line {number} is not a valid manifest entry ({err!r}): {line[:80]}") from err
+        entries.append(entry)
+    return entries
+
+
+def _encode_text(pipe: Any, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds (n, T, D), pooled (n, P))`` from the pipeline's T5 and CLIP encoders."""
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length
+        )
+    return prompt_embeds, pooled
+
+
+def _encode_images(vae: Any, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior ``(mean, logvar)``, each ``(n, C, H/8, W/8)``, of the images as stored (8-bit RGB)."""
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+    with torch.no_grad():
+        dist = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean, dist.logvar
+
+
+def _data_info(
+    pipe: Any, height: int, width: int, max_sequence_length: int, settings: dict[str, Any], probe: tuple
+) -> DataInfo:
+    prompt_embeds, pooled = probe
+    factor = pipe.vae_scale_factor
+    return DataInfo(
+        height=height,
+        width=width,
+        latent_shape=(pipe.vae.config.latent_channels, height // factor, width // factor),
+        text_seq_len=prompt_embeds.shape[1],
+        text_dim=prompt_embeds.shape[2],
+        pooled_dim=pooled.shape[1],
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_shift_factor=float(pipe.vae.config.shift_factor or 0.0),
+        embeds_dtype=str(prompt_embeds.dtype).removeprefix("torch."),
+        settings=settings,
+    )
+
+
+def _check_resolution(pipe: Any, resolution: int) -> None:
+    multiple = pipe.vae_scale_factor * 2
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % multiple:
+        raise ValueError(f"resolution must be a positive multiple of {multiple} (VAE x 2x2 packing), got {resolution}")
+
+
+def _batches(items: list[_Item], batch_size: int) -> Iterator[list[_Item]]:
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def _run(
+    pipe: Any,
+    out: Path,
+    items: list[_Item],
+    settings: dict[str, Any],
+    resolution: int,
+    batch_size: int,
+    max_sequence_length: int | None,
+    overwrite: bool,
+    make_images,
+) -> Path:
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be a positive int, got {batch_size}")
+    _check_resolution(pipe, resolution)
+    max_sequence_length = max_sequence_length or default_max_sequence_length(pipe)
+    probe = _encode_text(pipe, [items[0].prompt], max_sequence_length)
+    info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe)
+    writer = _Writer(out, info, overwrite)
+    done = writer.done
+    for item in items:
+        if item.index in done and done[item.index]["prompt"] != item.prompt:
+            raise ValueError(
+                f"{out}: item {item.index} was made from {done[item.index]['prompt']!r}, not {item.prompt!r}; "
+                "the prompt list changed: use another --out, or --overwrite"
+            )
+    todo = [item for item in items if item.index not in done]
+    if len(todo) < len(items):
+        logger.info("%s: %d of %d items already done, resuming", out, len(items) - len(todo), len(items))
+    png_settings = {k: v for k, v in settings.items() if k != "source"}
+    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="make-data") as bar:
+        for batch in _batches(todo, batch_size):
+            prompts = [item.prompt for item in batch]
+            prompt_embeds, pooled = _encode_text(pipe, prompts, max_sequence_length)
+            images = make_images(batch, prompt_embeds, pooled)
+            writer.write(batch, images, _encode_images(pipe.vae, images), prompt_embeds, pooled, png_settings)
+            bar.update(len(batch))
+    return out
+
+
+def generate_dataset(
+    pipe: Any,
+    prompts: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    resolution: int = 1024,
+    num: int | None = None,
+    steps: int = 28,
+    guidance: float = 3.5,
+    seed: int = 0,
+    batch_size: int = 1,
+    max_sequence_length: int | None = None,
+    model_name: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Generate ``num`` teacher images (prompts cycled; item ``i`` uses seed ``seed + i``) into ``out``.
+
+    Resumable: items already in the manifest are skipped, so re-running after an interruption finishes the set.
+
+    Args:
+        pipe: a FLUX pipeline (the teacher; not CLEAR-patched).
+        prompts: the prompts; item ``i`` uses ``prompts[i % len(prompts)]``.
+        resolution: square image size in pixels, a multiple of 16.
+        num: number of items (default: one per prompt).
+        steps, guidance: the pipeline's ``num_inference_steps`` and ``guidance_scale``.
+        max_sequence_length: T5 tokens (default: the tokenizer's limit, at most FLUX's 512).
+        model_name: recorded in ``info.json``.
+
+    Returns:
+        ``out``.
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    num = len(prompts) if num is None else num
+    if num <= 0:
+        raise ValueError(f"--num must be a positive int, got {num}")
+    items = [_Item(i, prompts[i % len(prompts)], seed + i) for i in range(num)]
+    settings = {"source": "generated", "model": model_name, "steps": steps, "guidance": guidance, "seed": seed}
+
+    def make_images(batch: list[_Item], prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> list[Image.Image]:
+        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+        return pipe(
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            max_sequence_length=prompt_embeds.shape[1],
+            output_type="pil",
+        ).images
+
+    return _run(pipe, Path(out), items, settings, resolution, batch_size, max_sequence_length, overwrite, make_images)
+
+
+def _caption(image_path: Path) -> str:
+    txt, js = image_path.with_suffix(".txt"), image_path.with_suffix(".json")
+    if txt.is_file():
+        caption = txt.read_text(encoding="utf-8").strip()
+    elif js.is_file():
+        try:
+            meta = json.loads(js.read_text(encoding="utf-8"))
+            caption = next(str(meta[k]) for k in ("prompt", "caption", "text") if k in meta)
+        except (ValueError, StopIteration, TypeError) as err:
+            raise ValueError(f"{js} holds no 'prompt', 'caption' or 'text' field") from err
+    else:
+        raise FileNotFoundError(f"no caption for {image_path}: expected {txt.name} or {js.name} beside it")
+    if not caption:
+        raise ValueError(f"empty caption for {image_path}")
+    return caption
+
+
+def _load_square(path: Path, resolution: int) -> Image.Image:
+    """Center-crop to a square and resize to ``resolution`` (Lanczos)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def import_images(
+    pipe: Any,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    resolution: int = 1024,
+    batch_size: int = 1,
+    max_sequence_length: int | None = None,
+    model_name: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Import a folder of images with captions (``name.txt`` or ``name.json`` beside ``name.png``) into ``out``.
+
+    Images (searched recursively, sorted by path) are center-cropped to a square of ``resolution`` pixels and
+    encoded with the pipeline's VAE and text encoders (its transformer is not used). Resumable like
+    :func:`generate_dataset`.
+    """
+    src = Path(images)
+    if not src.is_dir():
+        raise FileNotFoundError(f"image folder not found: {src}")
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
+    items = [_Item(i, _caption(path), source=str(path.relative_to(src))) for i, path in enumerate(files)]
+    settings = {"source": "imported", "model": model_name, "images": str(src.resolve())}
+
+    def make_images(batch: list[_Item], prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> list[Image.Image]:
+        return [_load_square(src / item.source, resolution) for item in batch]
+
+    return _run(pipe, Path(out), items, settings, resolution, batch_size, max_sequence_length, overwrite, make_images)
+
+
+class DistillDataset(Dataset):
+    """The items of a data folder, as tensors; bad or missing files raise errors naming them.
+
+    ``dataset[i]`` is a dict of ``latent_mean``, ``latent_logvar`` ``(C, H/8, W/8)`` float32,
+    ``prompt_embeds`` ``(T, D)``, ``pooled_prompt_embeds`` ``(P,)`` and ``index`` (the item's manifest index).
+
+    Args:
+        folder: a folder written by :func:`generate_dataset` or :func:`import_images`.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"data folder not found: {self.folder}")
+        self.info = DataInfo.read(self.folder)
+        self.entries = sorted(_read_manifest(self.folder), key=lambda e: e["index"])
+        if not self.entries:
+            raise ValueError(f"{self.folder} holds no finished items ({MANIFEST_FILE} is empty or missing)")
+        missing = sorted({e["shard"] for e in self.entries if not (self.folder / e["shard"]).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{self.folder}: shard files missing: {', '.join(missing[:3])}")
+        info = self.info
+        self._shapes = {
+            "latent_mean": info.latent_shape,
+            "latent_logvar": info.latent_shape,
+            "prompt_embeds": (info.text_seq_len, info.text_dim),
+            "pooled_prompt_embeds": (info.pooled_dim,),
+        }
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [e["prompt"] for e in self.entries]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        entry = self.entries[i]
+        path = self.folder / entry["shard"]
+        row = entry["row"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                item = {key: f.get_slice(key)[row : row + 1][0] for key in SHARD_KEYS}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard file missing: {path}") from None
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise ValueError(f"cannot read row {row} of shard {path} (damaged or incomplete file?): {err}") from err
+        for key, shape in self._shapes.items():
+            if tuple(item[key].shape) != tuple(shape):
+                raise ValueError(
+                    f"{path}: {key} of row {row} has shape {tuple(item[key].shape)}, {INFO_FILE} says {tuple(shape)}"
+                )
+        item["index"] = entry["index"]
+        return item

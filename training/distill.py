@@ -1,0 +1,706 @@
+"""The distillation trainer: a CLEAR student from any FLUX teacher, with ONE model in memory.
+
+``loss = L_fm + a * L_out + b * L_attn`` (DESIGN.md 1.3) on cached latents and text embeddings
+(:mod:`training.data`); the teacher's velocity and attention outputs come from the same transformer with
+its original attention and weights (:class:`training.student.Student`). accelerate provides DDP,
+mixed precision, gradient accumulation and the checkpoint state; launch with
+``accelerate launch --multi_gpu --num_processes N -m app.cli distill ...`` (or ``torchrun --nproc_per_node N
+-m app.cli distill ...``) for several GPUs, or several CPU processes over gloo on a machine without GPUs.
+(``accelerate launch --cpu --num_processes N`` starts N processes only through ``mpirun``; without it, one.)
+
+Reproducibility: the sample order, the timesteps, the noise and the latent draws of every sample are a
+function of ``(seed, position of the sample in the global sample stream)``, not of any RNG state. A run
+resumed from a checkpoint therefore reproduces the uninterrupted run bit for bit (CPU, fp32), and N
+processes with batch B follow the same sample stream as one process with batch N*B.
+
+Run folder::
+
+    run.json                      the configuration and the data's shapes (a resumed run must match)
+    checkpoint-{step}/            accelerate state: trainable tensors, optimizer, scheduler, RNG, position
+    logs/train.jsonl              per optimizer step: losses, lr, grad norm, samples/s
+    logs/validation.jsonl         per validation: the held-out student/teacher velocity gap
+    validation/step-{step}.png    held-out prompts, teacher | student
+    clear_local_{R}[_down_{D}].safetensors   the exported student (clear_dit.save_weights)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.optimization import SchedulerType, get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from clear_dit.mask import check_window_config
+from pipelines.loading import TINY
+
+from .data import DataInfo, DistillDataset
+from .losses import WEIGHTING_SCHEMES, TimestepSampler, distill_losses
+from .student import TEACHER_MODES, Student
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Distiller", "DistillConfig", "MIXED_PRECISION", "OPTIMIZERS", "train", "export_name", "latest_checkpoint"]
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "prodigy")
+RUN_FILE = "run.json"
+TRAINABLE_FILE = "trainable.safetensors"
+#: Fixed density quantiles of the validation timesteps (mapped through the scheduler's sigma grid).
+VALIDATION_QUANTILES = (0.125, 0.375, 0.625, 0.875)
+DEFAULT_VALIDATION_ITEMS = 4
+#: Config fields a resumed run must share with the run it continues (the rest may change, e.g. max_steps).
+RUN_IDENTITY = ("model", "window", "down", "lora_rank", "teacher", "seed", "batch_size", "grad_accum", "attn_layers")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of a distillation run; the CLI's ``clear-dit distill`` flags map one to one onto these."""
+
+    model: str
+    data: str
+    out: str
+    window: int
+    down: int = 1
+    backend: str = "auto"
+    max_steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    lora_rank: int | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    fm_weight: float = 1.0
+    out_weight: float = 0.5
+    attn_weight: float = 0.5
+    attn_layers: list[int] | None = None
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float = 3.5
+    teacher: str = "shared"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 500
+    num_validation: int | None = None
+    validation_images: bool = True
+    seed: int = 0
+    resume: str | None = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """One-line ``ValueError`` for any setting out of range, before anything is loaded."""
+        check_window_config(self.window, self.down)
+        positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "validate_every", "num_validation", "lr_warmup_steps"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        choices = {
+            "mixed_precision": MIXED_PRECISION,
+            "optimizer": OPTIMIZERS,
+            "weighting_scheme": WEIGHTING_SCHEMES,
+            "teacher": TEACHER_MODES,
+            "lr_scheduler": tuple(s.value for s in SchedulerType),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+def export_name(window: int, down: int = 1) -> str:
+    """The published file naming: ``clear_local_{R}[_down_{D}].safetensors``."""
+    return f"clear_local_{window}" + (f"_down_{down}" if down > 1 else "") + ".safetensors"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The completed ``checkpoint-{step}`` folder with the highest step, or ``None``."""
+    found = sorted(_checkpoints(Path(run_dir)), key=lambda item: item[0])
+    return found[-1][1] if found else None
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for path in run_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / TRAINABLE_FILE).is_file():
+            out.append((int(step), path))
+    return out
+
+
+@dataclass
+class TrainState:
+    """The position of the run, saved in every checkpoint (accelerate custom state)."""
+
+    step: int = 0
+    micro_step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
+
+
+class SampleStream:
+    """Which item, noise, latent draw and timestep each position of the global sample stream gets.
+
+    Position ``p`` belongs to epoch ``p // n``; each epoch is a permutation of the ``n`` training items
+    seeded by ``(seed, epoch)``; the random draws of position ``p`` come from a generator seeded by
+    ``(seed, p)``. Nothing depends on the process count or on where a run was interrupted.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def item(self, position: int) -> int:
+        epoch = position // self.num_items
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.num_items, generator=g))
+        return int(self._perm[1][position % self.num_items])
+
+    def generator(self, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed << 32) + position)
+
+
+def _resolve_model(model: str) -> str:
+    """A folder or hub id for ``from_pretrained``; ``"tiny"`` is the built-in offline tiny pipeline."""
+    if model == TINY:
+        from pipelines.tiny import tiny_pipeline_path
+
+        return str(tiny_pipeline_path())
+    return model
+
+
+def load_teacher(model: str, dtype: torch.dtype = torch.float32):
+    """``(transformer, scheduler)`` of a FLUX pipeline folder or hub id (no VAE, no text encoders)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    source = _resolve_model(model)
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler")
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load a FLUX transformer and scheduler from {model!r}: {str(err).splitlines()[0]}"
+        ) from err
+    return transformer, scheduler
+
+
+def check_data_fits(info: DataInfo, transformer: torch.nn.Module, folder: str) -> None:
+    """Refuse data whose latent or text-encoder shapes do not fit the transformer."""
+    config = transformer.config
+    channels, h, w = info.latent_shape
+    problems = []
+    if channels * 4 != config.in_channels:
+        problems.append(
+            f"latents have {channels} channels (x4 packed = {channels * 4}), model takes {config.in_channels}"
+        )
+    if h % 2 or w % 2:
+        problems.append(f"latent grid {h}x{w} is not divisible by the 2x2 packing")
+    if info.text_dim != config.joint_attention_dim:
+        problems.append(f"T5 embeddings have {info.text_dim} dims, model takes {config.joint_attention_dim}")
+    if info.pooled_dim != config.pooled_projection_dim:
+        problems.append(
+            f"CLIP pooled embeddings have {info.pooled_dim} dims, model takes {config.pooled_projection_dim}"
+        )
+    if problems:
+        raise ValueError(f"data {folder} was made with another model: {'; '.join(problems)}")
+
+
+@dataclass
+class _Batch:
+    """Transformer inputs of one micro-batch, plus the flow-matching target and the loss weights."""
+
+    inputs: dict[str, Any]
+    target: torch.Tensor
+    weighting: torch.Tensor
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """``(b, c, h, w)`` -> FLUX's 2x2-packed ``(b, h/2 * w/2, 4c)``."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def make_batch(
+    items: list[dict[str, Any]],
+    generators: list[torch.Generator],
+    sampler: TimestepSampler,
+    info: DataInfo,
+    guidance: float | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    sigmas: torch.Tensor | None = None,
+) -> _Batch:
+    """Noised, packed inputs for a list of dataset items, each with its own generator.
+
+    A sample draws (in this order, on CPU): its latent from the cached posterior, its noise, and its sigma
+    from the weighting scheme's density (``sigmas`` overrides the draw, for validation). Latents are scaled
+    as the VAE's ``(z - shift) * scale``; ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``.
+    """
+    from diffusers import FluxPipeline
+
+    x0, noise, drawn = [], [], []
+    for item, g in zip(items, generators, strict=True):
+        mean, logvar = item["latent_mean"], item["latent_logvar"]
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        x0.append((z - info.vae_shift_factor) * info.vae_scaling_factor)
+        noise.append(torch.randn(mean.shape, generator=g))
+        drawn.append(sampler.sample(g))
+    x0, noise = torch.stack(x0), torch.stack(noise)
+    sigma = torch.cat(drawn) if sigmas is None else sigmas
+    s = sigma.reshape(-1, 1, 1, 1)
+    noisy = (1.0 - s) * x0 + s * noise
+    b, _, h, w = x0.shape
+    text_len = info.text_seq_len
+    inputs = {
+        "hidden_states": _pack(noisy).to(device, dtype),
+        "encoder_hidden_states": torch.stack([i["prompt_embeds"] for i in items]).to(device, dtype),
+        "pooled_projections": torch.stack([i["pooled_prompt_embeds"] for i in items]).to(device, dtype),
+        "timestep": sigma.to(device, dtype),
+        "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
+        "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),
+        "return_dict": False,
+    }
+    if guidance is not None:
+        inputs["guidance"] = torch.full((b,), guidance, device=device, dtype=torch.float32)
+    return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device))
+
+
+def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
+    """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
+    out = Path(config.out)
+    run_file = out / RUN_FILE
+    if config.resume is not None and not config.overwrite:
+        checkpoint = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
+        if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
+            raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
+        if run_file.is_file():
+            _check_same_run(json.loads(run_file.read_text()), _run_record(config, data_info), out)
+        elif checkpoint is not None:
+            raise FileNotFoundError(f"{out} has no {RUN_FILE}: cannot tell which run {checkpoint} belongs to")
+        if checkpoint is None:
+            logger.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
+        return checkpoint
+    if run_file.is_file() and not config.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a distillation run; pass --resume latest to continue it or --overwrite to start over"
+        )
+    if out.is_dir() and any(out.iterdir()) and not run_file.is_file() and not config.overwrite:
+        raise FileExistsError(f"{out} is not empty and holds no distillation run; choose another --out or --overwrite")
+    return None
+
+
+def _write_run_dir(config: DistillConfig, data_info: DataInfo, resuming: bool) -> None:
+    """Clear what --overwrite discards (only the trainer's own files) and write run.json (main process)."""
+    out = Path(config.out)
+    if config.overwrite and not resuming and out.is_dir():
+        for path in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
+            shutil.rmtree(path, ignore_errors=True)
+        for path in out.glob("clear_local_*.safetensors"):
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(_run_record(config, data_info), indent=2) + "\n")
+
+
+def _run_record(config: DistillConfig, data_info: DataInfo) -> dict[str, Any]:
+    return {"config": _identity_config(config), "data": data_info.shape_summary()}
+
+
+def _identity_config(config: DistillConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("resume", "overwrite", "out")}
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    diffs = [
+        f"{k}: {saved['config'].get(k)!r} -> {now['config'].get(k)!r}"
+        for k in RUN_IDENTITY
+        if saved["config"].get(k) != now["config"].get(k)
+    ]
+    diffs += [
+        f"data {k}: {saved['data'].get(k)!r} -> {v!r}" for k, v in now["data"].items() if saved["data"].get(k) != v
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume {out}: it holds a different run ({'; '.join(diffs)}); use --overwrite or another --out"
+        )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (written by the interrupted run after its last checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+class _Logger:
+    """JSON-lines logs in RUN_DIR/logs (main process), mirrored to accelerate's trackers (tensorboard)."""
+
+    def __init__(self, accelerator: Any, folder: Path, keep_until: int) -> None:
+        self.accelerator = accelerator
+        self.folder = folder
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("train.jsonl", "validation.jsonl"):
+                _truncate_log(folder / name, keep_until)
+
+    def log(self, name: str, values: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.folder / f"{name}.jsonl", "a") as f:
+            f.write(json.dumps(values) + "\n")
+        step = values["step"]
+        self.accelerator.log({f"{name}/{k}": v for k, v in values.items() if k != "step"}, step=step)
+
+
+def _make_optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ValueError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class Distiller:
+    """One distillation run: builds everything from a :class:`DistillConfig`; :meth:`run` trains and exports."""
+
+    def __init__(self, config: DistillConfig) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        config.check()
+        self.config = config
+        self.dataset = DistillDataset(config.data)
+        info = self.dataset.info
+        # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
+        self.num_validation = config.num_validation
+        if self.num_validation is None:
+            self.num_validation = min(DEFAULT_VALIDATION_ITEMS, len(self.dataset) // 4)
+        if len(self.dataset) <= self.num_validation:
+            raise ValueError(
+                f"{config.data} holds {len(self.dataset)} items: not enough for {self.num_validation} held-out "
+                "validation items plus training data (lower --num-validation or make more data)"
+            )
+        self.out = Path(config.out)
+        trackers = "tensorboard" if _has_tensorboard() else None
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets torchrun-started processes without GPUs join over gloo
+            gradient_accumulation_steps=config.grad_accum,
+            mixed_precision=config.mixed_precision,
+            log_with=trackers,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        acc = self.accelerator
+        self.resume_from = _check_run_dir(config, info)  # every process checks before any writes
+        self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+
+        transformer, scheduler = load_teacher(config.model, self.weight_dtype)
+        check_data_fits(info, transformer, config.data)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_run_dir(config, info, resuming=self.resume_from is not None)
+        acc.wait_for_everyone()
+        self.scheduler_config = scheduler.config
+        self.guidance = config.guidance if transformer.config.guidance_embeds else None
+        transformer.to(acc.device)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        layers = config.attn_layers if config.attn_weight > 0 else []
+        self.student = Student(
+            transformer,
+            window_size=config.window,
+            down_factor=config.down,
+            backend=config.backend,
+            lora_rank=config.lora_rank,
+            attn_layers=layers,
+            teacher=config.teacher,
+            trainable_dtype=torch.float32,
+        )
+        self.sampler = TimestepSampler(
+            scheduler.sigmas.float().cpu(),
+            config.weighting_scheme,
+            config.logit_mean,
+            config.logit_std,
+            config.mode_scale,
+        )
+        self.num_train = len(self.dataset) - self.num_validation
+        self.stream = SampleStream(self.num_train, config.seed)
+        params = list(self.student.trainable.values())
+        optimizer = _make_optimizer(config, params)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        self.model, self.optimizer = acc.prepare(transformer, optimizer)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.lr_scheduler, self.state)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        if trackers and acc.is_main_process:
+            acc.init_trackers("distill")
+        if self.resume_from is not None:
+            acc.load_state(str(self.resume_from))
+            logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
+        # Log lines after the resumed step (or all, for a fresh start) belong to the interrupted attempt.
+        self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else -1)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
+        if self.accelerator.is_main_process:
+            tensors = {k: v.contiguous().cpu() for k, v in self.student.trainable_state_dict().items()}
+            save_file(tensors, os.path.join(output_dir, TRAINABLE_FILE))
+        weights.clear()  # the frozen base model is not part of a checkpoint: it is reloaded from --model
+
+    def _load_hook(self, models: list, input_dir: str) -> None:
+        tensors = load_file(os.path.join(input_dir, TRAINABLE_FILE), device=str(self.accelerator.device))
+        self.student.load_trainable_state_dict(tensors)
+        models.clear()
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        final = self.out / f"checkpoint-{self.state.step}"
+        tmp = self.out / f".checkpoint-{self.state.step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # only complete checkpoints carry the final name
+            for _, old in sorted(_checkpoints(self.out))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    # -- one optimizer step ------------------------------------------------------------------------------
+    def micro_batch(self, micro_step: int) -> _Batch:
+        acc, b = self.accelerator, self.config.batch_size
+        first = micro_step * b * acc.num_processes + acc.process_index * b
+        positions = range(first, first + b)
+        items = [self.dataset[self.stream.item(p)] for p in positions]
+        generators = [self.stream.generator(p) for p in positions]
+        return make_batch(
+            items, generators, self.sampler, self.dataset.info, self.guidance, acc.device, self.weight_dtype
+        )
+
+    def train_step(self) -> dict[str, float]:
+        acc, student = self.accelerator, self.student
+        totals: dict[str, float] = {}
+        for _ in range(self.config.grad_accum):
+            batch = self.micro_batch(self.state.micro_step)
+            with acc.accumulate(self.model):
+                with student.teacher() as teacher, student.teacher_capture.recording() as t_attn, acc.autocast():
+                    v_teacher = teacher(**batch.inputs)[0]
+                with student.capture.recording() as s_attn:
+                    v_student = self.model(**batch.inputs)[0]
+                losses = distill_losses(
+                    v_student,
+                    v_teacher,
+                    batch.target,
+                    s_attn,
+                    t_attn,
+                    batch.weighting,
+                    self.config.out_weight,
+                    self.config.attn_weight,
+                    self.config.fm_weight,
+                )
+                acc.backward(losses.total)
+                if acc.sync_gradients:
+                    totals["grad_norm"] = float(
+                        acc.clip_grad_norm_(self.student.trainable.values(), self.config.max_grad_norm)
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.state.micro_step += 1
+            floats = torch.tensor(list(losses.as_floats().values()), device=acc.device)
+            floats = acc.reduce(floats, reduction="mean")
+            for name, value in zip(losses.as_floats(), floats.tolist(), strict=True):
+                totals[name] = totals.get(name, 0.0) + value / self.config.grad_accum
+        totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        self.state.step += 1
+        return totals
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def held_out(self) -> list[int]:
+        return list(range(self.num_train, len(self.dataset)))
+
+    @torch.no_grad()
+    def velocity_gap(self) -> float:
+        """Mean squared student-teacher velocity difference on the held-out items at fixed timesteps.
+
+        Each held-out item is noised once (seeded by its position) at every validation sigma, in one batch.
+        """
+        acc, student = self.accelerator, self.student
+        sigmas = self.sampler.from_uniform(torch.tensor(VALIDATION_QUANTILES))
+        gaps = []
+        for position, index in enumerate(self.held_out()):
+            item = self.dataset[index]
+            generators = [torch.Generator().manual_seed(self.config.seed + 7919 * position) for _ in sigmas]
+            batch = make_batch(
+                [item] * len(sigmas),
+                generators,
+                self.sampler,
+                self.dataset.info,
+                self.guidance,
+                acc.device,
+                self.weight_dtype,
+                sigmas,
+            )
+            with acc.autocast():
+                with student.teacher() as teacher:
+                    v_teacher = teacher(**batch.inputs)[0]
+                v_student = student.transformer(**batch.inputs)[0]
+            gaps.append(float((v_student.float() - v_teacher.float()).pow(2).mean()))
+        return sum(gaps) / len(gaps)
+
+    @torch.no_grad()
+    def validation_grid(self, path: Path) -> None:
+        """Teacher | student images of the held-out prompts at their seeds, one row per prompt."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from PIL import Image
+
+        acc, info = self.accelerator, self.dataset.info
+        vae = AutoencoderKL.from_pretrained(
+            _resolve_model(self.config.model), subfolder="vae", torch_dtype=self.weight_dtype
+        )
+        vae.to(acc.device)
+        steps = int(info.settings.get("steps", 28))
+        guidance = float(info.settings.get("guidance", self.config.guidance))
+        rows = []
+        for index in self.held_out():
+            item, entry = self.dataset[index], self.dataset.entries[index]
+            images = []
+            for role in ("teacher", "student"):
+                with self.student.teacher() if role == "teacher" else nullcontext(self.student.transformer) as model:
+                    pipe = FluxPipeline(
+                        scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
+                        vae=vae,
+                        text_encoder=None,
+                        tokenizer=None,
+                        text_encoder_2=None,
+                        tokenizer_2=None,
+                        transformer=model,
+                    )
+                    pipe.set_progress_bar_config(disable=True)
+                    with acc.autocast():
+                        image = pipe(
+                            prompt_embeds=item["prompt_embeds"][None].to(acc.device, self.weight_dtype),
+                            pooled_prompt_embeds=item["pooled_prompt_embeds"][None].to(acc.device, self.weight_dtype),
+                            height=info.height,
+                            width=info.width,
+                            num_inference_steps=steps,
+                            guidance_scale=guidance,
+                            generator=torch.Generator().manual_seed(
+                                index if entry.get("seed") is None else entry["seed"]
+                            ),
+                        ).images[0]
+                images.append(image)
+            rows.append(images)
+        w, h = rows[0][0].size
+        grid = Image.new("RGB", (2 * w, len(rows) * h))
+        for r, pair in enumerate(rows):
+            for c, image in enumerate(pair):
+                grid.paste(image, (c * w, r * h))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+
+    def validate(self) -> float:
+        gap = self.velocity_gap()
+        self.logs.log("validation", {"step": self.state.step, "val_gap": gap})
+        if self.config.validation_images and self.accelerator.is_main_process:
+            self.validation_grid(self.out / "validation" / f"step-{self.state.step:06d}.png")
+        self.accelerator.wait_for_everyone()
+        logger.info("step %d: held-out velocity gap %.6g", self.state.step, gap)
+        return gap
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train to ``max_steps`` (from the resumed step), with checkpoints, logs and validation."""
+        config, acc = self.config, self.accelerator
+        validating = self.num_validation > 0
+        if validating and self.state.step == 0:
+            self.validate()
+        global_batch = config.batch_size * config.grad_accum * acc.num_processes
+        bar = tqdm(
+            total=config.max_steps, initial=self.state.step, desc="distill", disable=not acc.is_local_main_process
+        )
+        while self.state.step < config.max_steps:
+            start = time.perf_counter()
+            values = self.train_step()
+            values["samples_per_s"] = global_batch / (time.perf_counter() - start)
+            values["epoch"] = self.state.micro_step * config.batch_size * acc.num_processes / self.num_train
+            self.logs.log("train", {"step": self.state.step, **values})
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2g}")
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss became {values['loss']} at step {self.state.step}; lower --lr")
+            last = self.state.step == config.max_steps
+            if config.checkpoint_every and (self.state.step % config.checkpoint_every == 0 or last):
+                self.save_checkpoint()
+            if validating and (last or (config.validate_every and self.state.step % config.validate_every == 0)):
+                self.validate()
+        bar.close()
+
+    def export(self) -> Path:
+        """Write RUN_DIR/clear_local_{R}[_down_{D}].safetensors (a LoRA is merged: call it last)."""
+        path = self.out / export_name(self.config.window, self.config.down)
+        if self.accelerator.is_main_process:
+            self.student.export(path, overwrite=True)
+            logger.info("exported the CLEAR student to %s", path)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return path
+
+    def run(self) -> Path:
+        """:meth:`fit`, then :meth:`export`; returns the exported file."""
+        self.fit()
+        return self.export()
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def train(config: DistillConfig) -> Path:
+    """Distill a CLEAR student as ``config`` says; returns the exported ``clear_local_*.safetensors``."""
+    return Distiller(config).run()
