@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,6 +25,25 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
 
 
+def model_source(model: str) -> Literal["tiny", "folder", "hub"]:
+    """Where :func:`load_pipeline` gets ``model`` from; checks local folders without importing diffusers.
+
+    Raises:
+        FileNotFoundError: ``model`` is a path (absolute, relative with ``./``, or ``a/b/c``) that does not exist.
+        ValueError: ``model`` is an existing path that is not a diffusers pipeline folder.
+    """
+    if model == TINY:
+        return "tiny"
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{model!r} is not a diffusers pipeline folder (it has no model_index.json)")
+        return "folder"
+    if _looks_like_path(model):
+        raise FileNotFoundError(f"model folder not found: {model}")
+    return "hub"
+
+
 def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
     """Load a ``FluxPipeline``.
 
@@ -37,21 +57,16 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
         ValueError: the folder is not a diffusers pipeline, or the hub id cannot be fetched (offline, unknown,
             gated without a token).
     """
+    source = model_source(model)
     from diffusers import FluxPipeline
 
-    if model == TINY:
+    if source == "tiny":
         from .tiny import load_tiny_pipeline
 
         return load_tiny_pipeline(torch_dtype=torch_dtype)
-
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"{model!r} is not a diffusers pipeline folder (it has no model_index.json)")
-        logger.info("loading %s from the local folder %s", FluxPipeline.__name__, path)
-        return FluxPipeline.from_pretrained(path, dtype=torch_dtype)
-    if _looks_like_path(model):
-        raise FileNotFoundError(f"model folder not found: {model}")
+    if source == "folder":
+        logger.info("loading %s from the local folder %s", FluxPipeline.__name__, model)
+        return FluxPipeline.from_pretrained(Path(model).expanduser(), dtype=torch_dtype)
 
     logger.info("fetching %s from the Hugging Face hub", model)
     try:
@@ -74,4 +89,4 @@ def default_max_sequence_length(pipe) -> int:
     return int(min(limit, FLUX_MAX_SEQUENCE_LENGTH))
 
 
-__all__ = ["FLUX_MAX_SEQUENCE_LENGTH", "TINY", "default_max_sequence_length", "load_pipeline"]
+__all__ = ["FLUX_MAX_SEQUENCE_LENGTH", "TINY", "default_max_sequence_length", "load_pipeline", "model_source"]

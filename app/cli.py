@@ -1,0 +1,337 @@
+"""The ``clear-dit`` command line (also ``python -m app.cli``).
+
+Each subcommand is one small function registered in :data:`SUBCOMMANDS` with the function that declares its
+arguments. User errors (bad arguments, a missing model or weights file, an unreachable hub) end the program
+with exit code 1 or 2 and one line ``error: ...`` on stderr, never a traceback (``-v`` adds the details).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("clear_dit.cli")
+
+PROG = "clear-dit"
+LATENT_PATCH = 16  # pixels per FLUX image token: VAE factor 8 x 2x2 packing
+
+#: Defaults that depend on the model: the tiny one runs in seconds on a CPU, real FLUX.1 uses its own.
+TINY_DEFAULTS = {"height": 256, "width": 256, "steps": 4}
+FLUX_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
+
+
+class CLIError(Exception):
+    """A mistake in the command line: reported as ``error: <message>``, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register ``run(args) -> exit code`` as the subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+        return run
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------------- generate
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (built-in offline test model, default), a local pipeline folder, or a hub id "
+        "such as black-forest-labs/FLUX.1-dev",
+    )
+    p.add_argument("--height", type=int, help="image height in px, a multiple of 16 (default: 256 tiny, 1024 else)")
+    p.add_argument("--width", type=int, help="image width in px, a multiple of 16 (default: 256 tiny, 1024 else)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--window", type=int, help="CLEAR window radius in tokens (e.g. 8, 16, 32); default: full attention")
+    p.add_argument("--down", type=int, help="CLEAR down factor d: adds (h/d)*(w/d) pooled keys (needs --window)")
+    p.add_argument("--weights", help="CLEAR weights (.safetensors file or hub 'repo_id/file'); they define CLEAR")
+    p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
+    p.add_argument("--compare", action="store_true", help="run full attention and CLEAR; write them side by side")
+    p.add_argument("--out", default="clear-dit.png", help="output PNG (default: clear-dit.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def _validate_generate(args: argparse.Namespace) -> None:
+    defaults = TINY_DEFAULTS if args.model == "tiny" else FLUX_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    clear = args.window is not None or args.weights is not None
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.window is not None and args.window < 1:
+        raise CLIError(f"--window must be at least 1 (a radius in tokens), got {args.window}")
+    if args.down is not None:
+        if args.down < 1:
+            raise CLIError(f"--down must be at least 1, got {args.down}")
+        if not clear:
+            raise CLIError("--down needs --window: it sets the pooled tokens of CLEAR attention")
+    multiple = LATENT_PATCH * (args.down or 1)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value < multiple or value % multiple:
+            why = f"{LATENT_PATCH} x --down {args.down}" if (args.down or 1) > 1 else "one image token is 16 px"
+            raise CLIError(f"--{name} must be a positive multiple of {multiple} ({why}), got {value}")
+    if args.guidance < 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.compare and not clear:
+        raise CLIError("--compare needs --window or --weights (full attention is compared with CLEAR)")
+    if args.backend != "auto" and not clear:
+        raise CLIError("--backend applies to CLEAR attention: pass --window or --weights")
+    if args.weights is not None:
+        # A relative 'owner/repo/file' that is not on disk may be a hub path: the library resolves those.
+        maybe_hub = args.weights.count("/") >= 2 and not args.weights.startswith((".", "/", "~"))
+        if not Path(args.weights).expanduser().exists() and not maybe_hub:
+            raise CLIError(f"weights file not found: {args.weights}")
+    from pipelines.loading import model_source
+
+    model_source(args.model)  # a missing folder fails here, before the slow imports
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out must be a .png file, got {args.out}")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+
+
+def _check_backend(args: argparse.Namespace, device, dtype) -> None:
+    import clear_dit
+
+    if args.backend == "auto":
+        return
+    available = clear_dit.available_backends(device, dtype)
+    if args.backend not in available:
+        raise CLIError(
+            f"unknown or unavailable backend {args.backend!r} on {device} with {dtype}; "
+            f"choose one of: auto, {', '.join(available)}"
+        )
+    if args.weights is not None and "backend" not in inspect.signature(clear_dit.load_weights).parameters:
+        raise CLIError("--backend cannot be combined with --weights yet; the weights use the 'auto' backend")
+
+
+def _enable_clear(pipe, args: argparse.Namespace) -> tuple[int | None, int]:
+    """Install CLEAR on ``pipe``; returns the ``(window, down)`` in effect."""
+    import clear_dit
+
+    if args.weights is not None:
+        kwargs = {"backend": args.backend} if args.backend != "auto" else {}
+        handle = clear_dit.load_weights(pipe, args.weights, window_size=args.window, down_factor=args.down, **kwargs)
+    else:
+        handle = clear_dit.patch(pipe, window_size=args.window, down_factor=args.down or 1, backend=args.backend)
+    window = getattr(handle, "window_size", None) or args.window
+    down = getattr(handle, "down_factor", None) or args.down or 1
+    return window, down
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Silence diffusers'/transformers' warnings (hub retries, optional packages) unless ``-v``: they bury results."""
+    if verbose:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def _clear_label(window: int | None, down: int) -> str:
+    return "CLEAR" + (f" r={window}" if window else "") + (f" d={down}" if down > 1 else "")
+
+
+def _generate_once(pipe, args: argparse.Namespace, max_sequence_length: int, label: str, steps: int):
+    import torch
+
+    pipe.set_progress_bar_config(desc=label, leave=False)
+    device = pipe._execution_device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    image = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        max_sequence_length=max_sequence_length,
+    ).images[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return image, time.perf_counter() - start
+
+
+def _timed(pipe, args, max_sequence_length: int, label: str, warmup: bool):
+    if warmup:  # one-off costs (allocations, compilation) out of the timing
+        _generate_once(pipe, args, max_sequence_length, f"{label} (warm-up)", 1)
+    return _generate_once(pipe, args, max_sequence_length, label, args.steps)
+
+
+def _png_info(settings: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    import clear_dit
+
+    info = PngInfo()
+    info.add_text("Software", f"clear-dit {clear_dit.__version__}")
+    for key, value in settings.items():
+        if value is not None:
+            info.add_itxt(key, str(value))
+    info.add_itxt("clear-dit", json.dumps(settings))
+    return info
+
+
+def _density_line(args, window: int, down: int, max_sequence_length: int, scale: int) -> str:
+    import clear_dit
+
+    grid = (args.height // scale, args.width // scale)
+    density = clear_dit.attention_density(grid, max_sequence_length, window, down)
+    return (
+        f"attention density: {density:.1%} of full attention "
+        f"({grid[0]}x{grid[1]} image + {max_sequence_length} text tokens) -> "
+        f"{1 / density:.2f}x fewer attention FLOPs ({1 - density:.1%} saved)"
+    )
+
+
+@subcommand("generate", "generate an image with full or CLEAR attention", _generate_arguments)
+def cmd_generate(args: argparse.Namespace) -> int:
+    _validate_generate(args)
+    clear = args.window is not None or args.weights is not None
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if clear:
+        _check_backend(args, device, dtype)
+
+    _quiet_libraries(args.verbose)
+    from pipelines.loading import default_max_sequence_length, load_pipeline
+
+    pipe = load_pipeline(args.model, torch_dtype=dtype).to(device)
+    max_sequence_length = default_max_sequence_length(pipe)
+    scale = pipe.vae_scale_factor * 2
+
+    settings = {
+        "prompt": args.prompt,
+        "model": args.model,
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "max_sequence_length": max_sequence_length,
+    }
+    lines = []
+    if args.compare:
+        full, full_s = _timed(pipe, args, max_sequence_length, "full attention", warmup=True)
+        window, down = _enable_clear(pipe, args)
+        label = _clear_label(window, down)
+        clear_image, clear_s = _timed(pipe, args, max_sequence_length, label, warmup=True)
+        image = _side_by_side(full, clear_image)
+        settings["attention"] = f"left: full attention, right: {label}"
+        lines += [
+            f"full attention: {full_s:.2f} s",
+            f"{label} (backend {args.backend}): {clear_s:.2f} s",
+            f"speedup: {full_s / clear_s:.2f}x (wall time, after a 1-step warm-up of each)",
+        ]
+    elif clear:
+        window, down = _enable_clear(pipe, args)
+        label = _clear_label(window, down)
+        image, seconds = _timed(pipe, args, max_sequence_length, label, warmup=False)
+        settings["attention"] = label
+        lines.append(f"{label} (backend {args.backend}): {seconds:.2f} s")
+    else:
+        image, seconds = _timed(pipe, args, max_sequence_length, "full attention", warmup=False)
+        settings["attention"] = "full"
+        lines.append(f"full attention: {seconds:.2f} s")
+    if clear:
+        settings.update(window=window, down=down, weights=args.weights, backend=args.backend)
+        if window is not None:
+            lines.append(_density_line(args, window, down, max_sequence_length, scale))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, pnginfo=_png_info(settings))
+    lines.append(f"wrote {out} ({image.width}x{image.height})")
+    print("\n".join(lines))
+    return 0
+
+
+def _side_by_side(left, right):
+    from PIL import Image
+
+    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width, 0))
+    return canvas
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="CLEAR: linear-time local attention for FLUX diffusion transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
+    for command in SUBCOMMANDS.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        level = logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        return args._run(args)
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, OSError) as err:  # the library's messages for user errors
+        if args.verbose:
+            logger.exception("details")
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The ``clear-dit`` command line, run as a subprocess on the tiny model (``python -m app.cli``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--height", "64", "--width", "128", "--steps", "2"]
+
+
+@pytest.fixture
+def cli(tiny_pipeline_path):
+    """Run ``clear-dit ARGS`` with the session's tiny-model cache; returns the CompletedProcess."""
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    return run
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def _settings(path: Path) -> dict:
+    with Image.open(path) as image:
+        image.load()
+        return {"size": image.size, **image.text, "json": json.loads(image.text["clear-dit"])}
+
+
+def test_help_lists_generate(cli):
+    proc = _ok(cli("--help"))
+    assert "generate" in proc.stdout
+
+
+def test_generate_full_attention(cli, tmp_path):
+    out = tmp_path / "full.png"
+    proc = _ok(cli("generate", "--prompt", "a red circle", *FAST, "--seed", "7", "--out", str(out)))
+    assert "full attention:" in proc.stdout and str(out) in proc.stdout
+    meta = _settings(out)
+    assert meta["size"] == (128, 64)
+    assert meta["prompt"] == "a red circle" and meta["attention"] == "full"
+    assert meta["json"] == {
+        "prompt": "a red circle",
+        "model": "tiny",
+        "height": 64,
+        "width": 128,
+        "steps": 2,
+        "guidance": 3.5,
+        "seed": 7,
+        "max_sequence_length": 64,
+        "attention": "full",
+    }
+
+
+def test_generate_clear_window(cli, tmp_path):  # needs clear_dit.patch
+    out = tmp_path / "clear.png"
+    proc = _ok(cli("generate", "--prompt", "a red circle", *FAST, "--window", "2", "--out", str(out)))
+    assert "CLEAR r=2" in proc.stdout and "attention density" in proc.stdout
+    meta = _settings(out)
+    assert meta["size"] == (128, 64)
+    assert meta["json"]["window"] == 2 and meta["json"]["down"] == 1 and meta["json"]["backend"] == "auto"
+
+
+def test_compare_writes_side_by_side(cli, tmp_path):  # needs clear_dit.patch
+    out = tmp_path / "compare.png"
+    proc = _ok(cli("generate", "--prompt", "a red circle", *FAST, "--window", "2", "--compare", "--out", str(out)))
+    for text in ("full attention:", "CLEAR r=2", "speedup:", "attention density:", "fewer attention FLOPs", "saved"):
+        assert text in proc.stdout, text
+    meta = _settings(out)
+    assert meta["size"] == (256, 64)
+    assert meta["attention"] == "left: full attention, right: CLEAR r=2"
+
+
+def test_generate_with_weights_file(cli, tmp_path, tiny_pipe):  # needs clear_dit.load_weights
+    """A file named like the published ones (clear_local_{r}) defines CLEAR by itself."""
+    from safetensors.torch import save_file
+
+    names = re.compile(r"\.attn\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")  # DESIGN.md 1.2
+    attn = {k: v.contiguous() for k, v in tiny_pipe.transformer.state_dict().items() if names.search(k)}
+    weights = tmp_path / "clear_local_2.safetensors"
+    save_file(attn, str(weights))
+    out = tmp_path / "weights.png"
+    _ok(cli("generate", "--prompt", "a red circle", *FAST, "--weights", str(weights), "--out", str(out)))
+    meta = _settings(out)["json"]
+    assert meta["window"] == 2 and meta["weights"] == str(weights)
+
+
+BAD = {
+    "size not a multiple of 16": (["--height", "100"], "multiple of 16"),
+    "steps below 1": (["--steps", "0"], "--steps"),
+    "window below 1": (["--window", "0"], "--window"),
+    "down without window": (["--down", "2"], "--down needs --window"),
+    "size not a multiple of 16*d": (["--window", "4", "--down", "4", "--height", "96"], "multiple of 64"),
+    "compare without window": (["--compare"], "--compare needs --window"),
+    "unknown backend": (["--window", "4", "--backend", "no-such-backend"], "backend 'no-such-backend'"),
+    "missing model folder": (["--model", "{tmp}/no-such-folder"], "model folder not found"),
+    "missing weights file": (["--weights", "{tmp}/no-such.safetensors"], "weights file not found"),
+    "hub id offline": (["--model", "someone/no-such-model"], "'someone/no-such-model'"),
+    "not an int": (["--steps", "many"], "invalid int value"),
+}
+
+
+@pytest.mark.parametrize("args, message", list(BAD.values()), ids=list(BAD))
+def test_bad_input_is_one_clear_error(cli, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = tmp_path / "out.png"
+    proc = cli("generate", "--prompt", "x", *FAST, *args, "--out", str(out), HF_HUB_OFFLINE="1")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, proc.stderr
+    assert not out.exists()
+
+
+def test_existing_out_needs_overwrite(cli, tmp_path):
+    out = tmp_path / "taken.png"
+    out.write_bytes(b"precious")
+    proc = cli("generate", "--prompt", "x", "--out", str(out))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "--overwrite" in proc.stderr
+    assert out.read_bytes() == b"precious"
+    _ok(cli("generate", "--prompt", "x", *FAST, "--out", str(out), "--overwrite"))
+    assert _settings(out)["size"] == (128, 64)

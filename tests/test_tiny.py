@@ -1,0 +1,134 @@
+"""The built-in tiny FLUX pipeline: offline build, save/load round trip, determinism, tokenizers, loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import tiny
+from pipelines.loading import default_max_sequence_length, load_pipeline
+
+COMPONENTS = {
+    "scheduler": "FlowMatchEulerDiscreteScheduler",
+    "text_encoder": "CLIPTextModel",
+    "text_encoder_2": "T5EncoderModel",
+    "tokenizer": "CLIPTokenizer",
+    "tokenizer_2": "T5Tokenizer",
+    "transformer": "FluxTransformer2DModel",
+    "vae": "AutoencoderKL",
+}
+
+
+def _generate(pipe, seed=0, height=64, width=64, prompt="a red circle on a blue background"):
+    out = pipe(
+        prompt,
+        height=height,
+        width=width,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=default_max_sequence_length(pipe),
+        output_type="pil",
+    )
+    return out.images[0]
+
+
+def test_saved_layout(tiny_pipeline_path, tiny_cache_dir):
+    assert tiny_pipeline_path == tiny_cache_dir / tiny.TINY_NAME
+    index = json.loads((tiny_pipeline_path / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    for name, cls in COMPONENTS.items():
+        assert index[name][1] == cls, name
+        assert (tiny_pipeline_path / name).is_dir(), name
+    assert not list(tiny_cache_dir.glob(".*tmp*")), "temporary build folders must not be left behind"
+
+
+def test_configs_match_flux_structure(tiny_pipe):
+    t = tiny_pipe.transformer.config
+    assert t.attention_head_dim >= 64 and sum(t.axes_dims_rope) == t.attention_head_dim
+    assert t.in_channels == 64 and t.num_layers >= 1 and t.num_single_layers >= 1
+    assert t.joint_attention_dim == tiny_pipe.text_encoder_2.config.d_model
+    assert t.pooled_projection_dim == tiny_pipe.text_encoder.config.hidden_size
+    assert tiny_pipe.vae.config.latent_channels == 16 and tiny_pipe.vae_scale_factor == 8
+    assert tiny_pipe.scheduler.config.use_dynamic_shifting
+    assert default_max_sequence_length(tiny_pipe) == tiny.T5_MAX_LENGTH
+
+
+def test_round_trip_equals_fresh_build(tiny_pipe, tmp_path):
+    """from_pretrained gives back exactly what a new build makes: the build is deterministic and lossless."""
+    fresh = tiny.build_tiny_pipeline(tmp_path)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        loaded, built = getattr(tiny_pipe, name).state_dict(), getattr(fresh, name).state_dict()
+        assert loaded.keys() == built.keys(), name
+        for key in loaded:
+            torch.testing.assert_close(loaded[key], built[key], rtol=0, atol=0, msg=f"{name}.{key}")
+    for name in ("tokenizer", "tokenizer_2"):
+        assert getattr(tiny_pipe, name).get_vocab() == getattr(fresh, name).get_vocab(), name
+
+
+def test_clip_tokenizer(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    assert tok.model_max_length == 77
+    ids = tok("A Zebra jumps over 3 quartz boxes!").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1]  # byte-level: every character has a token
+    assert tok.decode(ids, skip_special_tokens=True) == "a zebra jumps over 3 quartz boxes !"
+    padded = tok("a red circle", padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert padded.input_ids.shape == (1, 77)
+
+
+def test_t5_tokenizer(tiny_pipe):
+    tok = tiny_pipe.tokenizer_2
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok.model_max_length == tiny.T5_MAX_LENGTH
+    ids = tok("a red circle on a blue background").input_ids
+    assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a red circle on a blue background"
+    padded = tok("a red circle", padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    assert padded.input_ids.shape == (1, 64) and padded.input_ids[0, -1] == tok.pad_token_id
+
+
+def test_generation_is_deterministic_and_sized(tiny_pipe):
+    first, again, other = _generate(tiny_pipe, 0), _generate(tiny_pipe, 0), _generate(tiny_pipe, 1)
+    assert first.size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+    assert _generate(tiny_pipe, height=64, width=128).size == (128, 64)
+
+
+def test_cached_folder_is_reused(tiny_pipeline_path, tiny_cache_dir, monkeypatch):
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda *a: pytest.fail("rebuilt a cached pipeline"))
+    assert tiny.tiny_pipeline_path(tiny_cache_dir) == tiny_pipeline_path
+    assert tiny.tiny_pipeline_path() == tiny_pipeline_path  # CLEAR_DIT_CACHE points at the session cache
+
+
+def test_losing_a_build_race_is_fine(tiny_pipeline_path, tmp_path, monkeypatch):
+    """Another process renames its finished build into place first: ours is dropped, theirs is used."""
+    target = tmp_path / tiny.TINY_NAME
+
+    class Racer:
+        def save_pretrained(self, folder):
+            shutil.copytree(tiny_pipeline_path, folder, dirs_exist_ok=True)
+            shutil.copytree(tiny_pipeline_path, target)  # the other process wins meanwhile
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Racer())[1])
+    assert tiny.tiny_pipeline_path(tmp_path) == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny.TINY_NAME]
+
+
+def test_load_pipeline_tiny_and_local_folder(tiny_pipeline_path):
+    assert load_pipeline("tiny").transformer.config.attention_head_dim == 64
+    pipe = load_pipeline(str(tiny_pipeline_path), torch_dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+
+
+def test_load_pipeline_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        load_pipeline(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ValueError, match="'someone/no-such-model'.*hub"):  # HF_HUB_OFFLINE=1 (conftest)
+        load_pipeline("someone/no-such-model")
