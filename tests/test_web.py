@@ -47,7 +47,8 @@ def session(name: str) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> GenerationEngine:
+def engine(tiny_pipeline_path, tmp_path_factory) -> GenerationEngine:
+    """One engine (one loaded tiny pipeline) for the module, as the app shares one across sessions."""
     return GenerationEngine.load("tiny", output_dir=tmp_path_factory.mktemp("webui"))
 
 
@@ -250,3 +251,21 @@ def test_browser_bad_size_shows_the_error(page):
     fill(page, "#width input", "100")
     page.locator("#generate").click()
     page.get_by_text("width 100 px is not allowed").first.wait_for(timeout=30_000)
+
+
+@needs_chromium
+def test_browser_cancel_stops_the_generation_and_the_next_one_runs(page, engine):
+    pngs = lambda: sorted(engine.output_dir.rglob("*.png"))  # noqa: E731
+    before = pngs()
+    fill(page, "#width input", "512")
+    fill(page, "#height input", "512")
+    fill(page, "#steps input[type=number]", "100")  # long enough to be still running when cancel arrives
+    page.locator("#generate").click()
+    page.get_by_text("denoising step").first.wait_for(timeout=30_000)  # live progress from the step callback
+    page.locator("#cancel").click()
+    page.wait_for_function("() => !document.body.innerText.includes('denoising step')", timeout=30_000)
+    fill(page, "#steps input[type=number]", "2")
+    page.locator("#generate").click()
+    page.locator("#summary").get_by_text("512x512, 2 steps").wait_for(timeout=60_000)
+    new = [p for p in pngs() if p not in before]
+    assert len(new) == 1 and json.loads(read_png(new[0]).text["clear-dit"])["steps"] == 2
