@@ -109,11 +109,7 @@ def _validate_generate(args: argparse.Namespace) -> None:
         raise CLIError("--compare needs --window or --weights (full attention is compared with CLEAR)")
     if args.backend != "auto" and not clear:
         raise CLIError("--backend applies to CLEAR attention: pass --window or --weights")
-    if args.weights is not None:
-        # A relative 'owner/repo/file' that is not on disk may be a hub path: the library resolves those.
-        maybe_hub = args.weights.count("/") >= 2 and not args.weights.startswith((".", "/", "~"))
-        if not Path(args.weights).expanduser().exists() and not maybe_hub:
-            raise CLIError(f"weights file not found: {args.weights}")
+    _check_weights_path(args.weights)
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports
@@ -122,6 +118,14 @@ def _validate_generate(args: argparse.Namespace) -> None:
         raise CLIError(f"--out must be a .png file, got {args.out}")
     if out.exists() and not args.overwrite:
         raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+
+
+def _check_weights_path(weights: str | None) -> None:
+    if weights is not None:
+        # A relative 'owner/repo/file' that is not on disk may be a hub path: the library resolves those.
+        maybe_hub = weights.count("/") >= 2 and not weights.startswith((".", "/", "~"))
+        if not Path(weights).expanduser().exists() and not maybe_hub:
+            raise CLIError(f"weights file not found: {weights}")
 
 
 def _check_backend(args: argparse.Namespace, device, dtype) -> None:
@@ -294,6 +298,116 @@ def _side_by_side(left, right):
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))
     return canvas
+
+
+# ---------------------------------------------------------------------------------------------------- highres
+
+
+def _highres_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--model", default="tiny", help="'tiny' (default), a local pipeline folder, or a hub id")
+    p.add_argument(
+        "--stages", required=True, help="WIDTHxHEIGHT per stage, increasing, e.g. 1024x1024,2048x2048 (stage 0 first)"
+    )
+    p.add_argument("--strength", type=float, default=0.7, help="SDEdit strength of the upscale stages (default: 0.7)")
+    p.add_argument("--ntk", type=float, default=10.0, help="RoPE theta factor of the upscale stages (default: 10)")
+    p.add_argument("--time-shift", type=float, default=3.0, help="fixed time shift of the upscale stages (default: 3)")
+    p.add_argument("--window", type=int, help="CLEAR radius of the upscale stages (default: 16, or the weights file's)")
+    p.add_argument("--down", type=int, help="CLEAR down factor d: pooled keys; stage sizes must be multiples of 16*d")
+    p.add_argument("--weights", help="CLEAR weights (.safetensors file or hub 'repo_id/file') for the upscale stages")
+    p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
+    p.add_argument("--steps", type=int, help="denoising steps per stage (default: 4 tiny, 28 else)")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; stage i uses seed + i (default: 0)")
+    p.add_argument("--save-stages", action="store_true", help="also write every earlier stage as OUT-stage{i}.png")
+    p.add_argument("--out", default="clear-dit-highres.png", help="output PNG (default: clear-dit-highres.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _validate_highres(args: argparse.Namespace) -> list[Path]:
+    """Check the arguments before any model loads; returns the output paths (earlier stages first)."""
+    from pipelines.stages import check_highres_inputs, parse_stages
+
+    if args.steps is None:
+        args.steps = (TINY_DEFAULTS if args.model == "tiny" else FLUX_DEFAULTS)["steps"]
+    for name, low in (("steps", 1), ("window", 1), ("down", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise CLIError(f"--{name} must be at least {low}, got {value}")
+    _check_weights_path(args.weights)
+    try:
+        args.stages = parse_stages(args.stages)
+        strengths = [args.strength] * (len(args.stages) - 1)
+        check_highres_inputs(args.stages, strengths, ntk_factor=args.ntk, down_factor=args.down or 1)
+    except ValueError as err:
+        raise CLIError(str(err).replace("ntk_factor", "--ntk")) from None
+    from pipelines.loading import model_source
+
+    model_source(args.model)  # a missing folder fails here, before the slow imports
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out must be a .png file, got {args.out}")
+    outs = [out.with_name(f"{out.stem}-stage{i}.png") for i in range(len(args.stages) - 1)] if args.save_stages else []
+    outs.append(out)
+    for path in outs:
+        if path.exists() and not args.overwrite:
+            raise CLIError(f"{path} exists; pass --overwrite to replace it")
+    return outs
+
+
+@subcommand("highres", "generate a high-resolution image by progressive upscaling with CLEAR", _highres_arguments)
+def cmd_highres(args: argparse.Namespace) -> int:
+    outs = _validate_highres(args)
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    _check_backend(args, device, dtype)
+    _quiet_libraries(args.verbose)
+    from pipelines.highres import HighResFluxPipeline
+    from pipelines.loading import load_pipeline
+
+    pipe = HighResFluxPipeline.from_pipe(load_pipeline(args.model, torch_dtype=dtype).to(device))
+    start = time.perf_counter()
+    result = pipe(
+        args.prompt,
+        stages=args.stages,
+        strength=args.strength,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        window_size=args.window,
+        down_factor=args.down,
+        clear_weights=args.weights,
+        backend=args.backend,
+        ntk_factor=args.ntk,
+        time_shift=args.time_shift,
+    )
+    seconds = time.perf_counter() - start
+    settings = {
+        "prompt": args.prompt,
+        "model": args.model,
+        "stages": ",".join(f"{w}x{h}" for w, h in args.stages),
+        "strength": args.strength,
+        "ntk": args.ntk,
+        "time_shift": args.time_shift,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "window": args.window,
+        "down": args.down,
+        "weights": args.weights,
+        "backend": args.backend,
+    }
+    images = [stage[0] for stage in result.stage_images][-len(outs) :]
+    lines = [f"{len(args.stages)} stages in {seconds:.2f} s"]
+    for path, image in zip(outs, images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, pnginfo=_png_info(settings))
+        lines.append(f"wrote {path} ({image.width}x{image.height})")
+    print("\n".join(lines))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------------- main

@@ -5,9 +5,12 @@ from .attention import available_backends, clear_attention, pool_tokens, proport
 from .mask import CLEARLayout, attention_density
 from .patching import PatchHandle, patch, patch_handle, unpatch
 from .processors import CLEARFluxAttnProcessor
-from .weights import clear_state_dict, load_weights, save_weights
+from .weights import ClearWeights, apply_weights, clear_state_dict, load_weights, read_weights, save_weights
 
 __all__ = [
+    "ClearWeights",
+    "apply_weights",
+    "read_weights",
     "clear_state_dict",
     "load_weights",
     "save_weights",

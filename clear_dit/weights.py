@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from .patching import PatchHandle, patch, patch_handle, resolve_transformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_weights", "save_weights", "clear_state_dict", "is_clear_key", "config_from_filename"]
+__all__ = [
+    "ClearWeights",
+    "apply_weights",
+    "read_weights",
+    "load_weights",
+    "save_weights",
+    "clear_state_dict",
+    "is_clear_key",
+    "config_from_filename",
+]
 
 _CLEAR_KEY = re.compile(
     r"^(?:transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)"
@@ -125,30 +135,29 @@ def _first(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def load_weights(
-    pipe_or_transformer: Any,
-    path: str | os.PathLike,
-    window_size: int | None = None,
-    down_factor: int | None = None,
-    backend: str = "auto",
-) -> PatchHandle:
-    """Patch a model with CLEAR and load CLEAR attention weights into it.
+@dataclass(frozen=True)
+class ClearWeights:
+    """CLEAR tensors read from a file, with the radius and down factor they are for (see :func:`read_weights`)."""
+
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    window_size: int
+    down_factor: int
+    name: str
+
+
+def read_weights(
+    path: str | os.PathLike, window_size: int | None = None, down_factor: int | None = None
+) -> ClearWeights:
+    """Read a CLEAR checkpoint and resolve its radius and down factor, without touching any model.
 
     Args:
-        pipe_or_transformer: a FLUX pipeline or ``FluxTransformer2DModel``.
         path: a local ``.safetensors`` file, or ``"owner/repo/filename.safetensors"`` on the hub.
         window_size, down_factor: override the file's metadata; needed for files without metadata
             whose name does not follow ``clear_local_{r}[_down_{d}]``.
-        backend: attention backend for the installed processors.
-
-    Returns:
-        The :class:`PatchHandle` of the patched model.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: unreadable file, unknown radius, or keys/shapes
-        that do not match the model (the first few are named).
+        FileNotFoundError: no such file. ValueError: unreadable file or unknown radius.
     """
-    transformer = resolve_transformer(pipe_or_transformer)
     file = _resolve_path(path)
     tensors, metadata = _read_file(file)
     name_r, name_d = config_from_filename(file)
@@ -163,7 +172,20 @@ def load_weights(
     down_factor = down_factor or meta_d or name_d or 1
     if has_pool and down_factor == 1:
         raise ValueError(f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor")
+    return ClearWeights(tensors=tensors, window_size=window_size, down_factor=down_factor, name=file.name)
 
+
+def apply_weights(
+    pipe_or_transformer: Any, weights: ClearWeights, backend: str = "auto", proportional_attention: bool = False
+) -> PatchHandle:
+    """Patch a model with CLEAR (see :func:`clear_dit.patch`) and copy ``weights`` into it.
+
+    Raises:
+        ValueError: keys/shapes that do not match the model (the first few are named); the model is
+        left untouched then.
+    """
+    transformer = resolve_transformer(pipe_or_transformer)
+    tensors, down_factor = weights.tensors, weights.down_factor
     expected = _expected_shapes(transformer, down_factor)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -173,17 +195,53 @@ def load_weights(
             f"unexpected: {_first(unexpected)}" if unexpected else "",
         ]
         problems = "; ".join(p for p in parts if p)
-        raise ValueError(f"{file.name} does not match {type(transformer).__name__}: {problems}")
+        raise ValueError(f"{weights.name} does not match {type(transformer).__name__}: {problems}")
     wrong = [
         f"{k} {tuple(tensors[k].shape)} vs {shape}" for k, shape in expected.items() if tuple(tensors[k].shape) != shape
     ]
     if wrong:
-        raise ValueError(f"{file.name} has tensors of the wrong shape: {_first(wrong)}")
+        raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
-    handle = patch(transformer, window_size=window_size, down_factor=down_factor, backend=backend)
+    handle = patch(
+        transformer,
+        window_size=weights.window_size,
+        down_factor=down_factor,
+        backend=backend,
+        proportional_attention=proportional_attention,
+    )
     params = dict(transformer.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].dtype))
-    logger.info("loaded %d CLEAR tensors from %s (%s)", len(tensors), file, handle.config)
+    logger.info("loaded %d CLEAR tensors from %s (%s)", len(tensors), weights.name, handle.config)
     return handle
+
+
+def load_weights(
+    pipe_or_transformer: Any,
+    path: str | os.PathLike,
+    window_size: int | None = None,
+    down_factor: int | None = None,
+    backend: str = "auto",
+    proportional_attention: bool = False,
+) -> PatchHandle:
+    """Patch a model with CLEAR and load CLEAR attention weights into it (:func:`read_weights` + :func:`apply_weights`).
+
+    Args:
+        pipe_or_transformer: a FLUX pipeline or ``FluxTransformer2DModel``.
+        path: a local ``.safetensors`` file, or ``"owner/repo/filename.safetensors"`` on the hub.
+        window_size, down_factor: override the file's metadata; needed for files without metadata
+            whose name does not follow ``clear_local_{r}[_down_{d}]``.
+        backend: attention backend for the installed processors.
+        proportional_attention: see :func:`clear_dit.patch`.
+
+    Returns:
+        The :class:`PatchHandle` of the patched model.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unreadable file, unknown radius, or keys/shapes
+        that do not match the model (the first few are named).
+    """
+    transformer = resolve_transformer(pipe_or_transformer)
+    weights = read_weights(path, window_size, down_factor)
+    return apply_weights(transformer, weights, backend=backend, proportional_attention=proportional_attention)

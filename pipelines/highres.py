@@ -1,0 +1,311 @@
+"""Progressive high-resolution FLUX generation with CLEAR (the official recipe, DESIGN.md 1.4).
+
+Stage 0 generates at a base resolution with the model's own (full) attention; every further stage
+upscales the previous stage's image in pixel space and refines it with SDEdit (img2img at a given
+strength) using CLEAR attention, NTK-scaled RoPE, proportional attention and a fixed time shift, with
+VAE tiling for encode and decode. The shared model is changed only while a call runs: processors,
+attention weights, RoPE theta and VAE tiling are restored afterwards, also when a stage raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+import clear_dit
+from clear_dit.weights import ClearWeights
+
+from .loading import default_max_sequence_length
+from .stages import check_highres_inputs, parse_stages
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HighResFluxPipeline",
+    "check_highres_inputs",
+    "HighResFluxPipelineOutput",
+    "ntk_scaled_rope",
+    "parse_stages",
+    "vae_tiling",
+]
+
+
+@dataclass
+class HighResFluxPipelineOutput(FluxPipelineOutput):
+    """``images``: the last stage's images; ``stage_images[i]``: stage ``i``'s, in the same ``output_type``."""
+
+    stage_images: list[Any] | None = None
+
+
+@contextmanager
+def ntk_scaled_rope(transformer: torch.nn.Module, ntk_factor: float) -> Iterator[None]:
+    """Multiply the RoPE base ``theta`` of a FLUX transformer by ``ntk_factor`` inside the block only."""
+    pos_embed = transformer.pos_embed
+    theta = pos_embed.theta
+    pos_embed.theta = theta * ntk_factor
+    try:
+        yield
+    finally:
+        pos_embed.theta = theta
+
+
+@contextmanager
+def vae_tiling(vae: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Tiled VAE encode/decode inside the block; the VAE's own setting is restored on exit."""
+    was = vae.use_tiling
+    vae.use_tiling = enabled
+    try:
+        yield
+    finally:
+        vae.use_tiling = was
+
+
+@contextmanager
+def _clear_attention(
+    transformer: torch.nn.Module,
+    window_size: int,
+    down_factor: int,
+    weights: ClearWeights | None,
+    backend: str,
+    proportional_attention: bool,
+) -> Iterator[None]:
+    """CLEAR processors (and the student's weights, if any) inside the block; the teacher's on exit."""
+    teacher = {}
+    if weights is not None:  # keep what apply_weights overwrites, off the accelerator
+        teacher = {
+            k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items() if k in weights.tensors
+        }
+    try:
+        if weights is None:
+            clear_dit.patch(transformer, window_size, down_factor, backend, proportional_attention)
+        else:
+            clear_dit.apply_weights(transformer, weights, backend, proportional_attention)
+        yield
+    finally:
+        clear_dit.unpatch(transformer)
+        params = dict(transformer.named_parameters())
+        with torch.no_grad():
+            for name, value in teacher.items():
+                params[name].copy_(value)
+
+
+def _per_stage(value: Any, count: int, name: str) -> list[Any]:
+    """A scalar repeated ``count`` times, or a sequence that must have ``count`` entries."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries; expected one per stage ({count})")
+        return list(value)
+    return [value] * count
+
+
+class HighResFluxPipeline(FluxPipeline):
+    """FLUX text-to-image at high resolution by progressive SDEdit upscaling with CLEAR attention.
+
+    Same components as :class:`~diffusers.FluxPipeline`, so ``from_pretrained`` and ``from_pipe`` work as for
+    it; the components are shared, never copied. Stages run on ``FluxPipeline`` / ``FluxImg2ImgPipeline``
+    views of these components with their own scheduler copies, so the shared scheduler is not touched either.
+
+    Example::
+
+        pipe = HighResFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+        out = pipe("a lighthouse", stages=[(1024, 1024), (2048, 2048)], clear_weights="clear_local_16.safetensors")
+        out.images[0].save("out.png")  # out.stage_images[0][0] is the 1024 px base image
+    """
+
+    def _stage_pipeline(self, cls: type[FluxPipeline], scheduler_overrides: dict[str, Any], desc: str) -> FluxPipeline:
+        scheduler = type(self.scheduler).from_config(self.scheduler.config, **scheduler_overrides)
+        pipe = cls(**{**self.components, "scheduler": scheduler})
+        pipe.set_progress_bar_config(**{**getattr(self, "_progress_bar_config", {}), "desc": desc})
+        return pipe
+
+    def _decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Packed latents ``(batch, h*w, 64)`` -> pixels ``(batch, 3, height, width)`` in [-1, 1]."""
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        stages: Sequence[tuple[int, int]] = ((1024, 1024), (2048, 2048)),
+        strength: float | Sequence[float] = 0.7,
+        num_inference_steps: int | Sequence[int] = 28,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | list[torch.Generator]] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        base_attention: str = "full",
+        window_size: int | None = None,
+        down_factor: int | None = None,
+        clear_weights: str | ClearWeights | None = None,
+        backend: str = "auto",
+        ntk_factor: float = 10.0,
+        proportional_attention: bool = True,
+        time_shift: float | None = 3.0,
+        enable_vae_tiling: bool = True,
+        resample: PIL.Image.Resampling = PIL.Image.Resampling.LANCZOS,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int | None = None,
+    ) -> HighResFluxPipelineOutput | tuple:
+        """Generate at ``stages[0]``, then upscale and refine at every further stage size.
+
+        Args:
+            prompt, prompt_2: as for ``FluxPipeline``; or pass ``prompt_embeds`` and ``pooled_prompt_embeds``.
+                The prompt is encoded once and reused by every stage.
+            stages: ``(width, height)`` per stage, increasing; multiples of 16 (``16 * d`` for CLEAR stages
+                with down factor ``d``). One stage is plain text-to-image.
+            strength: SDEdit strength in (0, 1] of the upscale stages (a float, or one per upscale stage).
+            num_inference_steps: scheduler steps of each stage (an int, or one per stage); an upscale stage
+                runs ``strength`` of them, as in ``FluxImg2ImgPipeline``.
+            seed: stage ``i`` draws its noise from ``torch.Generator("cpu").manual_seed(seed + i)``.
+            generator: one generator for all stages in turn, or one entry per stage (a generator or a
+                per-image list); exclusive with ``seed``.
+            base_attention: ``"full"`` (the model's own attention) or ``"clear"`` for stage 0.
+            window_size, down_factor, backend: CLEAR settings (radius 16 by default, see :func:`clear_dit.patch`); with
+                ``clear_weights`` (a file, hub path, or :func:`clear_dit.read_weights` result) the file's radius
+                and down factor are used unless given, and its attention weights replace the model's during
+                the CLEAR stages only.
+            ntk_factor: RoPE ``theta`` multiplier of the upscale stages (1 disables NTK scaling).
+            proportional_attention: softmax scale ``sqrt(log(N_k, 4608) / head_dim)`` in the CLEAR stages; at
+                FLUX's training size (1024 px, 512 text tokens) it equals the default scale.
+            time_shift: fixed flow-matching shift of the upscale stages instead of the resolution-dependent
+                dynamic shift (``None``: the scheduler's own setting).
+            enable_vae_tiling: tiled VAE encode/decode during the call.
+            resample: PIL filter used to upscale each stage's image to the next size.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (packed latents ``(batch, h*w, 64)``).
+            callback_on_step_end: called as ``callback(self, step, timestep, callback_kwargs)`` at every step of
+                every stage; ``self.stage_index`` tells the stage; setting ``self._interrupt = True`` stops the
+                remaining steps and stages.
+            max_sequence_length: T5 length; by default the tokenizer's limit, at most 512.
+
+        Returns:
+            :class:`HighResFluxPipelineOutput` (or ``(images, stage_images)`` with ``return_dict=False``).
+        """
+        if clear_dit.patch_handle(self.transformer) is not None:
+            raise ValueError(
+                "the transformer is already CLEAR-patched: unpatch it first; this pipeline installs CLEAR "
+                "(window_size/down_factor/clear_weights) only for the stages that use it"
+            )
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt (or prompt_embeds with pooled_prompt_embeds)")
+        stages = [(int(w), int(h)) for w, h in stages]
+        count = len(stages)
+        strengths = _per_stage(strength, count - 1, "strength") if count > 1 else []
+        steps = _per_stage(num_inference_steps, count, "num_inference_steps")
+        if any(int(n) < 1 for n in steps):
+            raise ValueError(f"num_inference_steps must be >= 1 for every stage, got {steps}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if isinstance(generator, Sequence):
+            generators = _per_stage(generator, count, "generator")
+        elif seed is not None:
+            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+        else:
+            generators = [generator] * count
+        if isinstance(clear_weights, ClearWeights):
+            weights = clear_weights
+        elif clear_weights is not None:
+            weights = clear_dit.read_weights(clear_weights, window_size, down_factor)
+        else:
+            weights = None
+        down = weights.down_factor if weights is not None else (down_factor or 1)
+        window = weights.window_size if weights is not None else (window_size or 16)
+        check_highres_inputs(
+            stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2
+        )
+
+        device = self._execution_device
+        max_sequence_length = max_sequence_length or default_max_sequence_length(self)
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds, _ = self.encode_prompt(
+                prompt=prompt, prompt_2=prompt_2, device=device, max_sequence_length=max_sequence_length
+            )
+        elif pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
+
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            tensor_inputs = callback_on_step_end.tensor_inputs
+
+        def on_step_end(stage_pipe: FluxPipeline, step: int, timestep: torch.Tensor, kwargs: dict) -> dict:
+            self._num_timesteps = stage_pipe.num_timesteps
+            result = callback_on_step_end(self, step, timestep, kwargs)
+            stage_pipe._interrupt = self._interrupt
+            return result
+
+        self._interrupt = False
+        self.num_stages = count
+        stage_images: list[Any] = []
+        image: list[PIL.Image.Image] | None = None
+        with ExitStack() as restore:
+            restore.enter_context(vae_tiling(self.vae, enable_vae_tiling))
+            for i, (width, height) in enumerate(stages):
+                if self._interrupt:
+                    logger.info("interrupted: stopping before stage %d", i)
+                    break
+                self.stage_index = i
+                if i == (0 if base_attention == "clear" else 1):
+                    restore.enter_context(
+                        _clear_attention(self.transformer, window, down, weights, backend, proportional_attention)
+                    )
+                if i == 1:
+                    restore.enter_context(ntk_scaled_rope(self.transformer, ntk_factor))
+                desc = f"stage {i + 1}/{count} {width}x{height}"
+                kwargs = dict(
+                    prompt_embeds=prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    width=width,
+                    height=height,
+                    num_inference_steps=int(steps[i]),
+                    guidance_scale=guidance_scale,
+                    num_images_per_prompt=num_images_per_prompt,
+                    generator=generators[i],
+                    output_type="latent",
+                    joint_attention_kwargs=joint_attention_kwargs,
+                    callback_on_step_end=on_step_end if callback_on_step_end is not None else None,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    max_sequence_length=max_sequence_length,
+                )
+                if i == 0:
+                    stage_pipe = self._stage_pipeline(FluxPipeline, {}, desc)
+                else:
+                    shift = {} if time_shift is None else {"use_dynamic_shifting": False, "shift": time_shift}
+                    stage_pipe = self._stage_pipeline(FluxImg2ImgPipeline, shift, desc)
+                    kwargs.update(
+                        image=[im.resize((width, height), resample) for im in image], strength=strengths[i - 1]
+                    )
+                latents = stage_pipe(**kwargs).images
+                self._interrupt = self._interrupt or stage_pipe.interrupt
+
+                last = i == count - 1 or self._interrupt
+                pixels = None if last and output_type == "latent" else self._decode(latents, width, height)
+                if not last:
+                    image = self.image_processor.postprocess(pixels, output_type="pil")
+                if output_type == "latent":
+                    stage_images.append(latents)
+                elif output_type == "pil" and not last:
+                    stage_images.append(image)
+                else:
+                    stage_images.append(self.image_processor.postprocess(pixels, output_type=output_type))
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return stage_images[-1], stage_images
+        return HighResFluxPipelineOutput(images=stage_images[-1], stage_images=stage_images)

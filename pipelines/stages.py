@@ -1,0 +1,66 @@
+"""Stage sizes of high-resolution generation: parsing and checks, importable without torch or diffusers.
+
+The CLI runs these before it loads anything, so a bad ``--stages`` fails in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["BASE_ATTENTIONS", "OUTPUT_TYPES", "check_highres_inputs", "parse_stages"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+BASE_ATTENTIONS = ("full", "clear")
+
+
+def parse_stages(text: str) -> list[tuple[int, int]]:
+    """``"1024x1024,2048x1536"`` -> ``[(1024, 1024), (2048, 1536)]`` as ``(width, height)`` pairs."""
+    stages = []
+    for part in text.split(","):
+        try:
+            width, height = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"stage size {part.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+        stages.append((width, height))
+    return stages
+
+
+def check_highres_inputs(
+    stages: Sequence[tuple[int, int]],
+    strengths: Sequence[float],
+    ntk_factor: float = 1.0,
+    base_attention: str = "full",
+    down_factor: int = 1,
+    output_type: str = "pil",
+    unit: int = 16,
+) -> None:
+    """Raise a one-line ValueError for settings :class:`HighResFluxPipeline` cannot run (no model needed).
+
+    ``stages`` are ``(width, height)``; ``strengths`` one per upscale stage; ``unit`` the pixels per image token.
+    """
+    if not stages:
+        raise ValueError("stages is empty; give at least one (width, height)")
+    if base_attention not in BASE_ATTENTIONS:
+        raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if not ntk_factor > 0:
+        raise ValueError(f"ntk_factor must be > 0, got {ntk_factor}")
+    for i, strength in enumerate(strengths, start=1):
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength}")
+    for i, (width, height) in enumerate(stages):
+        clear = i > 0 or base_attention == "clear"
+        multiple = unit * (down_factor if clear else 1)
+        if width <= 0 or height <= 0 or width % multiple or height % multiple:
+            why = f"{unit}*d, CLEAR down factor d={down_factor}" if multiple > unit else f"{unit} px per image token"
+            raise ValueError(
+                f"stage {i} size {width}x{height} must be positive multiples of {multiple} ({why}) in both sides"
+            )
+        if i > 0:
+            prev_w, prev_h = stages[i - 1]
+            if width < prev_w or height < prev_h or width * height == prev_w * prev_h:
+                raise ValueError(
+                    f"stage sizes must increase: stage {i} ({width}x{height}) is not larger than "
+                    f"stage {i - 1} ({prev_w}x{prev_h}) in one side and no smaller in the other"
+                )

@@ -1,0 +1,232 @@
+"""High-resolution pipeline on the tiny FLUX model: stages, seeds, CLEAR only where asked, the model left as found."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import clear_dit
+from app.cli import main
+from pipelines.highres import HighResFluxPipeline, parse_stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+STAGES = [(64, 48), (128, 96)]  # (width, height): not square, so a swapped axis shows
+FAST = dict(prompt="a red circle", num_inference_steps=2, strength=0.7)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_path):
+    return HighResFluxPipeline.from_pretrained(tiny_pipeline_path)
+
+
+def model_state(pipe):
+    """Everything a call may touch, to compare before and after."""
+    return dict(
+        processors=dict(pipe.transformer.attn_processors),
+        theta=pipe.transformer.pos_embed.theta,
+        tiling=pipe.vae.use_tiling,
+        weights={k: v.clone() for k, v in pipe.transformer.state_dict().items()},
+    )
+
+
+def assert_same_state(pipe, before):
+    after = model_state(pipe)
+    assert after["processors"].keys() == before["processors"].keys()
+    assert all(after["processors"][k] is v for k, v in before["processors"].items())
+    assert (after["theta"], after["tiling"]) == (before["theta"], before["tiling"])
+    assert after["weights"].keys() == before["weights"].keys()
+    for name, value in before["weights"].items():
+        torch.testing.assert_close(after["weights"][name], value, atol=0, rtol=0)
+    assert clear_dit.patch_handle(pipe) is None
+
+
+@pytest.fixture(scope="module")
+def student_file(pipe, tmp_path_factory):
+    """A CLEAR checkpoint (r=2, d=2) whose attention weights differ from the tiny model's."""
+    with clear_dit.patch(pipe, window_size=2, down_factor=2):
+        tensors = {k: v + 0.05 for k, v in clear_dit.clear_state_dict(pipe).items()}
+    path = tmp_path_factory.mktemp("weights") / "student.safetensors"
+    save_file(tensors, str(path), metadata={"window_size": "2", "down_factor": "2"})
+    return path, tensors
+
+
+def test_stage_sizes_and_seeded_determinism(pipe):
+    out = pipe(**FAST, stages=STAGES, seed=3, output_type="np")
+    assert [images.shape for images in out.stage_images] == [(1, 48, 64, 3), (1, 96, 128, 3)]
+    assert out.images is out.stage_images[-1]
+    again = pipe(**FAST, stages=STAGES, seed=3, output_type="np")
+    for first, second in zip(out.stage_images, again.stage_images, strict=True):
+        np.testing.assert_array_equal(first, second)
+    other = pipe(**FAST, stages=STAGES, seed=4, output_type="np")
+    assert not np.array_equal(out.images, other.images)
+
+    pil = pipe(**FAST, stages=STAGES, generator=[torch.Generator().manual_seed(3 + i) for i in range(2)])
+    assert [images[0].size for images in pil.stage_images] == STAGES
+    np.testing.assert_allclose(np.asarray(pil.images[0]) / 255, out.images[0], atol=1 / 255)
+
+
+def test_clear_ntk_tiling_only_while_upscaling_and_callback_per_step(pipe):
+    before = model_state(pipe)
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        processor = next(iter(p.transformer.attn_processors.values()))
+        clear = isinstance(processor, clear_dit.CLEARFluxAttnProcessor)
+        seen.append((p.stage_index, step, clear, clear and processor.proportional_attention))
+        seen[-1] += (p.transformer.pos_embed.theta, p.vae.use_tiling)
+        return kwargs
+
+    pipe(**FAST, stages=STAGES, seed=0, ntk_factor=4.0, output_type="latent", callback_on_step_end=callback)
+    theta = before["theta"]
+    assert seen == [
+        (0, 0, False, False, theta, True),
+        (0, 1, False, False, theta, True),
+        (1, 0, True, True, 4 * theta, True),
+        (1, 1, True, True, 4 * theta, True),
+    ]
+    assert_same_state(pipe, before)
+
+    pipe.vae.enable_tiling()  # the caller's own setting survives too
+    try:
+        pipe(**FAST, stages=STAGES[:1], seed=0, enable_vae_tiling=False, output_type="latent")
+        assert pipe.vae.use_tiling
+    finally:
+        pipe.vae.disable_tiling()
+
+
+def test_student_weights_only_in_clear_stages(pipe, student_file):
+    path, tensors = student_file
+    before = model_state(pipe)
+    name = "transformer_blocks.0.attn.to_q.weight"
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        processor = next(iter(p.transformer.attn_processors.values()))
+        weight = p.transformer.state_dict()[name]
+        seen.append((p.stage_index, getattr(processor, "down_factor", None), torch.equal(weight, tensors[name])))
+        return kwargs
+
+    pipe(
+        **FAST,
+        stages=[(64, 64), (128, 128)],
+        seed=0,
+        clear_weights=path,
+        output_type="latent",
+        callback_on_step_end=callback,
+    )
+    assert seen == [(0, None, False), (0, None, False), (1, 2, True), (1, 2, True)]
+    assert_same_state(pipe, before)
+
+
+def test_model_restored_after_an_exception_in_a_stage(pipe, student_file):
+    before = model_state(pipe)
+
+    def fail_in_upscale(p, step, timestep, kwargs):
+        if p.stage_index == 1:
+            raise RuntimeError("boom")
+        return kwargs
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe(**FAST, stages=[(64, 64), (128, 128)], clear_weights=student_file[0], callback_on_step_end=fail_in_upscale)
+    assert_same_state(pipe, before)
+
+
+def test_interrupt_stops_remaining_stages(pipe):
+    def interrupt(p, step, timestep, kwargs):
+        p._interrupt = True
+        return kwargs
+
+    out = pipe(**FAST, stages=STAGES, seed=0, callback_on_step_end=interrupt)
+    assert len(out.stage_images) == 1 and out.images[0].size == STAGES[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(stages=[(64, 72)]), r"stage 0 size 64x72 must be positive multiples of 16"),
+        (
+            dict(stages=[(64, 64), (96, 96)], down_factor=4),
+            r"stage 1 size 96x96 .* multiples of 64 \(16\*d, CLEAR down factor d=4\)",
+        ),
+        (dict(stages=[(128, 128), (64, 64)]), r"stage sizes must increase: stage 1 \(64x64\)"),
+        (dict(stages=[(64, 64), (64, 64)]), r"stage sizes must increase"),
+        (dict(stages=[(64, 64), (128, 128)], strength=0.0), r"strength of stage 1 must be in \(0, 1\], got 0.0"),
+        (dict(stages=[(64, 64), (128, 128)], strength=1.5), r"strength of stage 1 must be in \(0, 1\]"),
+        (dict(stages=[(64, 64), (128, 128)], strength=[0.5, 0.5]), r"strength has 2 entries; expected one per"),
+        (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
+        (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a red circle", **kwargs)
+
+
+def test_patched_transformer_is_refused(pipe):
+    with clear_dit.patch(pipe, window_size=2), pytest.raises(ValueError, match="already CLEAR-patched"):
+        pipe("a red circle", stages=[(64, 64)])
+
+
+def test_from_pipe_shares_the_components(pipe):
+    from diffusers import FluxPipeline
+
+    base = FluxPipeline(**pipe.components)
+    highres = HighResFluxPipeline.from_pipe(base)
+    assert highres.transformer is base.transformer and highres.vae is base.vae
+
+
+def test_parse_stages():
+    assert parse_stages("1024x768, 2048X1536") == [(1024, 768), (2048, 1536)]
+    with pytest.raises(ValueError, match=r"'1024' is not WIDTHxHEIGHT"):
+        parse_stages("1024")
+
+
+def test_cli_writes_final_and_stage_pngs(tiny_pipeline_path, tmp_path):
+    out = tmp_path / "big.png"
+    args = ["highres", "--prompt", "a red circle", "--stages", "64x64,128x96", "--steps", "2", "--seed", "1"]
+    args += ["--window", "2", "--down", "2", "--ntk", "4", "--save-stages", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out} (128x96)" in proc.stdout
+    with Image.open(out) as final, Image.open(tmp_path / "big-stage0.png") as base:
+        assert (final.size, base.size) == ((128, 96), (64, 64))
+        settings = json.loads(final.text["clear-dit"])
+    assert settings["stages"] == "64x64,128x96" and (settings["window"], settings["down"], settings["ntk"]) == (2, 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stages", "128x128,64x64"], "error: stage sizes must increase"),
+        (["--stages", "64x64,96x96", "--down", "4"], "error: stage 1 size 96x96 must be positive multiples of 64"),
+        (["--stages", "64x64,128x128", "--strength", "1.5"], "error: strength of stage 1 must be in (0, 1]"),
+        (["--stages", "64x64,128x128", "--ntk", "0"], "error: --ntk must be > 0"),
+        (["--stages", "64"], "error: stage size '64' is not WIDTHxHEIGHT"),
+        (["--stages", "64x64", "--weights", "missing.safetensors"], "error: weights file not found"),
+        (["--stages", "64x64", "--out", "x.jpg"], "error: --out must be a .png file"),
+        (["--stages", "64x64", "--out", "{existing}"], "exists; pass --overwrite"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    existing = tmp_path / "taken.png"
+    existing.write_bytes(b"mine")
+    args = [a.replace("{existing}", str(existing)) for a in args]
+    code = main(["highres", "--prompt", "a red circle", *args])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and "Traceback" not in err
+    assert existing.read_bytes() == b"mine"
