@@ -29,7 +29,9 @@ from safetensors import safe_open
 
 import clear_dit
 from clear_dit.weights import config_from_filename
+from pipelines.highres import HighResFluxPipeline
 from pipelines.loading import default_max_sequence_length, load_pipeline
+from pipelines.stages import check_highres_inputs, parse_stages
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ class GenerationSettings:
     window_size: int = 16
     down_factor: int = 1
     weights: str | None = None
+    upscale: str = ""  # high-resolution mode: "WxH[,WxH...]" to upscale to after width x height; "" = off
+    strength: float = 0.7  # SDEdit strength of the upscale stages
+
+    @property
+    def stages(self) -> list[tuple[int, int]]:
+        """``(width, height)`` of every stage: the generated one, then the upscaled ones."""
+        return [(self.width, self.height), *(parse_stages(self.upscale) if self.upscale.strip() else [])]
 
 
 @dataclass
@@ -112,7 +121,8 @@ class Comparison:
             f"{self.clear.seconds:.2f} s · **speedup {self.speedup:.2f}x**  \n"
             f"attention density {100 * self.density:.1f}% ({100 * (1 - self.density):.1f}% of attention FLOPs saved) "
             f"· mean |difference| {self.mean_abs_diff:.1f}/255 · {psnr}  \n"
-            "wall times of the whole pipeline call (text encoders, denoising, VAE decode), same seed"
+            "wall times of the whole pipeline call (text encoders, denoising, VAE decode), same seed; "
+            "the server's first run also pays one-off warm-up costs"
         )
 
 
@@ -175,6 +185,7 @@ class GenerationEngine:
         self._attention: tuple | None = None  # what the transformer runs now; None: unknown, set it up
         self._base_projections: dict[str, torch.Tensor] | None = None  # originals, kept once weights are loaded
         self._weights_loaded = False
+        self._highres: HighResFluxPipeline | None = None  # a view of the same components, made on first use
         self._running: str | None = None
         self._cancelled: set[str] = set()
 
@@ -211,6 +222,14 @@ class GenerationEngine:
         if s.down_factor not in DOWN_FACTORS:
             raise ValueError(f"down factor must be one of {DOWN_FACTORS}, got {s.down_factor}")
         clear_dit.mask.check_window_config(s.window_size, s.down_factor)
+        if s.upscale.strip():
+            stages = s.stages
+            if any(max(size) > MAX_SIDE for size in stages):
+                raise ValueError(f"upscale sizes must be at most {MAX_SIDE} px per side, got {s.upscale}")
+            strengths = [s.strength] * (len(stages) - 1)
+            check_highres_inputs(stages, strengths, 1.0, s.attention, s.down_factor, unit=self.pixels_per_token)
+            if s.negative_prompt.strip():
+                raise ValueError("high-resolution mode takes no negative prompt: clear it or the upscale sizes")
 
     def cancel(self, session: str) -> bool:
         """Stop ``session``'s running generation at its next denoising step; False when it runs none."""
@@ -263,36 +282,38 @@ class GenerationEngine:
                 self._cancelled.discard(session)
 
     def _generate(self, s: GenerationSettings, session: str, progress: ProgressFn | None, stage: str) -> Generation:
-        self._set_attention(s)
-
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
             if session in self._cancelled:
                 raise GenerationCancelled("generation cancelled")
             if progress is not None:
-                progress(i + 1, s.steps, f"{stage}: denoising step {i + 1}/{s.steps}")
+                n = pipe.num_timesteps  # of this stage: an upscale stage runs `strength` of the steps
+                where = f"stage {pipe.stage_index + 1}/{pipe.num_stages}" if s.upscale.strip() else stage
+                progress(i + 1, n, f"{where}: denoising step {i + 1}/{n}")
             return kwargs
 
-        extra = {}
-        if self.has_negative_prompt and s.negative_prompt.strip():
-            extra = {"negative_prompt": s.negative_prompt, "true_cfg_scale": s.true_cfg}
-        device = self.pipe.transformer.device
+        common = dict(
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            max_sequence_length=self.text_len,
+            callback_on_step_end=on_step_end,
+        )
         start = time.perf_counter()
         try:
-            image = self.pipe(
-                s.prompt,
-                width=s.width,
-                height=s.height,
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance,
-                generator=torch.Generator(device).manual_seed(s.seed),
-                max_sequence_length=self.text_len,
-                callback_on_step_end=on_step_end,
-                **extra,
-            ).images[0]
+            if s.upscale.strip():
+                image = self._run_highres(s, common)
+            else:
+                self._set_attention(s)
+                extra = {}
+                if self.has_negative_prompt and s.negative_prompt.strip():
+                    extra = {"negative_prompt": s.negative_prompt, "true_cfg_scale": s.true_cfg}
+                generator = torch.Generator("cpu").manual_seed(s.seed)  # as the CLI: same seed, same image
+                image = self.pipe(s.prompt, width=s.width, height=s.height, generator=generator, **common, **extra)
+                image = image.images[0]
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
+            size = "x".join(map(str, s.stages[-1]))
             raise ValueError(
-                f"out of memory at {s.width}x{s.height} with {s.attention} attention: "
+                f"out of memory at {size} with {s.attention} attention: "
                 "try a smaller size, CLEAR attention or a smaller window"
             ) from err
         seconds = time.perf_counter() - start
@@ -303,10 +324,31 @@ class GenerationEngine:
         logger.info("generated %s in %.2f s", path, seconds)
         return Generation(image=image, path=path, seconds=seconds, settings=s)
 
+    def _run_highres(self, s: GenerationSettings, common: dict) -> Image.Image:
+        """Progressive upscaling; it installs CLEAR itself, on the unpatched model with its own projections."""
+        self._set_attention(replace(s, attention="full"))
+        if self._highres is None:
+            self._highres = HighResFluxPipeline.from_pipe(self.pipe)
+            self._highres.set_progress_bar_config(disable=True)
+        out = self._highres(
+            s.prompt,
+            stages=s.stages,
+            strength=s.strength,
+            seed=s.seed,
+            base_attention=s.attention,
+            window_size=s.window_size,
+            down_factor=s.down_factor,
+            clear_weights=s.weights,
+            **common,
+        )
+        return out.images[0]
+
     def compare(self, s: GenerationSettings, session: str = "", progress: ProgressFn | None = None) -> Comparison:
         """Full attention, then CLEAR, same seed; ``s.attention`` is ignored."""
         full_s, clear_s = replace(s, attention="full"), replace(s, attention="clear")
         self.validate(clear_s)
+        if s.upscale.strip():
+            raise ValueError("compare runs single-stage generation: empty 'Upscale to' (high-resolution mode) first")
 
         def stage_progress(offset: int) -> ProgressFn | None:
             if progress is None:
@@ -367,6 +409,8 @@ class Callbacks:
         window_size: float,
         down_factor: float,
         weights: str | None,
+        upscale: str = "",
+        strength: float = 0.7,
     ) -> GenerationSettings:
         """Widget values -> validated :class:`GenerationSettings` (``ValueError`` on bad input)."""
         s = GenerationSettings(
@@ -382,6 +426,8 @@ class Callbacks:
             window_size=_as_int("window radius", window_size),
             down_factor=_as_int("down factor", down_factor),
             weights=None if not weights or weights == NO_WEIGHTS else str(weights),
+            upscale=upscale or "",
+            strength=float(strength),
         )
         self.engine.validate(s)
         return s
@@ -420,19 +466,26 @@ class Callbacks:
         window_size: float,
         down_factor: float,
         weights: str | None,
+        upscale: str,
+        strength: float,
         gallery: list | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio finds its progress tracker by this default)
         request: gr.Request | None = None,
     ) -> tuple[str, str, list[str], list]:
         """One image with the chosen attention -> ``(PNG path, summary, [PNG path], gallery entries)``."""
         values = (prompt, negative_prompt, width, height, steps, guidance, true_cfg, seed, attention)
-        values += (window_size, down_factor, weights)
+        values += (window_size, down_factor, weights, upscale, strength)
 
         def work():
             s = self.settings(*values)
             g = self.engine.generate(s, self._session(request), self._progress(progress))
-            label = "full attention" if s.attention == "full" else f"CLEAR r={s.window_size} d={s.down_factor}"
-            summary = f"**{label}** {g.seconds:.2f} s · {s.width}x{s.height}, {s.steps} steps, seed {s.seed}"
+            clear = f"CLEAR r={s.window_size} d={s.down_factor}"
+            label = "full attention" if s.attention == "full" else clear
+            if s.upscale.strip():
+                sizes = " → ".join(f"{w}x{h}" for w, h in s.stages)
+                label = f"high resolution {sizes} (base: {s.attention}, upscaling: {clear})"
+            size = "x".join(map(str, s.stages[-1]))
+            summary = f"**{label}** {g.seconds:.2f} s · {size}, {s.steps} steps, seed {s.seed}"
             return str(g.path), summary, [str(g.path)], [*(gallery or []), (str(g.path), f"{label}, seed {s.seed}")]
 
         return self._run(work)
@@ -451,6 +504,8 @@ class Callbacks:
         window_size: float,
         down_factor: float,
         weights: str | None,
+        upscale: str,
+        strength: float,
         gallery: list | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008
         request: gr.Request | None = None,
@@ -460,7 +515,7 @@ class Callbacks:
         ``attention`` is ignored (both run); it is a parameter so both endpoints take the same inputs.
         """
         values = (prompt, negative_prompt, width, height, steps, guidance, true_cfg, seed, attention)
-        values += (window_size, down_factor, weights)
+        values += (window_size, down_factor, weights, upscale, strength)
 
         def work():
             s = self.settings(*values)
@@ -500,7 +555,7 @@ def _theme() -> gr.themes.Base:
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def build_demo(model: str = "tiny", weights: str | None = None, engine: GenerationEngine | None = None):
+def build_demo(model: str = "tiny", weights: str | None = None, engine: GenerationEngine | None = None) -> gr.Blocks:
     """The web UI as a ``gr.Blocks`` app; the model is loaded here, once, and shared by all sessions.
 
     Named API endpoints: ``/generate`` and ``/compare`` (inputs: the settings widgets; see the app's API page).
@@ -526,7 +581,8 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                 prompt = gr.Textbox(
                     label="Prompt", lines=2, value="a lighthouse on a cliff at sunset", elem_id="prompt"
                 )
-                negative = gr.Textbox(label="Negative prompt", visible=engine.has_negative_prompt)
+                # explicit "" values: gradio_client then treats these inputs as optional
+                negative = gr.Textbox("", label="Negative prompt", visible=engine.has_negative_prompt)
                 preset = gr.Dropdown(SIZE_PRESETS, label="Size preset", value=None)
                 with gr.Row():
                     width = gr.Number(label="Width", value=size, precision=0, elem_id="width")
@@ -559,6 +615,19 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                     label="CLEAR weights (name, local path or owner/repo/file.safetensors)",
                 )
                 upload = gr.File(label="or upload a .safetensors file", file_types=[".safetensors"], height=80)
+                with gr.Accordion("High-resolution mode (progressive upscaling with CLEAR)", open=False):
+                    upscale = gr.Textbox(
+                        "",
+                        label="Upscale to (WxH, comma-separated, increasing; empty: off)",
+                        placeholder=f"{2 * size}x{2 * size}",
+                        elem_id="upscale",
+                    )
+                    strength = gr.Slider(0.05, 1, value=0.7, step=0.05, label="SDEdit strength of the upscale stages")
+                    gr.Markdown(
+                        "Generate runs stage 1 at Width x Height with the attention chosen above, then upscales and "
+                        "refines each further size with CLEAR (window radius, down factor and weights above), "
+                        "NTK-scaled RoPE, proportional attention, a fixed time shift and VAE tiling."
+                    )
             with gr.Column(scale=3):
                 with gr.Row():
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -579,7 +648,7 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                 gallery = gr.Gallery(label="This session", columns=6, height=260, format="png")
 
         inputs = [prompt, negative, width, height, steps_in, guidance, true_cfg, seed, attention, window, down]
-        inputs.append(weights_in)
+        inputs += [weights_in, upscale, strength]
         limit = {"concurrency_limit": 1, "concurrency_id": f"generate:{model}"}  # one generation at a time
 
         gen_event = gen_btn.click(
@@ -604,9 +673,16 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
     return demo
 
 
-def launch(demo, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, block: bool = True):
-    """Start the server (queue on); ``block=False`` returns at once (tests)."""
+def launch(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    share: bool = False,
+    block: bool = True,
+    quiet: bool = False,
+) -> Any:
+    """Start the server with its queue and print its address; ``block=False`` returns at once (tests)."""
     demo.queue(max_size=64)
     return demo.launch(
-        server_name=host, server_port=port, share=share, theme=_theme(), prevent_thread_lock=not block, quiet=True
+        server_name=host, server_port=port, share=share, theme=_theme(), prevent_thread_lock=not block, quiet=quiet
     )

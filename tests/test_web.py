@@ -6,6 +6,10 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,8 +24,8 @@ from app.web import Callbacks, GenerationEngine, build_demo, launch
 from pipelines.loading import load_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "webui.png"
-# prompt, negative, width, height, steps, guidance, true_cfg, seed, attention, window, down, weights
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "webui.png"
 BASE = dict(
     prompt="a red circle on a blue background",
     negative_prompt="",
@@ -35,6 +39,8 @@ BASE = dict(
     window_size=2,
     down_factor=1,
     weights=None,
+    upscale="",
+    strength=0.7,
 )
 
 
@@ -131,6 +137,20 @@ def test_weights_file_is_loaded_and_full_attention_gets_its_projections_back(cb,
     assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
 
 
+def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engine):
+    before, *_ = cb.generate(*values(attention="full"))
+    seen = []
+    progress = lambda p, desc, unit: seen.append(desc)  # noqa: E731
+    path, summary, *_ = cb.generate(*values(upscale="128x96", strength=0.5), progress=progress)
+    image = read_png(path)
+    assert image.size == (128, 96) and "high resolution 64x64 → 128x96" in summary
+    assert seen[0] == "stage 1/2: denoising step 1/2" and seen[-1] == "stage 2/2: denoising step 1/1"
+    assert json.loads(image.text["clear-dit"])["upscale"] == "128x96"
+    assert clear_dit.patch_handle(engine.pipe) is None  # the shared model is as before: same full-attention image
+    after, *_ = cb.generate(*values(attention="full"))
+    assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -140,11 +160,19 @@ def test_weights_file_is_loaded_and_full_attention_gets_its_projections_back(cb,
         (dict(prompt="  "), "the prompt is empty"),
         (dict(steps=0), "steps must be 1 to 100"),
         (dict(width=None), "width is missing"),
+        (dict(upscale="128x100"), "stage 1 size 128x100 must be positive multiples of 16"),
+        (dict(upscale="64x64"), "stage sizes must increase"),
+        (dict(upscale="big"), "stage size 'big' is not WIDTHxHEIGHT"),
     ],
 )
 def test_bad_input_is_a_readable_error(cb, changes, message):
     with pytest.raises(gr.Error, match=message):
         cb.generate(*values(**changes))
+
+
+def test_compare_refuses_high_resolution_mode(cb):
+    with pytest.raises(gr.Error, match="compare runs single-stage generation"):
+        cb.compare(*values(upscale="128x128"))
 
 
 def test_a_failed_weights_switch_leaves_a_working_engine(cb, engine):
@@ -183,7 +211,7 @@ def server(engine):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     demo = build_demo(engine=engine)
     port = free_port()
-    launch(demo, port=port, block=False)
+    launch(demo, port=port, block=False, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -192,9 +220,51 @@ def test_gradio_client_named_endpoint_returns_an_image(server):
     from gradio_client import Client
 
     client = Client(server, verbose=False)
-    path, summary, files = client.predict(**{**BASE, "width": 80, "seed": 3}, api_name="/generate")
+    # the parameters left out take the UI's defaults
+    path, summary, files = client.predict(prompt="a cat", width=80, height=64, steps=2, seed=3, api_name="/generate")
     assert read_png(path).size == (80, 64) and "CLEAR" in summary and files == [path]
     assert json.loads(read_png(path).text["clear-dit"])["seed"] == 3
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, "-m", "app.cli", "app", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "/nonexistent/flux"], 1, "error: model folder not found: /nonexistent/flux"),
+        (["--port", "0"], 2, "error: --port must be 1 to 65535, got 0"),
+        (["--weights", "missing.safetensors"], 2, "error: weights file not found: missing.safetensors"),
+    ],
+)
+def test_cli_app_rejects_bad_arguments_in_one_line(args, code, message):
+    proc = cli(*args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and err.strip() == message
+
+
+def test_cli_app_serves_the_named_endpoints(tiny_pipeline_path):
+    port = free_port()
+    proc = cli("--port", str(port))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/info", timeout=5) as response:
+                    info = json.load(response)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "the app did not start within 180 s"
+                time.sleep(1)
+        assert {"/generate", "/compare"} <= set(info["named_endpoints"])
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}" in out  # the user is told where to point the browser
 
 
 needs_chromium = pytest.mark.skipif(
