@@ -155,7 +155,8 @@ def _png_metadata(settings: GenerationSettings, model: str, seconds: float) -> P
         "parameters",
         f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
         f"Guidance: {settings.guidance}, Seed: {settings.seed}, Size: {settings.width}x{settings.height}, "
-        f"Model: {model}, Attention: {attention}, Weights: {settings.weights or 'none'}",
+        f"Model: {model}, Attention: {attention}, Weights: {settings.weights or 'none'}"
+        + (f", Upscale: {settings.upscale} (strength {settings.strength})" if settings.upscale.strip() else ""),
     )
     return info
 

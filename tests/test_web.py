@@ -146,6 +146,7 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
     assert image.size == (128, 96) and "high resolution 64x64 → 128x96" in summary
     assert seen[0] == "stage 1/2: denoising step 1/2" and seen[-1] == "stage 2/2: denoising step 1/1"
     assert json.loads(image.text["clear-dit"])["upscale"] == "128x96"
+    assert "Upscale: 128x96 (strength 0.5)" in image.text["parameters"]
     assert clear_dit.patch_handle(engine.pipe) is None  # the shared model is as before: same full-attention image
     after, *_ = cb.generate(*values(attention="full"))
     assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
