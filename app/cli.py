@@ -548,6 +548,36 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- app
+
+
+def _app_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny' (default), a local pipeline folder, or a hub id")
+    p.add_argument("--weights", help="CLEAR weights offered first in the UI (.safetensors file or hub 'repo_id/file')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+
+
+@subcommand("app", "start the web UI: generate and compare full vs CLEAR attention in the browser", _app_arguments)
+def cmd_app(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be 1 to 65535, got {args.port}")
+    _check_weights_path(args.weights)
+    from pipelines.loading import model_source
+
+    model_source(args.model)  # a missing folder fails here, before the slow imports
+    _quiet_libraries(args.verbose)
+    try:
+        from app.web import build_demo, launch
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise CLIError("the web UI needs gradio: pip install 'clear-dit[app]'") from None
+    launch(build_demo(args.model, args.weights), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- main
 
 

@@ -1,0 +1,342 @@
+"""The web UI: callbacks on the tiny model, the named API through gradio_client, and a real browser (Chromium)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clear_dit
+from app.web import Callbacks, GenerationEngine, build_demo, launch
+from pipelines.loading import load_pipeline
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "webui.png"
+BASE = dict(
+    prompt="a red circle on a blue background",
+    negative_prompt="",
+    width=64,
+    height=64,
+    steps=2,
+    guidance=3.5,
+    true_cfg=1.0,
+    seed=7,
+    attention="clear",
+    window_size=2,
+    down_factor=1,
+    weights=None,
+    upscale="",
+    strength=0.7,
+)
+
+
+def values(**changes) -> list:
+    return list({**BASE, **changes}.values())
+
+
+def session(name: str) -> SimpleNamespace:
+    return SimpleNamespace(session_hash=name)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pipeline_path, tmp_path_factory) -> GenerationEngine:
+    """One engine (one loaded tiny pipeline) for the module, as the app shares one across sessions."""
+    return GenerationEngine.load("tiny", output_dir=tmp_path_factory.mktemp("webui"))
+
+
+@pytest.fixture(scope="module")
+def cb(engine) -> Callbacks:
+    return Callbacks(engine)
+
+
+def read_png(source: str | Path | bytes) -> Image.Image:
+    """A PNG file (or its bytes), checked to really be one."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_generate_writes_png_with_settings_and_grows_gallery(cb):
+    path, summary, files, gallery = cb.generate(*values(), gallery=[("old.png", "old")], request=session("a"))
+    image = read_png(path)
+    assert image.size == (64, 64) and files == [path] and "CLEAR r=2 d=1" in summary
+    assert gallery[0] == ("old.png", "old") and gallery[1][0] == path
+    record = json.loads(image.text["clear-dit"])
+    assert {k: record[k] for k in BASE} == {**BASE, "true_cfg": 1.0}
+    assert record["model"] == "tiny" and record["seconds"] > 0
+    assert "Seed: 7" in image.text["parameters"]
+    assert Path(path).parent.name == "a"  # one folder per browser session
+
+
+def test_compare_same_seed_full_equals_plain_full_and_stats(cb, engine):
+    steps = []
+    progress = lambda p, desc, unit: steps.append((p, desc))  # noqa: E731 (gr.Progress's call signature)
+    full, clear, pair, heat, summary, files, gallery = cb.compare(*values(height=128), gallery=[], progress=progress)
+    assert [p for p, _ in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert steps[0][1].startswith("full attention") and steps[-1][1].startswith("CLEAR")
+    assert read_png(full).size == read_png(clear).size == (64, 128)
+    assert pair == (full, clear) and files == [full, clear] and len(gallery) == 2
+    assert heat.shape == (128, 64, 3) and heat.dtype == np.uint8
+    density = clear_dit.attention_density((8, 4), engine.text_len, 2, 1)
+    assert f"attention density {100 * density:.1f}%" in summary and "speedup" in summary
+    # r=2 on an 8x4 grid is really local: the images differ; the full image is a plain full-attention run
+    assert np.abs(np.asarray(read_png(full), float) - np.asarray(read_png(clear), float)).max() > 0
+    plain, *_ = cb.generate(*values(height=128, attention="full"))
+    assert np.array_equal(np.asarray(read_png(plain)), np.asarray(read_png(full)))
+
+
+def test_window_covering_the_grid_reproduces_full_attention(cb):
+    _, _, _, heat, summary, *_ = cb.compare(*values(window_size=8))  # 4x4 grid: every token in every window
+    assert "mean |difference| 0.0/255" in summary
+
+
+def test_switching_window_repatches_the_same_pipeline(cb, engine):
+    pipe, transformer = engine.pipe, engine.pipe.transformer
+    cb.generate(*values(window_size=3, down_factor=2))
+    handle = clear_dit.patch_handle(pipe)
+    assert (handle.window_size, handle.down_factor) == (3, 2)
+    cb.generate(*values(window_size=5))
+    assert clear_dit.patch_handle(pipe).config["window_size"] == 5
+    cb.generate(*values(attention="full"))
+    assert clear_dit.patch_handle(pipe) is None
+    assert engine.pipe is pipe and engine.pipe.transformer is transformer
+
+
+def test_weights_file_is_loaded_and_full_attention_gets_its_projections_back(cb, engine, tmp_path):
+    other = load_pipeline("tiny", torch.float32)
+    clear_dit.patch(other, window_size=4)
+    with torch.no_grad():
+        other.transformer.transformer_blocks[0].attn.to_q.weight.mul_(1.5)
+    weights = clear_dit.save_weights(other, tmp_path / "mine.safetensors")
+    assert Callbacks.weights_selected(str(weights), 16, 1) == (4, 1)  # the file's own radius (metadata)
+    assert Callbacks.weights_selected("Huage001/CLEAR/clear_local_8_down_4.safetensors", 16, 1) == (8, 4)
+
+    to_q = engine.pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    original = to_q.detach().clone()
+    before, *_ = cb.generate(*values(attention="full"))
+    cb.generate(*values(window_size=4, weights=str(weights)))
+    assert torch.equal(to_q, other.transformer.transformer_blocks[0].attn.to_q.weight)
+    after, *_ = cb.generate(*values(attention="full"))
+    assert torch.equal(to_q, original)
+    assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
+
+
+def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engine):
+    before, *_ = cb.generate(*values(attention="full"))
+    seen = []
+    progress = lambda p, desc, unit: seen.append(desc)  # noqa: E731
+    path, summary, *_ = cb.generate(*values(upscale="128x96", strength=0.5), progress=progress)
+    image = read_png(path)
+    assert image.size == (128, 96) and "high resolution 64x64 → 128x96" in summary
+    assert seen[0] == "stage 1/2: denoising step 1/2" and seen[-1] == "stage 2/2: denoising step 1/1"
+    assert json.loads(image.text["clear-dit"])["upscale"] == "128x96"
+    assert "Upscale: 128x96 (strength 0.5)" in image.text["parameters"]
+    assert clear_dit.patch_handle(engine.pipe) is None  # the shared model is as before: same full-attention image
+    after, *_ = cb.generate(*values(attention="full"))
+    assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(width=100), "width 100 px is not allowed: width and height: multiples of 16 px"),
+        (dict(height=32), "height 32 px is not allowed"),
+        (dict(width=64, height=80, down_factor=2), "multiples of 32 px"),
+        (dict(prompt="  "), "the prompt is empty"),
+        (dict(steps=0), "steps must be 1 to 100"),
+        (dict(width=None), "width is missing"),
+        (dict(upscale="128x100"), "stage 1 size 128x100 must be positive multiples of 16"),
+        (dict(upscale="64x64"), "stage sizes must increase"),
+        (dict(upscale="big"), "stage size 'big' is not WIDTHxHEIGHT"),
+    ],
+)
+def test_bad_input_is_a_readable_error(cb, changes, message):
+    with pytest.raises(gr.Error, match=message):
+        cb.generate(*values(**changes))
+
+
+def test_compare_refuses_high_resolution_mode(cb):
+    with pytest.raises(gr.Error, match="compare runs single-stage generation"):
+        cb.compare(*values(upscale="128x128"))
+
+
+def test_a_failed_weights_switch_leaves_a_working_engine(cb, engine):
+    before, *_ = cb.generate(*values(attention="full"))
+    cb.generate(*values(window_size=3))
+    with pytest.raises(gr.Error, match="CLEAR weights file not found: /nonexistent/clear.safetensors"):
+        cb.generate(*values(weights="/nonexistent/clear.safetensors"))
+    after, *_ = cb.generate(*values(attention="full"))
+    assert clear_dit.patch_handle(engine.pipe) is None
+    assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
+
+
+def test_cancel_stops_a_running_generation(cb, engine):
+    assert not engine.cancel("nobody")  # cancelling a session that runs nothing does nothing
+    progress = lambda p, desc, unit: engine.cancel("c")  # noqa: E731 (the user presses cancel after step 1)
+    with pytest.raises(gr.Error, match="cancelled"):
+        cb.generate(*values(steps=3), progress=progress, request=session("c"))
+    path, *_ = cb.generate(*values(), request=session("c"))
+    assert read_png(path).size == (64, 64)
+
+
+def test_small_helpers():
+    assert Callbacks.apply_preset("1536 x 1024") == (1536, 1024)
+    assert 0 <= Callbacks.random_seed() < 2**32
+    assert Callbacks.weights_selected(None, 16, 2) == (16, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = build_demo(engine=engine)
+    port = free_port()
+    launch(demo, port=port, block=False, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_gradio_client_named_endpoint_returns_an_image(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    # the parameters left out take the UI's defaults
+    path, summary, files = client.predict(prompt="a cat", width=80, height=64, steps=2, seed=3, api_name="/generate")
+    assert read_png(path).size == (80, 64) and "CLEAR" in summary and files == [path]
+    assert json.loads(read_png(path).text["clear-dit"])["seed"] == 3
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
+    cmd = [sys.executable, "-m", "app.cli", "app", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "/nonexistent/flux"], 1, "error: model folder not found: /nonexistent/flux"),
+        (["--port", "0"], 2, "error: --port must be 1 to 65535, got 0"),
+        (["--weights", "missing.safetensors"], 2, "error: weights file not found: missing.safetensors"),
+    ],
+)
+def test_cli_app_rejects_bad_arguments_in_one_line(args, code, message):
+    proc = cli(*args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and err.strip() == message
+
+
+def test_cli_app_serves_the_named_endpoints(tiny_pipeline_path):
+    port = free_port()
+    proc = cli("--port", str(port))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/info", timeout=5) as response:
+                    info = json.load(response)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "the app did not start within 180 s"
+                time.sleep(1)
+        assert {"/generate", "/compare"} <= set(info["named_endpoints"])
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}" in out  # the user is told where to point the browser
+
+
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    args += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server, wait_until="domcontentloaded")
+        page.locator("#compare").wait_for(timeout=60_000)
+        yield page
+        browser.close()
+
+
+def fill(page, selector: str, value: str) -> None:
+    field = page.locator(selector)
+    field.fill(value)
+    field.press("Tab")  # commit the value as a user leaving the field does
+
+
+@needs_chromium
+def test_browser_compare_shows_both_images_and_timings(page, server):
+    fill(page, "#prompt textarea", "a lighthouse on a cliff at sunset")
+    fill(page, "#width input", "128")
+    fill(page, "#height input", "96")
+    fill(page, "#steps input[type=number]", "2")
+    fill(page, "#window input[type=number]", "2")
+    page.locator("#compare").click()
+    images = {}
+    for name in ("full", "clear"):
+        img = page.locator(f"#{name} img")
+        img.wait_for(timeout=60_000)
+        response = page.request.get(img.get_attribute("src"))
+        assert response.ok
+        images[name] = read_png(response.body())
+    assert images["full"].size == images["clear"].size == (128, 96)
+    summary = page.locator("#summary").inner_text()
+    assert "full attention" in summary and "speedup" in summary and "attention density" in summary
+    page.locator("#heatmap img").wait_for(timeout=10_000)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+@needs_chromium
+def test_browser_bad_size_shows_the_error(page):
+    fill(page, "#width input", "100")
+    page.locator("#generate").click()
+    page.get_by_text("width 100 px is not allowed").first.wait_for(timeout=30_000)
+
+
+@needs_chromium
+def test_browser_cancel_stops_the_generation_and_the_next_one_runs(page, engine):
+    pngs = lambda: sorted(engine.output_dir.rglob("*.png"))  # noqa: E731
+    before = pngs()
+    fill(page, "#width input", "512")
+    fill(page, "#height input", "512")
+    fill(page, "#steps input[type=number]", "100")  # long enough to be still running when cancel arrives
+    page.locator("#generate").click()
+    page.get_by_text("denoising step").first.wait_for(timeout=30_000)  # live progress from the step callback
+    page.locator("#cancel").click()
+    page.wait_for_function("() => !document.body.innerText.includes('denoising step')", timeout=30_000)
+    fill(page, "#steps input[type=number]", "2")
+    page.locator("#generate").click()
+    page.locator("#summary").get_by_text("512x512, 2 steps").wait_for(timeout=60_000)
+    new = [p for p in pngs() if p not in before]
+    assert len(new) == 1 and json.loads(read_png(new[0]).text["clear-dit"])["steps"] == 2
