@@ -73,6 +73,34 @@ class CLEARFluxAttnProcessor(nn.Module):
                 "choose a CLEAR backend with clear_dit.patch(..., backend=NAME) instead"
             )
 
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """CLEAR attention of ``(batch, seq, heads, head_dim)`` q/k/v, text first; every non-image token is text.
+
+        Returns ``(batch, seq, heads * head_dim)`` in the query's dtype. Subclasses that compute the same
+        attention another way (``pipelines.parallel``: one band of rows per device) override this.
+        """
+        h, w = grid
+        text_len = query.shape[1] - h * w
+        scale = None
+        if self.proportional_attention:
+            kv_len = query.shape[1] + (h // self.down_factor) * (w // self.down_factor) * (self.down_factor > 1)
+            scale = proportional_scale(kv_len, query.shape[-1])
+        out = clear_attention(
+            query,
+            key,
+            value,
+            grid=(h, w),
+            text_len=text_len,
+            window_size=self.window_size,
+            down_factor=self.down_factor,
+            spatial_weight=self.spatial_weight,
+            scale=scale,
+            backend=self.backend,
+        )
+        return out.flatten(2, 3).to(query.dtype)
+
     def __call__(
         self,
         attn: nn.Module,
@@ -102,30 +130,12 @@ class CLEARFluxAttnProcessor(nn.Module):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        h, w = clear_grid
-        text_len = query.shape[1] - h * w
-        scale = None
-        if self.proportional_attention:
-            kv_len = query.shape[1] + (h // self.down_factor) * (w // self.down_factor) * (self.down_factor > 1)
-            scale = proportional_scale(kv_len, attn.head_dim)
-        hidden_states = clear_attention(
-            query,
-            key,
-            value,
-            grid=(h, w),
-            text_len=text_len,
-            window_size=self.window_size,
-            down_factor=self.down_factor,
-            spatial_weight=self.spatial_weight,
-            scale=scale,
-            backend=self.backend,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self._attend(query, key, value, clear_grid)
 
         if encoder_hidden_states is None:
             return hidden_states
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], h * w], dim=1
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
         )
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
