@@ -14,9 +14,10 @@ tokens. Only attention communicates, in every layer:
   keys/values are all-gathered (small: ``1/d^2`` of the band).
 
 The band's image queries then attend to text + pooled keys and their halo-extended band through
-:func:`clear_dit.bands.band_attention` (the library's "dense" or "tiled" backend). After the last layer the
-output rows are all-gathered, so every rank takes the same scheduler step. The text stream is computed on
-every rank.
+:func:`clear_dit.bands.band_attention` (the library's "dense" or "tiled" backend; "tiled" also computes the
+halo rows' queries and drops them: ``(band + 2 * reach) / band`` times the band's local attention work on an
+inner band). After the last layer the output rows are all-gathered, so every rank takes the same scheduler
+step. The text stream is computed on every rank.
 
 Failures: before each transformer call the ranks agree on their inputs (``all_gather_object`` on a CPU
 group): a rank whose inputs are bad makes every rank raise with its message, and ranks whose inputs differ
@@ -380,7 +381,8 @@ class BandParallel:
 
     Args:
         pipe_or_transformer: a pipeline with a CLEAR-patched ``FluxTransformer2DModel``, or the model.
-        group: the process group (default: the world); one rank per band.
+        group: the process group (default: the world); one rank per band. With NCCL, every rank of the world
+            constructs the runner (it creates a gloo group over ``group`` for its control messages).
     """
 
     def __init__(self, pipe_or_transformer: Any, group: dist.ProcessGroup | None = None) -> None:

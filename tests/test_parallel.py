@@ -7,6 +7,7 @@ on a sub-group of a 3-rank world), because starting a process and importing diff
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -228,3 +229,35 @@ def test_cli_parallel_errors(tmp_path, extra, env, message):
         timeout=120,
     )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmark_smoke(tiny_pipeline_path, tmp_path):
+    out = tmp_path / "parallel.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "parallel.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "equal to the layout model" in proc.stdout
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["size"], row["ranks"], row["grid"]) == (2048, 2, [128, 128])
+    assert row["kv_allgather_mb"] > row["halo_scheme_mb"] > 0 and row["ratio"] > 1
+    assert result["measured"]["traffic_matches"] and result["measured"]["seconds"]["1"] > 0
+
+
+def test_runner_needs_a_patched_model_and_a_process_group(tiny_pipe, monkeypatch):
+    from pipelines.parallel import BandParallel, init_parallel
+
+    with pytest.raises(ValueError, match="CLEAR-patched transformer"):
+        BandParallel(tiny_pipe)
+    clear_dit.patch(tiny_pipe, window_size=3)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        BandParallel(tiny_pipe)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="needs a distributed launch .*torchrun --nproc_per_node N"):
+        init_parallel()
