@@ -261,3 +261,24 @@ def test_runner_needs_a_patched_model_and_a_process_group(tiny_pipe, monkeypatch
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="needs a distributed launch .*torchrun --nproc_per_node N"):
         init_parallel()
+
+
+def test_one_rank_run_in_process_restores_the_model(tiny_pipe):
+    import torch.distributed as dist
+
+    from pipelines.parallel import ParallelCLEARFluxAttnProcessor, run_parallel_pipeline
+
+    clear_dit.patch(tiny_pipe, window_size=3, down_factor=2)
+    expected = tiny_pipe(**_call(TEXT)).images
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        out = run_parallel_pipeline(tiny_pipe, **_call(TEXT))
+    finally:
+        dist.destroy_process_group()
+    assert (out.latents - expected).abs().max().item() <= 1e-4
+    assert "forward" not in vars(tiny_pipe.transformer)
+    processors = tiny_pipe.transformer.attn_processors.values()
+    assert not any(isinstance(p, ParallelCLEARFluxAttnProcessor) for p in processors)
+    assert clear_dit.patch_handle(tiny_pipe) is not None
+    assert out.traffic_per_step[0]["halo"] == 0 and out.traffic_per_step[0]["output"] == 0
