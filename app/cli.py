@@ -11,6 +11,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +79,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="CLEAR weights (.safetensors file or hub 'repo_id/file'); they define CLEAR")
     p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
     p.add_argument("--compare", action="store_true", help="run full attention and CLEAR; write them side by side")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="patch-parallel CLEAR over the ranks of 'torchrun --nproc_per_node N -m app.cli' or 'accelerate launch': "
+        "one band of image rows per rank (NCCL on GPUs, gloo on CPUs)",
+    )
     p.add_argument("--out", default="clear-dit.png", help="output PNG (default: clear-dit.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -109,6 +116,11 @@ def _validate_generate(args: argparse.Namespace) -> None:
         raise CLIError("--compare needs --window or --weights (full attention is compared with CLEAR)")
     if args.backend != "auto" and not clear:
         raise CLIError("--backend applies to CLEAR attention: pass --window or --weights")
+    if args.parallel:
+        if not clear or args.compare:
+            raise CLIError("--parallel runs CLEAR attention: pass --window or --weights, without --compare")
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise CLIError("--parallel needs a distributed launch: torchrun --nproc_per_node N -m app.cli generate ...")
     _check_weights_path(args.weights)
     from pipelines.loading import model_source
 
@@ -234,6 +246,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.parallel:
+        from pipelines.parallel import init_parallel
+
+        device = init_parallel()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if clear:
         _check_backend(args, device, dtype)
@@ -271,9 +287,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif clear:
         window, down = _enable_clear(pipe, args)
         label = _clear_label(window, down)
-        image, seconds = _timed(pipe, args, max_sequence_length, label, warmup=False)
+        if args.parallel:
+            image, seconds, report = _generate_parallel(pipe, args, max_sequence_length, label)
+            if image is None:  # ranks > 0: rank 0 writes the image and the report
+                return 0
+            settings["parallel"] = report
+        else:
+            image, seconds = _timed(pipe, args, max_sequence_length, label, warmup=False)
         settings["attention"] = label
         lines.append(f"{label} (backend {args.backend}): {seconds:.2f} s")
+        if args.parallel:
+            lines.append(report)
     else:
         image, seconds = _timed(pipe, args, max_sequence_length, "full attention", warmup=False)
         settings["attention"] = "full"
@@ -289,6 +313,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines.append(f"wrote {out} ({image.width}x{image.height})")
     print("\n".join(lines))
     return 0
+
+
+def _generate_parallel(pipe, args: argparse.Namespace, max_sequence_length: int, label: str):
+    """``generate --parallel`` on this rank: ``(image or None on ranks > 0, seconds, communication report)``."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.parallel import run_parallel_pipeline, traffic_report
+
+    rank = dist.get_rank()
+    pipe.set_progress_bar_config(desc=label, leave=False, disable=rank != 0)
+    start = time.perf_counter()
+    result = run_parallel_pipeline(
+        pipe,
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        max_sequence_length=max_sequence_length,
+    )
+    seconds = time.perf_counter() - start
+    report = traffic_report(result.traffic_per_step, dist.get_backend())
+    dist.barrier()
+    dist.destroy_process_group()
+    return (result.images[0] if rank == 0 else None), seconds, report
 
 
 def _side_by_side(left, right):

@@ -1,0 +1,83 @@
+"""clear_dit.bands: band attention and log-sum-exp partials against the full CLEAR oracle ("dense" backend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clear_dit import clear_attention, pool_tokens
+from clear_dit.bands import attention_with_lse, band_attention, window_reach
+from clear_dit.mask import in_window, window_row_extents
+
+HEADS, DIM = 2, 8
+
+
+def _qkv(seq: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, seq, HEADS, DIM, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5, 8])
+def test_window_reach_is_the_farthest_row_of_the_window(r):
+    assert window_reach(r) == r - 1
+    assert in_window(window_reach(r), 0, r) and not in_window(window_reach(r) + 1, 0, r)
+    assert {abs(dy) for dy, _ in window_row_extents(r)} == set(range(r))
+
+
+def test_attention_with_lse_matches_softmax_and_merges_exactly(monkeypatch):
+    q, k, v = _qkv(12)
+    out, lse = attention_with_lse(q[:, :5], k, v)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q[:, :5], k) * DIM**-0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr("clear_dit.bands._MAX_SCORES", 20)  # forces key chunks of 2, merged by lse
+    chunked, chunked_lse = attention_with_lse(q[:, :5], k, v)
+    torch.testing.assert_close(chunked, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_lse, lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiled", "auto"])
+@pytest.mark.parametrize(
+    "grid,text_len,r,d,band",
+    [
+        ((8, 6), 3, 3, 1, (0, 3)),
+        ((8, 6), 3, 3, 1, (3, 6)),
+        ((8, 6), 0, 3, 1, (6, 8)),
+        ((8, 6), 4, 4, 2, (2, 4)),
+        ((12, 10), 5, 2, 2, (4, 10)),
+        ((8, 6), 2, 9, 1, (2, 4)),  # the window covers the grid
+    ],
+)
+def test_band_attention_equals_the_band_rows_of_full_clear_attention(backend, grid, text_len, r, d, band):
+    h, w = grid
+    q, k, v = _qkv(text_len + h * w, seed=h + r)
+    full = clear_attention(q, k, v, grid=grid, text_len=text_len, window_size=r, down_factor=d, backend="dense")
+    (a, b), reach = band, window_reach(r)
+    lo, hi = max(0, a - reach), min(h, b + reach)
+    t = text_len
+    pooled_k = pool_tokens(k[:, t:], grid, d) if d > 1 else k[:, :0]
+    pooled_v = pool_tokens(v[:, t:], grid, d) if d > 1 else v[:, :0]
+    keys = torch.cat([k[:, :t], pooled_k, k[:, t + lo * w : t + hi * w]], dim=1)
+    values = torch.cat([v[:, :t], pooled_v, v[:, t + lo * w : t + hi * w]], dim=1)
+    out = band_attention(
+        q[:, t + a * w : t + b * w],
+        keys,
+        values,
+        key_grid=(hi - lo, w),
+        rows=(a - lo, b - lo),
+        num_global=t + pooled_k.shape[1],
+        window_size=r,
+        backend=backend,
+    )
+    torch.testing.assert_close(out, full[:, t + a * w : t + b * w], atol=1e-5, rtol=1e-5)
+
+
+def test_band_attention_rejects_inconsistent_shapes():
+    q, k, v = _qkv(2 + 4 * 3)
+    with pytest.raises(ValueError, match="rows must satisfy"):
+        band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(3, 5), num_global=2, window_size=2)
+    with pytest.raises(ValueError, match="query has 6 tokens"):
+        band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 1), num_global=2, window_size=2)
+    with pytest.raises(ValueError, match="key/value must both be"):
+        band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 2), num_global=3, window_size=2)

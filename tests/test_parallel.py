@@ -1,0 +1,284 @@
+"""Patch-parallel CLEAR inference on CPU processes (gloo): equal to one process, traffic as computed, clean faults.
+
+The ranks are real processes started by ``pipelines.parallel.launch_local`` (or torchrun for the CLI); each
+loads the session's tiny FLUX pipeline with ``from_pretrained``. One launch runs many configurations (N = 2
+on a sub-group of a 3-rank world), because starting a process and importing diffusers costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clear_dit
+from pipelines.parallel import BandPlan, launch_local, layer_traffic, split_rows
+
+REPO = Path(__file__).resolve().parents[1]
+HEIGHT, WIDTH = 128, 96  # 8 x 6 tokens
+TEXT = 16  # T5 tokens of the runs with text
+#: (ranks, window, down, text tokens, backend); r = 4 on 3 ranks (bands 3/3/2, or 4/2/2 rows for d = 2) makes
+#: the last band take halo rows from two ranks up.
+CONFIGS = [
+    (2, 3, 1, TEXT, "auto"),
+    (2, 3, 2, 0, "tiled"),
+    (2, 3, 1, 0, "dense"),
+    (2, 3, 2, TEXT, "auto"),
+    (3, 4, 1, TEXT, "tiled"),
+    (3, 4, 2, 0, "auto"),
+    (3, 4, 1, 0, "auto"),
+    (3, 4, 2, TEXT, "dense"),
+]
+
+
+def _pipe(path: str, window: int, down: int, backend: str = "auto"):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    clear_dit.patch(pipe, window_size=window, down_factor=down, backend=backend)
+    return pipe
+
+
+def _call(text: int, seed: int = 0, height: int = HEIGHT) -> dict:
+    kwargs = dict(
+        height=height,
+        width=WIDTH,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    )
+    if text:
+        return dict(kwargs, prompt="a red circle on a blue background", max_sequence_length=text)
+    return dict(kwargs, prompt_embeds=torch.zeros(1, 0, 32), pooled_prompt_embeds=torch.zeros(1, 32))
+
+
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+# ------------------------------------------------------------------------------------ rank workers (spawned)
+
+
+def equivalence_worker(path: str) -> dict:
+    """Every config of CONFIGS (N = 2 on ranks 0-1), then two bad inputs on one rank."""
+    import torch.distributed as dist
+
+    from pipelines.parallel import run_parallel_pipeline
+
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])
+    latents, traffic = [], []
+    for n, window, down, text, backend in CONFIGS:
+        if rank >= n:
+            latents.append(None)
+            traffic.append(None)
+            continue
+        out = run_parallel_pipeline(_pipe(path, window, down, backend), group=pair if n == 2 else None, **_call(text))
+        latents.append(out.latents)
+        traffic.append(out.traffic_per_step)
+    pipe = _pipe(path, 4, 1)
+    bad_height = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, height=32 if rank == 2 else HEIGHT)))
+    bad_seed = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, seed=int(rank == 1))))
+    return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed}
+
+
+def faulty_worker(path: str, fail_rank: int) -> None:
+    """Rank ``fail_rank`` raises inside the second single-stream block, in the middle of the collectives."""
+    import torch.distributed as dist
+
+    from pipelines.parallel import run_parallel_pipeline
+
+    pipe = _pipe(path, 4, 2)
+    if dist.get_rank() == fail_rank:
+
+        def fault(module, args):
+            raise RuntimeError("injected fault in a transformer block")
+
+        pipe.transformer.single_transformer_blocks[1].register_forward_pre_hook(fault)
+    run_parallel_pipeline(pipe, **_call(TEXT))
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+def test_split_rows_and_plan():
+    assert split_rows(8, 3) == ((0, 3), (3, 6), (6, 8))
+    assert split_rows(8, 3, multiple=2) == ((0, 4), (4, 6), (6, 8))
+    assert split_rows(16, 4, multiple=4) == ((0, 4), (4, 8), (8, 12), (12, 16))
+    with pytest.raises(ValueError, match="cannot split 8 token rows into 5 bands"):
+        split_rows(8, 5, multiple=2)
+    plan = BandPlan((8, 6), 3, window_size=4, down_factor=2)
+    assert plan.reach == 3 and plan.halo(2) == (3, 8) and plan.halo(0) == (0, 7)
+    moves = {(m.src, m.dst): (m.start, m.stop) for m in plan.transfers}
+    assert moves == {(1, 0): (4, 6), (2, 0): (6, 7), (0, 1): (1, 4), (2, 1): (6, 8), (0, 2): (3, 4), (1, 2): (4, 6)}
+    # bytes per layer (FLUX.1-dev dims): the halo rows each rank sends vs its whole band to every other rank
+    rows = layer_traffic(BandPlan((128, 128), 2, 16), text_len=512, heads=24, head_dim=128)
+    assert rows[0]["halo"] == 15 * 128 * 24 * 2 * 128 * 2
+    assert rows[0]["kv_allgather"] == 64 * 128 * 24 * 2 * 128 * 2
+
+
+@pytest.fixture(scope="module")
+def equivalence(tiny_pipeline_path):
+    results = launch_local(equivalence_worker, 3, (str(tiny_pipeline_path),), timeout_s=400, group_timeout_s=120)
+    for result in results:
+        assert result.exitcode == 0, f"rank {result.rank}: {result.error}"
+    return [result.value for result in results]
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[f"N{n}-r{r}-d{d}-t{t}-{b}" for n, r, d, t, b in CONFIGS])
+def test_parallel_latents_equal_single_process(equivalence, tiny_pipeline_path, index):
+    n, window, down, text, backend = CONFIGS[index]
+    expected = _pipe(str(tiny_pipeline_path), window, down, backend)(**_call(text)).images
+    for rank in range(n):
+        latents = equivalence[rank]["latents"][index]
+        assert latents.shape == expected.shape
+        assert (latents - expected).abs().max().item() <= 1e-4, f"rank {rank}"
+
+
+@pytest.mark.parametrize("index", [3, 7])
+def test_counted_traffic_matches_the_layout_model(equivalence, index):
+    n, window, down, text, _ = CONFIGS[index]
+    plan = BandPlan((HEIGHT // 16, WIDTH // 16), n, window, down)
+    layers = 3  # the tiny transformer: 1 double-stream + 2 single-stream blocks
+    model = layer_traffic(plan, text, heads=2, head_dim=64, element_size=4)
+    for rank in range(n):
+        counted = equivalence[rank]["traffic"][index][rank]
+        for kind in ("halo", "pooled", "text"):
+            assert counted.get(kind, 0.0) == pytest.approx(layers * model[rank][kind]), (rank, kind)
+        assert counted["halo"] > 0 and counted["output"] > 0
+
+
+def test_bad_input_on_one_rank_fails_every_rank_with_its_message(equivalence):
+    split = "cannot split 2 token rows into 3 bands"
+    assert equivalence[2]["bad_height"].startswith("ValueError: " + split)
+    for rank in (0, 1):
+        assert equivalence[rank]["bad_height"].startswith("RankFailedError: rank 2 failed: ValueError: " + split)
+    for rank in range(3):  # different seeds: every rank refuses, naming rank 1
+        assert equivalence[rank]["bad_seed"].startswith("ValueError: ranks [1] got other transformer inputs")
+
+
+def test_a_failing_rank_stops_every_rank_with_its_message(tiny_pipeline_path):
+    group_timeout = 90.0
+    results = launch_local(faulty_worker, 3, (str(tiny_pipeline_path), 0), timeout_s=200, group_timeout_s=group_timeout)
+    assert [r.exitcode for r in results] == [1, 1, 1], [r.error for r in results]
+    assert results[0].error == "RuntimeError: injected fault in a transformer block"
+    for result in results[1:]:
+        assert result.error == "RankFailedError: rank 0 failed: RuntimeError: injected fault in a transformer block"
+    assert max(r.seconds for r in results) < group_timeout / 2  # torn down at once, not by the timeout
+
+
+def test_cli_parallel_torchrun(tiny_pipe, tmp_path):
+    out = tmp_path / "parallel.png"
+    argv = ["--prompt", "a red circle", "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", "2"]
+    argv += ["--window", "3", "--down", "2", "--seed", "5"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "app.cli", "generate", *argv]
+        + ["--parallel", "--out", str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "patch-parallel: 2 ranks over gloo" in proc.stdout and "halo" in proc.stdout
+    assert proc.stdout.count("wrote ") == 1  # rank 0 only
+    with Image.open(out) as image:
+        got = np.asarray(image.convert("RGB"), dtype=np.int16)
+    clear_dit.patch(tiny_pipe, window_size=3, down_factor=2)
+    tiny_pipe.vae.enable_tiling()  # rank 0 decodes tiled
+    expected = tiny_pipe(
+        "a red circle",
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(5),
+        max_sequence_length=64,
+    ).images[0]
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "extra,env,message",
+    [
+        (["--window", "3"], {}, "--parallel needs a distributed launch"),
+        ([], {"RANK": "0", "WORLD_SIZE": "1"}, "--parallel runs CLEAR attention"),
+    ],
+)
+def test_cli_parallel_errors(tmp_path, extra, env, message):
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "generate", "--prompt", "x", "--parallel", "--out", str(tmp_path / "x.png")]
+        + extra,
+        cwd=REPO,
+        env={**clean, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmark_smoke(tiny_pipeline_path, tmp_path):
+    out = tmp_path / "parallel.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "parallel.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "equal to the layout model" in proc.stdout
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["size"], row["ranks"], row["grid"]) == (2048, 2, [128, 128])
+    assert row["kv_allgather_mb"] > row["halo_scheme_mb"] > 0 and row["ratio"] > 1
+    assert result["measured"]["traffic_matches"] and result["measured"]["seconds"]["1"] > 0
+
+
+def test_runner_needs_a_patched_model_and_a_process_group(tiny_pipe, monkeypatch):
+    from pipelines.parallel import BandParallel, init_parallel
+
+    with pytest.raises(ValueError, match="CLEAR-patched transformer"):
+        BandParallel(tiny_pipe)
+    clear_dit.patch(tiny_pipe, window_size=3)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        BandParallel(tiny_pipe)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="needs a distributed launch .*torchrun --nproc_per_node N"):
+        init_parallel()
+
+
+def test_one_rank_run_in_process_restores_the_model(tiny_pipe):
+    import torch.distributed as dist
+
+    from pipelines.parallel import ParallelCLEARFluxAttnProcessor, run_parallel_pipeline
+
+    clear_dit.patch(tiny_pipe, window_size=3, down_factor=2)
+    expected = tiny_pipe(**_call(TEXT)).images
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        out = run_parallel_pipeline(tiny_pipe, **_call(TEXT))
+    finally:
+        dist.destroy_process_group()
+    assert (out.latents - expected).abs().max().item() <= 1e-4
+    assert "forward" not in vars(tiny_pipe.transformer)
+    processors = tiny_pipe.transformer.attn_processors.values()
+    assert not any(isinstance(p, ParallelCLEARFluxAttnProcessor) for p in processors)
+    assert clear_dit.patch_handle(tiny_pipe) is not None
+    assert out.traffic_per_step[0]["halo"] == 0 and out.traffic_per_step[0]["output"] == 0
