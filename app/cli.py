@@ -406,14 +406,17 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
     return outs
 
 
-@subcommand("highres", "generate a high-resolution image by progressive upscaling with CLEAR", _highres_arguments)
-def cmd_highres(args: argparse.Namespace) -> int:
-    outs = _validate_highres(args)
-
+def _device_and_dtype():
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@subcommand("highres", "generate a high-resolution image by progressive upscaling with CLEAR", _highres_arguments)
+def cmd_highres(args: argparse.Namespace) -> int:
+    outs = _validate_highres(args)
+    device, dtype = _device_and_dtype()
     _check_backend(args, device, dtype)
     _quiet_libraries(args.verbose)
     from pipelines.highres import HighResFluxPipeline
@@ -480,13 +483,6 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the tokenizer's limit, at most 512)")
     p.add_argument("--overwrite", action="store_true", help="discard data in --out made with other settings")
-
-
-def _device_and_dtype():
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 @subcommand(
