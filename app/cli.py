@@ -238,19 +238,25 @@ def _density_line(args, window: int, down: int, max_sequence_length: int, scale:
     )
 
 
+def _device_and_dtype(device=None):
+    """The device to run on (``device``, else CUDA when present) and its dtype: bf16 on CUDA, fp32 on CPU."""
+    import torch
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 @subcommand("generate", "generate an image with full or CLEAR attention", _generate_arguments)
 def cmd_generate(args: argparse.Namespace) -> int:
     _validate_generate(args)
     clear = args.window is not None or args.weights is not None
 
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parallel_device = None
     if args.parallel:
         from pipelines.parallel import init_parallel
 
-        device = init_parallel()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        parallel_device = init_parallel()
+    device, dtype = _device_and_dtype(parallel_device)
     if clear:
         _check_backend(args, device, dtype)
 
@@ -404,13 +410,6 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
         if path.exists() and not args.overwrite:
             raise CLIError(f"{path} exists; pass --overwrite to replace it")
     return outs
-
-
-def _device_and_dtype():
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 @subcommand("highres", "generate a high-resolution image by progressive upscaling with CLEAR", _highres_arguments)
