@@ -541,7 +541,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-step (default: 1)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-4 with adamw, 1.0 with prodigy)")
     p.add_argument("--optimizer", default="adamw", help="adamw (default) or prodigy (pip install prodigyopt)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="default: 1e-4")
     p.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization schedule (default: constant)")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import clear_dit
 from app.cli import main
@@ -173,6 +174,13 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, data_dir, mon
         for path in (tmp_path / "full/logs/train.jsonl", tmp_path / "resumed/logs/train.jsonl")
     ]
     assert [e["step"] for e in logs[1]] == [1, 2, 3, 4] and logs[0] == logs[1]  # step 3 logged once, same losses
+    # tensorboard: the resumed attempt's event file purges the killed attempt's step 3 for readers
+    assert len(list((tmp_path / "resumed/logs/distill").glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(tmp_path / "resumed/logs/distill"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [
+        (e["step"], pytest.approx(e["loss"], rel=1e-6)) for e in logs[0]
+    ]
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-4"]  # keep last 1
 
 
@@ -266,3 +274,30 @@ def test_benchmark_smoke(tmp_path, tiny_pipeline_path, capsys):
         ("shared", 4),
     ]
     assert all(r["samples_per_s"] > 0 for r in result["table"])
+
+
+def test_prodigy_trains_and_tensorboard_holds_the_logged_values(tmp_path, data_dir):
+    cfg = config(tmp_path, data_dir, optimizer="prodigy", lr=None, num_validation=1, validate_every=2)
+    distiller = Distiller(cfg)
+    assert type(distiller.optimizer.optimizer).__name__ == "Prodigy"
+    before = {k: v.clone() for k, v in distiller.student.trainable_state_dict().items()}
+    distiller.fit()
+    after = distiller.student.trainable_state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+    logs = [json.loads(line) for line in (tmp_path / "run/logs/train.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in logs] == [1.0, 1.0, 1.0]  # Prodigy's default: its lr scales the step it estimates
+    assert logs[0]["prodigy_d"] < logs[-1]["prodigy_d"]  # ... and the estimate grows from d0 as it trains
+    assert len({e["loss"] for e in logs}) == 3
+
+    (events,) = (tmp_path / "run/logs/distill").glob("events.out.tfevents.*")
+    tensorboard = EventAccumulator(str(events.parent))
+    tensorboard.Reload()
+    for name in ("loss", "loss_fm", "loss_out", "loss_attn", "lr", "samples_per_s"):
+        scalars = tensorboard.Scalars(f"train/{name}")
+        assert [s.step for s in scalars] == [1, 2, 3], name
+        assert [s.value for s in scalars] == pytest.approx([e[name] for e in logs], rel=1e-6), name
+    gaps = [json.loads(line) for line in (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()]
+    assert [(s.step, pytest.approx(s.value, rel=1e-6)) for s in tensorboard.Scalars("validation/val_gap")] == [
+        (g["step"], g["val_gap"]) for g in gaps
+    ]

@@ -54,6 +54,9 @@ __all__ = ["Distiller", "DistillConfig", "MIXED_PRECISION", "OPTIMIZERS", "train
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "prodigy")
+#: The learning rate when --lr is not given: AdamW's step size; Prodigy estimates the step itself and its lr
+#: only scales that estimate (1.0 as its authors and diffusers' training scripts use it).
+DEFAULT_LR = {"adamw": 1e-4, "prodigy": 1.0}
 RUN_FILE = "run.json"
 TRAINABLE_FILE = "trainable.safetensors"
 #: Fixed density quantiles of the validation timesteps (mapped through the scheduler's sigma grid).
@@ -76,7 +79,7 @@ class DistillConfig:
     max_steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     lr_scheduler: str = "constant"
@@ -116,7 +119,7 @@ class DistillConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         choices = {
             "mixed_precision": MIXED_PRECISION,
@@ -385,13 +388,16 @@ class _Logger:
 
 
 def _make_optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
     if config.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError:
             raise ValueError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return Prodigy(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if lr <= 0.1:
+            logger.warning("--optimizer prodigy with --lr %g: Prodigy's lr scales its own step estimate, use ~1.0", lr)
+        return Prodigy(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
 class Distiller:
@@ -471,11 +477,13 @@ class Distiller:
         acc.register_for_checkpointing(self.lr_scheduler, self.state)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
-        if trackers and acc.is_main_process:
-            acc.init_trackers("distill")
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
+        if trackers and acc.is_main_process:
+            # purge_step: readers drop the events the interrupted attempt logged after its last checkpoint.
+            purge = {"purge_step": self.state.step + 1} if self.resume_from is not None else {}
+            acc.init_trackers("distill", init_kwargs={"tensorboard": purge})
         # Log lines after the resumed step (or all, for a fresh start) belong to the interrupted attempt.
         self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else -1)
 
@@ -552,6 +560,8 @@ class Distiller:
             for name, value in zip(losses.as_floats(), floats.tolist(), strict=True):
                 totals[name] = totals.get(name, 0.0) + value / self.config.grad_accum
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if "d" in self.optimizer.param_groups[0]:  # Prodigy: the step size it estimated (the step is d * lr)
+            totals["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
         self.lr_scheduler.step()
         self.state.step += 1
         return totals
