@@ -582,6 +582,11 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from app.launch import relaunch_lost_cpu_processes
+
+    code = relaunch_lost_cpu_processes(args._argv)
+    if code is not None:  # the N processes of `accelerate launch --cpu --num_processes N` ran (see app/launch.py)
+        return code
     _quiet_libraries(args.verbose)
     from accelerate import PartialState
 
@@ -643,7 +648,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # a command that relaunches itself (distill under `accelerate launch --cpu`) passes it on
     try:
         level = logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

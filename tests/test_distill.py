@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import clear_dit
+from app import launch
 from app.cli import main
+from app.launch import WORLD_SIZE_VARIABLES, alone_under_cpu_launch, requested_processes
 from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
 from training.distill import DistillConfig, Distiller, make_batch, train
@@ -31,6 +33,15 @@ def data_dir(tmp_path_factory, tiny_pipeline_path):
     out = tmp_path_factory.mktemp("distill") / "data"
     prompts = ["a red circle", "a blue square", "a cup of coffee", "a mountain lake", "a city street at night"]
     return generate_dataset(pipe, prompts, out, resolution=64, num=6, steps=2, batch_size=3, model_name="tiny")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models step fastest on one thread (on a busy machine, two threads mostly wait for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()
@@ -225,11 +236,14 @@ def test_clear_errors(tmp_path, data_dir):
 
 
 def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, capsys):
+    """`accelerate launch --num_processes 2 --cpu` as the issue writes it: accelerate starts one process, which
+    starts the two (app/launch.py); they train as one process with the same global batch does."""
     common = ["distill", "--data", str(data_dir), "--window", "1", "--max-steps", "2", "--lr", "1e-3"]
     common += ["--num-validation", "2", "--no-validation-images", "--checkpoint-every", "2"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "2", "--cpu"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "app.cli"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_SIZE_VARIABLES and k != "MASTER_ADDR"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     ddp = subprocess.run(
         [*launch, *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")],
         cwd=ROOT,
@@ -239,6 +253,7 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
         timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "starting 2 CPU processes with torch.distributed.run" in ddp.stderr
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
     assert "wrote" in capsys.readouterr().out
 
@@ -256,6 +271,37 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
     a, b = (load_file(tmp_path / name / "clear_local_1.safetensors") for name in ("ddp", "one"))
     for k in a:  # Adam divides by sqrt(v): float noise in tiny gradients moves weights by up to ~1e-5
         torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
+
+
+def test_cpu_launch_detection_reads_the_launcher_and_refuses_what_it_cannot_start(tmp_path, data_dir, monkeypatch):
+    script = ["-m", "app.cli", "distill", "--num_processes", "7"]  # the script's own args are not the launcher's
+    assert requested_processes(["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "3", *script]) == 3
+    module = ["python", "-m", "accelerate.commands.launch"]
+    assert requested_processes([*module, "--num-processes=2", "--cpu", "x.py"]) == 2
+    assert requested_processes([*module, "--cpu", *script]) is None
+    assert requested_processes(["/usr/bin/bash", "run.sh"]) is None
+    assert requested_processes(["accelerate", "launch", "--cpu"]) is None  # no script: not a launch
+    config_file = tmp_path / "accelerate.yaml"
+    config_file.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 4\n")
+    assert requested_processes(["/bin/accelerate-launch", "--config_file", str(config_file), "--cpu", *script]) == 4
+
+    lone = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert alone_under_cpu_launch(lone)
+    assert not alone_under_cpu_launch({**lone, "WORLD_SIZE": "2"})  # torchrun's (or mpirun's) ranks
+    assert not alone_under_cpu_launch({"ACCELERATE_USE_CPU": "True"})  # --num_processes 1: no MASTER_ADDR
+    assert not alone_under_cpu_launch({"MASTER_ADDR": "127.0.0.1"})
+
+    for name in WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in lone.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(launch, "_parent_argv", lambda: ["/usr/bin/bash", "run.sh"])
+    with pytest.raises(
+        ValueError, match="asked for several processes but started one .* use accelerate launch --multi"
+    ):
+        launch.relaunch_lost_cpu_processes(["distill"])
+    monkeypatch.setattr(launch, "_parent_argv", lambda: ["accelerate", "launch", "--num_processes", "1", "x.py"])
+    assert launch.relaunch_lost_cpu_processes(["distill"]) is None  # one process asked, one running
 
 
 def test_benchmark_smoke(tmp_path, tiny_pipeline_path, capsys):
@@ -301,3 +347,4 @@ def test_prodigy_trains_and_tensorboard_holds_the_logged_values(tmp_path, data_d
     assert [(s.step, pytest.approx(s.value, rel=1e-6)) for s in tensorboard.Scalars("validation/val_gap")] == [
         (g["step"], g["val_gap"]) for g in gaps
     ]
+
