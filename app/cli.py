@@ -550,7 +550,14 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, help="train a LoRA of this rank on the projections instead of them")
     p.add_argument("--mixed-precision", default="no", help="no (default), bf16 or fp16")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--fm-weight", type=float, default=1.0, help="weight of L_fm, the flow-matching loss (default: 1)")
+    p.add_argument(
+        "--fm-weight",
+        type=float,
+        default=1.0,
+        help="weight of L_fm, the flow-matching loss (default: 1, the paper's, for a trained teacher). 0 distils the "
+        "teacher alone: use it for a teacher whose samples do not follow its own flow, e.g. the random tiny one "
+        "(logs/validation.jsonl: its val_fm_teacher above the student's val_fm_student)",
+    )
     p.add_argument("--out-weight", type=float, default=0.5, help="weight a of L_out (default: 0.5)")
     p.add_argument("--attn-weight", type=float, default=0.5, help="weight b of L_attn (default: 0.5)")
     p.add_argument("--attn-layers", type=_layers, default=None, help="layers aligned by L_attn: 'all' or '0,1,5'")
@@ -578,7 +585,12 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
 
 
-@subcommand("distill", "distill a CLEAR student from a FLUX teacher (accelerate launch for DDP)", _distill_arguments)
+@subcommand(
+    "distill",
+    "distill a CLEAR student from a FLUX teacher; N processes (DDP): accelerate launch --multi_gpu --num_processes N "
+    "-m app.cli distill ... on GPUs, accelerate launch --cpu --num_processes N -m app.cli distill ... on CPUs",
+    _distill_arguments,
+)
 def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
