@@ -541,7 +541,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-step (default: 1)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-4 with adamw, 1.0 with prodigy)")
     p.add_argument("--optimizer", default="adamw", help="adamw (default) or prodigy (pip install prodigyopt)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="default: 1e-4")
     p.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization schedule (default: constant)")
@@ -550,7 +550,14 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, help="train a LoRA of this rank on the projections instead of them")
     p.add_argument("--mixed-precision", default="no", help="no (default), bf16 or fp16")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--fm-weight", type=float, default=1.0, help="weight of L_fm, the flow-matching loss (default: 1)")
+    p.add_argument(
+        "--fm-weight",
+        type=float,
+        default=1.0,
+        help="weight of L_fm, the flow-matching loss (default: 1, the paper's, for a trained teacher). 0 distils the "
+        "teacher alone: use it for a teacher whose samples do not follow its own flow, e.g. the random tiny one "
+        "(logs/validation.jsonl: its val_fm_teacher above the student's val_fm_student)",
+    )
     p.add_argument("--out-weight", type=float, default=0.5, help="weight a of L_out (default: 0.5)")
     p.add_argument("--attn-weight", type=float, default=0.5, help="weight b of L_attn (default: 0.5)")
     p.add_argument("--attn-layers", type=_layers, default=None, help="layers aligned by L_attn: 'all' or '0,1,5'")
@@ -578,10 +585,20 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
 
 
-@subcommand("distill", "distill a CLEAR student from a FLUX teacher (accelerate launch for DDP)", _distill_arguments)
+@subcommand(
+    "distill",
+    "distill a CLEAR student from a FLUX teacher; N processes (DDP): accelerate launch --multi_gpu --num_processes N "
+    "-m app.cli distill ... on GPUs, accelerate launch --cpu --num_processes N -m app.cli distill ... on CPUs",
+    _distill_arguments,
+)
 def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from app.launch import relaunch_lost_cpu_processes
+
+    code = relaunch_lost_cpu_processes(args._argv)
+    if code is not None:  # the N processes of `accelerate launch --cpu --num_processes N` ran (see app/launch.py)
+        return code
     _quiet_libraries(args.verbose)
     from accelerate import PartialState
 
@@ -643,7 +660,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # a command that relaunches itself (distill under `accelerate launch --cpu`) passes it on
     try:
         level = logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,9 +191,10 @@ def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeli
     out = tmp_path / "data"
     args = ["make-data", "--prompts", str(prompts), "--out", str(out), "--resolution", "64", "--steps", "2"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args, "--num", "400"], cwd=repo, env=env, stderr=subprocess.DEVNULL
-    )
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args, "--num", "400"], cwd=repo, env=env, stderr=stderr
+        )
     manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -201,6 +203,8 @@ def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeli
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    # the progress bar: items done of the total, elapsed < remaining (ETA)
+    assert re.search(r"make-data: +\d+%\|.*\| \d+/400 \[\d\d:\d\d<\d\d:\d\d", (tmp_path / "stderr.txt").read_text())
     done = DistillDataset(out)
     assert 2 <= len(done) < 400
     for i in range(len(done)):  # every listed item's shard and image are complete

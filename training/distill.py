@@ -6,7 +6,14 @@ its original attention and weights (:class:`training.student.Student`). accelera
 mixed precision, gradient accumulation and the checkpoint state; launch with
 ``accelerate launch --multi_gpu --num_processes N -m app.cli distill ...`` (or ``torchrun --nproc_per_node N
 -m app.cli distill ...``) for several GPUs, or several CPU processes over gloo on a machine without GPUs.
-(``accelerate launch --cpu --num_processes N`` starts N processes only through ``mpirun``; without it, one.)
+``accelerate launch --cpu --num_processes N -m app.cli distill ...`` works as well: accelerate starts one
+process for it (N only through ``mpirun``), which starts the N itself (:mod:`app.launch`).
+
+The loss: the paper's ``L_fm + 0.5 L_out + 0.5 L_attn`` assumes a trained teacher, whose self-generated samples
+follow its own flow, so that the flow-matching target and the teacher agree. For a teacher that does not (the
+randomly initialised tiny model: its held-out ``L_fm`` is 1.44 and a student gets below it), ``L_fm`` pulls the
+student away from the teacher and the gap grows; ``fm_weight=0`` distils the teacher alone, the configuration
+of the tiny-model acceptance test and ``benchmarks/distill.py`` (gap -75% in 200 steps; x203 with ``L_fm``).
 
 Reproducibility: the sample order, the timesteps, the noise and the latent draws of every sample are a
 function of ``(seed, position of the sample in the global sample stream)``, not of any RNG state. A run
@@ -18,7 +25,7 @@ Run folder::
     run.json                      the configuration and the data's shapes (a resumed run must match)
     checkpoint-{step}/            accelerate state: trainable tensors, optimizer, scheduler, RNG, position
     logs/train.jsonl              per optimizer step: losses, lr, grad norm, samples/s
-    logs/validation.jsonl         per validation: the held-out student/teacher velocity gap
+    logs/validation.jsonl         per validation: the held-out student - teacher velocity gap, both L_fm
     validation/step-{step}.png    held-out prompts, teacher | student
     clear_local_{R}[_down_{D}].safetensors   the exported student (clear_dit.save_weights)
 """
@@ -31,6 +38,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -54,6 +62,9 @@ __all__ = ["Distiller", "DistillConfig", "MIXED_PRECISION", "OPTIMIZERS", "train
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "prodigy")
+#: The learning rate when --lr is not given: AdamW's step size; Prodigy estimates the step itself and its lr
+#: only scales that estimate (1.0 as its authors and diffusers' training scripts use it).
+DEFAULT_LR = {"adamw": 1e-4, "prodigy": 1.0}
 RUN_FILE = "run.json"
 TRAINABLE_FILE = "trainable.safetensors"
 #: Fixed density quantiles of the validation timesteps (mapped through the scheduler's sigma grid).
@@ -76,7 +87,7 @@ class DistillConfig:
     max_steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     lr_scheduler: str = "constant"
@@ -85,7 +96,7 @@ class DistillConfig:
     lora_rank: int | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    fm_weight: float = 1.0
+    fm_weight: float = 1.0  # the paper's; 0 for a teacher whose samples do not follow its flow (module docstring)
     out_weight: float = 0.5
     attn_weight: float = 0.5
     attn_layers: list[int] | None = None
@@ -116,7 +127,7 @@ class DistillConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lora_rank is not None and self.lora_rank <= 0:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         choices = {
             "mixed_precision": MIXED_PRECISION,
@@ -385,13 +396,16 @@ class _Logger:
 
 
 def _make_optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
     if config.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError:
             raise ValueError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return Prodigy(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if lr <= 0.1:
+            logger.warning("--optimizer prodigy with --lr %g: Prodigy's lr scales its own step estimate, use ~1.0", lr)
+        return Prodigy(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
 class Distiller:
@@ -471,11 +485,13 @@ class Distiller:
         acc.register_for_checkpointing(self.lr_scheduler, self.state)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
-        if trackers and acc.is_main_process:
-            acc.init_trackers("distill")
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
+        if trackers and acc.is_main_process:
+            # purge_step: readers drop the events the interrupted attempt logged after its last checkpoint.
+            purge = {"purge_step": self.state.step + 1} if self.resume_from is not None else {}
+            acc.init_trackers("distill", init_kwargs={"tensorboard": purge})
         # Log lines after the resumed step (or all, for a fresh start) belong to the interrupted attempt.
         self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else -1)
 
@@ -552,6 +568,8 @@ class Distiller:
             for name, value in zip(losses.as_floats(), floats.tolist(), strict=True):
                 totals[name] = totals.get(name, 0.0) + value / self.config.grad_accum
         totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        if "d" in self.optimizer.param_groups[0]:  # Prodigy: the step size it estimated (the step is d * lr)
+            totals["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
         self.lr_scheduler.step()
         self.state.step += 1
         return totals
@@ -560,34 +578,48 @@ class Distiller:
     def held_out(self) -> list[int]:
         return list(range(self.num_train, len(self.dataset)))
 
-    @torch.no_grad()
-    def velocity_gap(self) -> float:
-        """Mean squared student-teacher velocity difference on the held-out items at fixed timesteps.
-
-        Each held-out item is noised once (seeded by its position) at every validation sigma, in one batch.
-        """
-        acc, student = self.accelerator, self.student
+    def held_out_batches(self) -> Iterator[_Batch]:
+        """The validation inputs: each held-out item noised once (seeded by its position) at every validation
+        sigma (fixed density quantiles), one batch ``(len(VALIDATION_QUANTILES), ...)`` per item."""
         sigmas = self.sampler.from_uniform(torch.tensor(VALIDATION_QUANTILES))
-        gaps = []
         for position, index in enumerate(self.held_out()):
-            item = self.dataset[index]
             generators = [torch.Generator().manual_seed(self.config.seed + 7919 * position) for _ in sigmas]
-            batch = make_batch(
+            item = self.dataset[index]
+            yield make_batch(
                 [item] * len(sigmas),
                 generators,
                 self.sampler,
                 self.dataset.info,
                 self.guidance,
-                acc.device,
+                self.accelerator.device,
                 self.weight_dtype,
                 sigmas,
             )
+
+    @torch.no_grad()
+    def validation_losses(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Held-out losses of ``model`` (default: the student) against the teacher, means over items and sigmas.
+
+        ``val_gap``: mean squared student - teacher velocity difference, what distillation closes.
+        ``val_fm_student`` / ``val_fm_teacher``: each model's flow-matching loss ``|v - (noise - x0)|^2``. For a
+        teacher whose samples follow its own flow (a trained one), ``val_fm_teacher`` is about the lowest
+        ``L_fm`` reachable, so ``L_fm`` pulls the student towards the teacher. A teacher whose ``L_fm`` the
+        student can undercut (a randomly initialised one) makes ``L_fm`` pull the student away from it: the gap
+        then grows with the default loss and only ``--fm-weight 0`` distills the teacher (see the README).
+        """
+        acc, student = self.accelerator, self.student
+        model = student.transformer if model is None else model
+        sums = {"val_gap": 0.0, "val_fm_student": 0.0, "val_fm_teacher": 0.0}
+        for batch in self.held_out_batches():
             with acc.autocast():
                 with student.teacher() as teacher:
-                    v_teacher = teacher(**batch.inputs)[0]
-                v_student = student.transformer(**batch.inputs)[0]
-            gaps.append(float((v_student.float() - v_teacher.float()).pow(2).mean()))
-        return sum(gaps) / len(gaps)
+                    v_teacher = teacher(**batch.inputs)[0].float()
+                v_student = model(**batch.inputs)[0].float()
+            target = batch.target.float()
+            sums["val_gap"] += float((v_student - v_teacher).pow(2).mean())
+            sums["val_fm_student"] += float((v_student - target).pow(2).mean())
+            sums["val_fm_teacher"] += float((v_teacher - target).pow(2).mean())
+        return {name: total / len(self.held_out()) for name, total in sums.items()}
 
     @torch.no_grad()
     def validation_grid(self, path: Path) -> None:
@@ -641,8 +673,10 @@ class Distiller:
         grid.save(path)
 
     def validate(self) -> float:
-        gap = self.velocity_gap()
-        self.logs.log("validation", {"step": self.state.step, "val_gap": gap})
+        """Log :meth:`validation_losses` (and save the image grid); returns the gap."""
+        values = self.validation_losses()
+        gap = values["val_gap"]
+        self.logs.log("validation", {"step": self.state.step, **values})
         if self.config.validation_images and self.accelerator.is_main_process:
             self.validation_grid(self.out / "validation" / f"step-{self.state.step:06d}.png")
         self.accelerator.wait_for_everyone()

@@ -1,0 +1,101 @@
+"""``accelerate launch --cpu --num_processes N``: start the N processes that accelerate itself does not.
+
+accelerate (checked up to 1.15) sends ``--cpu`` to its *simple* launcher, which runs the script as ONE process;
+it spreads N CPU processes only through ``mpirun`` (``--mpirun_hostfile``, Intel MPI or Open MPI). What that one
+process receives is ``ACCELERATE_USE_CPU=True`` and, because N > 1 was asked, ``MASTER_ADDR``/``MASTER_PORT`` but
+no rank variables, so it would train alone while the user believes N processes share the work. The command
+line spots exactly that situation, reads N from the launching ``accelerate`` command line (its parent
+process) with accelerate's own argument parser, and runs itself again under ``torch.distributed.run`` with N
+processes, which join over gloo (``Accelerator(cpu=True)`` with ``RANK``/``WORLD_SIZE`` set): the same thing
+``accelerate launch --multi_gpu --num_processes N`` or ``torchrun --nproc_per_node N`` do on a machine
+without GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+logger = logging.getLogger("clear_dit.cli")
+
+#: Where a distributed launcher puts the world size (torchrun, Intel MPI, Open MPI, MVAPICH).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+#: How the launching command names accelerate's launch command: `accelerate launch`, the module, the script.
+LAUNCH_TOKENS = ("launch", "accelerate.commands.launch")
+WORKING_COMMANDS = (
+    "accelerate launch --multi_gpu --num_processes N -m app.cli ... (also without GPUs) "
+    "or torchrun --nproc_per_node N -m app.cli ..."
+)
+
+
+def alone_under_cpu_launch(environ: Mapping[str, str]) -> bool:
+    """True in the single process that ``accelerate launch --cpu --num_processes N>1`` started without mpirun."""
+    use_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return use_cpu and "MASTER_ADDR" in environ and not any(name in environ for name in WORLD_SIZE_VARIABLES)
+
+
+def requested_processes(launcher_argv: Sequence[str]) -> int | None:
+    """N of an ``accelerate launch`` command line (``--num_processes`` or its ``--config_file``), else ``None``.
+
+    Args:
+        launcher_argv: the launching process's full argv, e.g. ``["python", "/bin/accelerate", "launch",
+            "--cpu", "--num_processes", "2", "-m", "app.cli", ...]`` or ``[..., "-m", "accelerate.commands.launch",
+            ...]`` or ``["/bin/accelerate-launch", ...]``.
+    """
+    from accelerate.commands.launch import launch_command_parser
+
+    argv = list(launcher_argv)
+    starts = [i + 1 for i, token in enumerate(argv) if token in LAUNCH_TOKENS or token.endswith("accelerate-launch")]
+    if not starts:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its usage before it exits
+            args, _ = launch_command_parser().parse_known_args(argv[starts[0] :])
+    except SystemExit:  # not a complete launch command line
+        return None
+    if args.num_processes is None and args.config_file:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        return load_config_from_file(args.config_file).num_processes
+    return args.num_processes
+
+
+def _parent_argv() -> list[str]:
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:  # not Linux, or the parent is gone
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def relaunch_lost_cpu_processes(argv: Sequence[str]) -> int | None:
+    """Run ``python -m app.cli ARGV`` as the N processes an ``accelerate launch --cpu`` asked for.
+
+    Returns ``None`` when this process is not the lone process of such a launch (nothing to do), else the
+    exit code of the N-process run. Raises ``ValueError`` when N > 1 was asked but cannot be read.
+    """
+    if not alone_under_cpu_launch(os.environ):
+        return None
+    n = requested_processes(_parent_argv())
+    if n is None:
+        raise ValueError(
+            "accelerate launch --cpu asked for several processes but started one (accelerate spreads CPU "
+            f"processes only through mpirun), and its --num_processes could not be read; use {WORKING_COMMANDS}"
+        )
+    if n <= 1:
+        return None
+    logger.warning(
+        "accelerate launch --cpu started 1 process for --num_processes %d (it needs mpirun for more): "
+        "starting %d CPU processes with torch.distributed.run",
+        n,
+        n,
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    command += ["--master_addr", os.environ["MASTER_ADDR"], "--master_port", os.environ.get("MASTER_PORT", "29500")]
+    return subprocess.run([*command, "-m", "app.cli", *argv]).returncode
