@@ -10,9 +10,9 @@ The blocks are diffusers' own ``FluxTransformerBlock`` and ``FluxSingleTransform
 randomly initialised ``FluxTransformer2DModel`` (one block of each kind) with FLUX's head size and RoPE axes;
 the rotary table comes from the model's own ``FluxPosEmbed`` over FLUX's text + image ids, once per size as
 the model does for all its blocks, and is applied to q/k inside every block's processor (so its cost is in the
-block). Full attention is the unpatched block (diffusers' ``FluxAttnProcessor``, native SDPA); CLEAR is the
-same block after ``clear_dit.patch(model, window_size=r, backend=...)``, i.e. the processors and grid kwargs
-a patched model uses.
+block). Full attention is the unpatched block (diffusers' ``FluxAttnProcessor``, native SDPA); CLEAR is a copy
+of the same model (same weights) after ``clear_dit.patch(model, window_size=r, backend=...)``, its blocks called
+with the ``clear_grid`` kwarg the patched model's hook passes, i.e. the processors a patched model uses.
 
 Per size and block kind, measured side by side on the same inputs:
 
@@ -27,20 +27,23 @@ Per size and block kind, measured side by side on the same inputs:
 Derived: ``speedup = full_block / clear_block``; attention shares ``attention_ms / block_ms``;
 ``ideal_if_attention_free = full_block / non_attention`` (the bound if attention cost nothing) and
 ``ideal_at_density = full_block / (non_attention + density * full_attention)`` (CLEAR attention running at
-its FLOP ratio). Times are medians after warm-up. With fewer heads than FLUX's 24, attention's share is
-larger than in FLUX: its cost grows with ``heads`` and that of the projections and MLPs with ``heads^2``.
+its FLOP ratio). Times are medians over rounds that run every measurement of one size and block kind once, in
+turn, after a warm-up round: on a shared machine a change of load then hits all of them alike. With fewer heads
+than FLUX's 24, attention's share is larger than in FLUX: its cost grows with ``heads``, that of the projections
+and MLPs with ``heads^2``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import this checkout, not an installed copy
@@ -53,7 +56,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 import clear_dit
-from benchmarks._timing import median_seconds
+from benchmarks._timing import interleaved_median_seconds
 from clear_dit import CLEARFluxAttnProcessor, CLEARLayout, attention_density, clear_attention
 from clear_dit.backends import auto_backend_name
 
@@ -78,9 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--backend", default="auto", help="CLEAR backend passed to clear_dit.patch")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget", type=float, default=30.0, help="stop repeating an entry after this many seconds")
+    p.add_argument("--repeats", type=int, default=5, help="measured rounds per size and block kind (median)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds")
+    p.add_argument(
+        "--budget", type=float, default=60.0, help="no new round of a size and block kind after this many seconds"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
@@ -113,17 +118,6 @@ class _NoAttentionProcessor(CLEARFluxAttnProcessor):
     def _attend(self, query, key, value, grid, text_position, reference_grid=None) -> torch.Tensor:
         self.last_qkv = (query, key, value)
         return value.flatten(2, 3)
-
-
-@contextmanager
-def _attention_processor(block: nn.Module, processor: object) -> Iterator[None]:
-    """Run ``block`` with ``processor`` on its attention, then put the previous one back."""
-    previous = block.attn.processor
-    block.attn.set_processor(processor)
-    try:
-        yield
-    finally:
-        block.attn.set_processor(previous)
 
 
 def build_model(args: argparse.Namespace) -> FluxTransformer2DModel:
@@ -161,34 +155,63 @@ def block_inputs(model: FluxTransformer2DModel, side: int, args: argparse.Namesp
     )
 
 
-def _ms(fn: Callable[[], object], args: argparse.Namespace) -> float:
-    return median_seconds(fn, args.repeats, args.warmup, args.budget) * 1e3
+@dataclass
+class Variants:
+    """Copies of one random model (same weights): stock (full attention), no attention product, CLEAR per radius.
+
+    Separate copies, each set up once, so the interleaved timing rounds only call blocks and never swap
+    processors.
+    """
+
+    full: FluxTransformer2DModel
+    no_attention: FluxTransformer2DModel
+    clear: dict[int, FluxTransformer2DModel]
+
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> Variants:
+        full = build_model(args)
+        no_attention = copy.deepcopy(full)
+        for kind in BLOCKS:
+            _block(no_attention, kind).attn.set_processor(_NoAttentionProcessor())
+        clear = {}
+        for r in args.radii:
+            clear[r] = copy.deepcopy(full)
+            clear_dit.patch(clear[r], window_size=r, backend=args.backend)
+        return cls(full, no_attention, clear)
 
 
-def measure_block(
-    model: FluxTransformer2DModel, kind: str, side: int, inputs: dict, args: argparse.Namespace
-) -> list[dict]:
+def _block(model: FluxTransformer2DModel, kind: str) -> nn.Module:
+    return model.transformer_blocks[0] if kind == "double" else model.single_transformer_blocks[0]
+
+
+def measure_block(variants: Variants, kind: str, side: int, inputs: dict, args: argparse.Namespace) -> list[dict]:
     """One row per radius for the ``kind`` block at a ``side x side`` grid (see the module docstring)."""
-    block = model.transformer_blocks[0] if kind == "double" else model.single_transformer_blocks[0]
     grid = (side, side)
+    clear_kwargs = {"joint_attention_kwargs": {"clear_grid": grid}}  # what clear_dit.patch's model hook passes
+    no_attention = _block(variants.no_attention, kind)
+    no_attention(**inputs, **clear_kwargs)
+    q, k, v = no_attention.attn.processor.last_qkv
 
-    full_block_ms = _ms(lambda: block(**inputs), args)
-    no_attention = _NoAttentionProcessor()
-    with _attention_processor(block, no_attention):
-        clear_kwargs = {"joint_attention_kwargs": {"clear_grid": grid}}
-        non_attention_ms = _ms(lambda: block(**inputs, **clear_kwargs), args)
-    q, k, v = no_attention.last_qkv
-    full_attention_ms = _ms(lambda: dispatch_attention_fn(q, k, v).flatten(2, 3), args)
+    def clear_block_fn(block: nn.Module) -> Callable[[], object]:
+        return lambda: block(**inputs, **clear_kwargs)
 
+    def clear_attention_fn(r: int) -> Callable[[], torch.Tensor]:
+        return lambda: clear_attention(q, k, v, grid=grid, text_len=args.text_len, window_size=r, backend=args.backend)
+
+    fns = {
+        "full_block": lambda: _block(variants.full, kind)(**inputs),
+        "non_attention": clear_block_fn(no_attention),
+        "full_attention": lambda: dispatch_attention_fn(q, k, v).flatten(2, 3),  # as FluxAttnProcessor calls it
+    }
+    for r, model in variants.clear.items():
+        fns[f"clear_block_{r}"] = clear_block_fn(_block(model, kind))
+        fns[f"clear_attention_{r}"] = clear_attention_fn(r)
+    ms = {name: s * 1e3 for name, s in interleaved_median_seconds(fns, args.repeats, args.warmup, args.budget).items()}
+
+    full_block_ms, non_attention_ms, full_attention_ms = ms["full_block"], ms["non_attention"], ms["full_attention"]
     rows = []
     for r in args.radii:
-        with clear_dit.patch(model, window_size=r, backend=args.backend):
-            clear_block_ms = _ms(lambda: block(**inputs, **clear_kwargs), args)
-
-        def clear(r=r):
-            return clear_attention(q, k, v, grid=grid, text_len=args.text_len, window_size=r, backend=args.backend)
-
-        clear_attention_ms = _ms(clear, args)
+        clear_block_ms, clear_attention_ms = ms[f"clear_block_{r}"], ms[f"clear_attention_{r}"]
         density = attention_density(grid, args.text_len, r)
         layout = CLEARLayout(grid, args.text_len, r)
         rows.append(
@@ -201,7 +224,7 @@ def measure_block(
                 "seq": args.text_len + side * side,
                 "heads": args.heads,
                 "head_dim": args.head_dim,
-                "dim": model.inner_dim,
+                "dim": variants.full.inner_dim,
                 "batch": args.batch,
                 "dtype": args.dtype,
                 "threads": args.threads,
@@ -226,14 +249,14 @@ def measure_block(
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
-    model = build_model(args)
+    variants = Variants.build(args)
     rows = []
     with torch.no_grad():
         for px in args.sizes:
             side = px // 16
-            inputs = block_inputs(model, side, args)
+            inputs = block_inputs(variants.full, side, args)
             for kind in BLOCKS:
-                for row in measure_block(model, kind, side, inputs, args):
+                for row in measure_block(variants, kind, side, inputs, args):
                     rows.append(row)
                     print(format_row(row), flush=True)
     return rows
@@ -299,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         f"FLUX blocks, full attention vs CLEAR ({args.backend}): sizes {args.sizes} px, radii {args.radii}, "
         f"text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, batch {args.batch}, {args.dtype}, "
         f"{args.threads} threads, torch {torch.__version__}, diffusers {diffusers.__version__}; median of "
-        f"{args.repeats} after {args.warmup} warm-up (at least one run, no more repeats after {args.budget:g} s); "
+        f"{args.repeats} interleaved rounds after {args.warmup} warm-up (at least one, no new round after "
+        f"{args.budget:g} s); "
         "speedup = full / CLEAR block, attn% = attention product / block, "
         "ideal free = full / no-attn, ideal dens = full / (no-attn + density * full attention)"
     )
