@@ -5,6 +5,7 @@ Example::
     python benchmarks/transformer.py                    # fp32, 1024/2048/4096 px, r = 8/16/32, 2 heads x 128
     python benchmarks/transformer.py --sizes 1024 2048 --radii 16 --heads 4 --json out.json
     python benchmarks/transformer.py --smoke --json /tmp/smoke.json   # tiny sizes, for the test suite
+    python benchmarks/transformer.py --report benchmarks/results/transformer_cpu_fp32.json   # README tables
 
 The blocks are diffusers' own ``FluxTransformerBlock`` and ``FluxSingleTransformerBlock``, taken from a
 randomly initialised ``FluxTransformer2DModel`` (one block of each kind) with FLUX's head size and RoPE axes;
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
+    p.add_argument("--report", type=Path, help="print the Markdown tables of a result JSON (as in the README), no run")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.radii, args.text_len, args.heads, args.head_dim = [128, 256], [2, 4], 8, 2, 16
@@ -304,6 +306,31 @@ def format_row(row: dict) -> str:
     return " ".join(f"{value:>{width}}" for value, (_, width) in zip(values, COLUMNS, strict=True))
 
 
+MARKDOWN_HEADER = (
+    "| image | r | backend | full ms | CLEAR ms | speedup | non-attention ms | attention share full / CLEAR "
+    "| attention speedup | ideal, attention free | ideal, at density |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The README tables of a result: one per block kind, one line per size and radius."""
+    tables = []
+    for kind in BLOCKS:
+        lines = [f"{kind} block ({'FluxTransformerBlock' if kind == 'double' else 'FluxSingleTransformerBlock'}):", ""]
+        lines.append(MARKDOWN_HEADER)
+        for row in (row for row in rows if row["block"] == kind):
+            lines.append(
+                f"| {row['pixels']} px | {row['window_size']} | {row['backend_used']} | {row['full_block_ms']:.0f} "
+                f"| {row['clear_block_ms']:.0f} | {row['speedup']:.2f}x | {row['non_attention_ms']:.0f} "
+                f"| {100 * row['full_attention_share']:.0f}% / {100 * row['clear_attention_share']:.0f}% "
+                f"| {row['attention_speedup']:.2f}x | {row['ideal_if_attention_free']:.2f}x "
+                f"| {row['ideal_at_density']:.2f}x |"
+            )
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def _git_commit() -> str | None:
     """The checkout's commit (``+dirty`` with uncommitted changes), so a result file says what it measured."""
     try:
@@ -318,6 +345,9 @@ def _git_commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(format_markdown(json.loads(args.report.read_text())["rows"]))
+        return 0
     print(
         f"FLUX blocks, full attention vs CLEAR ({args.backend}): sizes {args.sizes} px, radii {args.radii}, "
         f"text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, batch {args.batch}, {args.dtype}, "

@@ -77,6 +77,13 @@ def test_transformer_benchmark_smoke(tmp_path: Path) -> None:
             for name in ("full_block_ms", "non_attention_ms", "full_attention_ms"):
                 assert len({r[name] for r in group}) == 1
 
+    # the README tables render from the JSON: one table per block kind, one line per row
+    from benchmarks.transformer import format_markdown
+
+    table_rows = [line for line in format_markdown(rows).splitlines() if line.startswith("| ") and " px |" in line]
+    assert len(table_rows) == len(rows)
+    assert all(f"| {row['speedup']:.2f}x |" in line for row, line in zip(rows, table_rows, strict=True))
+
 
 def test_transformer_benchmark_rope_axes_and_bad_sizes(capsys) -> None:
     from benchmarks.transformer import parse_args, rope_axes
