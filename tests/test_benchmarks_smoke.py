@@ -1,11 +1,14 @@
-"""The attention benchmark runs end to end at tiny sizes and writes well-formed JSON (no timing assertions)."""
+"""The benchmark scripts run end to end at tiny sizes and write well-formed JSON (no timing assertions)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,64 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
         assert set(row["backends"]) == {"tiled", "dense"}
         for entry in row["backends"].values():
             assert entry["ms"] > 0 and abs(entry["speedup"] - row["full_ms"] / entry["ms"]) < 1e-6 * entry["speedup"]
+
+
+def test_transformer_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "transformer.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "transformer.py"), "--smoke", "--threads", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup = full / CLEAR block" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["meta"]["torch"] and result["meta"]["date_utc"]
+    rows = result["rows"]
+    # every (size, block kind, radius) of the smoke plan, in order, none skipped
+    assert [(r["pixels"], r["block"], r["window_size"]) for r in rows] == [
+        (px, kind, radius) for px in (128, 256) for kind in ("double", "single") for radius in (2, 4)
+    ]
+    for row in rows:
+        side = row["pixels"] // 16
+        assert row["grid"] == [side, side] and row["seq"] == row["text_len"] + side * side
+        assert row["dim"] == row["heads"] * row["head_dim"] == 2 * 16
+        assert row["backend"] == "auto" and row["backend_used"] in {"dense", "tiled"}
+        assert 0 < row["density"] <= 1
+        times = ("full_block_ms", "clear_block_ms", "non_attention_ms", "full_attention_ms", "clear_attention_ms")
+        assert all(row[name] > 0 for name in times)
+        full, clear, rest = row["full_block_ms"], row["clear_block_ms"], row["non_attention_ms"]
+        full_attn, clear_attn = row["full_attention_ms"], row["clear_attention_ms"]
+        assert math.isclose(row["speedup"], full / clear)
+        assert math.isclose(row["attention_speedup"], full_attn / clear_attn)
+        assert math.isclose(row["full_attention_share"], full_attn / full)
+        assert math.isclose(row["clear_attention_share"], clear_attn / clear)
+        assert math.isclose(row["ideal_if_attention_free"], full / rest)
+        assert math.isclose(row["ideal_at_density"], full / (rest + row["density"] * full_attn))
+        assert row["ideal_at_density"] <= row["ideal_if_attention_free"]
+    # full attention and the no-attention block are measured once per size and block kind, shared by the radii
+    for px in (128, 256):
+        for kind in ("double", "single"):
+            group = [r for r in rows if (r["pixels"], r["block"]) == (px, kind)]
+            for name in ("full_block_ms", "non_attention_ms", "full_attention_ms"):
+                assert len({r[name] for r in group}) == 1
+
+    # the README tables render from the JSON: one table per block kind, one line per row
+    from benchmarks.transformer import format_markdown
+
+    table_rows = [line for line in format_markdown(rows).splitlines() if line.startswith("| ") and " px |" in line]
+    by_kind = [row for kind in ("double", "single") for row in rows if row["block"] == kind]
+    assert len(table_rows) == len(rows)
+    assert all(f"| {row['speedup']:.2f}x |" in line for row, line in zip(by_kind, table_rows, strict=True))
+
+
+def test_transformer_benchmark_rope_axes_and_bad_sizes(capsys) -> None:
+    from benchmarks.transformer import parse_args, rope_axes
+
+    assert rope_axes(128) == (16, 56, 56)  # FLUX.1's axes_dims_rope
+    assert all(sum(rope_axes(d)) == d and all(a > 0 and a % 2 == 0 for a in rope_axes(d)) for d in (8, 16, 64, 128))
+    with pytest.raises(SystemExit):
+        parse_args(["--sizes", "1024", "1000"])
+    assert "--sizes must be positive multiples of 16 px" in capsys.readouterr().err
