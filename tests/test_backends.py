@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -208,7 +209,8 @@ def test_attention_density_counts_dense_mask(grid, text_len: int, r: int, d: int
         (CLEARLayout((64, 64), 512, 8), "cpu", "tiled"),  # sparse enough
         (CLEARLayout((64, 64), 512, 32), "cpu", "dense"),  # window ~ grid: tiles would compute more
         (CLEARLayout((128, 128), 512, 60), "cpu", "tiled"),  # too long for a dense mask
-        (CLEARLayout((16, 16), 512, 8), "cuda", "tiled"),
+        # on CUDA: "triton" where it is installed (tests/test_triton.py), else "tiled"
+        (CLEARLayout((16, 16), 512, 8), "cuda", "tiled" if find_spec("triton") is None else "triton"),
     ],
 )
 def test_auto_choice(layout: CLEARLayout, device: str, expected: str) -> None:
