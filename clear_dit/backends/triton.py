@@ -19,8 +19,8 @@ Text queries see every text and image key and no pooled key: that is plain unmas
 ``key[:, :q_len]``, with nothing to skip, so they run through ``F.scaled_dot_product_attention`` (flash
 attention on CUDA), which is as fast as any kernel written here could be for them.
 
-Backward: an exact autograd fallback. The forward saves its inputs; the backward recomputes the attention
-through the ``"tiled"`` backend's differentiable path (plain ops, exact gradients) and differentiates that.
+Backward: an exact autograd fallback (:mod:`clear_dit.backends.recompute`): the forward saves its inputs, the
+backward recomputes the attention through the ``"tiled"`` backend's differentiable path and differentiates that.
 
 Runs on CUDA, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before triton
 is imported; ~1000x slower: tests only).
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mask import CLEARLayout, in_window
-from .tiled import TiledBackend
+from .recompute import with_tiled_backward
 
 try:
     import triton
@@ -275,28 +275,6 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout
     return out
 
 
-class _TritonCLEAR(torch.autograd.Function):
-    """Forward: the Triton kernel. Backward: exact gradients of the same attention through ``"tiled"``."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, layout: CLEARLayout, scale: float):
-        ctx.save_for_backward(query, key, value)
-        ctx.layout, ctx.scale = layout, scale
-        return _forward(query, key, value, layout, scale)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        inputs = [
-            t.detach().requires_grad_(needed)
-            for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], strict=True)
-        ]
-        wanted = [t for t in inputs if t.requires_grad]
-        with torch.enable_grad():
-            out = TiledBackend()(*inputs, ctx.layout, ctx.scale)
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        return (*(next(grads) if t.requires_grad else None for t in inputs), None, None)
-
-
 class TritonBackend:
     name = "triton"
 
@@ -324,4 +302,4 @@ class TritonBackend:
     ) -> torch.Tensor:
         if query.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"backend 'triton' supports head_dim <= {MAX_HEAD_DIM}, got {query.shape[-1]}")
-        return _TritonCLEAR.apply(query, key, value, layout, scale)
+        return with_tiled_backward(_forward, query, key, value, layout, scale)
