@@ -227,8 +227,22 @@ def test_auto_runs_and_matches_dense() -> None:
 
 
 def test_registry() -> None:
-    assert {"dense", "tiled", "flex"} <= set(BACKENDS)
+    assert {"dense", "tiled", "flex", "triton", "xformers"} <= set(BACKENDS)
     assert {"dense", "tiled", "flex"} <= set(available_backends("cpu"))
+
+
+def test_xformers_is_listed_with_its_reason_where_it_cannot_run() -> None:
+    """xformers has no CPU kernels (and is optional): listed, unavailable on CPU, with a one-line reason."""
+    xformers = BACKENDS["xformers"]
+    cpu_reason = xformers.unavailable_reason(torch.device("cpu"), torch.float16)
+    if find_spec("xformers") is None:
+        assert cpu_reason.startswith("xformers is not importable") and "CUDA" in cpu_reason
+        assert xformers.unavailable_reason(torch.device("cuda"), torch.float16) == cpu_reason
+    else:
+        assert "needs a CUDA device" in cpu_reason
+    assert "\n" not in cpu_reason and "xformers" not in available_backends("cpu")
+    with pytest.raises(ValueError, match="backend 'xformers' is unavailable on cpu"):
+        _call(backend="xformers")
 
 
 # --- input validation --------------------------------------------------------------------------------

@@ -12,9 +12,12 @@ from .dense import DenseBackend
 from .flex import FlexBackend
 from .tiled import TiledBackend, computed_scores
 from .triton import TritonBackend
+from .xformers import XformersBackend
 
 _TRITON = TritonBackend()
-_BY_NAME: dict[str, AttentionBackend] = {b.name: b for b in (DenseBackend(), TiledBackend(), FlexBackend(), _TRITON)}
+_BY_NAME: dict[str, AttentionBackend] = {
+    b.name: b for b in (DenseBackend(), TiledBackend(), FlexBackend(), _TRITON, XformersBackend())
+}
 BACKENDS: MappingProxyType[str, AttentionBackend] = MappingProxyType(_BY_NAME)
 
 DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" costs too much memory for "auto"
