@@ -301,3 +301,16 @@ def test_without_triton_the_backend_says_why_and_auto_uses_tiled() -> None:
     reason, choice = proc.stdout.strip().splitlines()
     assert reason.startswith("triton is not importable") and "clear-dit[triton]" in reason
     assert choice == "tiled"
+
+
+@outer_test
+def test_benchmark_cuda_columns_and_natten_window() -> None:
+    """benchmarks/attention.py --device cuda times "triton" against flex (and the optional libraries)."""
+    from benchmarks.attention import natten_kernel_size, parse_args
+    from clear_dit.mask import window_row_extents
+
+    assert parse_args(["--device", "cuda"]).backends[:2] == ["triton", "flex"]
+    assert parse_args([]).backends == ["tiled", "dense"]  # the CPU default is unchanged
+    for r in (8, 16, 32):
+        side, area = natten_kernel_size(r), sum(2 * half + 1 for _, half in window_row_extents(r))
+        assert side % 2 == 1 and (side - 2) ** 2 < area < (side + 2) ** 2
