@@ -218,36 +218,33 @@ def _matmul_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _image_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, layout, scale):
-    """Launch the kernel: writes the image rows of ``out`` ``(batch, q_len, heads, head_dim)`` in place."""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: program grid, positional arguments, ``tl.constexpr`` arguments, launch options."""
+
+    grid: tuple[int, int]
+    args: tuple
+    constexprs: dict
+    options: dict
+
+
+def kernel_launch(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, layout: CLEARLayout, scale: float
+) -> Launch:
+    """The launch that writes the image rows of ``out`` ``(batch, q_len, heads, head_dim)``; shapes as in
+    :class:`~clear_dit.backends.base.AttentionBackend`. Separate from running it so that it can be compiled for
+    a GPU target without one (tests/test_triton.py)."""
     b, _, heads, dim = query.shape
     tiling = choose_tiling(layout, dim, query.dtype)
     schedule = _device_schedule(layout, tiling, query.device)
-    kernel, circle, step = _KERNEL
-    num_queries = schedule.query_tiles.shape[0]
+    _, circle, step = _KERNEL
     block_m = tiling.query[0] * tiling.query[1]
     block_d = max(16, _pow2_at_least(dim))  # tl.dot needs every block side >= 16
-    kernel[(num_queries, b * heads)](
-        query,
-        key,
-        value,
-        out,
-        schedule.query_tiles,
-        schedule.full_ptr,
-        schedule.full_tiles,
-        schedule.partial_ptr,
-        schedule.partial_tiles,
-        *query.stride(),
-        *key.stride(),
-        *value.stride(),
-        *out.stride(),
-        heads,
-        layout.text_start,
-        layout.text_len,
-        layout.q_len,
-        layout.num_pooled,
-        layout.window_size,
-        scale * math.log2(math.e),  # the kernel's softmax runs in exp2
+    tensors = (query, key, value, out, schedule.query_tiles, schedule.full_ptr, schedule.full_tiles)
+    tensors += (schedule.partial_ptr, schedule.partial_tiles)
+    strides = (*query.stride(), *key.stride(), *value.stride(), *out.stride())
+    sizes = (heads, layout.text_start, layout.text_len, layout.q_len, layout.num_pooled, layout.window_size)
+    constexprs = dict(
         HEAD_DIM=dim,
         BLOCK_D=block_d,
         TILE_H=tiling.query[0],
@@ -257,13 +254,17 @@ def _image_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         PRECISION=_matmul_precision(query.dtype),
         IN_WINDOW=circle,
         STEP=step,
-        num_warps=8 if block_m * block_d >= 128 * 128 else 4,
     )
+    qk_scale = scale * math.log2(math.e)  # the kernel's softmax runs in exp2
+    grid = (schedule.query_tiles.shape[0], b * heads)
+    options = {"num_warps": 8 if block_m * block_d >= 128 * 128 else 4}
+    return Launch(grid, (*tensors, *strides, *sizes, qk_scale), constexprs, options)
 
 
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float):
     out = torch.empty_like(query)
-    _image_forward(query, key, value, out, layout, scale)
+    launch = kernel_launch(query, key, value, out, layout, scale)
+    _KERNEL[0][launch.grid](*launch.args, **launch.constexprs, **launch.options)
     if layout.text_len:  # text rows: every text and image key, no pooled key (see the module docstring)
         t0, t1 = layout.text_start, layout.text_start + layout.text_len
         out[:, t0:t1] = F.scaled_dot_product_attention(
