@@ -298,6 +298,9 @@ class TritonBackend:
         """Whether :meth:`__call__` takes such inputs (``None``: not known, assumed fine); what ``"auto"`` asks."""
         return self.unavailable_reason(device, dtype or torch.float16) is None and (head_dim or 0) <= MAX_HEAD_DIM
 
+    # torch.compile: not traced (one graph break per call). Whether dynamo can trace this launch (a user Triton kernel
+    # with helpers as constexpr arguments, inside an autograd.Function) is untested without a GPU; eager is safe.
+    @torch.compiler.disable
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
     ) -> torch.Tensor:
