@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.grids, args.radii, args.text_len, args.heads, args.head_dim = [8, 16], [2, 4], 16, 2, 16
         args.repeats, args.warmup = 1, 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: no CUDA device is available to torch {torch.__version__} here")
     if args.backends is None:
         args.backends = cuda_backends(DTYPES[args.dtype]) if args.device == "cuda" else ["tiled", "dense"]
     if args.flex and "flex" not in args.backends:

@@ -47,9 +47,19 @@ try:
     from . import _triton_kernel
 except ImportError as err:  # the "triton" extra is not installed
     triton = None
+    INTERPRETED = False
     _IMPORT_ERROR = f"triton is not importable ({err}); install the extra: pip install 'clear-dit[triton]'"
 
-__all__ = ["BlockSchedule", "TritonBackend", "block_schedule"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "BlockSchedule",
+    "Launch",
+    "Tiling",
+    "TritonBackend",
+    "block_schedule",
+    "choose_tiling",
+    "kernel_launch",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # beyond this one (BLOCK_M, head_dim) accumulator no longer fits a program's registers
