@@ -5,6 +5,13 @@ Example::
     python benchmarks/attention.py                      # fp32, 1024/2048/4096 px, r = 8/16/32, 2 threads
     python benchmarks/attention.py --grids 64 128 --dtype bf16 --json out.json
     python benchmarks/attention.py --smoke --json /tmp/smoke.json   # tiny sizes, for the test suite
+    python benchmarks/attention.py --device cuda --dtype bf16 --heads 24 --json gpu.json   # on a GPU
+
+On CUDA (``--device cuda``) the default columns are ``triton`` and ``flex`` (compiled FlexAttention with the
+same block mask), plus ``xformers`` where it is installed and ``natten`` (NATTEN's fused ``na2d`` over the image
+tokens with a square window of the same area as the circle, text tokens as its additional keys) where natten is
+installed; times are taken after ``torch.cuda.synchronize()``. A column that fails on the GPU is reported as
+skipped with its error instead of ending the run.
 
 Per row: time of full attention over text + image tokens, of each CLEAR backend (through the public
 ``clear_attention``), the speedup ``full / backend`` and the ideal speedup ``1 / density`` (the FLOP ratio).
@@ -16,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import this checkout, not an installed copy
@@ -25,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._timing import median_seconds
-from clear_dit import CLEARLayout, attention_density, clear_attention
+from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
+from clear_dit.mask import window_row_extents
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--backends", nargs="+", default=["tiled", "dense"], help="CLEAR backends to time")
+    p.add_argument(
+        "--backends", nargs="+", help="CLEAR backends to time (default: tiled dense; on CUDA: see the docstring)"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (CUDA: GPU columns)")
     p.add_argument("--flex", action="store_true", help="also time 'flex' (slow to compile / O(seq^2) on CPU)")
     p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
@@ -53,9 +66,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.grids, args.radii, args.text_len, args.heads, args.head_dim = [8, 16], [2, 4], 16, 2, 16
         args.repeats, args.warmup = 1, 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: no CUDA device is available to torch {torch.__version__} here")
+    if args.backends is None:
+        args.backends = cuda_backends(DTYPES[args.dtype]) if args.device == "cuda" else ["tiled", "dense"]
     if args.flex and "flex" not in args.backends:
         args.backends = [*args.backends, "flex"]
     return args
+
+
+def cuda_backends(dtype: torch.dtype) -> list[str]:
+    """The GPU columns: the fused kernel, compiled flex, and the optional libraries that are installed."""
+    names = [name for name in ("triton", "flex", "xformers") if name in available_backends("cuda", dtype)]
+    return names + (["natten"] if find_spec("natten") is not None else [])
+
+
+def natten_kernel_size(window_size: int) -> int:
+    """Odd side of the square window with (about) the area of the circular one: NATTEN's comparable window."""
+    area = sum(2 * half + 1 for _, half in window_row_extents(window_size))
+    return 2 * round((area**0.5 - 1) / 2) + 1
+
+
+def _natten(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: CLEARLayout) -> torch.Tensor:
+    """NATTEN's 2D neighborhood attention on the image tokens (text first), text tokens as additional keys."""
+    from natten.functional import na2d
+
+    t, (h, w) = layout.text_len, layout.grid
+    image = [x[:, t:].unflatten(1, (h, w)) for x in (q, k, v)]  # (B, h, w, heads, D)
+    kernel = min(natten_kernel_size(layout.window_size), h if h % 2 else h - 1, w if w % 2 else w - 1)
+    extra = {"additional_keys": k[:, :t], "additional_values": v[:, :t]} if t else {}
+    return na2d(*image, kernel_size=kernel, **extra)
+
+
+def _synchronized(fn):
+    """``fn`` followed by a device synchronization, so that wall time covers the GPU work (CUDA is async)."""
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
 
 
 def _skip_reason(backend: str, seq: int, args: argparse.Namespace) -> str | None:
@@ -71,13 +121,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for side in args.grids:
         grid, seq = (side, side), args.text_len + side * side
-        q, k, v = (torch.randn(args.batch, seq, args.heads, args.head_dim, generator=gen).to(dtype) for _ in range(3))
+        shape = (args.batch, seq, args.heads, args.head_dim)
+        q, k, v = (torch.randn(shape, generator=gen).to(device=args.device, dtype=dtype) for _ in range(3))
 
         def full(q=q, k=k, v=v):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
+        cuda = args.device == "cuda"
         with torch.no_grad():
-            full_s = median_seconds(full, args.repeats, args.warmup, args.budget)
+            full_s = median_seconds(_synchronized(full) if cuda else full, args.repeats, args.warmup, args.budget)
             for r in args.radii:
                 layout = CLEARLayout(grid, args.text_len, r)
                 density = attention_density(grid, args.text_len, r)
@@ -92,6 +144,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "batch": args.batch,
                     "dtype": args.dtype,
                     "threads": args.threads,
+                    "device": args.device,
                     "density": density,
                     "ideal_speedup": 1.0 / density,
                     "full_ms": full_s * 1e3,
@@ -115,7 +168,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                             backend=name,
                         )
 
-                    t = median_seconds(clear, args.repeats, args.warmup, args.budget)
+                    fn = partial(_natten, q, k, v, layout) if name == "natten" else clear
+                    if not cuda:
+                        t = median_seconds(fn, args.repeats, args.warmup, args.budget)
+                    else:  # an optional library or kernel failing on this GPU is a finding, not the end of the run
+                        try:
+                            t = median_seconds(_synchronized(fn), args.repeats, args.warmup, args.budget)
+                        except Exception as err:  # noqa: BLE001
+                            row["skipped"][name] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                            continue
                     row["backends"][name] = {"ms": t * 1e3, "speedup": full_s / t}
                 rows.append(row)
                 print(format_row(row, args.backends), flush=True)
@@ -143,9 +204,10 @@ def format_row(row: dict, backends: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads"
     print(
         f"CLEAR attention vs full SDPA: text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, "
-        f"batch {args.batch}, {args.dtype}, {args.threads} threads, torch {torch.__version__}; "
+        f"batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}; "
         f"median of {args.repeats} after {args.warmup} warm-up; (x) = full / backend"
     )
     print(format_header(args.backends))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -208,7 +209,8 @@ def test_attention_density_counts_dense_mask(grid, text_len: int, r: int, d: int
         (CLEARLayout((64, 64), 512, 8), "cpu", "tiled"),  # sparse enough
         (CLEARLayout((64, 64), 512, 32), "cpu", "dense"),  # window ~ grid: tiles would compute more
         (CLEARLayout((128, 128), 512, 60), "cpu", "tiled"),  # too long for a dense mask
-        (CLEARLayout((16, 16), 512, 8), "cuda", "tiled"),
+        # on CUDA: "triton" where it is installed (tests/test_triton.py), else "tiled"
+        (CLEARLayout((16, 16), 512, 8), "cuda", "tiled" if find_spec("triton") is None else "triton"),
     ],
 )
 def test_auto_choice(layout: CLEARLayout, device: str, expected: str) -> None:
@@ -225,8 +227,22 @@ def test_auto_runs_and_matches_dense() -> None:
 
 
 def test_registry() -> None:
-    assert {"dense", "tiled", "flex"} <= set(BACKENDS)
+    assert {"dense", "tiled", "flex", "triton", "xformers"} <= set(BACKENDS)
     assert {"dense", "tiled", "flex"} <= set(available_backends("cpu"))
+
+
+def test_xformers_is_listed_with_its_reason_where_it_cannot_run() -> None:
+    """xformers has no CPU kernels (and is optional): listed, unavailable on CPU, with a one-line reason."""
+    xformers = BACKENDS["xformers"]
+    cpu_reason = xformers.unavailable_reason(torch.device("cpu"), torch.float16)
+    if find_spec("xformers") is None:
+        assert cpu_reason.startswith("xformers is not importable") and "CUDA" in cpu_reason
+        assert xformers.unavailable_reason(torch.device("cuda"), torch.float16) == cpu_reason
+    else:
+        assert "needs a CUDA device" in cpu_reason
+    assert "\n" not in cpu_reason and "xformers" not in available_backends("cpu")
+    with pytest.raises(ValueError, match="backend 'xformers' is unavailable on cpu"):
+        _call(backend="xformers")
 
 
 # --- input validation --------------------------------------------------------------------------------

@@ -11,20 +11,28 @@ from .base import AttentionBackend
 from .dense import DenseBackend
 from .flex import FlexBackend
 from .tiled import TiledBackend, computed_scores
+from .triton import TritonBackend
+from .xformers import XformersBackend
 
-_BY_NAME: dict[str, AttentionBackend] = {b.name: b for b in (DenseBackend(), TiledBackend(), FlexBackend())}
+_TRITON = TritonBackend()
+_BY_NAME: dict[str, AttentionBackend] = {
+    b.name: b for b in (DenseBackend(), TiledBackend(), FlexBackend(), _TRITON, XformersBackend())
+}
 BACKENDS: MappingProxyType[str, AttentionBackend] = MappingProxyType(_BY_NAME)
 
 DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" costs too much memory for "auto"
 
 
-def auto_backend_name(layout: CLEARLayout, device: torch.device) -> str:
+def auto_backend_name(
+    layout: CLEARLayout, device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> str:
     """The backend ``"auto"`` picks for ``layout`` on ``device``.
 
     1. The window covers the grid and there are no pooled keys: CLEAR *is* full attention, and "tiled"
        runs it as one unmasked SDPA call (only then; a window that covers the grid with ``d > 1`` still
        differs from full attention by the pooled keys).
-    2. On CUDA: "tiled" for now (a fused Triton kernel is planned).
+    2. On CUDA: "triton" (the fused kernel) where it runs with ``dtype`` and ``head_dim`` (``None``: not
+       known, assumed fine): triton installed, fp16/bf16/fp32, head_dim <= 256; else "tiled".
     3. "tiled" when it computes fewer than 80% of the scores "dense" computes (measured on CPU: its speed
        follows that ratio, with a small fixed overhead), or when the sequence is too long for the
        O(seq^2) boolean mask of "dense"; otherwise "dense" (small or nearly full layouts).
@@ -32,7 +40,7 @@ def auto_backend_name(layout: CLEARLayout, device: torch.device) -> str:
     if layout.covers_grid and layout.down_factor == 1:
         return "tiled"
     if device.type == "cuda":
-        return "tiled"
+        return "triton" if _TRITON.runs(device, dtype, head_dim) else "tiled"
     dense_scores = layout.q_len * layout.kv_len
     if computed_scores(layout) < 0.8 * dense_scores or dense_scores > DENSE_MAX_SCORES:
         return "tiled"
@@ -42,7 +50,7 @@ def auto_backend_name(layout: CLEARLayout, device: torch.device) -> str:
 def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor) -> AttentionBackend:
     """Resolve ``name`` (or ``"auto"``) to a backend that runs on ``query``'s device and dtype."""
     if name == "auto":
-        name = auto_backend_name(layout, query.device)
+        name = auto_backend_name(layout, query.device, query.dtype, query.shape[-1])
     # the plain dict: torch.compile graph-breaks on a mappingproxy once the traced code mutated any dict
     if name not in _BY_NAME:
         raise ValueError(f"unknown backend {name!r}; known backends: 'auto', {', '.join(map(repr, _BY_NAME))}")

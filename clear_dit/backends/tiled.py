@@ -228,9 +228,19 @@ def _grid_slices(layout: CLEARLayout) -> list[tuple[tuple[int, int], slice]]:
 
 
 def _image_rows(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: CLEARLayout,
+    scale: float,
+    attend=_attention_with_lse,
+    merge=_merge,
 ) -> list[torch.Tensor]:
-    """Parts (b) and (c): the image queries of each grid ``(B, h*w, H, D)`` x CLEAR keys/values."""
+    """Parts (b) and (c): the image queries of each grid ``(B, h*w, H, D)`` x CLEAR keys/values.
+
+    ``attend`` computes one part and ``merge`` merges parts (signatures of :func:`_attention_with_lse` and
+    :func:`_merge`); backends on other kernels (``"xformers"``) pass their own.
+    """
     b, _, heads, dim = query.shape
     text = slice(layout.text_start, layout.text_start + layout.text_len)
     bias = _window_bias(layout, query.device, query.dtype)
@@ -249,16 +259,18 @@ def _image_rows(
         for key_grid, key_tokens in grids:  # (c) local: all tiles in one call, batch = (B, H, ntx), "heads" = nty
             k = _key_blocks(key[:, key_tokens], geo, key_grid, _padding_key_score(key.dtype))
             v = _key_blocks(value[:, key_tokens], geo, key_grid, 0.0)
-            out, lse = _attention_with_lse(tiles.reshape(b * heads * ntx, nty, th * tw, dim + 1), k, v, scale, bias)
+            out, lse = attend(tiles.reshape(b * heads * ntx, nty, th * tw, dim + 1), k, v, scale, bias)
             parts.append((out.reshape(b, heads, -1, dim + 1), lse.reshape(b, heads, -1)))
         if glob:  # the tiles are just a query order for the global keys
-            parts.append(_attention_with_lse(tiles.reshape(b, heads, -1, dim + 1), global_k, global_v, scale))
-        rows.append(_tiles_to_rows(_merge(parts, query.dtype)[..., :dim], geo, grid))
+            parts.append(attend(tiles.reshape(b, heads, -1, dim + 1), global_k, global_v, scale))
+        rows.append(_tiles_to_rows(merge(parts, query.dtype)[..., :dim], geo, grid))
     return rows
 
 
 class TiledBackend:
     name = "tiled"
+    attend = staticmethod(_attention_with_lse)  # the kernels of the parts (c), (b) and their merge: see _image_rows
+    merge = staticmethod(_merge)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if dtype not in _SUPPORTED_DTYPES:
@@ -273,7 +285,7 @@ class TiledBackend:
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
             )
             return out.transpose(1, 2)
-        image = _image_rows(query, key, value, layout, scale)
+        image = _image_rows(query, key, value, layout, scale, self.attend, self.merge)
         if layout.text_len == 0:
             return image[0] if len(image) == 1 else torch.cat(image, dim=1)
         t0 = layout.text_start
