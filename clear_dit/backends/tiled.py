@@ -60,14 +60,27 @@ TILE_SHAPES: dict[str, tuple[tuple[int, tuple[int, int]], ...]] = {
 }
 
 
-def tile_shape(window_size: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
-    """The query tile ``(th, tw)`` the tiled backend uses for radius ``window_size`` and ``dtype``.
+def tile_shape(layout: CLEARLayout, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+    """The query tile ``(th, tw)`` the tiled backend uses for ``layout`` and ``dtype``.
 
-    ``"float"`` rows serve float32/float64, ``"reduced"`` rows bfloat16/float16 (the CPU flash kernel's
-    reduced-precision path keeps its throughput on shorter query sequences, so smaller tiles pay off).
+    The square tile of :data:`TILE_SHAPES` for the radius (``"float"`` rows serve float32/float64,
+    ``"reduced"`` rows bfloat16/float16: the CPU flash kernel's reduced-precision path keeps its throughput
+    on shorter query sequences, so smaller tiles pay off), unless a full-width band of as many queries
+    sees fewer keys: a tile spanning the whole width needs no horizontal reach, and all its tiles' key
+    blocks are views of one strip (one flash call, no per-column copies and merges, which is worth up to
+    10% more keys). That wins when the window is wide for the grid.
     """
     kind = "reduced" if dtype in (torch.bfloat16, torch.float16) else "float"
-    return next(tile for bound, tile in TILE_SHAPES[kind] if window_size <= bound)
+    th, tw = next(tile for bound, tile in TILE_SHAPES[kind] if layout.window_size <= bound)
+    h, w = _extent(layout)
+    band = (min(h, -(-th * tw // w)), w)
+    return band if 10 * _keys_per_query(layout, band) <= 11 * _keys_per_query(layout, (th, tw)) else (th, tw)
+
+
+def _keys_per_query(layout: CLEARLayout, tile: tuple[int, int]) -> int:
+    """Scores per query when tiling with ``tile``: every query of a tile sees its whole key block."""
+    kh, kw = _geometry(layout, layout.grid, tile).key_block
+    return kh * kw
 
 
 @dataclass(frozen=True)
@@ -101,10 +114,14 @@ def _extent(layout: CLEARLayout) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def _geometry(layout: CLEARLayout, grid: tuple[int, int], tile: tuple[int, int]) -> _TileGeometry:
-    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``); tile and reach are the layout's."""
+    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``); tile and reach are the layout's.
+
+    A tile spanning all rows (columns) of the grids has no reach along them: its key block holds them all.
+    """
     h, w = _extent(layout)
     th, tw = min(tile[0], h), min(tile[1], w)
-    reach = min(layout.window_size - 1, h - 1), min(layout.window_size - 1, w - 1)
+    r = layout.window_size - 1
+    reach = (0 if th == h else min(r, h - 1)), (0 if tw == w else min(r, w - 1))
     return _TileGeometry(tile=(th, tw), reach=reach, tiles=(-(-grid[0] // th), -(-grid[1] // tw)))
 
 
@@ -129,7 +146,7 @@ def computed_scores(layout: CLEARLayout, dtype: torch.dtype = torch.float32) -> 
     if layout.covers_grid and layout.down_factor == 1:
         return layout.q_len * layout.kv_len
     t, n, grids = layout.text_len, layout.num_image, layout.image_grids
-    tile = tile_shape(layout.window_size, dtype)
+    tile = tile_shape(layout, dtype)
     local = 0
     for grid in grids:
         geo = _geometry(layout, grid, tile)
@@ -204,14 +221,11 @@ def _query_tiles(query: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int])
 
 
 def _tiles_to_rows(tiles: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`_query_tiles` for outputs ``(ntx, B, H, nty, th*tw, C)`` -> ``(B, h*w, H, C)``."""
+    """Inverse of :func:`_query_tiles` for outputs ``(ntx, B, H, nty, th*tw, C)`` -> a view ``(B, h, w, H, C)``."""
     (h, w), (th, tw), (nty, ntx), (hp, wp) = grid, geo.tile, geo.tiles, geo.padded_grid
     _, b, heads, *_, chans = tiles.shape
     rows = tiles.reshape(ntx, b, heads, nty, th, tw, chans).permute(1, 3, 4, 0, 5, 2, 6)
-    rows = rows.reshape(b, hp, wp, heads, chans)
-    if (hp, wp) != (h, w):
-        rows = rows[:, :h, :w]
-    return rows.reshape(b, h * w, heads, chans)
+    return rows.reshape(b, hp, wp, heads, chans)[:, :h, :w]
 
 
 def _strip_columns(geo: _TileGeometry, key_grid: tuple[int, int], column: int) -> tuple[int, int, int]:
@@ -226,13 +240,14 @@ def _key_rows(geo: _TileGeometry, key_grid: tuple[int, int]) -> int:
 
 
 def _column_chunks(geo: _TileGeometry, key_grid: tuple[int, int], dim: int) -> list[tuple[int, int]]:
-    """Tile columns ``[j0, j1)`` per flash call: as many as keep the key + value strips near the keys' size.
+    """Tile columns ``[j0, j1)`` per flash call: as many as keep the key + value strips within twice the keys' size.
 
-    Fewer, longer calls run faster; the bound keeps the extra memory linear and small.
+    Fewer, longer calls run faster; the bound keeps the extra memory linear and within the budget of
+    issue 3 (peak extra memory at most 2x q + k + v, measured by benchmarks/attention.py --memory).
     """
     ntx = geo.tiles[1]
     strip = geo.strip_rows * geo.key_block[1] * (dim + 1)
-    per_call = max(1, key_grid[0] * key_grid[1] * dim // (2 * strip))
+    per_call = max(1, key_grid[0] * key_grid[1] * dim // strip)
     return [(j, min(ntx, j + per_call)) for j in range(0, ntx, per_call)]
 
 
@@ -343,9 +358,8 @@ def _rows_forward(
     ntx, b, heads, nty, length, chans = tiles.shape
     geo, dim = plan.geo, chans - 1
     out = lse = None
-    if global_kv is not None:  # (b) the tiles are just a query order for the global keys, repeated per column
-        gk, gv = (t.repeat(ntx, 1, 1, 1) for t in global_kv)
-        out, lse = attend(tiles.reshape(ntx * b, heads, -1, chans), gk, gv, plan.scale)
+    if global_kv is not None:  # (b) the tiles are just a query order for the global keys (one copy per column)
+        out, lse = attend(tiles.reshape(ntx * b, heads, -1, chans), *global_kv, plan.scale)
         out, lse = out.reshape(tiles.shape), lse.reshape(tiles.shape[:-1])
     padding = _padding_key_score(tiles.dtype)
     for key_grid, (key, value) in zip(plan.key_grids, grid_kv, strict=True):
@@ -378,7 +392,8 @@ class _FlashImageRows(torch.autograd.Function):
     """Parts (b) + (c) of one query grid on the CPU flash kernel, with its flash backward (memory-linear).
 
     ``forward(plan, bias, tiles, global_k, global_v, key_1, value_1, ...)``: ``tiles`` ``(ntx, B, H, nty, L, C)``,
-    ``global_k/v`` ``(B, H, G, C)`` or ``None``, one ``(key, value)`` ``(B, hk*wk, H, D)`` per key grid.
+    ``global_k/v`` ``(ntx*B, H, G, C)`` (:func:`_global_tokens`) or ``None``, one ``(key, value)``
+    ``(B, hk*wk, H, D)`` per key grid.
     Returns the merged output in tile layout. Backward: each part's flash backward at the merged output and
     log-sum-exp, key-block gradients summed back one chunk of tile columns at a time.
     """
@@ -402,13 +417,11 @@ class _FlashImageRows(torch.autograd.Function):
         grad_global_k = grad_global_v = None
         if ctx.has_global:
             flat = (ntx * b, heads, -1, chans)
-            gk, gv = (t.repeat(ntx, 1, 1, 1) for t in (global_k, global_v))
-            grad_tiles, grad_gk, grad_gv = backward(
-                grad_out.reshape(flat), tiles.reshape(flat), gk, gv, out.reshape(flat), lse.reshape(flat[:3]), 0.0,
-                False, scale=scale,
+            grad_tiles, grad_global_k, grad_global_v = backward(
+                grad_out.reshape(flat), tiles.reshape(flat), global_k, global_v, out.reshape(flat),
+                lse.reshape(flat[:3]), 0.0, False, scale=scale,
             )  # fmt: skip
             grad_tiles = grad_tiles.reshape(tiles.shape)
-            grad_global_k, grad_global_v = (g.reshape(ntx, *global_k.shape).sum(0) for g in (grad_gk, grad_gv))
         else:
             grad_tiles = torch.zeros_like(tiles)
         padding = _padding_key_score(tiles.dtype)
@@ -437,6 +450,21 @@ class _FlashImageRows(torch.autograd.Function):
         return None, None, grad_tiles, grad_global_k, grad_global_v, *grads
 
 
+def _global_tokens(tokens: torch.Tensor, layout: CLEARLayout, copies: int) -> torch.Tensor:
+    """Text + pooled keys or values ``(B, kv_len, H, D)`` -> ``(copies*B, H, G, D + 1)``, extra channel 0.
+
+    Repeated once per tile column (copies), so that the tiles of all columns query them in one flash call;
+    written in place of a concatenation (autograd sums the copies' gradients).
+    """
+    b, _, heads, dim = tokens.shape
+    t0, t = layout.text_start, layout.text_len
+    out = tokens.new_empty(copies, b, heads, t + layout.num_pooled, dim + 1)
+    out[..., dim] = 0
+    out[..., :t, :dim] = tokens[:, t0 : t0 + t].transpose(1, 2)
+    out[..., t:, :dim] = tokens[:, layout.q_len :].transpose(1, 2)
+    return out.reshape(copies * b, heads, -1, dim + 1)
+
+
 def _grid_slices(layout: CLEARLayout) -> list[tuple[tuple[int, int], slice]]:
     """``(grid, slice of its tokens)`` for every image grid, in sequence order."""
     slices, start = [], layout.image_start
@@ -455,21 +483,15 @@ def _image_rows(
     tile: tuple[int, int] | None = None,
     fused: bool | None = None,
 ) -> list[torch.Tensor]:
-    """Parts (b) and (c): the image queries of each grid ``(B, h*w, H, D)`` x CLEAR keys/values.
+    """Parts (b) and (c): the image queries of each grid x CLEAR keys/values, as views ``(B, h, w, H, D)``.
 
     ``tile`` overrides :func:`tile_shape`; ``fused`` (default: on CPU) picks the flash-kernel autograd
     Function over the plain-ops path.
     """
     b, _, heads, dim = query.shape
-    tile = tile or tile_shape(layout.window_size, query.dtype)
+    tile = tile or tile_shape(layout, query.dtype)
     fused = query.device.type == "cpu" if fused is None else fused
-    text = slice(layout.text_start, layout.text_start + layout.text_len)
     bias = _window_bias(layout, tile, query.device, query.dtype)
-    global_k = global_v = None
-    if layout.text_len + layout.num_pooled:  # (b) global: text + pooled keys, the same for every image query
-        extra = key.new_zeros(b, heads, layout.text_len + layout.num_pooled, 1)
-        global_k = torch.cat([torch.cat([key[:, text], key[:, layout.q_len :]], dim=1).transpose(1, 2), extra], -1)
-        global_v = torch.cat([torch.cat([value[:, text], value[:, layout.q_len :]], dim=1).transpose(1, 2), extra], -1)
     grids = _grid_slices(layout)
     grid_kv = [(key[:, tokens], value[:, tokens]) for _, tokens in grids]
     rows = []
@@ -477,6 +499,9 @@ def _image_rows(
         geo = _geometry(layout, grid, tile)
         plan = _RowsPlan(geo, tuple(key_grid for key_grid, _ in grids), scale)
         tiles = _query_tiles(query[:, tokens], geo, grid)  # (ntx, B, H, nty, th*tw, D + 1)
+        global_k = global_v = None
+        if layout.text_len + layout.num_pooled:  # (b) global: text + pooled keys, the same for every image query
+            global_k, global_v = (_global_tokens(t, layout, geo.tiles[1]) for t in (key, value))
         if fused:
             flat_kv = [t for pair in grid_kv for t in pair]
             out = _FlashImageRows.apply(plan, bias, tiles, global_k, global_v, *flat_kv)
@@ -503,14 +528,16 @@ class TiledBackend:
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
             )
             return out.transpose(1, 2)
+        out = query.new_empty(query.shape)  # every part is written into its slice (no concatenation)
         image = _image_rows(query, key, value, layout, scale)
-        if layout.text_len == 0:
-            return image[0] if len(image) == 1 else torch.cat(image, dim=1)
-        t0 = layout.text_start
-        text = F.scaled_dot_product_attention(  # (a) text rows: every text and image key, no pooled key
-            query[:, t0 : t0 + layout.text_len].transpose(1, 2),
-            key[:, : layout.q_len].transpose(1, 2),
-            value[:, : layout.q_len].transpose(1, 2),
-            scale=scale,
-        ).transpose(1, 2)
-        return torch.cat([text, *image] if layout.text_position == "first" else [*image, text], dim=1)
+        for (_, tokens), rows in zip(_grid_slices(layout), image, strict=True):
+            out[:, tokens].view(rows.shape).copy_(rows)
+        if layout.text_len:
+            text = slice(layout.text_start, layout.text_start + layout.text_len)
+            out[:, text] = F.scaled_dot_product_attention(  # (a) text rows: every text and image key, no pooled key
+                query[:, text].transpose(1, 2),
+                key[:, : layout.q_len].transpose(1, 2),
+                value[:, : layout.q_len].transpose(1, 2),
+                scale=scale,
+            ).transpose(1, 2)
+        return out
