@@ -186,13 +186,15 @@ def test_tiled_bfloat16_gradients_close_to_dense() -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["flash-function", "plain-ops"])
-@pytest.mark.parametrize("tile", [(2, 2), (3, 5), (16, 16)])
+@pytest.mark.parametrize("tile", [(2, 2), (3, 5), (1, 64), (16, 16)])
 def test_tiled_image_rows_any_tile_and_both_paths(tile, fused: bool) -> None:
-    """Any tile shape, several tile columns per flash call (small tiles, wide grid), and the plain-ops path
-    that other devices run, against dense: outputs and gradients."""
+    """Any tile shape, flash calls over several tile columns (small tiles, wide grid) or over runs of tile
+    rows (a full-width band), and the plain-ops path other devices run, against dense: outputs and gradients."""
     layout = CLEARLayout((4, 40), 3, 2, 2)
     grid, geo = layout.grid, tiled._geometry(layout, layout.grid, tile)
-    assert max(j1 - j0 for j0, j1 in tiled._column_chunks(geo, grid, HEAD_DIM)) > 1 or tile == (16, 16)
+    chunks = tiled._chunks(geo, grid, HEAD_DIM, split_rows=True)
+    several = [c for c in chunks if c.j1 - c.j0 > 1 or c.i1 - c.i0 < geo.tiles[0]]
+    assert several or tile == (16, 16)
     inputs = [x for x in _inputs(layout, batch=2, requires_grad=True) if x is not None]
     q, k, v, weight = inputs
     image = slice(layout.image_start, layout.q_len)

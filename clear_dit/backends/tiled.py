@@ -239,61 +239,98 @@ def _key_rows(geo: _TileGeometry, key_grid: tuple[int, int]) -> int:
     return min(key_grid[0], geo.padded_grid[0] + geo.reach[0])
 
 
-def _column_chunks(geo: _TileGeometry, key_grid: tuple[int, int], dim: int) -> list[tuple[int, int]]:
-    """Tile columns ``[j0, j1)`` per flash call: as many as keep the key + value strips within twice the keys' size.
+@dataclass(frozen=True)
+class _Chunk:
+    """The tiles of one flash call: tile columns ``[j0, j1)`` x tile rows ``[i0, i1)``."""
+
+    j0: int
+    j1: int
+    i0: int
+    i1: int
+
+    def strip_rows(self, geo: _TileGeometry) -> int:
+        """Key rows the chunk's tiles reach, padding included: its tile rows plus the reach above and below."""
+        return (self.i1 - self.i0) * geo.tile[0] + 2 * geo.reach[0]
+
+    def key_row_span(self, geo: _TileGeometry, key_grid: tuple[int, int]) -> tuple[int, int, int]:
+        """``(y0, ya, ye)``: strip row 0 is key row ``y0``; key rows ``[ya, ye)`` are real ones."""
+        y0 = self.i0 * geo.tile[0] - geo.reach[0]
+        last = min(_key_rows(geo, key_grid), self.i1 * geo.tile[0] + geo.reach[0])
+        return y0, max(0, y0), max(0, y0, last)  # a shorter key grid may end above the chunk
+
+
+def _chunks(geo: _TileGeometry, key_grid: tuple[int, int], dim: int, split_rows: bool) -> list[_Chunk]:
+    """The flash calls of one part (c): as many tiles each as keep the key + value strips within twice the keys.
 
     Fewer, longer calls run faster; the bound keeps the extra memory linear and within the budget of
-    issue 3 (peak extra memory at most 2x q + k + v, measured by benchmarks/attention.py --memory).
+    issue 3 (peak extra memory at most 2x q + k + v, measured by benchmarks/attention.py --memory). Whole
+    tile columns while one fits the bound; otherwise (a tall, wide band) one column cut into runs of tile
+    rows, if ``split_rows``.
     """
-    ntx = geo.tiles[1]
-    strip = geo.strip_rows * geo.key_block[1] * (dim + 1)
-    per_call = max(1, key_grid[0] * key_grid[1] * dim // strip)
-    return [(j, min(ntx, j + per_call)) for j in range(0, ntx, per_call)]
+    (nty, ntx), (th, _), (hy, _), (_, kw) = geo.tiles, geo.tile, geo.reach, geo.key_block
+    budget, per_row = key_grid[0] * key_grid[1] * dim, kw * (dim + 1)
+    per_call = budget // (geo.strip_rows * per_row)
+    if per_call or not split_rows:
+        per_call = max(1, per_call)
+        return [_Chunk(j, min(ntx, j + per_call), 0, nty) for j in range(0, ntx, per_call)]
+    rows = max(1, (budget // per_row - 2 * hy) // th)
+    return [_Chunk(j, j + 1, i, min(nty, i + rows)) for j in range(ntx) for i in range(0, nty, rows)]
+
+
+def _strip_buffers(tiles: torch.Tensor, geo: _TileGeometry, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed key and value strip buffers ``(n, B, H, rows, kw, C)`` large enough for every chunk."""
+    _, b, heads, *_, chans = tiles.shape
+    n = max(c.j1 - c.j0 for c in chunks)
+    rows = max(c.strip_rows(geo) for c in chunks)
+    shape = (n, b, heads, rows, geo.key_block[1], chans)
+    return tiles.new_zeros(shape), tiles.new_zeros(shape)
 
 
 def _fill_strips(
-    strips: torch.Tensor,
+    buffer: torch.Tensor,
     tokens: torch.Tensor,
     geo: _TileGeometry,
     key_grid: tuple[int, int],
-    columns: tuple[int, int],
+    chunk: _Chunk,
     padding_channel: float,
 ) -> torch.Tensor:
-    """Write the key strips of tile columns ``[j0, j1)`` into ``strips`` ``(n, B, H, rows, kw, D + 1)``.
+    """Write the key strips of ``chunk``'s tiles into ``buffer``; returns them, ``(n, B, H, rows, kw, D + 1)``.
 
     ``tokens``: keys or values ``(B, hk*wk, H, D)`` of a key grid sharing the query grid's coordinates
     (the grid itself, or the other image of a Kontext layout). The extra channel is 0 on real tokens and
-    ``padding_channel`` on padding ones (the reach around the grid, the tile multiples). ``strips`` starts
-    as zeros and may be reused: stale entries outside the real region are finite earlier keys, which the
+    ``padding_channel`` on padding ones (the reach around the grid, the tile multiples). ``buffer`` starts
+    as zeros and is reused: stale entries outside the real region are finite earlier keys, which the
     extra channel (keys) or a zero softmax weight (values) cancels exactly.
     """
-    (hy, _), (_, tw), (_, kw) = geo.reach, geo.tile, geo.key_block
+    tw, kw = geo.tile[1], geo.key_block[1]
     b, _, heads, dim = tokens.shape
-    h = _key_rows(geo, key_grid)
-    source = tokens.reshape(b, *key_grid, heads, dim)[:, :h]  # (B, h, wk, H, D)
-    j0, j1 = columns
-    spans = [_strip_columns(geo, key_grid, j) for j in range(j0, j1)]
+    strips = buffer[: chunk.j1 - chunk.j0, :, :, : chunk.strip_rows(geo)]
+    y0, ya, ye = chunk.key_row_span(geo, key_grid)
+    source = tokens.reshape(b, *key_grid, heads, dim)[:, ya:ye]  # (B, real rows, wk, H, D)
+    rows = slice(ya - y0, ye - y0)
+    spans = [_strip_columns(geo, key_grid, j) for j in range(chunk.j0, chunk.j1)]
     inner = [s for s, (x0, a, e) in enumerate(spans) if a == x0 and e == x0 + kw]
     if inner:  # strips fully inside the grid: one copy through an unfold view
         s0, s1 = inner[0], inner[-1] + 1
-        windows = source[:, :, spans[s0][0] :].unfold(2, kw, tw)[:, :, : s1 - s0]  # (B, h, n, H, D, kw)
-        strips[s0:s1, :, :, hy : hy + h, :, :dim] = windows.permute(2, 0, 3, 1, 5, 4)
+        windows = source[:, :, spans[s0][0] :].unfold(2, kw, tw)[:, :, : s1 - s0]  # (B, rows, n, H, D, kw)
+        strips[s0:s1, :, :, rows, :, :dim] = windows.permute(2, 0, 3, 1, 5, 4)
     for s, (x0, a, e) in enumerate(spans):
         if a < e and not (inner and inner[0] <= s <= inner[-1]):
-            strips[s, :, :, hy : hy + h, a - x0 : e - x0, :dim] = source[:, :, a:e].permute(0, 3, 1, 2, 4)
+            strips[s, :, :, rows, a - x0 : e - x0, :dim] = source[:, :, a:e].permute(0, 3, 1, 2, 4)
     if padding_channel:
         strips[..., dim] = padding_channel
         for s, (x0, a, e) in enumerate(spans):
-            strips[s, :, :, hy : hy + h, max(0, a - x0) : max(0, e - x0), dim] = 0
+            strips[s, :, :, rows, max(0, a - x0) : max(0, e - x0), dim] = 0
     return strips
 
 
 def _strip_blocks(strips: torch.Tensor, geo: _TileGeometry) -> torch.Tensor:
-    """The key blocks of the strips' tiles, a view ``(n*B*H, nty, kh*kw, C)`` of ``(n, B, H, rows, kw, C)``."""
+    """The key blocks of the strips' tiles, a view ``(n*B*H, m, kh*kw, C)`` of ``(n, B, H, rows, kw, C)``."""
     rows, kw, chans = strips.shape[-3:]
-    (th, _), (kh, _), (nty, _) = geo.tile, geo.key_block, geo.tiles
-    row = kw * chans  # strides written out: a contiguous tensor may report odd strides on size-1 dims
-    return strips.as_strided((strips.shape[:3].numel(), nty, kh * kw, chans), (rows * row, th * row, chans, 1))
+    (th, _), (hy, _), (kh, _) = geo.tile, geo.reach, geo.key_block
+    row = kw * chans  # strides written out: a sliced buffer keeps the buffer's strides
+    size = (strips.shape[:3].numel(), (rows - 2 * hy) // th, kh * kw, chans)
+    return strips.as_strided(size, (strips.stride(2), th * row, chans, 1), strips.storage_offset())
 
 
 def _add_strip_grads(
@@ -301,25 +338,27 @@ def _add_strip_grads(
     block_grad: torch.Tensor,
     geo: _TileGeometry,
     key_grid: tuple[int, int],
-    columns: tuple[int, int],
+    chunk: _Chunk,
     strip_shape: torch.Size,
 ) -> None:
     """Adjoint of :func:`_fill_strips` + :func:`_strip_blocks`: add key-block gradients to ``grad`` in place.
 
-    ``block_grad`` ``(n*B*H, nty, kh*kw, C)``; ``grad`` ``(B, hk, wk, H, D)``, the key grid's gradient.
+    ``block_grad`` ``(n*B*H, m, kh*kw, C)``; ``grad`` ``(B, hk, wk, H, D)``, the key grid's gradient.
     """
     n, b, heads, rows, kw, chans = strip_shape
-    (th, _), (hy, _), (kh, _), (nty, _) = geo.tile, geo.reach, geo.key_block, geo.tiles
+    th, kh, m = geo.tile[0], geo.key_block[0], chunk.i1 - chunk.i0
     strips = block_grad.new_zeros(n * b * heads, rows, kw, chans)
-    blocks = block_grad.reshape(n * b * heads, nty, kh, kw, chans)
-    for i in range(nty):  # consecutive blocks overlap by kh - th rows
+    blocks = block_grad.reshape(n * b * heads, m, kh, kw, chans)
+    for i in range(m):  # consecutive blocks overlap by kh - th rows
         strips[:, i * th : i * th + kh] += blocks[:, i]
     strips = strips.reshape(strip_shape)
-    h, dim = _key_rows(geo, key_grid), grad.shape[-1]
-    for s, j in enumerate(range(*columns)):  # neighbouring strips overlap by kw - tw columns
+    y0, ya, ye = chunk.key_row_span(geo, key_grid)
+    dim = grad.shape[-1]
+    for s, j in enumerate(range(chunk.j0, chunk.j1)):  # neighbouring strips overlap by kw - tw columns
         x0, a, e = _strip_columns(geo, key_grid, j)
         if a < e:
-            grad[:, :h, a:e] += strips[s, :, :, hy : hy + h, a - x0 : e - x0, :dim].permute(0, 2, 3, 1, 4)
+            part = strips[s, :, :, ya - y0 : ye - y0, a - x0 : e - x0, :dim]
+            grad[:, ya:ye, a:e] += part.permute(0, 2, 3, 1, 4)
 
 
 @dataclass(frozen=True)
@@ -363,27 +402,33 @@ def _rows_forward(
         out, lse = out.reshape(tiles.shape), lse.reshape(tiles.shape[:-1])
     padding = _padding_key_score(tiles.dtype)
     for key_grid, (key, value) in zip(plan.key_grids, grid_kv, strict=True):
-        chunks = _column_chunks(geo, key_grid, dim)
-        shape = (chunks[0][1] - chunks[0][0], b, heads, geo.strip_rows, geo.key_block[1], chans)
-        buffers = (tiles.new_zeros(shape), tiles.new_zeros(shape)) if fused else None
+        chunks = _chunks(geo, key_grid, dim, split_rows=fused)
+        buffers = _strip_buffers(tiles, geo, chunks) if fused else None
+        first = out is None
+        if fused and first:
+            out = tiles.new_empty(tiles.shape)
         outs, lses = [], []
-        for j0, j1 in chunks:  # (c) batch = (columns, B, H), "heads" = nty
-            k_strips, v_strips = buffers or (tiles.new_zeros(shape), tiles.new_zeros(shape))
-            n = j1 - j0
-            k = _strip_blocks(_fill_strips(k_strips[:n], key, geo, key_grid, (j0, j1), padding), geo)
-            v = _strip_blocks(_fill_strips(v_strips[:n], value, geo, key_grid, (j0, j1), 0.0), geo)
-            part_out, part_lse = attend(tiles[j0:j1].reshape(n * b * heads, nty, length, chans), k, v, plan.scale, bias)
-            part = part_out.reshape(n, b, heads, nty, length, chans), part_lse.reshape(n, b, heads, nty, length)
-            if out is None:
-                outs.append(part[0])
-                lses.append(part[1])
-            elif fused:
-                _merge(out[j0:j1], lse[j0:j1], *part, in_place=True)
-            else:
-                merged = _merge(out[j0:j1], lse[j0:j1], *part, in_place=False)
+        for c in chunks:  # (c) batch = (columns, B, H), "heads" = tile rows
+            k_buffer, v_buffer = buffers or _strip_buffers(tiles, geo, [c])
+            k = _strip_blocks(_fill_strips(k_buffer, key, geo, key_grid, c, padding), geo)
+            v = _strip_blocks(_fill_strips(v_buffer, value, geo, key_grid, c, 0.0), geo)
+            n, m = c.j1 - c.j0, c.i1 - c.i0
+            q = tiles[c.j0 : c.j1, :, :, c.i0 : c.i1].reshape(n * b * heads, m, length, chans)
+            part_out, part_lse = attend(q, k, v, plan.scale, bias)
+            part = part_out.reshape(n, b, heads, m, length, chans), part_lse.reshape(n, b, heads, m, length)
+            if fused:  # in place, chunk by chunk
+                target = (slice(c.j0, c.j1), slice(None), slice(None), slice(c.i0, c.i1))
+                if lse is None:
+                    lse = part_lse.new_empty(tiles.shape[:-1])
+                if first:
+                    out[target], lse[target] = part
+                else:
+                    _merge(out[target], lse[target], *part, in_place=True)
+            else:  # whole tile columns, concatenated once
+                merged = part if first else _merge(out[c.j0 : c.j1], lse[c.j0 : c.j1], *part, in_place=False)
                 outs.append(merged[0])
                 lses.append(merged[1])
-        if outs:
+        if not fused:
             out, lse = torch.cat(outs), torch.cat(lses)
     return out, lse
 
@@ -429,23 +474,23 @@ class _FlashImageRows(torch.autograd.Function):
         for key_grid, key, value in zip(plan.key_grids, grid_kv[::2], grid_kv[1::2], strict=True):
             grad_k = key.new_zeros(b, *key_grid, heads, key.shape[-1])
             grad_v = torch.zeros_like(grad_k)
-            chunks = _column_chunks(geo, key_grid, chans - 1)
-            shape = (chunks[0][1] - chunks[0][0], b, heads, geo.strip_rows, geo.key_block[1], chans)
-            k_strips, v_strips = tiles.new_zeros(shape), tiles.new_zeros(shape)
-            for j0, j1 in chunks:
-                n = j1 - j0
-                flat = (n * b * heads, nty, length, chans)
-                k = _strip_blocks(_fill_strips(k_strips[:n], key, geo, key_grid, (j0, j1), padding), geo)
-                v = _strip_blocks(_fill_strips(v_strips[:n], value, geo, key_grid, (j0, j1), 0.0), geo)
+            chunks = _chunks(geo, key_grid, chans - 1, split_rows=True)
+            buffers = _strip_buffers(tiles, geo, chunks)
+            for c in chunks:
+                k_strips = _fill_strips(buffers[0], key, geo, key_grid, c, padding)
+                v_strips = _fill_strips(buffers[1], value, geo, key_grid, c, 0.0)
+                k, v = _strip_blocks(k_strips, geo), _strip_blocks(v_strips, geo)
+                n, m = c.j1 - c.j0, c.i1 - c.i0
+                flat = (n * b * heads, m, length, chans)
+                target = (slice(c.j0, c.j1), slice(None), slice(None), slice(c.i0, c.i1))
                 grad_q, grad_kb, grad_vb = backward(
-                    grad_out[j0:j1].reshape(flat), tiles[j0:j1].reshape(flat), k, v, out[j0:j1].reshape(flat),
-                    lse[j0:j1].reshape(flat[:3]), 0.0, False, attn_mask=ctx.bias.expand(*flat[:3], k.shape[2]),
+                    grad_out[target].reshape(flat), tiles[target].reshape(flat), k, v, out[target].reshape(flat),
+                    lse[target].reshape(flat[:3]), 0.0, False, attn_mask=ctx.bias.expand(*flat[:3], k.shape[2]),
                     scale=scale,
                 )  # fmt: skip
-                grad_tiles[j0:j1] += grad_q.reshape(n, b, heads, nty, length, chans)
-                strip_shape = k_strips[:n].shape
-                _add_strip_grads(grad_k, grad_kb, geo, key_grid, (j0, j1), strip_shape)
-                _add_strip_grads(grad_v, grad_vb, geo, key_grid, (j0, j1), strip_shape)
+                grad_tiles[target] += grad_q.reshape(n, b, heads, m, length, chans)
+                _add_strip_grads(grad_k, grad_kb, geo, key_grid, c, k_strips.shape)
+                _add_strip_grads(grad_v, grad_vb, geo, key_grid, c, v_strips.shape)
             grads += [grad_k.reshape(key.shape), grad_v.reshape(value.shape)]
         return None, None, grad_tiles, grad_global_k, grad_global_v, *grads
 
