@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flex-compiled", action="store_true", help="also time compiled flex_attention (per layout)")
     p.add_argument("--memory", action="store_true", help="also measure each backend's peak extra memory")
     p.add_argument("--rows", nargs="+", help="grid:radius pairs instead of --grids x --radii; 'issue' = issue 3's")
+    p.add_argument("--flex-max-seq", type=int, default=20000, help="skip flex-compiled above this (see below)")
     p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
     p.add_argument("--warmup", type=int, default=1)
@@ -173,21 +174,25 @@ def run(args: argparse.Namespace) -> list[dict]:
                 fns[name] = functools.partial(
                     clear_attention, q, k, v, grid=grid, text_len=args.text_len, window_size=r, backend=name
                 )
-            if args.flex_compiled:
+            if args.flex_compiled and seq > args.flex_max_seq:  # create_block_mask evaluates all seq^2 pairs on CPU
+                reason = f"seq {seq} > --flex-max-seq {args.flex_max_seq} (O(seq^2) mask build)"
+                row["skipped"]["flex-compiled"] = reason
+            elif args.flex_compiled:
                 fns["flex-compiled"], compile_s = _compiled_flex(layout, q, k, v)
                 row["flex_compile_s"] = compile_s
             times = interleaved_medians(fns, args.repeats, args.warmup, args.budget)
             for name in fns:
                 if name != "full":
                     row["backends"][name] = {"ms": times[name] * 1e3, "speedup": times["full"] / times[name]}
-                if args.memory:
-                    extra, _ = peak_extra_bytes(fns[name])
-                    entry = row["backends"][name] if name != "full" else row
-                    entry["peak_extra_bytes"] = extra
-                    entry["peak_extra_vs_qkv"] = extra / row["qkv_bytes"]
+                    if args.memory:
+                        extra, _ = peak_extra_bytes(fns[name])
+                        row["backends"][name]["peak_extra_bytes"] = extra
+                        row["backends"][name]["peak_extra_vs_qkv"] = extra / row["qkv_bytes"]
         row["full_ms"] = times["full"] * 1e3
         rows.append(row)
         print(format_row(row, _columns(args)), flush=True)
+        if args.json:  # after every row, so that a long run that stops early keeps what it measured
+            write_json(args, rows)
     return rows
 
 
@@ -220,12 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         "[mem] = peak extra memory / (q + k + v)"
     )
     print(format_header(_columns(args)))
-    rows = run(args)
+    run(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "rows": rows}, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "rows": rows}, indent=2))
 
 
 def _jsonable(values: dict) -> dict:

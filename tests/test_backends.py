@@ -291,6 +291,24 @@ def test_auto_choice(layout: CLEARLayout, device: str, expected: str) -> None:
     assert auto_backend_name(layout, torch.device(device)) == expected
 
 
+@pytest.mark.parametrize(
+    "layout,dtype,tile,backend",
+    [
+        (CLEARLayout((128, 128), 512, 16), torch.float32, (16, 16), "tiled"),
+        (CLEARLayout((128, 128), 512, 16), torch.bfloat16, (4, 8), "tiled"),  # reduced precision: smaller tiles
+        (CLEARLayout((128, 128), 512, 32), torch.bfloat16, (8, 16), "tiled"),
+        (CLEARLayout((64, 64), 512, 16), torch.float32, (4, 64), "dense"),  # wide window: full-width band tiles
+        (CLEARLayout((64, 64), 512, 8), torch.float32, (16, 16), "tiled"),
+    ],
+)
+def test_auto_tile_shape_and_choice_per_dtype(layout: CLEARLayout, dtype: torch.dtype, tile, backend: str) -> None:
+    assert tiled.tile_shape(layout, dtype) == tile
+    assert auto_backend_name(layout, torch.device("cpu"), dtype) == backend
+    geo = tiled._geometry(layout, layout.grid, tile)
+    full_width = tile[1] == layout.grid[1]  # a full-width band: no horizontal reach, one tile column
+    assert (geo.reach[1] == 0 and geo.tiles[1] == 1) == full_width
+
+
 def test_auto_runs_and_matches_dense() -> None:
     layout = CLEARLayout((12, 20), 5, 3, 2)
     q, k, v, weight = _inputs(layout, batch=1)
