@@ -20,9 +20,9 @@ DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" co
 
 # Time per computed score of "tiled" relative to full SDPA's, on CPU (see auto_backend_name): the flash
 # kernel runs slower on tile-sized query sequences, and the strips and merges cost extra. Measured with
-# benchmarks/attention.py on the dev CPU (README, attention benchmark): fp32 ~1.3-1.6; bf16 runs smaller
-# tiles, whose per-call costs weigh more on small grids (64^2 r16: tiled 0.80x vs dense 0.95x of full SDPA).
-TILED_SCORE_COST = {"float": 1.6, "reduced": 2.2}
+# benchmarks/attention.py on the dev CPU (README, attention benchmark): fp32 ~1.3-1.6, bf16 ~1.1-1.6 (its
+# smaller tiles make more calls, whose fixed costs weigh on small grids: 64^2 r16 is near break-even).
+TILED_SCORE_COST = {"float": 1.6, "reduced": 1.6}
 
 
 def auto_backend_name(layout: CLEARLayout, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
