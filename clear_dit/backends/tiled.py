@@ -9,9 +9,10 @@ parts are merged by their log-sum-exp (the same merge as flash attention's key b
     sees the ``(th + 2*hy) x (tw + 2*hx)`` block of keys around it (``hy, hx``: the window's reach).
     The keys of tile column ``j`` are copied into one column strip of width ``tw + 2*hx`` (zero-padded by
     the reach and up to tile multiples); every tile's key block is then a contiguous run of its strip,
-    i.e. a strided *view* (no per-tile gather), and the tiles of one column go through ONE attention call
-    as its batch x heads dimensions. One strip at a time keeps the extra memory at one strip of keys
-    and values. The window test is the same for every tile: one additive 0/-inf bias of shape
+    i.e. a strided *view* (no per-tile gather), and the tiles of several columns (or, for a tall full-width
+    band, a run of its tile rows) go through ONE attention call as its batch x heads dimensions. The
+    chunks are sized so that their key and value strips stay within twice the keys' size: peak extra
+    memory below 2x query + key + value. The window test is the same for every tile: one additive 0/-inf bias of shape
     ``(th*tw, key block)``, built from :func:`clear_dit.mask.in_window` and broadcast with stride 0.
 
 Other layouts of :mod:`clear_dit.mask` use the same three parts. Text last (SD3) only moves the slices:
@@ -335,7 +336,7 @@ def _strip_blocks(strips: torch.Tensor, geo: _TileGeometry) -> torch.Tensor:
     (th, _), (hy, _), (kh, _) = geo.tile, geo.reach, geo.key_block
     row = kw * chans  # strides written out: a sliced buffer keeps the buffer's strides
     size = (strips.shape[:3].numel(), (rows - 2 * hy) // th, kh * kw, chans)
-    return strips.as_strided(size, (strips.stride(2), th * row, chans, 1), strips.storage_offset())
+    return strips.as_strided(size, (strips.stride(2), th * row, chans, 1))  # keeps the slice's storage offset
 
 
 def _add_strip_grads(
@@ -378,11 +379,15 @@ class _RowsPlan:
 def _merge(
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, in_place: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the union of two disjoint key sets from their ``(out (..., L, C), lse (..., L))``."""
-    keep = torch.sigmoid(lse - part_lse)[..., None].to(out.dtype)  # exp(lse - logaddexp(...)): first set's weight
+    """Softmax over the union of two disjoint key sets from their ``(out (..., L, C), lse (..., L))``.
+
+    ``in_place`` updates ``out`` and ``lse`` (views) with in-place methods, which dynamo traces (``out=`` on
+    non-contiguous views it does not).
+    """
+    gain = torch.sigmoid(part_lse - lse)[..., None].to(out.dtype)  # exp(part_lse - logaddexp(...)): new set's weight
     if in_place:
-        return torch.lerp(part_out, out, keep, out=out), torch.logaddexp(lse, part_lse, out=lse)
-    return torch.lerp(part_out, out, keep), torch.logaddexp(lse, part_lse)
+        return out.lerp_(part_out, gain), lse.copy_(torch.logaddexp(lse, part_lse))
+    return torch.lerp(out, part_out, gain), torch.logaddexp(lse, part_lse)
 
 
 def _rows_forward(
@@ -406,7 +411,7 @@ def _rows_forward(
         out, lse = attend(tiles.reshape(ntx * b, heads, -1, chans), *global_kv, plan.scale)
         out, lse = out.reshape(tiles.shape), lse.reshape(tiles.shape[:-1])
     padding = _padding_key_score(tiles.dtype)
-    for key_grid, (key, value) in zip(plan.key_grids, grid_kv, strict=True):
+    for key_grid, (key, value) in zip(plan.key_grids, grid_kv):  # noqa: B905 (dynamo mis-traces strict zips)
         chunks = _chunks(geo, key_grid, dim, split_rows=fused)
         buffers = _strip_buffers(tiles, geo, chunks) if fused else None
         first = out is None
@@ -441,20 +446,21 @@ def _rows_forward(
 class _FlashImageRows(torch.autograd.Function):
     """Parts (b) + (c) of one query grid on the CPU flash kernel, with its flash backward (memory-linear).
 
-    ``forward(plan, bias, tiles, global_k, global_v, key_1, value_1, ...)``: ``tiles`` ``(ntx, B, H, nty, L, C)``,
-    ``global_k/v`` ``(ntx*B, H, G, C)`` (:func:`_global_tokens`) or ``None``, one ``(key, value)``
-    ``(B, hk*wk, H, D)`` per key grid.
+    ``forward(plan, bias, tiles, global_k, global_v, key_1, value_1[, key_2, value_2])``: ``tiles``
+    ``(ntx, B, H, nty, L, C)``, ``global_k/v`` ``(ntx*B, H, G, C)`` (:func:`_global_tokens`) or ``None``, one
+    ``(key, value)`` ``(B, hk*wk, H, D)`` per key grid.
     Returns the merged output in tile layout. Backward: each part's flash backward at the merged output and
     log-sum-exp, key-block gradients summed back one chunk of tile columns at a time.
     """
 
     @staticmethod
-    def forward(ctx, plan, bias, tiles, global_k, global_v, *grid_kv):
+    def forward(ctx, plan, bias, tiles, global_k, global_v, key_1, value_1, key_2=None, value_2=None):
+        # fixed arguments, not *args: dynamo mis-traces var-args of autograd Functions (at most two image grids)
         global_kv = None if global_k is None else (global_k, global_v)
-        pairs = list(zip(grid_kv[::2], grid_kv[1::2], strict=True))
+        pairs = [(key_1, value_1)] + ([] if key_2 is None else [(key_2, value_2)])
         out, lse = _rows_forward(plan, tiles, global_kv, pairs, bias, fused=True)
         ctx.plan, ctx.bias, ctx.has_global = plan, bias, global_kv is not None
-        ctx.save_for_backward(tiles, global_k, global_v, out, lse, *grid_kv)
+        ctx.save_for_backward(tiles, global_k, global_v, out, lse, *(t for pair in pairs for t in pair))
         return out
 
     @staticmethod
@@ -497,7 +503,7 @@ class _FlashImageRows(torch.autograd.Function):
                 _add_strip_grads(grad_k, grad_kb, geo, key_grid, c, k_strips.shape)
                 _add_strip_grads(grad_v, grad_vb, geo, key_grid, c, v_strips.shape)
             grads += [grad_k.reshape(key.shape), grad_v.reshape(value.shape)]
-        return None, None, grad_tiles, grad_global_k, grad_global_v, *grads
+        return None, None, grad_tiles, grad_global_k, grad_global_v, *grads, *([None, None] if len(grads) == 2 else [])
 
 
 def _global_tokens(tokens: torch.Tensor, layout: CLEARLayout, copies: int) -> torch.Tensor:
@@ -580,7 +586,7 @@ class TiledBackend:
             return out.transpose(1, 2)
         out = query.new_empty(query.shape)  # every part is written into its slice (no concatenation)
         image = _image_rows(query, key, value, layout, scale)
-        for (_, tokens), rows in zip(_grid_slices(layout), image, strict=True):
+        for (_, tokens), rows in zip(_grid_slices(layout), image):  # noqa: B905 (dynamo mis-traces strict zips)
             out[:, tokens].view(rows.shape).copy_(rows)
         if layout.text_len:
             text = slice(layout.text_start, layout.text_start + layout.text_len)
