@@ -15,15 +15,28 @@ skipped with its error instead of ending the run.
 
 Per row: time of full attention over text + image tokens, of each CLEAR backend (through the public
 ``clear_attention``), the speedup ``full / backend`` and the ideal speedup ``1 / density`` (the FLOP ratio).
-Times are medians after a warm-up; full attention is measured once per grid (it does not depend on r).
+Full attention and the backends of a row run in interleaved rounds (full, backend 1, backend 2, full, ...)
+and each time is the median over rounds, so that load on a shared machine hits all of them alike.
+
+``--flex-compiled`` adds ``flex-compiled``: ``torch.compile(flex_attention)`` with the CLEAR block mask,
+compiled afresh for every layout (a shared compiled function recompiles per layout and falls back to a
+slow path after 8 recompiles); its compile time is reported apart and excluded from its time.
+
+``--memory`` adds, per backend, the peak extra memory of one call: the high-water mark of the bytes held by
+torch's CPU allocator during the call (allocation and free events of the profiler's memory profile),
+minus the output; the table prints it as a multiple of ``q + k + v`` (``mem``).
+
+``--rows 64:16 128:8`` replaces the grid x radius product by these ``grid:radius`` pairs (``--rows issue``
+is the five rows of issue 3's target table).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from functools import partial
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -33,8 +46,9 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import median_seconds
+from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
+from clear_dit.backends.flex import _block_mask
 from clear_dit.mask import window_row_extents
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (CUDA: GPU columns)")
     p.add_argument("--flex", action="store_true", help="also time 'flex' (slow to compile / O(seq^2) on CPU)")
+    p.add_argument("--flex-compiled", action="store_true", help="also time compiled flex_attention (per layout)")
+    p.add_argument("--memory", action="store_true", help="also measure each backend's peak extra memory")
+    p.add_argument("--rows", nargs="+", help="grid:radius pairs instead of --grids x --radii; 'issue' = issue 3's")
+    p.add_argument("--flex-max-seq", type=int, default=20000, help="skip flex-compiled above this (see below)")
     p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
     p.add_argument("--warmup", type=int, default=1)
@@ -72,7 +90,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.backends = cuda_backends(DTYPES[args.dtype]) if args.device == "cuda" else ["tiled", "dense"]
     if args.flex and "flex" not in args.backends:
         args.backends = [*args.backends, "flex"]
+    if args.rows == ["issue"]:
+        args.rows = ISSUE_ROWS
+    args.rows = [tuple(map(int, pair.split(":"))) for pair in args.rows] if args.rows else None
     return args
+
+
+ISSUE_ROWS = ["64:16", "128:8", "128:16", "128:32", "256:16"]
+
+
+def _columns(args: argparse.Namespace) -> list[str]:
+    return [*args.backends, *(["flex-compiled"] if args.flex_compiled else [])]
+
+
+def peak_extra_bytes(fn) -> tuple[int, torch.Tensor]:
+    """``(peak bytes held by torch's CPU allocator during fn() beyond what it returns, the result)``.
+
+    From the profiler's memory events (every allocation and free, in order): the running sum's maximum,
+    minus the bytes of the returned tensor. Allocations made before the call (inputs, caches) do not count.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak - out.numel() * out.element_size(), out
+
+
+def _compiled_flex(layout: CLEARLayout, q, k, v):
+    """A fresh ``torch.compile(flex_attention)`` for this layout, as a no-argument callable, and its compile time."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _block_mask(layout, q.device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def call():
+        return compiled(qt, kt, vt, block_mask=block_mask)
+
+    start = time.perf_counter()
+    call()
+    return call, time.perf_counter() - start
 
 
 def cuda_backends(dtype: torch.dtype) -> list[str]:
@@ -118,74 +182,85 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(args.seed)
-    rows = []
-    for side in args.grids:
+    pairs = args.rows or [(side, r) for side in args.grids for r in args.radii]
+    rows, tensors = [], {}
+    for side, r in pairs:
         grid, seq = (side, side), args.text_len + side * side
-        shape = (args.batch, seq, args.heads, args.head_dim)
-        q, k, v = (torch.randn(shape, generator=gen).to(device=args.device, dtype=dtype) for _ in range(3))
+        if side not in tensors:  # one set of inputs per grid, shared by its radii
+            shape = (args.batch, seq, args.heads, args.head_dim)
+            tensors = {side: [torch.randn(shape, generator=gen).to(args.device, dtype) for _ in range(3)]}
+        q, k, v = tensors[side]
+        layout = CLEARLayout(grid, args.text_len, r)
+        density = attention_density(grid, args.text_len, r)
+        row = {
+            "pixels": side * 16,
+            "grid": list(grid),
+            "text_len": args.text_len,
+            "window_size": r,
+            "seq": seq,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "device": args.device,
+            "density": density,
+            "ideal_speedup": 1.0 / density,
+            "qkv_bytes": 3 * q.numel() * q.element_size(),
+            "backends": {},
+            "skipped": {},
+        }
 
         def full(q=q, k=k, v=v):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
         cuda = args.device == "cuda"
+        fns = {"full": _synchronized(full) if cuda else full}
         with torch.no_grad():
-            full_s = median_seconds(_synchronized(full) if cuda else full, args.repeats, args.warmup, args.budget)
-            for r in args.radii:
-                layout = CLEARLayout(grid, args.text_len, r)
-                density = attention_density(grid, args.text_len, r)
-                row = {
-                    "pixels": side * 16,
-                    "grid": list(grid),
-                    "text_len": args.text_len,
-                    "window_size": r,
-                    "seq": seq,
-                    "heads": args.heads,
-                    "head_dim": args.head_dim,
-                    "batch": args.batch,
-                    "dtype": args.dtype,
-                    "threads": args.threads,
-                    "device": args.device,
-                    "density": density,
-                    "ideal_speedup": 1.0 / density,
-                    "full_ms": full_s * 1e3,
-                    "backends": {},
-                    "skipped": {},
-                }
-                for name in args.backends:
-                    reason = _skip_reason(name, seq, args)
-                    if reason:
-                        row["skipped"][name] = reason
+            for name in args.backends:
+                reason = _skip_reason(name, seq, args)
+                if reason:
+                    row["skipped"][name] = reason
+                    continue
+                if name == "natten":
+                    fn = functools.partial(_natten, q, k, v, layout)
+                else:
+                    fn = functools.partial(
+                        clear_attention, q, k, v, grid=grid, text_len=args.text_len, window_size=r, backend=name
+                    )
+                if cuda:  # an optional library or kernel failing on this GPU is a finding, not the end of the run
+                    fn = _synchronized(fn)
+                    try:
+                        fn()
+                    except Exception as err:  # noqa: BLE001
+                        row["skipped"][name] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
                         continue
-
-                    def clear(name=name, layout=layout, q=q, k=k, v=v):
-                        return clear_attention(
-                            q,
-                            k,
-                            v,
-                            grid=layout.grid,
-                            text_len=layout.text_len,
-                            window_size=layout.window_size,
-                            backend=name,
-                        )
-
-                    fn = partial(_natten, q, k, v, layout) if name == "natten" else clear
-                    if not cuda:
-                        t = median_seconds(fn, args.repeats, args.warmup, args.budget)
-                    else:  # an optional library or kernel failing on this GPU is a finding, not the end of the run
-                        try:
-                            t = median_seconds(_synchronized(fn), args.repeats, args.warmup, args.budget)
-                        except Exception as err:  # noqa: BLE001
-                            row["skipped"][name] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                            continue
-                    row["backends"][name] = {"ms": t * 1e3, "speedup": full_s / t}
-                rows.append(row)
-                print(format_row(row, args.backends), flush=True)
+                fns[name] = fn
+            if args.flex_compiled and seq > args.flex_max_seq:  # create_block_mask evaluates all seq^2 pairs on CPU
+                reason = f"seq {seq} > --flex-max-seq {args.flex_max_seq} (O(seq^2) mask build)"
+                row["skipped"]["flex-compiled"] = reason
+            elif args.flex_compiled:
+                fns["flex-compiled"], compile_s = _compiled_flex(layout, q, k, v)
+                row["flex_compile_s"] = compile_s
+            times = interleaved_medians(fns, args.repeats, args.warmup, args.budget)
+            for name in fns:
+                if name != "full":
+                    row["backends"][name] = {"ms": times[name] * 1e3, "speedup": times["full"] / times[name]}
+                    if args.memory:
+                        extra, _ = peak_extra_bytes(fns[name])
+                        row["backends"][name]["peak_extra_bytes"] = extra
+                        row["backends"][name]["peak_extra_vs_qkv"] = extra / row["qkv_bytes"]
+        row["full_ms"] = times["full"] * 1e3
+        rows.append(row)
+        print(format_row(row, _columns(args)), flush=True)
+        if args.json:  # after every row, so that a long run that stops early keeps what it measured
+            write_json(args, rows)
     return rows
 
 
 def format_header(backends: list[str]) -> str:
     cols = [f"{'px':>5}", f"{'grid':>8}", f"{'r':>3}", f"{'seq':>6}", f"{'density':>8}", f"{'ideal':>6}"]
-    cols += [f"{'full ms':>9}"] + [f"{name + ' ms (x)':>20}" for name in backends]
+    cols += [f"{'full ms':>9}"] + [f"{name + ' ms (x) [mem]':>30}" for name in backends]
     return " ".join(cols)
 
 
@@ -196,9 +271,10 @@ def format_row(row: dict, backends: list[str]) -> str:
     for name in backends:
         if name in row["backends"]:
             entry = row["backends"][name]
-            cols.append(f"{entry['ms']:>11.1f} ({entry['speedup']:>5.2f}x)")
+            mem = f"[{entry['peak_extra_vs_qkv']:.2f}]" if "peak_extra_vs_qkv" in entry else ""
+            cols.append(f"{entry['ms']:>11.1f} ({entry['speedup']:>5.2f}x) {mem:>7}".rjust(30))
         else:
-            cols.append(f"{'skipped':>20}")
+            cols.append(f"{'skipped':>30}")
     return " ".join(cols)
 
 
@@ -208,15 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"CLEAR attention vs full SDPA: text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, "
         f"batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}; "
-        f"median of {args.repeats} after {args.warmup} warm-up; (x) = full / backend"
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; (x) = full / backend, "
+        "[mem] = peak extra memory / (q + k + v)"
     )
-    print(format_header(args.backends))
-    rows = run(args)
+    print(format_header(_columns(args)))
+    run(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "rows": rows}, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "rows": rows}, indent=2))
 
 
 def _jsonable(values: dict) -> dict:

@@ -57,7 +57,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 import clear_dit
-from benchmarks._timing import interleaved_median_seconds
+from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARFluxAttnProcessor, CLEARLayout, attention_density, clear_attention
 from clear_dit.backends import auto_backend_name
 
@@ -208,7 +208,7 @@ def measure_block(variants: Variants, kind: str, side: int, inputs: dict, args: 
     for r, model in variants.clear.items():
         fns[f"clear_block_{r}"] = clear_block_fn(_block(model, kind))
         fns[f"clear_attention_{r}"] = clear_attention_fn(r)
-    ms = {name: s * 1e3 for name, s in interleaved_median_seconds(fns, args.repeats, args.warmup, args.budget).items()}
+    ms = {name: s * 1e3 for name, s in interleaved_medians(fns, args.repeats, args.warmup, args.budget).items()}
 
     full_block_ms, non_attention_ms, full_attention_ms = ms["full_block"], ms["non_attention"], ms["full_attention"]
     rows = []
@@ -231,7 +231,9 @@ def measure_block(variants: Variants, kind: str, side: int, inputs: dict, args: 
                 "dtype": args.dtype,
                 "threads": args.threads,
                 "backend": args.backend,
-                "backend_used": auto_backend_name(layout, q.device) if args.backend == "auto" else args.backend,
+                "backend_used": auto_backend_name(layout, q.device, q.dtype)
+                if args.backend == "auto"
+                else args.backend,
                 "density": density,
                 "full_block_ms": full_block_ms,
                 "clear_block_ms": clear_block_ms,

@@ -121,7 +121,7 @@ def band_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if backend == "auto":
-        backend = auto_backend_name(layout, query.device)
+        backend = auto_backend_name(layout, query.device, query.dtype)
     (r0, r1), w = rows, key_grid[1]
     if backend == "dense":
         q_idx = torch.arange(num_global + r0 * w, num_global + r1 * w, device=query.device)
@@ -132,4 +132,4 @@ def band_attention(
         return out.transpose(1, 2)
     queries = query.new_zeros(query.shape[0], layout.q_len, *query.shape[2:])
     queries[:, num_global + r0 * w : num_global + r1 * w] = query
-    return _image_rows(queries, key, value, layout, scale)[0][:, r0 * w : r1 * w]
+    return _image_rows(queries, key, value, layout, scale)[0][:, r0:r1].reshape(query.shape)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
-from clear_dit.backends import BACKENDS, auto_backend_name, select_backend
+from clear_dit.attention import _with_pooled
+from clear_dit.backends import BACKENDS, auto_backend_name, select_backend, tiled
 from clear_dit.mask import dense_mask
 
 BACKENDS_UNDER_TEST = ["tiled", "flex"]
@@ -136,6 +137,81 @@ def test_backend_gradients_equal_dense(backend: str, case) -> None:
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def _grads(layout: CLEARLayout, inputs, grad_out, backend: str, **kwargs):
+    q, k, v, *weight = inputs
+    out = clear_attention(
+        q,
+        k,
+        v,
+        grid=layout.grid,
+        text_len=layout.text_len,
+        window_size=layout.window_size,
+        down_factor=layout.down_factor,
+        text_position=layout.text_position,
+        reference_grid=layout.reference_grid,
+        spatial_weight=weight[0] if weight else None,
+        backend=backend,
+    )
+    return out, torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize(
+    "layout,batch",
+    [
+        (CLEARLayout((10, 18), 3, 3, 2, "first", (12, 6)), 1),  # Kontext: reference taller than the target
+        (CLEARLayout((9, 17), 0, 2, 1, "last"), 2),  # SD3 order, odd grid, no text
+        (CLEARLayout((16, 8), 4, 3, 4, "last"), 1),  # text last with pooled keys
+    ],
+    ids=["kontext", "text-last", "text-last-pooled"],
+)
+def test_tiled_gradients_equal_dense_on_other_layouts(layout: CLEARLayout, batch: int) -> None:
+    inputs = [x for x in _inputs(layout, batch, requires_grad=True) if x is not None]
+    grad_out = torch.randn(batch, layout.q_len, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    expected_out, expected = _grads(layout, inputs, grad_out, "dense")
+    got_out, got = _grads(layout, inputs, grad_out, "tiled")
+    torch.testing.assert_close(got_out, expected_out, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_tiled_bfloat16_gradients_close_to_dense() -> None:
+    layout = CLEARLayout((12, 20), 5, 3, 2)
+    inputs = [x.detach().bfloat16().requires_grad_() for x in _inputs(layout, batch=2) if x is not None]
+    grad_out = torch.randn(2, layout.q_len, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    expected_out, expected = _grads(layout, [x.detach().double().requires_grad_() for x in inputs], grad_out, "dense")
+    got_out, got = _grads(layout, inputs, grad_out.bfloat16(), "tiled")
+    assert got_out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in got)
+    torch.testing.assert_close(got_out.double(), expected_out, atol=3e-2, rtol=3e-2)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.double(), e, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["flash-function", "plain-ops"])
+@pytest.mark.parametrize("tile", [(2, 2), (3, 5), (1, 64), (16, 16)])
+def test_tiled_image_rows_any_tile_and_both_paths(tile, fused: bool) -> None:
+    """Any tile shape, flash calls over several tile columns (small tiles, wide grid) or over runs of tile
+    rows (a full-width band), and the plain-ops path other devices run, against dense: outputs and gradients."""
+    layout = CLEARLayout((4, 40), 3, 2, 2)
+    grid, geo = layout.grid, tiled._geometry(layout, layout.grid, tile)
+    chunks = tiled._chunks(geo, grid, HEAD_DIM, split_rows=True)
+    several = [c for c in chunks if c.j1 - c.j0 > 1 or c.i1 - c.i0 < geo.tiles[0]]
+    assert several or tile == (16, 16)
+    inputs = [x for x in _inputs(layout, batch=2, requires_grad=True) if x is not None]
+    q, k, v, weight = inputs
+    image = slice(layout.image_start, layout.q_len)
+    grad_out = torch.randn(2, grid[0] * grid[1], HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2))
+
+    expected = _attend(layout, q, k, v, weight, "dense")[:, image]
+    keys, values = (_with_pooled(t, layout, weight) for t in (k, v))
+    got = tiled._image_rows(q, keys, values, layout, HEAD_DIM**-0.5, tile=tile, fused=fused)[0]
+    got = got.reshape(expected.shape)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(
+        torch.autograd.grad(got, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out), strict=True
+    ):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
 # --- the oracle itself -------------------------------------------------------------------------------
 
 
@@ -215,6 +291,25 @@ def test_attention_density_counts_dense_mask(grid, text_len: int, r: int, d: int
 )
 def test_auto_choice(layout: CLEARLayout, device: str, expected: str) -> None:
     assert auto_backend_name(layout, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize(
+    "layout,dtype,tile,backend",
+    [
+        (CLEARLayout((128, 128), 512, 16), torch.float32, (16, 16), "tiled"),
+        (CLEARLayout((128, 128), 512, 16), torch.bfloat16, (4, 8), "tiled"),  # reduced precision: smaller tiles
+        (CLEARLayout((128, 128), 512, 32), torch.bfloat16, (16, 16), "tiled"),
+        (CLEARLayout((64, 64), 512, 16), torch.float32, (4, 64), "dense"),  # wide window: full-width band tiles
+        (CLEARLayout((64, 64), 512, 16), torch.bfloat16, (4, 8), "dense"),  # near break-even: the exact dense path
+        (CLEARLayout((64, 64), 512, 8), torch.float32, (16, 16), "tiled"),
+    ],
+)
+def test_auto_tile_shape_and_choice_per_dtype(layout: CLEARLayout, dtype: torch.dtype, tile, backend: str) -> None:
+    assert tiled.tile_shape(layout, dtype) == tile
+    assert auto_backend_name(layout, torch.device("cpu"), dtype) == backend
+    geo = tiled._geometry(layout, layout.grid, tile)
+    full_width = tile[1] == layout.grid[1]  # a full-width band: no horizontal reach, one tile column
+    assert (geo.reach[1] == 0 and geo.tiles[1] == 1) == full_width
 
 
 def test_auto_runs_and_matches_dense() -> None:

@@ -16,7 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_attention_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "attention.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--smoke", "--threads", "1", "--json", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "attention.py"),
+            "--smoke",
+            "--threads",
+            "1",
+            "--memory",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -33,6 +42,9 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
         assert set(row["backends"]) == {"tiled", "dense"}
         for entry in row["backends"].values():
             assert entry["ms"] > 0 and abs(entry["speedup"] - row["full_ms"] / entry["ms"]) < 1e-6 * entry["speedup"]
+            # the tiny sizes still allocate (tiles, strips, the dense mask): a real, positive measurement
+            assert entry["peak_extra_bytes"] > 0
+            assert entry["peak_extra_vs_qkv"] == entry["peak_extra_bytes"] / row["qkv_bytes"]
 
 
 def test_transformer_benchmark_smoke(tmp_path: Path) -> None:

@@ -23,26 +23,38 @@ BACKENDS: MappingProxyType[str, AttentionBackend] = MappingProxyType(_BY_NAME)
 DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" costs too much memory for "auto"
 
 
+# Time per computed score of "tiled" relative to full SDPA's, on CPU (see auto_backend_name): the flash
+# kernel runs slower on tile-sized query sequences, and the strips and merges cost extra. Measured with
+# benchmarks/attention.py on the dev CPU (README, attention benchmark): fp32 ~1.3-1.6, bf16 ~1.1-1.6; bf16's
+# smaller tiles make more calls, whose fixed costs weigh on small grids: at 64^2 r16 two runs on the shared
+# machine measured tiled at 1.30x and 0.48x of full SDPA, so the bf16 cost is set high enough (2.2) that auto
+# stays on the exact dense path there, as "never slower than full SDPA" asks.
+TILED_SCORE_COST = {"float": 1.6, "reduced": 2.2}
+
+
 def auto_backend_name(
-    layout: CLEARLayout, device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None
+    layout: CLEARLayout, device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int | None = None
 ) -> str:
-    """The backend ``"auto"`` picks for ``layout`` on ``device``.
+    """The backend ``"auto"`` picks for ``layout`` on ``device`` with ``dtype`` (and ``head_dim``, if known).
 
     1. The window covers the grid and there are no pooled keys: CLEAR *is* full attention, and "tiled"
        runs it as one unmasked SDPA call (only then; a window that covers the grid with ``d > 1`` still
        differs from full attention by the pooled keys).
     2. On CUDA: "triton" (the fused kernel) where it runs with ``dtype`` and ``head_dim`` (``None``: not
        known, assumed fine): triton installed, fp16/bf16/fp32, head_dim <= 256; else "tiled".
-    3. "tiled" when it computes fewer than 80% of the scores "dense" computes (measured on CPU: its speed
-       follows that ratio, with a small fixed overhead), or when the sequence is too long for the
-       O(seq^2) boolean mask of "dense"; otherwise "dense" (small or nearly full layouts).
+    3. "tiled" (with its tile shape for ``dtype`` and the radius, :func:`~clear_dit.backends.tiled.tile_shape`)
+       when its computed scores times :data:`TILED_SCORE_COST` are fewer than full attention's, i.e. when it
+       is measured to beat full SDPA, or when the sequence is too long for the O(seq^2) mask of "dense".
+       Otherwise (small or nearly full layouts, below the break-even) "dense", the exact dense path: one
+       SDPA call with the CLEAR mask, which costs about what full SDPA costs.
     """
     if layout.covers_grid and layout.down_factor == 1:
         return "tiled"
     if device.type == "cuda":
         return "triton" if _TRITON.runs(device, dtype, head_dim) else "tiled"
     dense_scores = layout.q_len * layout.kv_len
-    if computed_scores(layout) < 0.8 * dense_scores or dense_scores > DENSE_MAX_SCORES:
+    cost = TILED_SCORE_COST["reduced" if dtype in (torch.bfloat16, torch.float16) else "float"]
+    if computed_scores(layout, dtype) * cost < dense_scores or dense_scores > DENSE_MAX_SCORES:
         return "tiled"
     return "dense"
 

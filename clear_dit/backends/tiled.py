@@ -7,10 +7,12 @@ parts are merged by their log-sum-exp (the same merge as flash attention's key b
 (b) image queries x the *global* keys every image query sees: text + pooled;
 (c) image queries x *local* image keys. The grid is cut into ``th x tw`` query tiles; tile ``(i, j)``
     sees the ``(th + 2*hy) x (tw + 2*hx)`` block of keys around it (``hy, hx``: the window's reach).
-    All tiles go through ONE attention call as its batch dimension: the key grid is zero-padded by the
-    reach (and up to tile multiples), copied once into overlapping column strips of width ``tw + 2*hx``,
-    and every tile's key block is then a contiguous run of a strip, i.e. a strided *view* (no per-tile
-    gather). The window test is the same for every tile: one additive 0/-inf bias of shape
+    The keys of tile column ``j`` are copied into one column strip of width ``tw + 2*hx`` (zero-padded by
+    the reach and up to tile multiples); every tile's key block is then a contiguous run of its strip,
+    i.e. a strided *view* (no per-tile gather), and the tiles of several columns (or, for a tall full-width
+    band, a run of its tile rows) go through ONE attention call as its batch x heads dimensions. The
+    chunks are sized so that their key and value strips stay within twice the keys' size: peak extra
+    memory below 2x query + key + value. The window test is the same for every tile: one additive 0/-inf bias of shape
     ``(th*tw, key block)``, built from :func:`clear_dit.mask.in_window` and broadcast with stride 0.
 
 Other layouts of :mod:`clear_dit.mask` use the same three parts. Text last (SD3) only moves the slices:
@@ -25,14 +27,23 @@ They are removed through the keys instead: queries and keys get one extra channe
 0 for a real key / a huge negative number for a padding key, so a padding key's score is ``-huge`` and
 its softmax weight exactly 0 for every query. Padding queries (tile multiples) are computed and dropped.
 
-Memory and time are linear in ``h*w``. Without autograd on CPU the parts run in
+Tile shapes come from :data:`TILE_SHAPES`, per dtype and radius: the CPU flash kernel runs slower on
+short query sequences (small tiles) but small tiles compute fewer masked scores, and the best trade-off
+was measured (see the table's comment).
+
+Memory and time are linear in ``h*w``. On CPU the parts (b) and (c) run in
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (which returns the log-sum-exp and accepts strided
-inputs). With autograd, or on other devices, the same parts run as plain ops (matmul, logsumexp), so
-gradients are exact; this path materialises the scores of each tile, ``O(h*w * key block)`` memory.
+and broadcast inputs), inside one ``torch.autograd.Function`` whose backward calls
+``aten._scaled_dot_product_flash_attention_for_cpu_backward`` on the same views, once per part, with the
+*merged* output and log-sum-exp (the softmax over the union of disjoint key sets has, for each set, the
+gradient of that set's attention evaluated at the union's output and normaliser). Backward memory is
+linear too: the key-block gradients of one strip at a time, summed back into the strip. On other devices
+the same parts run as plain differentiable ops (matmul, logsumexp), materialising one strip's scores.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,6 +53,41 @@ import torch.nn.functional as F
 from ..mask import CLEARLayout, in_window
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Query tile (th, tw) per dtype kind and radius: the first row whose radius bound is >= r applies. Measured
+# side by side with full SDPA (interleaved, 128^2 grid, text 512, 2 heads x 128, 2 threads, shared dev CPU under
+# load, medians of 3; full / tiled): fp32 r8: 16x16 5.0x, 8x8 5.1x, 4x16 4.7x, 8x16 4.1x; fp32 r16: 16x16 2.9x,
+# 16x32 2.6x, 4x16 2.5x, 8x16 2.4x, 8x8 2.2x; fp32 r32: 16x16, 16x32, 32x32 all 1.25x; bf16 r8: 8x8 6.3x, 4x16
+# 5.7x, 4x8 5.5x, 16x16 4.6x; bf16 r16: the image part alone, 4x8 6.7x, 16x16 5.4x, 8x8 / 8x16 5.2x; bf16 r32:
+# 16x16 1.27x, 16x32 1.22x, 32x32 1.19x, 8x16 1.09x. bf16 keeps its throughput on shorter query sequences
+# (fp32 loses about half of it from 256 to 64 queries), so its tiles are smaller.
+TILE_SHAPES: dict[str, tuple[tuple[int, tuple[int, int]], ...]] = {
+    "float": ((8, (16, 16)), (16, (16, 16)), (1 << 30, (16, 16))),
+    "reduced": ((8, (8, 8)), (16, (4, 8)), (1 << 30, (16, 16))),
+}
+
+
+def tile_shape(layout: CLEARLayout, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+    """The query tile ``(th, tw)`` the tiled backend uses for ``layout`` and ``dtype``.
+
+    The square tile of :data:`TILE_SHAPES` for the radius (``"float"`` rows serve float32/float64,
+    ``"reduced"`` rows bfloat16/float16: the CPU flash kernel's reduced-precision path keeps its throughput
+    on shorter query sequences, so smaller tiles pay off), unless a full-width band of as many queries
+    sees fewer keys: a tile spanning the whole width needs no horizontal reach, and all its tiles' key
+    blocks are views of one strip (one flash call, no per-column copies and merges, which is worth up to
+    10% more keys). That wins when the window is wide for the grid.
+    """
+    kind = "reduced" if dtype in (torch.bfloat16, torch.float16) else "float"
+    th, tw = next(tile for bound, tile in TILE_SHAPES[kind] if layout.window_size <= bound)
+    h, w = _extent(layout)
+    band = (min(h, -(-th * tw // w)), w)
+    return band if 10 * _keys_per_query(layout, band) <= 11 * _keys_per_query(layout, (th, tw)) else (th, tw)
+
+
+def _keys_per_query(layout: CLEARLayout, tile: tuple[int, int]) -> int:
+    """Scores per query when tiling with ``tile``: every query of a tile sees its whole key block."""
+    kh, kw = _geometry(layout, layout.grid, tile).key_block
+    return kh * kw
 
 
 @dataclass(frozen=True)
@@ -62,15 +108,10 @@ class _TileGeometry:
         """The query grid rounded up to tile multiples."""
         return self.tiles[0] * self.tile[0], self.tiles[1] * self.tile[1]
 
-
-def _tile_side(window_size: int) -> int:
-    """Query tile side: small tiles waste fewer keys (``(t + 2r)^2`` per query), large ones run longer GEMMs.
-
-    Measured on the shared 2-core dev CPU (noisy), 128^2 grid, text 512, fused CPU kernel: for radius 16, 16 beat
-    8/12/20/24/32; for radius 32, 32 beat 8/16; for radius 8, 4 was ~15% faster than 8 (8 kept: 4x more
-    tiles). Finer tuning is left to the speed issue.
-    """
-    return 8 if window_size <= 8 else 16 if window_size <= 16 else 32
+    @property
+    def strip_rows(self) -> int:
+        """Rows of a key strip: the padded grid plus the reach above and below."""
+        return self.padded_grid[0] + 2 * self.reach[0]
 
 
 def _extent(layout: CLEARLayout) -> tuple[int, int]:
@@ -79,19 +120,22 @@ def _extent(layout: CLEARLayout) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=64)
-def _geometry(layout: CLEARLayout, grid: tuple[int, int]) -> _TileGeometry:
-    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``); tile and reach are the layout's."""
+def _geometry(layout: CLEARLayout, grid: tuple[int, int], tile: tuple[int, int]) -> _TileGeometry:
+    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``); tile and reach are the layout's.
+
+    A tile spanning all rows (columns) of the grids has no reach along them: its key block holds them all.
+    """
     h, w = _extent(layout)
-    side = _tile_side(layout.window_size)
-    th, tw = min(side, h), min(side, w)
-    reach = min(layout.window_size - 1, h - 1), min(layout.window_size - 1, w - 1)
+    th, tw = min(tile[0], h), min(tile[1], w)
+    r = layout.window_size - 1
+    reach = (0 if th == h else min(r, h - 1)), (0 if tw == w else min(r, w - 1))
     return _TileGeometry(tile=(th, tw), reach=reach, tiles=(-(-grid[0] // th), -(-grid[1] // tw)))
 
 
 @lru_cache(maxsize=64)
-def _window_bias(layout: CLEARLayout, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _window_bias(layout: CLEARLayout, tile: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(th*tw, key block)`` additive bias, 0 inside the window of the query, -inf outside; same for all tiles."""
-    geo = _geometry(layout, layout.grid)
+    geo = _geometry(layout, layout.grid, tile)
     (th, tw), (hy, hx), (kh, kw) = geo.tile, geo.reach, geo.key_block
     # key (ky, kx) of a tile's key block sits at offset (ky - hy, kx - hx) from the tile's top-left query
     dy = torch.arange(th)[:, None] - (torch.arange(kh)[None, :] - hy)  # (th, kh)
@@ -101,7 +145,7 @@ def _window_bias(layout: CLEARLayout, device: torch.device, dtype: torch.dtype) 
     return bias.reshape(th * tw, kh * kw).to(device)
 
 
-def computed_scores(layout: CLEARLayout) -> int:
+def computed_scores(layout: CLEARLayout, dtype: torch.dtype = torch.float32) -> int:
     """Number of (query, key) scores this backend computes per batch and head, padding and masked ones included.
 
     The cost model of :func:`clear_dit.backends.auto_backend_name`.
@@ -109,9 +153,10 @@ def computed_scores(layout: CLEARLayout) -> int:
     if layout.covers_grid and layout.down_factor == 1:
         return layout.q_len * layout.kv_len
     t, n, grids = layout.text_len, layout.num_image, layout.image_grids
+    tile = tile_shape(layout, dtype)
     local = 0
     for grid in grids:
-        geo = _geometry(layout, grid)
+        geo = _geometry(layout, grid, tile)
         (hp, wp), (kh, kw) = geo.padded_grid, geo.key_block
         local += len(grids) * hp * wp * kh * kw
     return t * (t + n) + n * (t + layout.num_pooled) + local
@@ -127,20 +172,22 @@ def _uses_fused_cpu_kernel(*tensors: torch.Tensor) -> bool:
     return tensors[0].device.type == "cpu" and not grad
 
 
-def _attention_with_lse(
+def _flash(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention on ``(N, heads, L, D)`` tensors; returns ``(out, lse)``, ``lse`` ``(N, heads, L)`` in fp32+.
+    """The CPU flash kernel on ``(N, heads, L, D)`` (strided) tensors: ``(out, lse)``; ``bias`` broadcast as is."""
+    if bias is not None:
+        bias = bias.expand(*query.shape[:-1], key.shape[-2])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, attn_mask=bias, scale=scale
+    )
+    return out, lse
 
-    ``bias`` is an additive mask broadcastable to the scores (stride 0 broadcasting is kept as such).
-    """
-    if _uses_fused_cpu_kernel(query, key, value):
-        if bias is not None:
-            bias = bias.expand(*query.shape[:-1], key.shape[-2])
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, attn_mask=bias, scale=scale
-        )
-        return out, lse
+
+def _plain_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in plain differentiable ops, scores materialised; ``lse`` in fp32 or wider."""
     scores = torch.matmul(query, key.transpose(-1, -2))
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
     if bias is not None:
@@ -150,72 +197,343 @@ def _attention_with_lse(
     return out, lse
 
 
+def _attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention on ``(N, heads, L, D)`` tensors; returns ``(out, lse)``, ``lse`` ``(N, heads, L)`` in fp32+.
+
+    ``bias`` is an additive mask broadcastable to the scores (stride 0 broadcasting is kept as such). The CPU
+    flash kernel without autograd, plain ops otherwise.
+    """
+    if _uses_fused_cpu_kernel(query, key, value):
+        return _flash(query, key, value, scale, bias)
+    return _plain_attention_with_lse(query, key, value, scale, bias)
+
+
 def _query_tiles(query: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int]) -> torch.Tensor:
-    """Image queries ``(B, h*w, H, D)`` -> tiles ``(B, H, ntx, nty, th*tw, D + 1)``, extra channel 1."""
+    """Image queries ``(B, h*w, H, D)`` -> tiles ``(ntx, B, H, nty, th*tw, D + 1)``, extra channel 1.
+
+    Tile columns lead, so that the tiles of several columns, batch and heads merge into one flash batch dim.
+    """
     (h, w), (th, tw), (nty, ntx), (hp, wp) = grid, geo.tile, geo.tiles, geo.padded_grid
     b, _, heads, dim = query.shape
     source = query.reshape(b, h, w, heads, dim)
     if (hp, wp) != (h, w):
         source = F.pad(source, (0, 0, 0, 0, 0, wp - w, 0, hp - h))
-    tiles = query.new_empty(b, heads, ntx, nty, th, tw, dim + 1)
-    as_grid = tiles.permute(0, 3, 4, 2, 5, 1, 6)  # (B, nty, th, ntx, tw, H, D + 1)
+    tiles = query.new_empty(ntx, b, heads, nty, th, tw, dim + 1)
+    as_grid = tiles.permute(1, 3, 4, 0, 5, 2, 6)  # (B, nty, th, ntx, tw, H, D + 1)
     as_grid[..., :dim] = source.reshape(b, nty, th, ntx, tw, heads, dim)
     as_grid[..., dim] = 1
-    return tiles.reshape(b, heads, ntx, nty, th * tw, dim + 1)
+    return tiles.reshape(ntx, b, heads, nty, th * tw, dim + 1)
 
 
 def _tiles_to_rows(tiles: torch.Tensor, geo: _TileGeometry, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`_query_tiles` for outputs ``(B, H, ntx, nty, th*tw, C)`` -> ``(B, h*w, H, C)``."""
+    """Inverse of :func:`_query_tiles` for outputs ``(ntx, B, H, nty, th*tw, C)`` -> a view ``(B, h, w, H, C)``."""
     (h, w), (th, tw), (nty, ntx), (hp, wp) = grid, geo.tile, geo.tiles, geo.padded_grid
-    b, heads, *_, chans = tiles.shape
-    rows = tiles.reshape(b, heads, ntx, nty, th, tw, chans).permute(0, 3, 4, 2, 5, 1, 6)
-    rows = rows.reshape(b, hp, wp, heads, chans)
-    if (hp, wp) != (h, w):
-        rows = rows[:, :h, :w]
-    return rows.reshape(b, h * w, heads, chans)
+    _, b, heads, *_, chans = tiles.shape
+    rows = tiles.reshape(ntx, b, heads, nty, th, tw, chans).permute(1, 3, 4, 0, 5, 2, 6)
+    return rows.reshape(b, hp, wp, heads, chans)[:, :h, :w]
 
 
-def _key_blocks(
-    tokens: torch.Tensor, geo: _TileGeometry, key_grid: tuple[int, int], padding_channel: float
-) -> torch.Tensor:
-    """Image keys or values ``(B, hk*wk, H, D)`` -> the key blocks of all query tiles ``(B*H*ntx, nty, kh*kw, D+1)``.
+def _strip_columns(geo: _TileGeometry, key_grid: tuple[int, int], column: int) -> tuple[int, int, int]:
+    """``(x0, a, e)``: strip ``column`` starts at key column ``x0``; key columns ``[a, e)`` are real ones."""
+    x0 = column * geo.tile[1] - geo.reach[1]
+    return x0, max(0, x0), min(key_grid[1], x0 + geo.key_block[1])
 
-    ``geo`` tiles the query grid; the key grid shares its coordinates (it is the query grid itself, or the
-    other image of a Kontext layout, cropped to the rows and columns any query tile can reach). The keys are
-    zero-padded by the reach on each side and up to tile multiples; the extra channel is 0 on real tokens
-    and ``padding_channel`` on padding ones. It is copied once into overlapping column strips
-    ``(B, H, ntx, rows, kw, D + 1)``; tile ``(i, j)``'s block is rows ``[i*th, i*th + kh)`` of strip ``j``,
-    one contiguous run, so the blocks are a strided view of the strips.
+
+def _key_rows(geo: _TileGeometry, key_grid: tuple[int, int]) -> int:
+    """Key rows any query tile can reach (the rest of a taller key grid is out of every window)."""
+    return min(key_grid[0], geo.padded_grid[0] + geo.reach[0])
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The tiles of one flash call: tile columns ``[j0, j1)`` x tile rows ``[i0, i1)``."""
+
+    j0: int
+    j1: int
+    i0: int
+    i1: int
+
+    def strip_rows(self, geo: _TileGeometry) -> int:
+        """Key rows the chunk's tiles reach, padding included: its tile rows plus the reach above and below."""
+        return (self.i1 - self.i0) * geo.tile[0] + 2 * geo.reach[0]
+
+    def key_row_span(self, geo: _TileGeometry, key_grid: tuple[int, int]) -> tuple[int, int, int]:
+        """``(y0, ya, ye)``: strip row 0 is key row ``y0``; key rows ``[ya, ye)`` are real ones."""
+        y0 = self.i0 * geo.tile[0] - geo.reach[0]
+        last = min(_key_rows(geo, key_grid), self.i1 * geo.tile[0] + geo.reach[0])
+        return y0, max(0, y0), max(0, y0, last)  # a shorter key grid may end above the chunk
+
+
+def _chunks(geo: _TileGeometry, key_grid: tuple[int, int], dim: int, split_rows: bool) -> list[_Chunk]:
+    """The flash calls of one part (c): as many tiles each as keep the key + value strips within twice the keys.
+
+    Fewer, longer calls run faster; the bound keeps the extra memory linear and within the budget of
+    issue 3 (peak extra memory at most 2x q + k + v, measured by benchmarks/attention.py --memory). Whole
+    tile columns while one fits the bound; otherwise (a tall, wide band) one column cut into runs of tile
+    rows, if ``split_rows``.
     """
-    (th, tw), (hy, hx), (kh, kw), (nty, ntx) = geo.tile, geo.reach, geo.key_block, geo.tiles
-    hp, wp = geo.padded_grid
-    hk, wk = key_grid
+    (nty, ntx), (th, _), (hy, _), (_, kw) = geo.tiles, geo.tile, geo.reach, geo.key_block
+    budget, per_row = key_grid[0] * key_grid[1] * dim, kw * (dim + 1)
+    per_call = budget // (geo.strip_rows * per_row)
+    if per_call or not split_rows:
+        per_call = max(1, per_call)
+        return [_Chunk(j, min(ntx, j + per_call), 0, nty) for j in range(0, ntx, per_call)]
+    rows = max(1, (budget // per_row - 2 * hy) // th)
+    return [_Chunk(j, j + 1, i, min(nty, i + rows)) for j in range(ntx) for i in range(0, nty, rows)]
+
+
+def _strip_buffers(tiles: torch.Tensor, geo: _TileGeometry, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed key and value strip buffers ``(n, B, H, rows, kw, C)`` large enough for every chunk."""
+    _, b, heads, *_, chans = tiles.shape
+    n = max(c.j1 - c.j0 for c in chunks)
+    rows = max(c.strip_rows(geo) for c in chunks)
+    shape = (n, b, heads, rows, geo.key_block[1], chans)
+    return tiles.new_zeros(shape), tiles.new_zeros(shape)
+
+
+def _fill_strips(
+    buffer: torch.Tensor,
+    tokens: torch.Tensor,
+    geo: _TileGeometry,
+    key_grid: tuple[int, int],
+    chunk: _Chunk,
+    padding_channel: float,
+) -> torch.Tensor:
+    """Write the key strips of ``chunk``'s tiles into ``buffer``; returns them, ``(n, B, H, rows, kw, D + 1)``.
+
+    ``tokens``: keys or values ``(B, hk*wk, H, D)`` of a key grid sharing the query grid's coordinates
+    (the grid itself, or the other image of a Kontext layout). The extra channel is 0 on real tokens and
+    ``padding_channel`` on padding ones (the reach around the grid, the tile multiples). ``buffer`` starts
+    as zeros and is reused: stale entries outside the real region are finite earlier keys, which the
+    extra channel (keys) or a zero softmax weight (values) cancels exactly.
+    """
+    tw, kw = geo.tile[1], geo.key_block[1]
     b, _, heads, dim = tokens.shape
-    rows, cols, chans = hp + 2 * hy, wp + 2 * hx, dim + 1
-    h, w = min(hk, hp + hy), min(wk, wp + hx)  # keys beyond are out of every tile's reach
-    padded = tokens.new_zeros(b, heads, rows, cols, chans)
-    padded[:, :, hy : hy + h, hx : hx + w, :dim] = tokens.reshape(b, hk, wk, heads, dim)[:, :h, :w].permute(
-        0, 3, 1, 2, 4
-    )
+    strips = buffer[: chunk.j1 - chunk.j0, :, :, : chunk.strip_rows(geo)]
+    y0, ya, ye = chunk.key_row_span(geo, key_grid)
+    source = tokens.reshape(b, *key_grid, heads, dim)[:, ya:ye]  # (B, real rows, wk, H, D)
+    rows = slice(ya - y0, ye - y0)
+    spans = [_strip_columns(geo, key_grid, j) for j in range(chunk.j0, chunk.j1)]
+    inner = [s for s, (x0, a, e) in enumerate(spans) if a == x0 and e == x0 + kw]
+    if inner:  # strips fully inside the grid: one copy through an unfold view
+        s0, s1 = inner[0], inner[-1] + 1
+        windows = source[:, :, spans[s0][0] :].unfold(2, kw, tw)[:, :, : s1 - s0]  # (B, rows, n, H, D, kw)
+        strips[s0:s1, :, :, rows, :, :dim] = windows.permute(2, 0, 3, 1, 5, 4)
+    for s, (x0, a, e) in enumerate(spans):
+        if a < e and not (inner and inner[0] <= s <= inner[-1]):
+            strips[s, :, :, rows, a - x0 : e - x0, :dim] = source[:, :, a:e].permute(0, 3, 1, 2, 4)
     if padding_channel:
-        real = torch.zeros(rows, cols, dtype=torch.bool, device=tokens.device)
-        real[hy : hy + h, hx : hx + w] = True
-        padded[..., dim] = torch.zeros(real.shape, dtype=tokens.dtype, device=tokens.device).masked_fill_(
-            ~real, padding_channel
-        )
-    strips = padded.unfold(3, kw, tw).permute(0, 1, 3, 2, 5, 4).contiguous()  # (B, H, ntx, rows, kw, C)
-    row = kw * chans  # strides written out: contiguous() may keep odd strides on size-1 dims
-    return strips.as_strided((b * heads * ntx, nty, kh * kw, chans), (rows * row, th * row, chans, 1))
+        strips[..., dim] = padding_channel
+        for s, (x0, a, e) in enumerate(spans):
+            strips[s, :, :, rows, max(0, a - x0) : max(0, e - x0), dim] = 0
+    return strips
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """Softmax over the union of disjoint key sets from per-set ``(out (..., L, C), lse (..., L))``."""
-    if len(parts) == 1:
-        return parts[0][0]
-    acc = torch.promote_types(dtype, torch.float32)
-    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
-    out = sum(out.to(acc) * torch.exp(lse - total)[..., None].to(acc) for out, lse in parts)
-    return out.to(dtype)
+def _strip_blocks(strips: torch.Tensor, geo: _TileGeometry) -> torch.Tensor:
+    """The key blocks of the strips' tiles, a view ``(n*B*H, m, kh*kw, C)`` of ``(n, B, H, rows, kw, C)``."""
+    rows, kw, chans = strips.shape[-3:]
+    (th, _), (hy, _), (kh, _) = geo.tile, geo.reach, geo.key_block
+    row = kw * chans  # strides written out: a sliced buffer keeps the buffer's strides
+    size = (strips.shape[:3].numel(), (rows - 2 * hy) // th, kh * kw, chans)
+    return strips.as_strided(size, (strips.stride(2), th * row, chans, 1))  # keeps the slice's storage offset
+
+
+def _add_strip_grads(
+    grad: torch.Tensor,
+    block_grad: torch.Tensor,
+    geo: _TileGeometry,
+    key_grid: tuple[int, int],
+    chunk: _Chunk,
+    strip_shape: torch.Size,
+) -> None:
+    """Adjoint of :func:`_fill_strips` + :func:`_strip_blocks`: add key-block gradients to ``grad`` in place.
+
+    ``block_grad`` ``(n*B*H, m, kh*kw, C)``; ``grad`` ``(B, hk, wk, H, D)``, the key grid's gradient.
+    """
+    n, b, heads, rows, kw, chans = strip_shape
+    th, kh, m = geo.tile[0], geo.key_block[0], chunk.i1 - chunk.i0
+    strips = block_grad.new_zeros(n * b * heads, rows, kw, chans)
+    blocks = block_grad.reshape(n * b * heads, m, kh, kw, chans)
+    for i in range(m):  # consecutive blocks overlap by kh - th rows
+        strips[:, i * th : i * th + kh] += blocks[:, i]
+    strips = strips.reshape(strip_shape)
+    y0, ya, ye = chunk.key_row_span(geo, key_grid)
+    dim = grad.shape[-1]
+    for s, j in enumerate(range(chunk.j0, chunk.j1)):  # neighbouring strips overlap by kw - tw columns
+        x0, a, e = _strip_columns(geo, key_grid, j)
+        if a < e:
+            part = strips[s, :, :, ya - y0 : ye - y0, a - x0 : e - x0, :dim]
+            grad[:, ya:ye, a:e] += part.permute(0, 2, 3, 1, 4)
+
+
+@dataclass(frozen=True)
+class _RowsPlan:
+    """What :func:`_rows_forward` needs besides tensors: the tiling, the key grids and the softmax scale."""
+
+    geo: _TileGeometry
+    key_grids: tuple[tuple[int, int], ...]
+    scale: float
+
+
+def _merge(
+    out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, in_place: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the union of two disjoint key sets from their ``(out (..., L, C), lse (..., L))``.
+
+    ``in_place`` updates ``out`` and ``lse`` (views) with in-place methods, which dynamo traces (``out=`` on
+    non-contiguous views it does not).
+    """
+    gain = torch.sigmoid(part_lse - lse)[..., None].to(out.dtype)  # exp(part_lse - logaddexp(...)): new set's weight
+    if in_place:
+        return out.lerp_(part_out, gain), lse.copy_(torch.logaddexp(lse, part_lse))
+    return torch.lerp(out, part_out, gain), torch.logaddexp(lse, part_lse)
+
+
+@dataclass(frozen=True)
+class PartKernels:
+    """The two operations of the decomposition off the CPU flash path; other backends (``"xformers"``) put in theirs.
+
+    ``attend(q, k, v, scale, bias=None) -> (out, lse)`` on ``(N, heads, L, C)`` tensors (``lse`` ``(N, heads, L)``);
+    ``merge(out, lse, part_out, part_lse, in_place) -> (out, lse)``, the softmax over two disjoint key sets.
+    """
+
+    attend: Callable = _plain_attention_with_lse
+    merge: Callable = _merge
+
+
+def _rows_forward(
+    plan: _RowsPlan,
+    tiles: torch.Tensor,
+    global_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    grid_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    bias: torch.Tensor,
+    fused: bool,
+    kernels: PartKernels | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts (b) and (c) for one query grid's tiles ``(ntx, B, H, nty, L, C)``: merged ``(out, lse)``, tile layout.
+
+    ``fused``: the CPU flash kernel, no autograd (reused strip buffers, in-place merges); else differentiable
+    ops with fresh buffers: ``kernels`` (another library's part attention and merge), by default plain ops.
+    """
+    kernels = PartKernels(_flash, _merge) if fused else kernels or PartKernels()
+    attend, merge = kernels.attend, kernels.merge
+    ntx, b, heads, nty, length, chans = tiles.shape
+    geo, dim = plan.geo, chans - 1
+    out = lse = None
+    if global_kv is not None:  # (b) the tiles are just a query order for the global keys (one copy per column)
+        out, lse = attend(tiles.reshape(ntx * b, heads, -1, chans), *global_kv, plan.scale)
+        out, lse = out.reshape(tiles.shape), lse.reshape(tiles.shape[:-1])
+    padding = _padding_key_score(tiles.dtype)
+    for key_grid, (key, value) in zip(plan.key_grids, grid_kv):  # noqa: B905 (dynamo mis-traces strict zips)
+        chunks = _chunks(geo, key_grid, dim, split_rows=fused)
+        buffers = _strip_buffers(tiles, geo, chunks) if fused else None
+        first = out is None
+        if fused and first:
+            out = tiles.new_empty(tiles.shape)
+        outs, lses = [], []
+        for c in chunks:  # (c) batch = (columns, B, H), "heads" = tile rows
+            k_buffer, v_buffer = buffers or _strip_buffers(tiles, geo, [c])
+            k = _strip_blocks(_fill_strips(k_buffer, key, geo, key_grid, c, padding), geo)
+            v = _strip_blocks(_fill_strips(v_buffer, value, geo, key_grid, c, 0.0), geo)
+            n, m = c.j1 - c.j0, c.i1 - c.i0
+            q = tiles[c.j0 : c.j1, :, :, c.i0 : c.i1].reshape(n * b * heads, m, length, chans)
+            part_out, part_lse = attend(q, k, v, plan.scale, bias)
+            part = part_out.reshape(n, b, heads, m, length, chans), part_lse.reshape(n, b, heads, m, length)
+            if fused:  # in place, chunk by chunk
+                target = (slice(c.j0, c.j1), slice(None), slice(None), slice(c.i0, c.i1))
+                if lse is None:
+                    lse = part_lse.new_empty(tiles.shape[:-1])
+                if first:
+                    out[target], lse[target] = part
+                else:
+                    merge(out[target], lse[target], *part, in_place=True)
+            else:  # whole tile columns, concatenated once
+                merged = part if first else merge(out[c.j0 : c.j1], lse[c.j0 : c.j1], *part, in_place=False)
+                outs.append(merged[0])
+                lses.append(merged[1])
+        if not fused:
+            out, lse = torch.cat(outs), torch.cat(lses)
+    return out, lse
+
+
+class _FlashImageRows(torch.autograd.Function):
+    """Parts (b) + (c) of one query grid on the CPU flash kernel, with its flash backward (memory-linear).
+
+    ``forward(plan, bias, tiles, global_k, global_v, key_1, value_1[, key_2, value_2])``: ``tiles``
+    ``(ntx, B, H, nty, L, C)``, ``global_k/v`` ``(ntx*B, H, G, C)`` (:func:`_global_tokens`) or ``None``, one
+    ``(key, value)`` ``(B, hk*wk, H, D)`` per key grid.
+    Returns the merged output in tile layout. Backward: each part's flash backward at the merged output and
+    log-sum-exp, key-block gradients summed back one chunk of tile columns at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, bias, tiles, global_k, global_v, key_1, value_1, key_2=None, value_2=None):
+        # fixed arguments, not *args: dynamo mis-traces var-args of autograd Functions (at most two image grids)
+        global_kv = None if global_k is None else (global_k, global_v)
+        pairs = [(key_1, value_1)] + ([] if key_2 is None else [(key_2, value_2)])
+        out, lse = _rows_forward(plan, tiles, global_kv, pairs, bias, fused=True)
+        ctx.plan, ctx.bias, ctx.has_global = plan, bias, global_kv is not None
+        ctx.save_for_backward(tiles, global_k, global_v, out, lse, *(t for pair in pairs for t in pair))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tiles, global_k, global_v, out, lse, *grid_kv = ctx.saved_tensors
+        plan, scale, geo = ctx.plan, ctx.plan.scale, ctx.plan.geo
+        ntx, b, heads, nty, length, chans = tiles.shape
+        grad_out = grad_out.contiguous()
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_global_k = grad_global_v = None
+        if ctx.has_global:
+            flat = (ntx * b, heads, -1, chans)
+            grad_tiles, grad_global_k, grad_global_v = backward(
+                grad_out.reshape(flat), tiles.reshape(flat), global_k, global_v, out.reshape(flat),
+                lse.reshape(flat[:3]), 0.0, False, scale=scale,
+            )  # fmt: skip
+            grad_tiles = grad_tiles.reshape(tiles.shape)
+        else:
+            grad_tiles = torch.zeros_like(tiles)
+        padding = _padding_key_score(tiles.dtype)
+        grads = []
+        for key_grid, key, value in zip(plan.key_grids, grid_kv[::2], grid_kv[1::2], strict=True):
+            grad_k = key.new_zeros(b, *key_grid, heads, key.shape[-1])
+            grad_v = torch.zeros_like(grad_k)
+            chunks = _chunks(geo, key_grid, chans - 1, split_rows=True)
+            buffers = _strip_buffers(tiles, geo, chunks)
+            for c in chunks:
+                k_strips = _fill_strips(buffers[0], key, geo, key_grid, c, padding)
+                v_strips = _fill_strips(buffers[1], value, geo, key_grid, c, 0.0)
+                k, v = _strip_blocks(k_strips, geo), _strip_blocks(v_strips, geo)
+                n, m = c.j1 - c.j0, c.i1 - c.i0
+                flat = (n * b * heads, m, length, chans)
+                target = (slice(c.j0, c.j1), slice(None), slice(None), slice(c.i0, c.i1))
+                grad_q, grad_kb, grad_vb = backward(
+                    grad_out[target].reshape(flat), tiles[target].reshape(flat), k, v, out[target].reshape(flat),
+                    lse[target].reshape(flat[:3]), 0.0, False, attn_mask=ctx.bias.expand(*flat[:3], k.shape[2]),
+                    scale=scale,
+                )  # fmt: skip
+                grad_tiles[target] += grad_q.reshape(n, b, heads, m, length, chans)
+                _add_strip_grads(grad_k, grad_kb, geo, key_grid, c, k_strips.shape)
+                _add_strip_grads(grad_v, grad_vb, geo, key_grid, c, v_strips.shape)
+            grads += [grad_k.reshape(key.shape), grad_v.reshape(value.shape)]
+        return None, None, grad_tiles, grad_global_k, grad_global_v, *grads, *([None, None] if len(grads) == 2 else [])
+
+
+def _global_tokens(tokens: torch.Tensor, layout: CLEARLayout, copies: int) -> torch.Tensor:
+    """Text + pooled keys or values ``(B, kv_len, H, D)`` -> ``(copies*B, H, G, D + 1)``, extra channel 0.
+
+    Repeated once per tile column (copies), so that the tiles of all columns query them in one flash call;
+    written in place of a concatenation (autograd sums the copies' gradients).
+    """
+    b, _, heads, dim = tokens.shape
+    t0, t = layout.text_start, layout.text_len
+    out = tokens.new_empty(copies, b, heads, t + layout.num_pooled, dim + 1)
+    out[..., dim] = 0
+    out[..., :t, :dim] = tokens[:, t0 : t0 + t].transpose(1, 2)
+    out[..., t:, :dim] = tokens[:, layout.q_len :].transpose(1, 2)
+    return out.reshape(copies * b, heads, -1, dim + 1)
 
 
 def _grid_slices(layout: CLEARLayout) -> list[tuple[tuple[int, int], slice]]:
@@ -233,44 +551,42 @@ def _image_rows(
     value: torch.Tensor,
     layout: CLEARLayout,
     scale: float,
-    attend=_attention_with_lse,
-    merge=_merge,
+    tile: tuple[int, int] | None = None,
+    fused: bool | None = None,
+    kernels: PartKernels | None = None,
 ) -> list[torch.Tensor]:
-    """Parts (b) and (c): the image queries of each grid ``(B, h*w, H, D)`` x CLEAR keys/values.
+    """Parts (b) and (c): the image queries of each grid x CLEAR keys/values, as views ``(B, h, w, H, D)``.
 
-    ``attend`` computes one part and ``merge`` merges parts (signatures of :func:`_attention_with_lse` and
-    :func:`_merge`); backends on other kernels (``"xformers"``) pass their own.
+    ``tile`` overrides :func:`tile_shape`; ``fused`` (default: on CPU without ``kernels``) picks the
+    flash-kernel autograd Function over the differentiable path, which runs ``kernels`` (default plain ops).
     """
     b, _, heads, dim = query.shape
-    text = slice(layout.text_start, layout.text_start + layout.text_len)
-    bias = _window_bias(layout, query.device, query.dtype)
-    glob = layout.text_len + layout.num_pooled
-    if glob:  # (b) global: text + pooled keys, the same for every image query
-        extra = key.new_zeros(b, heads, glob, 1)
-        global_k = torch.cat([torch.cat([key[:, text], key[:, layout.q_len :]], dim=1).transpose(1, 2), extra], -1)
-        global_v = torch.cat([torch.cat([value[:, text], value[:, layout.q_len :]], dim=1).transpose(1, 2), extra], -1)
+    tile = tile or tile_shape(layout, query.dtype)
+    fused = query.device.type == "cpu" and kernels is None if fused is None else fused
+    bias = _window_bias(layout, tile, query.device, query.dtype)
     grids = _grid_slices(layout)
+    grid_kv = [(key[:, tokens], value[:, tokens]) for _, tokens in grids]
     rows = []
     for grid, tokens in grids:
-        geo = _geometry(layout, grid)
-        (nty, ntx), (th, tw) = geo.tiles, geo.tile
-        tiles = _query_tiles(query[:, tokens], geo, grid)  # (B, H, ntx, nty, th*tw, D + 1)
-        parts = []
-        for key_grid, key_tokens in grids:  # (c) local: all tiles in one call, batch = (B, H, ntx), "heads" = nty
-            k = _key_blocks(key[:, key_tokens], geo, key_grid, _padding_key_score(key.dtype))
-            v = _key_blocks(value[:, key_tokens], geo, key_grid, 0.0)
-            out, lse = attend(tiles.reshape(b * heads * ntx, nty, th * tw, dim + 1), k, v, scale, bias)
-            parts.append((out.reshape(b, heads, -1, dim + 1), lse.reshape(b, heads, -1)))
-        if glob:  # the tiles are just a query order for the global keys
-            parts.append(attend(tiles.reshape(b, heads, -1, dim + 1), global_k, global_v, scale))
-        rows.append(_tiles_to_rows(merge(parts, query.dtype)[..., :dim], geo, grid))
+        geo = _geometry(layout, grid, tile)
+        plan = _RowsPlan(geo, tuple(key_grid for key_grid, _ in grids), scale)
+        tiles = _query_tiles(query[:, tokens], geo, grid)  # (ntx, B, H, nty, th*tw, D + 1)
+        global_k = global_v = None
+        if layout.text_len + layout.num_pooled:  # (b) global: text + pooled keys, the same for every image query
+            global_k, global_v = (_global_tokens(t, layout, geo.tiles[1]) for t in (key, value))
+        if fused:
+            flat_kv = [t for pair in grid_kv for t in pair]
+            out = _FlashImageRows.apply(plan, bias, tiles, global_k, global_v, *flat_kv)
+        else:
+            global_kv = None if global_k is None else (global_k, global_v)
+            out, _ = _rows_forward(plan, tiles, global_kv, grid_kv, bias, fused=False, kernels=kernels)
+        rows.append(_tiles_to_rows(out[..., :dim], geo, grid))
     return rows
 
 
 class TiledBackend:
     name = "tiled"
-    attend = staticmethod(_attention_with_lse)  # the kernels of the parts (c), (b) and their merge: see _image_rows
-    merge = staticmethod(_merge)
+    kernels: PartKernels | None = None  # None: the CPU flash path on CPU, plain ops elsewhere (see _image_rows)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if dtype not in _SUPPORTED_DTYPES:
@@ -285,14 +601,16 @@ class TiledBackend:
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
             )
             return out.transpose(1, 2)
-        image = _image_rows(query, key, value, layout, scale, self.attend, self.merge)
-        if layout.text_len == 0:
-            return image[0] if len(image) == 1 else torch.cat(image, dim=1)
-        t0 = layout.text_start
-        text = F.scaled_dot_product_attention(  # (a) text rows: every text and image key, no pooled key
-            query[:, t0 : t0 + layout.text_len].transpose(1, 2),
-            key[:, : layout.q_len].transpose(1, 2),
-            value[:, : layout.q_len].transpose(1, 2),
-            scale=scale,
-        ).transpose(1, 2)
-        return torch.cat([text, *image] if layout.text_position == "first" else [*image, text], dim=1)
+        out = query.new_empty(query.shape)  # every part is written into its slice (no concatenation)
+        image = _image_rows(query, key, value, layout, scale, kernels=self.kernels)
+        for (_, tokens), rows in zip(_grid_slices(layout), image):  # noqa: B905 (dynamo mis-traces strict zips)
+            out[:, tokens].view(rows.shape).copy_(rows)
+        if layout.text_len:
+            text = slice(layout.text_start, layout.text_start + layout.text_len)
+            out[:, text] = F.scaled_dot_product_attention(  # (a) text rows: every text and image key, no pooled key
+                query[:, text].transpose(1, 2),
+                key[:, : layout.q_len].transpose(1, 2),
+                value[:, : layout.q_len].transpose(1, 2),
+                scale=scale,
+            ).transpose(1, 2)
+        return out

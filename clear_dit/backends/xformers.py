@@ -5,8 +5,8 @@ their key blocks, under one shared window bias; image queries x text + pooled ke
 log-sum-exp. xformers offers exactly those two operations as fused GPU kernels:
 ``xformers.ops.fmha.memory_efficient_attention_partial`` (attention with its log-sum-exp) and
 ``xformers.ops.fmha.merge_attentions``. This backend is the tiled backend with those two kernels put in
-(``attend`` / ``merge``); the decomposition itself is tiled's code, shared, not copied. Text queries and a window
-that covers the grid run through SDPA, as in tiled. Gradients: :mod:`clear_dit.backends.recompute`.
+(:class:`~clear_dit.backends.tiled.PartKernels`); the decomposition itself is tiled's code, shared, not copied.
+Text queries and a window that covers the grid run through SDPA, as in tiled. Gradients: :mod:`clear_dit.backends.recompute`.
 
 xformers has no CPU kernels, so this backend is unavailable on CPU; it is not exercised by the CPU test suite.
 It needs an xformers whose ``memory_efficient_attention_partial`` accepts a tensor ``attn_bias`` (the window
@@ -19,7 +19,7 @@ import torch
 
 from ..mask import CLEARLayout
 from .recompute import with_tiled_backward
-from .tiled import TiledBackend
+from .tiled import PartKernels, TiledBackend
 
 try:
     from xformers.ops import fmha
@@ -56,20 +56,24 @@ def _attend(
     return out.transpose(1, 2), lse[..., : query.shape[-2]]
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """tiled's merge on xformers: parts ``(out (N, heads, L, C), lse (N, heads, L))`` -> ``(N, heads, L, C)``."""
-    if len(parts) == 1:
-        return parts[0][0].to(dtype)
-    out, _ = fmha.merge_attentions(
-        [out.transpose(1, 2) for out, _ in parts], [lse for _, lse in parts], write_lse=False, output_dtype=dtype
-    )
-    return out.transpose(1, 2)
+def _merge(
+    out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, in_place: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tiled's merge of two parts on xformers: ``out (..., heads, m, L, C)``, ``lse (..., heads, m, L)``.
+
+    xformers merges ``[B, M, H, K]`` outputs with ``[B, H, M]`` log-sum-exps: the leading dims fold into ``B``
+    and the query dims ``(m, L)`` into ``M``. ``in_place`` is tiled's CPU-path option; xformers returns new tensors.
+    """
+    *lead, heads, m, length, chans = out.shape
+    flat_out = [o.reshape(-1, heads, m * length, chans).transpose(1, 2) for o in (out, part_out)]
+    flat_lse = [x.reshape(-1, heads, m * length) for x in (lse, part_lse)]
+    merged, merged_lse = fmha.merge_attentions(flat_out, flat_lse, write_lse=True, output_dtype=out.dtype)
+    return merged.transpose(1, 2).reshape(out.shape), merged_lse.reshape(lse.shape)
 
 
 class XformersBackend(TiledBackend):
     name = "xformers"
-    attend = staticmethod(_attend)
-    merge = staticmethod(_merge)
+    kernels = PartKernels(attend=_attend, merge=_merge)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if fmha is None:
