@@ -6,7 +6,8 @@ log-sum-exp. xformers offers exactly those two operations as fused GPU kernels:
 ``xformers.ops.fmha.memory_efficient_attention_partial`` (attention with its log-sum-exp) and
 ``xformers.ops.fmha.merge_attentions``. This backend is the tiled backend with those two kernels put in
 (:class:`~clear_dit.backends.tiled.PartKernels`); the decomposition itself is tiled's code, shared, not copied.
-Text queries and a window that covers the grid run through SDPA, as in tiled. Gradients: :mod:`clear_dit.backends.recompute`.
+Text queries and a window that covers the grid run through SDPA, as in tiled.
+Gradients: :mod:`clear_dit.backends.recompute`.
 
 xformers has no CPU kernels, so this backend is unavailable on CPU; it is not exercised by the CPU test suite.
 It needs an xformers whose ``memory_efficient_attention_partial`` accepts a tensor ``attn_bias`` (the window
