@@ -25,11 +25,11 @@ DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" co
 
 # Time per computed score of "tiled" relative to full SDPA's, on CPU (see auto_backend_name): the flash
 # kernel runs slower on tile-sized query sequences, and the strips and merges cost extra. Measured with
-# benchmarks/attention.py on the dev CPU (README, attention benchmark): fp32 ~1.3-1.6, bf16 ~1.1-1.6; bf16's
-# smaller tiles make more calls, whose fixed costs weigh on small grids: at 64^2 r16 two runs on the shared
-# machine measured tiled at 1.30x and 0.48x of full SDPA, so the bf16 cost is set high enough (2.2) that auto
-# stays on the exact dense path there, as "never slower than full SDPA" asks.
-TILED_SCORE_COST = {"float": 1.6, "reduced": 2.2}
+# `benchmarks/attention.py --rows issue` on the quiet dev CPU (README, attention benchmark): fp32 1.26-1.56,
+# bf16 1.41-1.67 over the five rows. At 64^2 r16, the closest row to break-even, tiled ran at 1.20x (fp32) and
+# 1.38x (bf16) of full SDPA there, so these costs take it (1.05x / 1.36x predicted), while the loaded machine's
+# 0.5-0.8x there would have asked for dense.
+TILED_SCORE_COST = {"float": 1.5, "reduced": 1.6}
 
 
 def auto_backend_name(
