@@ -196,15 +196,18 @@ def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeli
             [sys.executable, "-m", "app.cli", *args, "--num", "400"], cwd=repo, env=env, stderr=stderr
         )
     manifest = out / "manifest.jsonl"
+    # the progress bar: items done of the total, elapsed < remaining (ETA); tqdm redraws at most every 0.1 s, so
+    # the kill waits for a drawn bar with an ETA as well as for two listed items
+    eta_bar = re.compile(r"make-data: +\d+%\|.*\| [1-9]\d*/400 \[\d\d:\d\d<\d\d:\d\d")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists() and len(manifest.read_text().splitlines()) >= 2:
+        listed = manifest.exists() and len(manifest.read_text().splitlines()) >= 2
+        if listed and eta_bar.search((tmp_path / "stderr.txt").read_text()):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    # the progress bar: items done of the total, elapsed < remaining (ETA)
-    assert re.search(r"make-data: +\d+%\|.*\| \d+/400 \[\d\d:\d\d<\d\d:\d\d", (tmp_path / "stderr.txt").read_text())
+    assert eta_bar.search((tmp_path / "stderr.txt").read_text())
     done = DistillDataset(out)
     assert 2 <= len(done) < 400
     for i in range(len(done)):  # every listed item's shard and image are complete
