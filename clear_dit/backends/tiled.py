@@ -605,12 +605,22 @@ class TiledBackend:
         image = _image_rows(query, key, value, layout, scale, kernels=self.kernels)
         for (_, tokens), rows in zip(_grid_slices(layout), image):  # noqa: B905 (dynamo mis-traces strict zips)
             out[:, tokens].view(rows.shape).copy_(rows)
-        if layout.text_len:
-            text = slice(layout.text_start, layout.text_start + layout.text_len)
-            out[:, text] = F.scaled_dot_product_attention(  # (a) text rows: every text and image key, no pooled key
-                query[:, text].transpose(1, 2),
-                key[:, : layout.q_len].transpose(1, 2),
-                value[:, : layout.q_len].transpose(1, 2),
-                scale=scale,
-            ).transpose(1, 2)
+        write_text_rows(out, query, key, value, layout, scale)
         return out
+
+
+def write_text_rows(
+    out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
+) -> None:
+    """Part (a) into ``out``'s text rows: text queries see every text and image key and no pooled key, i.e. plain
+    unmasked attention over ``key[:, :q_len]`` (one SDPA call). Shapes as in
+    :class:`~clear_dit.backends.base.AttentionBackend`; no-op without text."""
+    if not layout.text_len:
+        return
+    text = slice(layout.text_start, layout.text_start + layout.text_len)
+    out[:, text] = F.scaled_dot_product_attention(
+        query[:, text].transpose(1, 2),
+        key[:, : layout.q_len].transpose(1, 2),
+        value[:, : layout.q_len].transpose(1, 2),
+        scale=scale,
+    ).transpose(1, 2)

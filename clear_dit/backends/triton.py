@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from ..mask import CLEARLayout, in_window
 from .recompute import with_tiled_backward
+from .tiled import write_text_rows
 
 try:
     import triton
@@ -275,14 +275,7 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout
     out = torch.empty_like(query)
     launch = kernel_launch(query, key, value, out, layout, scale)
     _KERNEL[0][launch.grid](*launch.args, **launch.constexprs, **launch.options)
-    if layout.text_len:  # text rows: every text and image key, no pooled key (see the module docstring)
-        t0, t1 = layout.text_start, layout.text_start + layout.text_len
-        out[:, t0:t1] = F.scaled_dot_product_attention(
-            query[:, t0:t1].transpose(1, 2),
-            key[:, : layout.q_len].transpose(1, 2),
-            value[:, : layout.q_len].transpose(1, 2),
-            scale=scale,
-        ).transpose(1, 2)
+    write_text_rows(out, query, key, value, layout, scale)  # text rows through SDPA (see the module docstring)
     return out
 
 
