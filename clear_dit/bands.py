@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import auto_backend_name
-from .backends.tiled import _attention_with_lse, _image_rows
+from .backends.tiled import _attention_with_lse, band_rows
 from .mask import CLEARLayout, mask_predicate, window_row_extents
 
 __all__ = ["BAND_BACKENDS", "attention_with_lse", "band_attention", "window_reach"]
@@ -107,11 +107,11 @@ def band_attention(
         num_global: number of leading global keys (0 allowed).
         window_size: radius ``r``.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
-        backend: ``"dense"`` (the mask rows from :func:`~clear_dit.mask.mask_predicate`, one SDPA call; only
-            the band's queries are computed), ``"tiled"`` (the tiled backend over the whole key grid with zero
-            queries in the halo rows, whose outputs are dropped: ``hk / (stop - start)`` times the band's
-            local work, linear memory), ``"auto"`` (the choice of :func:`clear_dit.backends.auto_backend_name`
-            for the key grid's layout), or any other backend name, which runs as ``"tiled"``.
+        backend: ``"dense"`` (the mask rows from :func:`~clear_dit.mask.mask_predicate`, one SDPA call),
+            ``"tiled"`` (the tiled backend's tiles over the band's rows only, their key blocks cut from the
+            halo-extended key grid; linear memory), ``"auto"`` (the choice of
+            :func:`clear_dit.backends.auto_backend_name` for the key grid's layout), or any other backend name,
+            which runs as ``"tiled"``. Either computes only the band's queries.
 
     Returns:
         ``(batch, (stop - start) * w, heads, head_dim)`` in the query's dtype.
@@ -130,6 +130,4 @@ def band_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         )
         return out.transpose(1, 2)
-    queries = query.new_zeros(query.shape[0], layout.q_len, *query.shape[2:])
-    queries[:, num_global + r0 * w : num_global + r1 * w] = query
-    return _image_rows(queries, key, value, layout, scale)[0][:, r0:r1].reshape(query.shape)
+    return band_rows(query, key, value, layout, rows, scale).reshape(query.shape)

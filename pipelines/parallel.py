@@ -14,9 +14,8 @@ tokens. Only attention communicates, in every layer:
   keys/values are all-gathered (small: ``1/d^2`` of the band).
 
 The band's image queries then attend to text + pooled keys and their halo-extended band through
-:func:`clear_dit.bands.band_attention` (the library's "dense" or "tiled" backend; "tiled" also computes the
-halo rows' queries and drops them: ``(band + 2 * reach) / band`` times the band's local attention work on an
-inner band). After the last layer the output rows are all-gathered, so every rank takes the same scheduler
+:func:`clear_dit.bands.band_attention` (the library's "dense" or "tiled" backend; both compute the band's
+queries only). After the last layer the output rows are all-gathered, so every rank takes the same scheduler
 step. The text stream is computed on every rank.
 
 Failures: before each transformer call the ranks agree on their inputs (``all_gather_object`` on a CPU

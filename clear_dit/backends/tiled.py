@@ -97,6 +97,7 @@ class _TileGeometry:
     tile: tuple[int, int]  # (th, tw): query tile
     reach: tuple[int, int]  # (hy, hx): the window's farthest row / column offset inside the grid
     tiles: tuple[int, int]  # (nty, ntx): tiles per column / row
+    row0: int = 0  # key row of the query grid's first row (a band of rows of a taller key grid: bands.py)
 
     @property
     def key_block(self) -> tuple[int, int]:
@@ -120,8 +121,9 @@ def _extent(layout: CLEARLayout) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=64)
-def _geometry(layout: CLEARLayout, grid: tuple[int, int], tile: tuple[int, int]) -> _TileGeometry:
-    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``); tile and reach are the layout's.
+def _geometry(layout: CLEARLayout, grid: tuple[int, int], tile: tuple[int, int], row0: int = 0) -> _TileGeometry:
+    """Tiling of the query grid ``grid`` (one of ``layout.image_grids``, or the rows ``[row0, row0 + grid[0])``
+    of its only grid); tile and reach are the layout's.
 
     A tile spanning all rows (columns) of the grids has no reach along them: its key block holds them all.
     """
@@ -129,7 +131,7 @@ def _geometry(layout: CLEARLayout, grid: tuple[int, int], tile: tuple[int, int])
     th, tw = min(tile[0], h), min(tile[1], w)
     r = layout.window_size - 1
     reach = (0 if th == h else min(r, h - 1)), (0 if tw == w else min(r, w - 1))
-    return _TileGeometry(tile=(th, tw), reach=reach, tiles=(-(-grid[0] // th), -(-grid[1] // tw)))
+    return _TileGeometry(tile=(th, tw), reach=reach, tiles=(-(-grid[0] // th), -(-grid[1] // tw)), row0=row0)
 
 
 @lru_cache(maxsize=64)
@@ -241,11 +243,6 @@ def _strip_columns(geo: _TileGeometry, key_grid: tuple[int, int], column: int) -
     return x0, max(0, x0), min(key_grid[1], x0 + geo.key_block[1])
 
 
-def _key_rows(geo: _TileGeometry, key_grid: tuple[int, int]) -> int:
-    """Key rows any query tile can reach (the rest of a taller key grid is out of every window)."""
-    return min(key_grid[0], geo.padded_grid[0] + geo.reach[0])
-
-
 @dataclass(frozen=True)
 class _Chunk:
     """The tiles of one flash call: tile columns ``[j0, j1)`` x tile rows ``[i0, i1)``."""
@@ -260,9 +257,10 @@ class _Chunk:
         return (self.i1 - self.i0) * geo.tile[0] + 2 * geo.reach[0]
 
     def key_row_span(self, geo: _TileGeometry, key_grid: tuple[int, int]) -> tuple[int, int, int]:
-        """``(y0, ya, ye)``: strip row 0 is key row ``y0``; key rows ``[ya, ye)`` are real ones."""
-        y0 = self.i0 * geo.tile[0] - geo.reach[0]
-        last = min(_key_rows(geo, key_grid), self.i1 * geo.tile[0] + geo.reach[0])
+        """``(y0, ya, ye)``: strip row 0 is key row ``y0``; key rows ``[ya, ye)`` are real ones (the rest of a
+        taller key grid is out of every window of the chunk)."""
+        y0 = geo.row0 + self.i0 * geo.tile[0] - geo.reach[0]
+        last = min(key_grid[0], geo.row0 + self.i1 * geo.tile[0] + geo.reach[0])
         return y0, max(0, y0), max(0, y0, last)  # a shorter key grid may end above the chunk
 
 
@@ -560,28 +558,74 @@ def _image_rows(
     ``tile`` overrides :func:`tile_shape`; ``fused`` (default: on CPU without ``kernels``) picks the
     flash-kernel autograd Function over the differentiable path, which runs ``kernels`` (default plain ops).
     """
-    b, _, heads, dim = query.shape
     tile = tile or tile_shape(layout, query.dtype)
     fused = query.device.type == "cpu" and kernels is None if fused is None else fused
     bias = _window_bias(layout, tile, query.device, query.dtype)
     grids = _grid_slices(layout)
     grid_kv = [(key[:, tokens], value[:, tokens]) for _, tokens in grids]
-    rows = []
-    for grid, tokens in grids:
-        geo = _geometry(layout, grid, tile)
-        plan = _RowsPlan(geo, tuple(key_grid for key_grid, _ in grids), scale)
-        tiles = _query_tiles(query[:, tokens], geo, grid)  # (ntx, B, H, nty, th*tw, D + 1)
-        global_k = global_v = None
-        if layout.text_len + layout.num_pooled:  # (b) global: text + pooled keys, the same for every image query
-            global_k, global_v = (_global_tokens(t, layout, geo.tiles[1]) for t in (key, value))
-        if fused:
-            flat_kv = [t for pair in grid_kv for t in pair]
-            out = _FlashImageRows.apply(plan, bias, tiles, global_k, global_v, *flat_kv)
-        else:
-            global_kv = None if global_k is None else (global_k, global_v)
-            out, _ = _rows_forward(plan, tiles, global_kv, grid_kv, bias, fused=False, kernels=kernels)
-        rows.append(_tiles_to_rows(out[..., :dim], geo, grid))
-    return rows
+    key_grids = tuple(key_grid for key_grid, _ in grids)
+    return [
+        _grid_rows(query[:, tokens], key, value, grid_kv, layout, _geometry(layout, grid, tile), grid, key_grids,
+                   bias, scale, fused, kernels)
+        for grid, tokens in grids
+    ]  # fmt: skip
+
+
+def _grid_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    grid_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    layout: CLEARLayout,
+    geo: _TileGeometry,
+    grid: tuple[int, int],
+    key_grids: tuple[tuple[int, int], ...],
+    bias: torch.Tensor,
+    scale: float,
+    fused: bool,
+    kernels: PartKernels | None,
+) -> torch.Tensor:
+    """Parts (b) and (c) of one query grid: ``query`` ``(B, h*w, H, D)`` -> a view ``(B, h, w, H, D)``.
+
+    ``key``/``value`` are the layout's whole sequences (their global keys), ``grid_kv`` the keys/values of each
+    of ``key_grids``.
+    """
+    dim = query.shape[-1]
+    plan = _RowsPlan(geo, key_grids, scale)
+    tiles = _query_tiles(query, geo, grid)  # (ntx, B, H, nty, th*tw, D + 1)
+    global_k = global_v = None
+    if layout.text_len + layout.num_pooled:  # (b) global: text + pooled keys, the same for every image query
+        global_k, global_v = (_global_tokens(t, layout, geo.tiles[1]) for t in (key, value))
+    if fused:
+        flat_kv = [t for pair in grid_kv for t in pair]
+        out = _FlashImageRows.apply(plan, bias, tiles, global_k, global_v, *flat_kv)
+    else:
+        global_kv = None if global_k is None else (global_k, global_v)
+        out, _ = _rows_forward(plan, tiles, global_kv, grid_kv, bias, fused=False, kernels=kernels)
+    return _tiles_to_rows(out[..., :dim], geo, grid)
+
+
+def band_rows(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, rows: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Parts (b) and (c) for the image queries of rows ``[start, stop)`` of ``layout``'s only grid: a view
+    ``(B, stop - start, w, H, D)``. Only the band's queries are computed; the key grid's other rows are keys.
+
+    Args:
+        query: ``(B, (stop - start) * w, H, D)``, the band's image queries, row-major.
+        key, value: ``(B, kv_len, H, D)``, the whole layout's keys/values (text/global keys, then the grid).
+    """
+    if len(layout.image_grids) != 1:
+        raise ValueError(f"band_rows needs a layout with one image grid, got {layout.image_grids}")
+    (r0, r1), w = rows, layout.grid[1]
+    tile = tile_shape(layout, query.dtype)
+    tile = (min(tile[0], r1 - r0), tile[1])  # a thin band: no padding rows beyond it
+    geo = _geometry(layout, (r1 - r0, w), tile, r0)
+    (_, tokens), fused = _grid_slices(layout)[0], query.device.type == "cpu"
+    bias = _window_bias(layout, tile, query.device, query.dtype)
+    grid_kv = [(key[:, tokens], value[:, tokens])]
+    return _grid_rows(query, key, value, grid_kv, layout, geo, (r1 - r0, w), (layout.grid,), bias, scale, fused, None)
 
 
 class TiledBackend:
