@@ -38,6 +38,7 @@ CLIP_MAX_LENGTH = 77
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 CHAR_SCORE = -20.0  # Unigram log-probability of a single character of the tiny T5 tokenizer
+WORD_SCORE = -1.0  # ... and of a whole word of a domain corpus: above any split of it into learnt pieces
 
 # Sizes of the tiny text encoders: pooled CLIP output -> pooled_projection_dim, T5 -> joint_attention_dim.
 CLIP_DIM = 32
@@ -229,7 +230,8 @@ def train_clip_tokenizer(folder: Path, corpus: list[str] | None = None):
 
 def train_t5_tokenizer(folder: Path, corpus: list[str] | None = None):
     """Train a SentencePiece-style Unigram tokenizer on ``corpus`` (default :func:`tiny_corpus`) with T5's
-    pre-tokenizer.
+    pre-tokenizer. A ``corpus`` given explicitly (a narrow domain) also gets every one of its words as one
+    piece: the Unigram trainer keeps almost no piece longer than 3 characters on a corpus that small.
 
     Writes ``tokenizer.json`` into ``folder`` (``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``</s>`` appended to every
     sequence) and returns ``T5TokenizerFast`` loaded from it, with no sentinel tokens.
@@ -261,6 +263,11 @@ def train_t5_tokenizer(folder: Path, corpus: list[str] | None = None):
     special, pieces = model["vocab"][: len(T5_SPECIAL)], model["vocab"][len(T5_SPECIAL) :]
     assert [piece for piece, _ in special] == T5_SPECIAL
     pieces = [(p, CHAR_SCORE if len(p) == 1 and p != "▁" else round(score, 6)) for p, score in pieces]
+    if corpus is not None:
+        known = {p for p, _ in pieces}
+        words = {"▁" + word.strip(string.punctuation) for line in corpus for word in line.split()}
+        pieces += [(w, WORD_SCORE) for w in sorted(words - known) if len(w) > 1]
+        pieces = [(p, WORD_SCORE) if p in words else (p, score) for p, score in pieces]
     pieces.sort(key=lambda ps: (-ps[1], ps[0]))
     tok.model = models.Unigram([tuple(ps) for ps in special] + pieces, unk_id=model["unk_id"], byte_fallback=False)
     tok.post_processor = processors.TemplateProcessing(

@@ -141,3 +141,17 @@ def test_checker_rejects_bad_images(scenes):
         check_scene(Image.new("RGB", (256, 128)), scenes[0])
     with pytest.raises(ValueError, match=r"\(height, width, 3\) uint8"):
         check_scene(np.zeros((64, 64), dtype=np.uint8), scenes[0])
+
+
+def test_world_tokenizers_have_one_token_per_word(scenes, tmp_path):
+    """The teacher's tokenizers (trained on the world's corpus) read a caption word by word: a T5 tokenizer that
+    splits colour words into letters leaves the teacher a dozen tokens per word to learn to read."""
+    from pipelines.tiny import train_clip_tokenizer, train_t5_tokenizer
+
+    clip = train_clip_tokenizer(tmp_path / "clip", world_corpus())
+    t5 = train_t5_tokenizer(tmp_path / "t5", world_corpus())
+    for scene in scenes[:20]:
+        words = scene.caption.replace(",", " ,").split()
+        pieces = t5.convert_ids_to_tokens(t5(scene.caption).input_ids)
+        assert pieces == ["▁" + w if w != "," else w for w in words] + ["</s>"]
+        assert len(clip(scene.caption).input_ids) == len(words) + 2  # + start and end tokens

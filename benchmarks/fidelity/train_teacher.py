@@ -53,8 +53,9 @@ from training.world import Scene, render, sample_scenes, world_corpus
 
 logger = logging.getLogger(__name__)
 
-#: T5 length of the teacher: the longest caption of the world takes about 115 tokens of its tokenizer.
-T5_LENGTH = 128
+#: T5 length of the teacher: its tokenizer has one token per word of the world, and the longest caption of the
+#: world takes 30 words, 2 commas and the end token.
+T5_LENGTH = 40
 #: The first steps of a phase, timed to fit the phase into its share of the budget (all inside the warmup).
 _PROBE_STEPS = 5
 
