@@ -13,24 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_benchmark(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/SCRIPT ARGS`` in ``cwd`` as a user would, capturing its output."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
 def test_attention_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "attention.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "attention.py"),
-            "--smoke",
-            "--threads",
-            "1",
-            "--memory",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = _run_benchmark(tmp_path, "attention.py", "--smoke", "--threads", "1", "--memory", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "(x) = full / backend" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -49,13 +40,7 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
 
 def test_transformer_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "transformer.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "transformer.py"), "--smoke", "--threads", "1", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = _run_benchmark(tmp_path, "transformer.py", "--smoke", "--threads", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "speedup = full / CLEAR block" in proc.stdout
     result = json.loads(out.read_text())
