@@ -61,6 +61,28 @@ def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentP
 # --------------------------------------------------------------------------------------------------- generate
 
 
+def _true_cfg_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--true-cfg",
+        type=float,
+        default=1.0,
+        help="true classifier-free guidance scale against --negative-prompt, two transformer passes per step "
+        "(default: 1, off; for teachers without a guidance embedding)",
+    )
+    p.add_argument("--negative-prompt", default="", help="negative prompt of --true-cfg (default: empty)")
+
+
+def _check_true_cfg(args: argparse.Namespace) -> dict:
+    """``true_cfg_scale``/``negative_prompt`` pipeline arguments of ``--true-cfg`` (empty when it is off)."""
+    if args.true_cfg < 1:
+        raise CLIError(f"--true-cfg must be >= 1 (1: off), got {args.true_cfg}")
+    if args.true_cfg == 1:
+        if args.negative_prompt:
+            raise CLIError("--negative-prompt needs --true-cfg above 1")
+        return {}
+    return {"true_cfg_scale": args.true_cfg, "negative_prompt": args.negative_prompt}
+
+
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument(
@@ -73,6 +95,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="image width in px, a multiple of 16 (default: 256 tiny, 1024 else)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    _true_cfg_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--window", type=int, help="CLEAR window radius in tokens (e.g. 8, 16, 32); default: full attention")
     p.add_argument("--down", type=int, help="CLEAR down factor d: adds (h/d)*(w/d) pooled keys (needs --window)")
@@ -112,6 +135,7 @@ def _validate_generate(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name} must be a positive multiple of {multiple} ({why}), got {value}")
     if args.guidance < 0:
         raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    args.cfg = _check_true_cfg(args)
     if args.compare and not clear:
         raise CLIError("--compare needs --window or --weights (full attention is compared with CLEAR)")
     if args.backend != "auto" and not clear:
@@ -119,6 +143,8 @@ def _validate_generate(args: argparse.Namespace) -> None:
     if args.parallel:
         if not clear or args.compare:
             raise CLIError("--parallel runs CLEAR attention: pass --window or --weights, without --compare")
+        if args.cfg:
+            raise CLIError("--true-cfg is not supported with --parallel yet")
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise CLIError("--parallel needs a distributed launch: torchrun --nproc_per_node N -m app.cli generate ...")
     _check_weights_path(args.weights)
@@ -200,6 +226,7 @@ def _generate_once(pipe, args: argparse.Namespace, max_sequence_length: int, lab
         guidance_scale=args.guidance,
         generator=torch.Generator("cpu").manual_seed(args.seed),
         max_sequence_length=max_sequence_length,
+        **args.cfg,
     ).images[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -274,6 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "width": args.width,
         "steps": args.steps,
         "guidance": args.guidance,
+        **args.cfg,
         "seed": args.seed,
         "max_sequence_length": max_sequence_length,
     }
@@ -375,6 +403,7 @@ def _highres_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
     p.add_argument("--steps", type=int, help="denoising steps per stage (default: 4 tiny, 28 else)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    _true_cfg_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="random seed; stage i uses seed + i (default: 0)")
     p.add_argument("--save-stages", action="store_true", help="also write every earlier stage as OUT-stage{i}.png")
     p.add_argument("--out", default="clear-dit-highres.png", help="output PNG (default: clear-dit-highres.png)")
@@ -392,6 +421,7 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
         if value is not None and value < low:
             raise CLIError(f"--{name} must be at least {low}, got {value}")
     _check_weights_path(args.weights)
+    args.cfg = _check_true_cfg(args)
     try:
         args.stages = parse_stages(args.stages)
         strengths = [args.strength] * (len(args.stages) - 1)
@@ -436,6 +466,7 @@ def cmd_highres(args: argparse.Namespace) -> int:
         backend=args.backend,
         ntk_factor=args.ntk,
         time_shift=args.time_shift,
+        **args.cfg,
     )
     seconds = time.perf_counter() - start
     settings = {
@@ -447,6 +478,7 @@ def cmd_highres(args: argparse.Namespace) -> int:
         "time_shift": args.time_shift,
         "steps": args.steps,
         "guidance": args.guidance,
+        **args.cfg,
         "seed": args.seed,
         "window": args.window,
         "down": args.down,
@@ -478,6 +510,7 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, help="number of images to generate, prompts cycled (default: one per prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    _true_cfg_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the tokenizer's limit, at most 512)")
@@ -493,6 +526,9 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     steps = args.steps or defaults["steps"]
     if steps < 1:
         raise CLIError(f"--steps must be at least 1, got {steps}")
+    cfg = _check_true_cfg(args)
+    if cfg and args.images:
+        raise CLIError("--true-cfg applies to generated data (--prompts), not to --images")
     _quiet_libraries(args.verbose)
     from pipelines.loading import load_pipeline
     from training.data import DistillDataset, generate_dataset, import_images, read_prompts
@@ -510,7 +546,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     )
     if prompts is not None:
         out = generate_dataset(
-            pipe, prompts, args.out, num=args.num, steps=steps, guidance=args.guidance, seed=args.seed, **common
+            pipe, prompts, args.out, num=args.num, steps=steps, guidance=args.guidance, seed=args.seed, **common, **cfg
         )
     else:
         out = import_images(pipe, args.images, args.out, **common)
@@ -568,6 +604,13 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-std", type=float, default=1.0, help="logit_normal std (default: 1)")
     p.add_argument("--mode-scale", type=float, default=1.29, help="'mode' scheme scale (default: 1.29)")
     p.add_argument("--guidance", type=float, default=3.5, help="guidance embedding of guidance-distilled teachers")
+    p.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.0,
+        help="fraction of samples trained with the data's negative (empty) caption: distils the unconditional "
+        "branch of true CFG too (default: 0)",
+    )
     p.add_argument("--teacher", default="shared", help="shared: one model (default); copy: two models (official)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints, 0: none (500)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: 3)")

@@ -142,6 +142,8 @@ class HighResFluxPipeline(FluxPipeline):
         strength: float | Sequence[float] = 0.7,
         num_inference_steps: int | Sequence[int] = 28,
         guidance_scale: float = 3.5,
+        negative_prompt: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator | list[torch.Generator]] | None = None,
@@ -174,6 +176,9 @@ class HighResFluxPipeline(FluxPipeline):
             strength: SDEdit strength in (0, 1] of the upscale stages (a float, or one per upscale stage).
             num_inference_steps: scheduler steps of each stage (an int, or one per stage); an upscale stage
                 runs ``strength`` of them, as in ``FluxImg2ImgPipeline``.
+            negative_prompt, true_cfg_scale: true classifier-free guidance in every stage, as in
+                ``FluxPipeline`` (on when ``true_cfg_scale > 1`` and a negative prompt is given, ``""`` included);
+                the negative prompt is encoded once.
             seed: stage ``i`` draws its noise from ``torch.Generator("cpu").manual_seed(seed + i)``.
             generator: one generator for all stages in turn, or one entry per stage (a generator or a
                 per-image list); exclusive with ``seed``.
@@ -239,6 +244,18 @@ class HighResFluxPipeline(FluxPipeline):
             )
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
+        cfg: dict[str, Any] = {}
+        if true_cfg_scale > 1 and negative_prompt is not None:
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * (prompt_embeds.shape[0])
+            negative_embeds, negative_pooled, _ = self.encode_prompt(
+                prompt=negative_prompt, device=device, max_sequence_length=max_sequence_length
+            )
+            cfg = dict(
+                true_cfg_scale=true_cfg_scale,
+                negative_prompt_embeds=negative_embeds,
+                negative_pooled_prompt_embeds=negative_pooled,
+            )
 
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
@@ -282,6 +299,7 @@ class HighResFluxPipeline(FluxPipeline):
                     callback_on_step_end=on_step_end if callback_on_step_end is not None else None,
                     callback_on_step_end_tensor_inputs=tensor_inputs,
                     max_sequence_length=max_sequence_length,
+                    **cfg,
                 )
                 if i == 0:
                     stage_pipe = self._stage_pipeline(FluxPipeline, {}, desc)

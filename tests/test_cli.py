@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +72,26 @@ def test_generate_full_attention(cli, tmp_path):
     }
 
 
+def test_generate_with_true_cfg_is_the_pipelines_own(cli, tmp_path, tiny_pipe):
+    out = tmp_path / "cfg.png"
+    args = ("--true-cfg", "3", "--negative-prompt", "a blue square")
+    _ok(cli("generate", "--prompt", "a red circle", *FAST, *args, "--seed", "7", "--out", str(out)))
+    meta = _settings(out)["json"]
+    assert meta["true_cfg_scale"] == 3.0 and meta["negative_prompt"] == "a blue square"
+    expected = tiny_pipe(
+        "a red circle",
+        negative_prompt="a blue square",
+        true_cfg_scale=3.0,
+        height=64,
+        width=128,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(7),
+        max_sequence_length=64,
+    ).images[0]
+    with Image.open(out) as image:
+        assert np.abs(np.asarray(image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+
+
 def test_generate_clear_window(cli, tmp_path):  # needs clear_dit.patch
     out = tmp_path / "clear.png"
     proc = _ok(cli("generate", "--prompt", "a red circle", *FAST, "--window", "2", "--out", str(out)))
@@ -115,6 +137,8 @@ BAD = {
     "missing weights file": (["--weights", "{tmp}/no-such.safetensors"], "weights file not found"),
     "hub id offline": (["--model", "someone/no-such-model"], "'someone/no-such-model'"),
     "not an int": (["--steps", "many"], "invalid int value"),
+    "true cfg below 1": (["--true-cfg", "0"], "--true-cfg must be >= 1 (1: off), got 0.0"),
+    "negative prompt without true cfg": (["--negative-prompt", "blurry"], "--negative-prompt needs --true-cfg"),
 }
 
 

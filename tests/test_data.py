@@ -223,3 +223,46 @@ def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeli
     again = DistillDataset(out)
     assert len(again) == finished + 2
     assert again.prompts == [PROMPTS[i % len(PROMPTS)] for i in range(finished + 2)]
+
+
+def test_true_cfg_data_is_what_the_pipeline_draws_with_it(made, tmp_path):
+    pipe, _, _ = made
+    settings = SETTINGS | dict(batch_size=2, true_cfg_scale=3.0, negative_prompt="a blurry photo")
+    out = generate_dataset(pipe, PROMPTS[:2], tmp_path / "cfg", **settings)
+    info = json.loads((out / "info.json").read_text())
+    assert info["settings"]["true_cfg_scale"] == 3.0 and info["settings"]["negative_prompt"] == "a blurry photo"
+    expected = pipe(
+        PROMPTS[:2],
+        negative_prompt=["a blurry photo"] * 2,
+        true_cfg_scale=3.0,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        max_sequence_length=64,
+    ).images
+    plain = generate_dataset(pipe, PROMPTS[:2], tmp_path / "plain", **SETTINGS)
+    for i, reference in enumerate(expected):
+        with Image.open(out / f"images/{i:06d}.png") as image:
+            assert np.abs(np.asarray(image, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
+        with Image.open(plain / f"images/{i:06d}.png") as image, Image.open(out / f"images/{i:06d}.png") as guided:
+            assert not np.array_equal(np.asarray(image), np.asarray(guided))  # the guidance did something
+    with pytest.raises(ValueError, match="true_cfg_scale must be >= 1"):
+        generate_dataset(pipe, PROMPTS, tmp_path / "bad", **SETTINGS, true_cfg_scale=0.5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--true-cfg", "0.5"], "error: --true-cfg must be >= 1 (1: off), got 0.5\n"),
+        (["--negative-prompt", "blurry"], "error: --negative-prompt needs --true-cfg above 1\n"),
+    ],
+)
+def test_cli_true_cfg_errors(tmp_path, capsys, extra, message):
+    from app.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "data"), *extra]) == 2
+    assert capsys.readouterr().err == message
+    assert not (tmp_path / "data").exists()

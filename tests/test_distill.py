@@ -279,6 +279,38 @@ def test_checkpointing_accumulation_and_clipping_shape_the_step_as_asked(tmp_pat
     assert 0 < moved_clipped < 1e-3 * moved
 
 
+def test_caption_dropout_swaps_in_the_datas_negative_caption(data_dir, tiny_pipeline_path):
+    from diffusers import FluxPipeline
+
+    ds = DistillDataset(data_dir)
+    negative = ds.negative()
+    pipe = FluxPipeline.from_pretrained(tiny_pipeline_path, dtype=torch.float32)
+    embeds, pooled, _ = pipe.encode_prompt("", prompt_2=None, max_sequence_length=ds.info.text_seq_len)
+    torch.testing.assert_close(negative["prompt_embeds"], embeds[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(negative["pooled_prompt_embeds"], pooled[0], atol=1e-5, rtol=1e-5)
+
+    sampler = TimestepSampler(torch.linspace(1, 0.01, 1000), "none")
+    items = [ds[i] for i in range(6)] * 4
+
+    def batch(dropout):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(items))]
+        args = (sampler, ds.info, None, torch.device("cpu"), torch.float32)
+        return make_batch(items, generators, *args, negative=negative, caption_dropout=dropout).inputs
+
+    plain, dropped = batch(0.0), batch(0.5)
+    # the caption draw comes after latent, noise and sigma: those are the same with or without dropout
+    for key in ("hidden_states", "timestep"):
+        torch.testing.assert_close(plain[key], dropped[key], atol=0, rtol=0)
+    texts = zip(plain["encoder_hidden_states"], dropped["encoder_hidden_states"], strict=True)
+    swapped = [not torch.equal(a, b) for a, b in texts]
+    assert 0 < sum(swapped) < len(items)
+    for i, is_swapped in enumerate(swapped):
+        expected = negative if is_swapped else items[i]
+        torch.testing.assert_close(dropped["encoder_hidden_states"][i], expected["prompt_embeds"], atol=0, rtol=0)
+        torch.testing.assert_close(dropped["pooled_projections"][i], expected["pooled_prompt_embeds"], atol=0, rtol=0)
+    torch.testing.assert_close(batch(0.5)["encoder_hidden_states"], dropped["encoder_hidden_states"])  # seeded
+
+
 def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(ValueError, match="window_size must be a positive int"):
         train(config(tmp_path, data_dir, window=0))
@@ -286,6 +318,8 @@ def test_clear_errors(tmp_path, data_dir):
         train(config(tmp_path, data_dir, num_validation=6))
     with pytest.raises(FileNotFoundError, match="no info.json"):
         train(config(tmp_path, tmp_path))
+    with pytest.raises(ValueError, match=re.escape("caption-dropout must be in [0, 1), got 1.0")):
+        train(config(tmp_path, data_dir, caption_dropout=1.0))
 
     train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
     with pytest.raises(FileExistsError, match="already holds a distillation run"):
@@ -303,6 +337,9 @@ def test_clear_errors(tmp_path, data_dir):
     (other / "info.json").write_text(json.dumps({**info, "text_dim": 48}))
     with pytest.raises(ValueError, match="made with another model: T5 embeddings have 48 dims, model takes 32"):
         train(config(tmp_path, other, "run2"))
+    (other / "negative.safetensors").unlink()  # data made before the file existed
+    with pytest.raises(FileNotFoundError, match="has no negative.safetensors .* re-run make-data on it"):
+        train(config(tmp_path, other, "run3", caption_dropout=0.1))
     (other / "info.json").write_text(json.dumps({**info, "height": 128}))
     with pytest.raises(ValueError, match="data resolution"):  # resuming a run on data of another resolution
         train(config(tmp_path, other, max_steps=2, num_validation=0, resume="latest"))

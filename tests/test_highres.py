@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import clear_dit
 from app.cli import main
 from pipelines.highres import HighResFluxPipeline, parse_stages
+from pipelines.loading import default_max_sequence_length
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,35 @@ def test_stage_sizes_and_seeded_determinism(pipe):
         np.testing.assert_array_equal(first, second)
     other = pipe(**FAST, stages=STAGES, seed=4, output_type="np")
     assert not np.array_equal(out.images, other.images)
+
+
+def test_true_cfg_in_every_stage(pipe):
+    """One stage is FluxPipeline itself, true CFG included; upscaling stages are guided too."""
+    from diffusers import FluxPipeline
+
+    cfg = dict(negative_prompt="a blue square", true_cfg_scale=4.0)
+    out = pipe(**FAST, stages=STAGES[:1], seed=3, output_type="np", enable_vae_tiling=False, **cfg)
+    reference = FluxPipeline.from_pipe(pipe)(
+        FAST["prompt"],
+        width=STAGES[0][0],
+        height=STAGES[0][1],
+        num_inference_steps=FAST["num_inference_steps"],
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+        max_sequence_length=default_max_sequence_length(pipe),
+        **cfg,
+    ).images
+    np.testing.assert_allclose(out.images, reference, atol=1e-5)
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: calls.append(pipe.stage_index))
+    try:
+        pipe(**FAST, stages=STAGES, seed=3, output_type="np")
+        plain, calls[:] = list(calls), []
+        pipe(**FAST, stages=STAGES, seed=3, output_type="np", **cfg)
+    finally:
+        hook.remove()
+    assert sorted(set(plain)) == [0, 1]
+    assert calls == [stage for stage in plain for _ in range(2)]  # two passes per step, in every stage
 
 
 def test_clear_ntk_tiling_only_while_upscaling_and_callback_per_step(pipe):

@@ -9,6 +9,8 @@ Layout of a data folder (DESIGN.md 1.3: training needs neither the VAE nor the t
                                latent_mean, latent_logvar  (n, C, H/8, W/8)  VAE posterior (float32)
                                prompt_embeds               (n, T, D)         T5 sequence embeddings
                                pooled_prompt_embeds        (n, P)            CLIP pooled embedding
+    negative.safetensors       prompt_embeds (1, T, D), pooled_prompt_embeds (1, P) of the negative prompt
+                               (empty unless true CFG used another): what ``distill --caption-dropout`` swaps in
 
 Crash safety: an item is finished when its manifest line is. Images and shards are written to a temporary
 name and renamed into place (atomic), and only then are the manifest lines appended and fsynced. A run killed
@@ -53,6 +55,7 @@ INFO_FILE = "info.json"
 MANIFEST_FILE = "manifest.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SHARD_KEYS = ("latent_mean", "latent_logvar", "prompt_embeds", "pooled_prompt_embeds")
+NEGATIVE_FILE = "negative.safetensors"
 
 
 @dataclass
@@ -322,7 +325,10 @@ def _run(
     max_sequence_length: int | None,
     overwrite: bool,
     make_images,
+    negative_prompt: str = "",
 ) -> Path:
+    """Write the items of ``items`` not yet done; ``make_images(batch, prompt_embeds, pooled, negative)`` draws
+    (or loads) their images, ``negative`` being the ``(prompt_embeds, pooled)`` of ``negative_prompt``."""
     if batch_size <= 0:
         raise ValueError(f"batch size must be a positive int, got {batch_size}")
     _check_resolution(pipe, resolution)
@@ -330,6 +336,11 @@ def _run(
     probe = _encode_text(pipe, [items[0].prompt], max_sequence_length)
     info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe)
     writer = _Writer(out, info, overwrite)
+    negative = _encode_text(pipe, [negative_prompt], max_sequence_length)
+    tmp = out / (NEGATIVE_FILE + ".tmp")
+    names = ("prompt_embeds", "pooled_prompt_embeds")
+    save_file({k: v.contiguous().cpu() for k, v in zip(names, negative, strict=True)}, str(tmp))
+    os.replace(tmp, out / NEGATIVE_FILE)
     done = writer.done
     for item in items:
         if item.index in done and done[item.index]["prompt"] != item.prompt:
@@ -345,7 +356,7 @@ def _run(
         for batch in _batches(todo, batch_size):
             prompts = [item.prompt for item in batch]
             prompt_embeds, pooled = _encode_text(pipe, prompts, max_sequence_length)
-            images = make_images(batch, prompt_embeds, pooled)
+            images = make_images(batch, prompt_embeds, pooled, negative)
             writer.write(batch, images, _encode_images(pipe.vae, images), prompt_embeds, pooled, png_settings)
             bar.update(len(batch))
     return out
@@ -365,6 +376,8 @@ def generate_dataset(
     max_sequence_length: int | None = None,
     model_name: str = "",
     overwrite: bool = False,
+    true_cfg_scale: float = 1.0,
+    negative_prompt: str = "",
 ) -> Path:
     """Generate ``num`` teacher images (prompts cycled; item ``i`` uses seed ``seed + i``) into ``out``.
 
@@ -376,6 +389,8 @@ def generate_dataset(
         resolution: square image size in pixels, a multiple of 16.
         num: number of items (default: one per prompt).
         steps, guidance: the pipeline's ``num_inference_steps`` and ``guidance_scale``.
+        true_cfg_scale, negative_prompt: true classifier-free guidance, as in ``FluxPipeline`` (two transformer
+            passes per step; the negative prompt, empty by default, is encoded once); 1 disables it.
         max_sequence_length: T5 tokens (default: the tokenizer's limit, at most FLUX's 512).
         model_name: recorded in ``info.json``.
 
@@ -387,11 +402,24 @@ def generate_dataset(
     num = len(prompts) if num is None else num
     if num <= 0:
         raise ValueError(f"--num must be a positive int, got {num}")
+    if true_cfg_scale < 1:
+        raise ValueError(f"true_cfg_scale must be >= 1 (1: no true guidance), got {true_cfg_scale}")
     items = [_Item(i, prompts[i % len(prompts)], seed + i) for i in range(num)]
     settings = {"source": "generated", "model": model_name, "steps": steps, "guidance": guidance, "seed": seed}
+    if true_cfg_scale > 1:  # recorded only when used, so that data made before the option still resumes
+        settings |= {"true_cfg_scale": true_cfg_scale, "negative_prompt": negative_prompt}
 
-    def make_images(batch: list[_Item], prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> list[Image.Image]:
+    def make_images(
+        batch: list[_Item], prompt_embeds: torch.Tensor, pooled: torch.Tensor, negative: tuple[torch.Tensor, ...]
+    ) -> list[Image.Image]:
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+        cfg = {}
+        if true_cfg_scale > 1:
+            cfg = dict(
+                true_cfg_scale=true_cfg_scale,
+                negative_prompt_embeds=negative[0].expand(len(batch), -1, -1),
+                negative_pooled_prompt_embeds=negative[1].expand(len(batch), -1),
+            )
         return pipe(
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled,
@@ -402,9 +430,11 @@ def generate_dataset(
             generator=generators,
             max_sequence_length=prompt_embeds.shape[1],
             output_type="pil",
+            **cfg,
         ).images
 
-    return _run(pipe, Path(out), items, settings, resolution, batch_size, max_sequence_length, overwrite, make_images)
+    args = (settings, resolution, batch_size, max_sequence_length, overwrite, make_images, negative_prompt)
+    return _run(pipe, Path(out), items, *args)
 
 
 def _caption(image_path: Path) -> str:
@@ -463,7 +493,7 @@ def import_images(
     items = [_Item(i, _caption(path), source=str(path.relative_to(src))) for i, path in enumerate(files)]
     settings = {"source": "imported", "model": model_name, "images": str(src.resolve())}
 
-    def make_images(batch: list[_Item], prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> list[Image.Image]:
+    def make_images(batch: list[_Item], *_embeddings: torch.Tensor | tuple) -> list[Image.Image]:
         return [_load_square(src / item.source, resolution) for item in batch]
 
     return _run(pipe, Path(out), items, settings, resolution, batch_size, max_sequence_length, overwrite, make_images)
@@ -523,3 +553,15 @@ class DistillDataset(Dataset):
                 )
         item["index"] = entry["index"]
         return item
+
+    def negative(self) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` ``(T, D)`` and ``pooled_prompt_embeds`` ``(P,)`` of the data's negative prompt (the
+        empty one unless make-data's true CFG used another): the caption that caption dropout swaps in."""
+        path = self.folder / NEGATIVE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.folder} has no {NEGATIVE_FILE} (data made by an older clear-dit): re-run make-data on it "
+                "to add it (finished items are kept), or train without --caption-dropout"
+            )
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key)[0] for key in ("prompt_embeds", "pooled_prompt_embeds")}

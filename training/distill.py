@@ -105,6 +105,7 @@ class DistillConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     guidance: float = 3.5
+    caption_dropout: float = 0.0
     teacher: str = "shared"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -129,6 +130,8 @@ class DistillConfig:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption-dropout must be in [0, 1), got {self.caption_dropout}")
         choices = {
             "mixed_precision": MIXED_PRECISION,
             "optimizer": OPTIMIZERS,
@@ -272,22 +275,28 @@ def make_batch(
     device: torch.device,
     dtype: torch.dtype,
     sigmas: torch.Tensor | None = None,
+    negative: dict[str, torch.Tensor] | None = None,
+    caption_dropout: float = 0.0,
 ) -> _Batch:
     """Noised, packed inputs for a list of dataset items, each with its own generator.
 
-    A sample draws (in this order, on CPU): its latent from the cached posterior, its noise, and its sigma
-    from the weighting scheme's density (``sigmas`` overrides the draw, for validation). Latents are scaled
-    as the VAE's ``(z - shift) * scale``; ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``.
+    A sample draws (in this order, on CPU): its latent from the cached posterior, its noise, its sigma from
+    the weighting scheme's density (``sigmas`` overrides the draw, for validation) and, with
+    ``caption_dropout`` > 0, whether its caption is swapped for ``negative`` (:meth:`DistillDataset.negative`:
+    the unconditional branch of true CFG is then distilled too). Latents are scaled as the VAE's
+    ``(z - shift) * scale``; ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``.
     """
     from diffusers import FluxPipeline
 
-    x0, noise, drawn = [], [], []
+    x0, noise, drawn, texts = [], [], [], []
     for item, g in zip(items, generators, strict=True):
         mean, logvar = item["latent_mean"], item["latent_logvar"]
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         x0.append((z - info.vae_shift_factor) * info.vae_scaling_factor)
         noise.append(torch.randn(mean.shape, generator=g))
         drawn.append(sampler.sample(g))
+        dropped = caption_dropout > 0 and float(torch.rand((), generator=g)) < caption_dropout
+        texts.append(negative if dropped else item)
     x0, noise = torch.stack(x0), torch.stack(noise)
     sigma = torch.cat(drawn) if sigmas is None else sigmas
     s = sigma.reshape(-1, 1, 1, 1)
@@ -296,8 +305,8 @@ def make_batch(
     text_len = info.text_seq_len
     inputs = {
         "hidden_states": _pack(noisy).to(device, dtype),
-        "encoder_hidden_states": torch.stack([i["prompt_embeds"] for i in items]).to(device, dtype),
-        "pooled_projections": torch.stack([i["pooled_prompt_embeds"] for i in items]).to(device, dtype),
+        "encoder_hidden_states": torch.stack([t["prompt_embeds"] for t in texts]).to(device, dtype),
+        "pooled_projections": torch.stack([t["pooled_prompt_embeds"] for t in texts]).to(device, dtype),
         "timestep": sigma.to(device, dtype),
         "img_ids": FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
         "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),
@@ -418,6 +427,7 @@ class Distiller:
         config.check()
         self.config = config
         self.dataset = DistillDataset(config.data)
+        self.negative = self.dataset.negative() if config.caption_dropout > 0 else None
         info = self.dataset.info
         # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
         self.num_validation = config.num_validation
@@ -531,7 +541,15 @@ class Distiller:
         items = [self.dataset[self.stream.item(p)] for p in positions]
         generators = [self.stream.generator(p) for p in positions]
         return make_batch(
-            items, generators, self.sampler, self.dataset.info, self.guidance, acc.device, self.weight_dtype
+            items,
+            generators,
+            self.sampler,
+            self.dataset.info,
+            self.guidance,
+            acc.device,
+            self.weight_dtype,
+            negative=self.negative,
+            caption_dropout=self.config.caption_dropout,
         )
 
     def train_step(self) -> dict[str, float]:
