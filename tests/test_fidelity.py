@@ -26,6 +26,7 @@ def test_teacher_smoke_run_saves_a_loadable_pipeline(smoke_teacher, capsys):
     out = smoke_teacher
     summary = json.loads((out / "training" / "eval.json").read_text())
     assert summary["num_scenes"] == 2 and 0 <= summary["adherence"] <= 1 and summary["vae_psnr"] > 0
+    assert summary["cfg_scale"] == train_teacher.TeacherConfig.cfg_scale > 1  # samples drawn with true CFG
 
     config = json.loads((out / "training" / "config.json").read_text())
     assert config["steps"] == 4 and config["vae_steps"] == 2 and config["resolution"] == 64
@@ -66,13 +67,35 @@ def test_teacher_rejects_bad_settings(tmp_path, capsys):
     assert train_teacher.main(["--out", str(tmp_path / "mine"), "--smoke", "--overwrite"]) == 2
     assert "not a teacher run" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    for flag, value, message in (
+        ("--caption-dropout", "1", "--caption-dropout must be in [0, 1), got 1.0"),
+        ("--cfg-scale", "0.5", "--cfg-scale must be >= 1 (1: no guidance), got 0.5"),
+        ("--weighting-scheme", "cosmap", "--weighting-scheme must be none, logit_normal or mode, got 'cosmap'"),
+    ):
+        assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, value]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "t").exists()
+
+
+def test_vae_crops_stay_inside_and_half_of_them_hold_a_shape():
+    from training.world import sample_scenes
+
+    generator = torch.Generator().manual_seed(0)
+    scenes = sample_scenes(200, 0, 3)
+    holding = 0
+    for scene in scenes:
+        y, x = train_teacher._crop_corner(scene, 256, 64, generator)
+        assert 0 <= y <= 192 and 0 <= x <= 192
+        holding += any(x <= s.center[0] * 256 < x + 64 and y <= s.center[1] * 256 < y + 64 for s in scene.shapes)
+    assert 0.5 < holding / len(scenes) < 0.8  # shape-centred half, plus random crops that happen to hold one
 
 
 def test_phase_without_a_step_count_fits_its_time_budget(tmp_path):
     calls = []
     phase = train_teacher._Phase("probe", None, seconds=0.0, log=tmp_path / "log.jsonl")
-    assert phase.run(lambda i: calls.append(i) or {"loss": 0.0}) == train_teacher._PROBE_STEPS
-    assert calls == list(range(train_teacher._PROBE_STEPS)) and phase.steps == train_teacher._PROBE_STEPS
+    probe = train_teacher._PROBE_STEPS + 1  # the first step is not timed: it holds the one-off costs
+    assert phase.run(lambda i: calls.append(i) or {"loss": 0.0}) == probe
+    assert calls == list(range(probe)) and phase.steps == probe
 
 
 def test_variants_keep_fluxs_radius_to_grid_ratio():
@@ -97,7 +120,7 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
     for v in variants:  # stand-ins for distilled students: the training-free weights, written and read back
         with clear_dit.patch(pipe, window_size=v.window, down_factor=v.down):
             weights[v.name] = clear_dit.save_weights(pipe, tmp_path / f"{v.name}.safetensors")
-    cfg = run.ProtocolConfig(work=str(tmp_path), **run.SMOKE)
+    cfg = run.ProtocolConfig(work=str(tmp_path), **run.SMOKE, cfg_scale=2.0)
     rows, images = run.evaluate(pipe, cfg, 64, variants, weights)
 
     scales = (1, 2) if importlib.util.find_spec("pipelines.highres") else (1,)
@@ -114,10 +137,9 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
         assert free["psnr"] == distilled["psnr"] and free["ssim"] == distilled["ssim"]  # same weights, same images
         assert images[1, "distilled", v.name][0].size == (64, 64)
 
-    meta = {"smoke": True, "teacher": str(smoke_teacher), "resolution": 64, "text_len": 128} | {
-        k: getattr(cfg, k)
-        for k in ("num_data", "distill_steps", "eval_steps", "eval_scenes", "highres_scenes", "scales", "grid_rows")
-    }
+    keys = ("num_data", "distill_steps", "eval_steps", "cfg_scale", "eval_scenes", "highres_scenes", "scales")
+    meta = {"smoke": True, "teacher": str(smoke_teacher), "resolution": 64, "text_len": 128}
+    meta |= {k: getattr(cfg, k) for k in (*keys, "grid_rows")}
     paths = run.write_report(rows, images, meta, tmp_path / "results", "r16")
     assert [p.name for p in paths] == ["fidelity_smoke.json", "fidelity_smoke.md", "fidelity_smoke_grid.png"]
     assert json.loads(paths[0].read_text())["rows"] == rows

@@ -25,15 +25,23 @@ def held_out_scenes(num: int, seed: int = 0, max_shapes: int = 3) -> list[Scene]
 
 @torch.no_grad()
 def generate(
-    pipe, prompts: list[str], seeds: list[int], resolution: int, steps: int, batch_size: int = 4
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    resolution: int,
+    steps: int,
+    batch_size: int = 4,
+    cfg_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed) with ``pipe`` (a FluxPipeline), in batches, each image from its own seed."""
+    """One image per (prompt, seed) with ``pipe`` (a FluxPipeline), in batches, each image from its own seed;
+    ``cfg_scale`` > 1 samples with true classifier-free guidance against the empty prompt."""
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
+        guidance = {"negative_prompt": [""] * len(generators), "true_cfg_scale": cfg_scale} if cfg_scale > 1 else {}
         out = pipe(
             prompts[chunk],
             height=resolution,
@@ -41,6 +49,7 @@ def generate(
             num_inference_steps=steps,
             generator=generators,
             max_sequence_length=default_max_sequence_length(pipe),
+            **guidance,
         )
         images.extend(out.images)
     return images

@@ -16,6 +16,11 @@ Steps (each one skipped when its output is already in ``WORK_DIR``, so an interr
    CLEAR; the teacher's reference there is the same recipe with a window covering the whole grid, i.e. full
    attention). Metrics: PSNR and SSIM against the teacher, the scene checker's adherence, attention density,
    wall time per image.
+
+Teacher, data and students are all sampled with the same true classifier-free guidance (``--cfg-scale``, by
+default the one the teacher was evaluated with: ``cfg_scale`` in its ``training/config.json``); with guidance,
+students are distilled with caption dropout (their unconditional branch is sampled too) and without ``L_fm``
+(guided samples do not follow the teacher's conditional flow).
 4. ``RESULTS/fidelity.{json,md}`` and ``RESULTS/fidelity_grid.png`` (teacher | training-free | distilled).
 """
 
@@ -51,6 +56,8 @@ logger = logging.getLogger(__name__)
 FLUX_GRID = 64
 #: (FLUX radius, down factor) of the published CLEAR checkpoints.
 PUBLISHED = ((8, 1), (16, 1), (32, 1), (16, 4), (8, 4))
+#: Caption dropout of the distillation when sampling uses true CFG (the teacher's own, in training).
+CAPTION_DROPOUT = 0.1
 #: The distillation prompts come from this seed offset: disjoint from teacher training and held-out scenes.
 DATA_OFFSET = 2_000_000
 
@@ -91,8 +98,10 @@ class ProtocolConfig:
     eval_scenes: int = 32
     highres_scenes: int = 8
     eval_steps: int = 20
+    cfg_scale: float | None = None  # None: the teacher's own (training/config.json), 1 without one
     scales: tuple[int, ...] = (1, 2, 4)
     variants: tuple[str, ...] = tuple(f"r{r}" + (f"_down{d}" if d > 1 else "") for r, d in PUBLISHED)
+    highres_variants: tuple[str, ...] | None = None  # the variants evaluated at 2x/4x (None: all of them)
     grid_rows: int = 4
     seed: int = 0
     smoke: bool = False
@@ -133,7 +142,7 @@ def make_data(cfg: ProtocolConfig, teacher: Path, resolution: int) -> Path:
         "make-data",
         *("--model", str(teacher), "--prompts", str(prompts), "--out", str(data)),
         *("--resolution", str(resolution), "--num", str(cfg.num_data), "--steps", str(cfg.data_steps)),
-        *("--seed", str(cfg.seed)),
+        *("--seed", str(cfg.seed), "--true-cfg", str(cfg.cfg_scale), "--batch-size", "8"),
     )
     return data
 
@@ -151,6 +160,10 @@ def distill(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) ->
         args += ["--down", str(variant.down)]
     args += ["--max-steps", str(cfg.distill_steps), "--batch-size", str(cfg.distill_batch_size)]
     args += ["--seed", str(cfg.seed), "--out", str(run_dir)]
+    if cfg.cfg_scale > 1:
+        # Sampled with true CFG, students need their unconditional branch distilled too; and the data follow
+        # the guided flow, not the teacher's conditional one, so L_fm would pull the student off the teacher.
+        args += ["--caption-dropout", str(CAPTION_DROPOUT), "--fm-weight", "0"]
     if (run_dir / "logs").exists():
         args += ["--resume", "latest"]
     run_cli("distill", *args)
@@ -176,7 +189,14 @@ def student(pipe, variant: Variant, weights: Path | None) -> Iterator[None]:
 
 
 def _draw(
-    pipe, highres, resolution: int, scale: int, scenes, steps: int, variant: Variant | None, weights: Path | None
+    pipe,
+    highres,
+    cfg: ProtocolConfig,
+    resolution: int,
+    scale: int,
+    scenes,
+    variant: Variant | None,
+    weights: Path | None,
 ) -> tuple[list[Image.Image], float]:
     """Images of ``scenes`` (seed i for scene i) and the wall time per image. At 1x ``pipe`` draws them as it is
     (the caller patches it); above, ``highres`` draws a full-attention base image and upscales it with CLEAR
@@ -184,7 +204,7 @@ def _draw(
     prompts, seeds = [s.caption for s in scenes], list(range(len(scenes)))
     start = time.perf_counter()
     if scale == 1:
-        images = generate(pipe, prompts, seeds, resolution, steps)
+        images = generate(pipe, prompts, seeds, resolution, cfg.eval_steps, cfg_scale=cfg.cfg_scale)
     else:
         stages = [(resolution * 2**i, resolution * 2**i) for i in range(int(math.log2(scale)) + 1)]
         grid = resolution * scale // 16
@@ -194,7 +214,9 @@ def _draw(
             out = highres(
                 prompt,
                 stages=stages,
-                num_inference_steps=steps,
+                num_inference_steps=cfg.eval_steps,
+                negative_prompt="",
+                true_cfg_scale=cfg.cfg_scale,
                 seed=seed,
                 base_attention="full",
                 window_size=window,
@@ -225,6 +247,7 @@ def evaluate(
     """
     text_len = default_max_sequence_length(pipe)
     rows, images = [], {}
+    highres_only = [v for v in variants if cfg.highres_variants is None or v.name in cfg.highres_variants]
     highres = None
     if any(s > 1 for s in cfg.scales):
         try:
@@ -237,21 +260,21 @@ def evaluate(
     for scale in cfg.scales:
         scenes = held_out_scenes(cfg.eval_scenes if scale == 1 else cfg.highres_scenes, cfg.seed)
         size, grid = resolution * scale, resolution * scale // 16
-        teacher_images, teacher_time = _draw(pipe, highres, resolution, scale, scenes, cfg.eval_steps, None, None)
+        teacher_images, teacher_time = _draw(pipe, highres, cfg, resolution, scale, scenes, None, None)
         images[scale, "teacher", ""] = teacher_images
         rows.append(
             {"scale": scale, "size": size, "student": "teacher", "variant": "full", "window": None, "down": None}
             | _compare(teacher_images, teacher_images, scenes)
             | {"density": 1.0, "seconds_per_image": teacher_time, "speedup": 1.0}
         )
-        for variant in variants:
+        for variant in variants if scale == 1 else highres_only:
             for kind, path in (("training-free", None), ("distilled", weights.get(variant.name))):
                 if kind == "distilled" and path is None:
                     continue
                 logger.info("%dx: %s %s", scale, kind, variant.name)
                 # At 1x the student is patched here; the high-resolution pipeline installs CLEAR itself.
                 with student(pipe, variant, path) if scale == 1 else contextlib.nullcontext():
-                    result, seconds = _draw(pipe, highres, resolution, scale, scenes, cfg.eval_steps, variant, path)
+                    result, seconds = _draw(pipe, highres, cfg, resolution, scale, scenes, variant, path)
                 images[scale, kind, variant.name] = result
                 density = clear_dit.attention_density((grid, grid), text_len, variant.window, variant.down)
                 rows.append(
@@ -270,7 +293,8 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"Teacher: `{meta['teacher']}` ({meta['resolution']} px, T5 length {meta['text_len']}); "
         f"{meta['num_data']} self-generated samples, {meta['distill_steps']} distillation steps per student; "
-        f"{meta['eval_steps']} sampling steps; held-out scenes: {meta['eval_scenes']} at 1x, "
+        f"{meta['eval_steps']} sampling steps, true CFG scale {meta['cfg_scale']:g}; "
+        f"held-out scenes: {meta['eval_scenes']} at 1x, "
         f"{meta['highres_scenes']} at 2x/4x. Radii keep FLUX's ratio to the token grid (rN = FLUX's r=N at 1024 px).",
         "",
         "| scale | student | variant | window | PSNR (dB) | SSIM | adherence | pass rate | density | s/image "
@@ -319,12 +343,21 @@ def run(cfg: ProtocolConfig) -> list[Path]:
                 f"--out {teacher}` (about an hour) or pass --teacher"
             )
         train_teacher.main(["--out", str(teacher), "--smoke", "--overwrite"])
-    resolution = json.loads((teacher / "training" / "config.json").read_text())["resolution"]
+    teacher_config = json.loads((teacher / "training" / "config.json").read_text())
+    resolution = teacher_config["resolution"]
+    if cfg.cfg_scale is None:
+        cfg.cfg_scale = float(teacher_config.get("cfg_scale", 1.0))
+    if cfg.cfg_scale < 1:
+        raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), got {cfg.cfg_scale}")
     variants = [v for v in variants_for(resolution) if v.name in cfg.variants]
     if not variants:
         raise ValueError(
             f"no known variant in {cfg.variants}; choose from {[v.name for v in variants_for(resolution)]}"
         )
+
+    unknown = set(cfg.highres_variants or ()) - {v.name for v in variants}
+    if unknown:
+        raise ValueError(f"--highres-variants {sorted(unknown)} are not among the evaluated variants {cfg.variants}")
 
     data = make_data(cfg, teacher, resolution)
     weights = {v.name: distill(cfg, teacher, data, v) for v in variants}
@@ -352,9 +385,11 @@ def parse_args(argv: list[str] | None = None) -> ProtocolConfig:
     for name in ("num_data", "data_steps", "distill_steps", "distill_batch_size", "eval_scenes", "highres_scenes"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(defaults, name)}")
     parser.add_argument("--eval-steps", type=int, help=f"default {defaults.eval_steps}")
+    parser.add_argument("--cfg-scale", type=float, help="true CFG scale of all sampling (default: the teacher's)")
     parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     parser.add_argument("--scales", type=int, nargs="+", choices=(1, 2, 4), help="default 1 2 4")
     parser.add_argument("--variants", nargs="+", help=f"default {' '.join(defaults.variants)}")
+    parser.add_argument("--highres-variants", nargs="+", help="the variants also evaluated at 2x/4x (default: all)")
     args = vars(parser.parse_args(argv))
     settings = SMOKE.copy() if args["smoke"] else {}
     settings |= {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
