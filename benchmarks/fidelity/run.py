@@ -16,12 +16,12 @@ Steps (each one skipped when its output is already in ``WORK_DIR``, so an interr
    CLEAR; the teacher's reference there is the same recipe with a window covering the whole grid, i.e. full
    attention). Metrics: PSNR and SSIM against the teacher, the scene checker's adherence, attention density,
    wall time per image.
+4. ``RESULTS/fidelity.{json,md}`` and ``RESULTS/fidelity_grid.png`` (teacher | training-free | distilled).
 
 Teacher, data and students are all sampled with the same true classifier-free guidance (``--cfg-scale``, by
 default the one the teacher was evaluated with: ``cfg_scale`` in its ``training/config.json``); with guidance,
 students are distilled with caption dropout (their unconditional branch is sampled too) and without ``L_fm``
 (guided samples do not follow the teacher's conditional flow).
-4. ``RESULTS/fidelity.{json,md}`` and ``RESULTS/fidelity_grid.png`` (teacher | training-free | distilled).
 """
 
 from __future__ import annotations
