@@ -1,10 +1,10 @@
 """Train the fidelity benchmark's teacher: a small FLUX pipeline, from scratch, that draws the world's scenes.
 
-    python -m benchmarks.fidelity.train_teacher --out DIR [--minutes 60] [--smoke]
+    python -m benchmarks.fidelity.train_teacher --out DIR [--minutes 65] [--smoke]
 
 The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)``, ``clear-dit generate
 --model DIR``); what training leaves besides (config, loss log, held-out evaluation, sample grid) goes to
-``DIR/training/``. The recipe, within one time budget (``--minutes``, default one hour on 2 CPU cores):
+``DIR/training/``. The recipe, within one time budget (``--minutes``, default 65 minutes on 2 CPU cores):
 
 1. Tokenizers trained on the world's vocabulary with the tiny pipeline's helpers (:mod:`pipelines.tiny`), and
    its CLIP and T5 text encoders **frozen at their seeded random initialisation**. A random encoder still maps
@@ -74,8 +74,8 @@ class TeacherConfig:
     num_scenes: int = 4000
     max_shapes: int = 3
     seed: int = 0
-    minutes: float = 60.0
-    vae_share: float = 0.2
+    minutes: float = 65.0
+    vae_share: float = 0.25
     vae_steps: int | None = None
     vae_crop: int = 64  # conv net: small crops teach it as well as whole images, at a fraction of the cost
     vae_batch_size: int = 16
