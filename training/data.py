@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -337,10 +338,9 @@ def _run(
     info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe)
     writer = _Writer(out, info, overwrite)
     negative = _encode_text(pipe, [negative_prompt], max_sequence_length)
-    tmp = out / (NEGATIVE_FILE + ".tmp")
     names = ("prompt_embeds", "pooled_prompt_embeds")
-    save_file({k: v.contiguous().cpu() for k, v in zip(names, negative, strict=True)}, str(tmp))
-    os.replace(tmp, out / NEGATIVE_FILE)
+    tensors = {k: v.contiguous().cpu() for k, v in zip(names, negative, strict=True)}
+    _atomic_write_bytes(out / NEGATIVE_FILE, safetensors_save(tensors))
     done = writer.done
     for item in items:
         if item.index in done and done[item.index]["prompt"] != item.prompt:
