@@ -281,11 +281,13 @@ def train_t5_tokenizer(folder: Path, corpus: list[str] | None = None):
     return T5TokenizerFast.from_pretrained(folder)
 
 
-def build_tiny_pipeline(work_dir: str | os.PathLike, corpus: list[str] | None = None):
+def build_tiny_pipeline(work_dir: str | os.PathLike, corpus: list[str] | None = None, t5_config: dict | None = None):
     """Build the tiny pipeline in memory (tokenizer files are written to ``work_dir``); fp32, on CPU.
 
     ``corpus`` (default :func:`tiny_corpus`) is the text the tokenizers are trained on: a model trained on a
-    narrow domain (the fidelity benchmark's world) gets one token per word of it.
+    narrow domain (the fidelity benchmark's world) gets one token per word of it. ``t5_config`` overrides
+    settings of the T5 encoder's ``T5Config`` (a ``d_model`` other than :data:`T5_DIM` needs a transformer
+    with that ``joint_attention_dim``: the pipeline's own is built for :data:`T5_DIM`).
 
     Deterministic: every randomly initialised part is seeded with :data:`SEED`; the caller's RNG state is kept.
     """
@@ -314,22 +316,21 @@ def build_tiny_pipeline(work_dir: str | os.PathLike, corpus: list[str] | None = 
             )
         )
         torch.manual_seed(SEED + 1)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=T5_DIM,
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-                decoder_start_token_id=tokenizer_2.pad_token_id,
-            )
+        t5_settings = dict(
+            vocab_size=len(tokenizer_2),
+            d_model=T5_DIM,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
         )
+        text_encoder_2 = T5EncoderModel(T5Config(**(t5_settings | (t5_config or {}))))
         torch.manual_seed(SEED + 2)
         transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
         torch.manual_seed(SEED + 3)

@@ -59,6 +59,40 @@ def test_teacher_smoke_run_saves_a_loadable_pipeline(smoke_teacher, capsys):
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
 
 
+def _text_encoder_weights(pipe) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.clone()
+        for name in ("text_encoder", "text_encoder_2")
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
+
+
+def test_teacher_trains_its_text_encoders_unless_told_not_to(smoke_teacher, tmp_path):
+    cfg = train_teacher.parse_args(["--out", "unused", "--smoke"])
+    untrained = _text_encoder_weights(train_teacher.build_teacher(cfg, tmp_path / "work"))
+    trained = load_pipeline(str(smoke_teacher))
+    assert trained.text_encoder_2.config.d_model == cfg.t5_dim == trained.transformer.config.joint_attention_dim
+    assert trained.text_encoder_2.config.relative_attention_num_buckets == 32
+    changed = {k for k, v in _text_encoder_weights(trained).items() if not torch.equal(v, untrained[k])}
+    assert any(k.startswith("text_encoder.") for k in changed) and any(k.startswith("text_encoder_2.") for k in changed)
+
+    frozen_out = tmp_path / "frozen"
+    assert train_teacher.main(["--out", str(frozen_out), "--smoke", "--steps", "2", "--no-train-text-encoders"]) == 0
+    frozen = _text_encoder_weights(load_pipeline(str(frozen_out)))
+    assert all(torch.equal(v, untrained[k]) for k, v in frozen.items())
+    assert json.loads((frozen_out / "training" / "config.json").read_text())["train_text_encoders"] is False
+
+
+def test_teacher_embeds_token_ids_as_the_pipeline_encodes_prompts(smoke_teacher):
+    pipe = load_pipeline(str(smoke_teacher))
+    captions = ["a small cyan star at the center on a plain black background", ""]
+    embeds, pooled = train_teacher.embed_ids(pipe, *train_teacher.tokenize_captions(pipe, captions))
+    with torch.no_grad():
+        expected, expected_pooled, _ = pipe.encode_prompt(captions, max_sequence_length=train_teacher.T5_LENGTH)
+    torch.testing.assert_close(embeds, expected)  # fp32 tolerance: autograd-enabled kernels may differ in ulps
+    torch.testing.assert_close(pooled, expected_pooled)
+
+
 def test_teacher_rejects_bad_settings(tmp_path, capsys):
     assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--resolution", "72"]) == 2
     assert "multiple of 16" in capsys.readouterr().err

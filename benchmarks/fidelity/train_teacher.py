@@ -6,15 +6,19 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
 --model DIR``); what training leaves besides (config, loss log, held-out evaluation, sample grid) goes to
 ``DIR/training/``. The recipe, within one time budget (``--minutes``, default 65 minutes on 2 CPU cores):
 
-1. Tokenizers trained on the world's vocabulary with the tiny pipeline's helpers (:mod:`pipelines.tiny`), and
-   its CLIP and T5 text encoders **frozen at their seeded random initialisation**. A random encoder still maps
-   different captions to different embedding sequences (token identity and order survive its residual
-   layers), the transformer's context embedder learns to read them, and frozen encoders let the embeddings be
-   computed once: training them jointly would cost more per step than the transformer itself.
+1. Tokenizers trained on the world's vocabulary with the tiny pipeline's helpers (:mod:`pipelines.tiny`), its
+   CLIP text encoder, and a T5 encoder of the teacher's own size (``--t5-dim``, ``--t5-layers``; 32 relative
+   position buckets, so that offsets up to 8 tokens are told apart). Both are **trained jointly** with the
+   transformer (``--no-train-text-encoders`` freezes them at their seeded random initialisation). They must
+   be: FLUX gives text tokens no position of their own (``txt_ids`` are zeros, so joint attention treats
+   the text as a set), so which colour goes with which shape or with the background can only come from the
+   T5 encoder's context mixing, and a random T5 hardly mixes (the output for "red" changes by 4% between
+   "a red circle on a blue background" and "a blue circle on a red background"). Teachers trained on frozen
+   random encoders drew their captions' colours in the wrong places.
 2. An ``AutoencoderKL`` with the tiny pipeline's config (16 latent channels, scale factor 8), trained on random
    crops of rendered scenes (MSE + a small KL term) for ``--vae-share`` of the budget; its ``shift_factor`` and
    ``scaling_factor`` are then set from the latent statistics of the training scenes, as FLUX's are.
-3. Latent distributions and text embeddings of the training scenes cached once.
+3. Latent distributions and token ids of the training scenes cached once.
 4. A ``FluxTransformer2DModel`` (the tiny config with more layers and no guidance embedding: the teacher is
    not guidance-distilled) trained from scratch with the rectified-flow loss of diffusers' FLUX training
    script (timesteps from ``compute_density_for_timestep_sampling``, weights from
@@ -93,6 +97,9 @@ class TeacherConfig:
     layers: int = 2
     single_layers: int = 4
     heads: int = 2
+    train_text_encoders: bool = True
+    t5_dim: int = 64
+    t5_layers: int = 3
     eval_scenes: int = 64
     eval_steps: int = 20
     overwrite: bool = False
@@ -111,6 +118,8 @@ SMOKE = dict(
     warmup=1,
     layers=1,
     single_layers=1,
+    t5_dim=16,
+    t5_layers=1,
     eval_scenes=2,
     eval_steps=2,
 )
@@ -237,33 +246,45 @@ def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log:
     return steps
 
 
+def tokenize_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP ids ``(n, tokenizer_max_length)`` and T5 ids ``(n, T5_LENGTH)``, padded as FluxPipeline pads them."""
+    clip = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True)
+    t5 = pipe.tokenizer_2(captions, padding="max_length", max_length=T5_LENGTH, truncation=True)
+    return torch.tensor(clip.input_ids), torch.tensor(t5.input_ids)
+
+
+def embed_ids(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 embeddings ``(n, T5_LENGTH, joint_attention_dim)`` and pooled CLIP ``(n, pooled_projection_dim)`` of
+    token ids from :func:`tokenize_captions`: what ``pipe.encode_prompt`` computes, with gradients."""
+    pooled = pipe.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+    return pipe.text_encoder_2(t5_ids, output_hidden_states=False)[0], pooled
+
+
 @torch.no_grad()
 def encode_scenes(pipe, scenes: list[Scene], resolution: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Cache of the training set: latent mean/std ``(n, 16, r/8, r/8)`` (raw, unnormalised), T5 embeddings
-    ``(n, T5_LENGTH, joint_attention_dim)`` and pooled CLIP embeddings ``(n, pooled_projection_dim)``, and
-    those of the empty caption (``empty_embeds``, ``empty_pooled``: batch 1) for caption dropout."""
-    means, stds, embeds, pooled = [], [], [], []
+    """Cache of the training set: latent mean/std ``(n, 16, r/8, r/8)`` (raw, unnormalised), the captions' token
+    ids (``clip_ids``, ``t5_ids``) and those of the empty caption (``empty_clip_ids``, ``empty_t5_ids``: batch 1)
+    for caption dropout."""
+    means, stds = [], []
     for start in tqdm(range(0, len(scenes), batch_size), desc="encode", unit="batch"):
-        chunk = scenes[start : start + batch_size]
-        posterior = pipe.vae.encode(_render_batch(chunk, resolution)).latent_dist
+        posterior = pipe.vae.encode(_render_batch(scenes[start : start + batch_size], resolution)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
-        prompt_embeds, pooled_embeds, _ = pipe.encode_prompt([s.caption for s in chunk], max_sequence_length=T5_LENGTH)
-        embeds.append(prompt_embeds)
-        pooled.append(pooled_embeds)
-    empty_embeds, empty_pooled, _ = pipe.encode_prompt([""], max_sequence_length=T5_LENGTH)
+    clip_ids, t5_ids = tokenize_captions(pipe, [s.caption for s in scenes])
+    empty_clip_ids, empty_t5_ids = tokenize_captions(pipe, [""])
     return {
         "mean": torch.cat(means),
         "std": torch.cat(stds),
-        "embeds": torch.cat(embeds),
-        "pooled": torch.cat(pooled),
-        "empty_embeds": empty_embeds,
-        "empty_pooled": empty_pooled,
+        "clip_ids": clip_ids,
+        "t5_ids": t5_ids,
+        "empty_clip_ids": empty_clip_ids,
+        "empty_t5_ids": empty_t5_ids,
     }
 
 
 def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, seconds: float, log: Path) -> int:
-    """Train ``pipe.transformer`` from scratch with the rectified-flow loss; leaves the EMA weights in it."""
+    """Train ``pipe.transformer`` from scratch with the rectified-flow loss, and the text encoders with it if
+    ``cfg.train_text_encoders``; leaves the EMA weights in them."""
     from diffusers import FluxPipeline
     from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -275,10 +296,14 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
     img_ids = FluxPipeline._prepare_latent_image_ids(cfg.batch_size, height // 2, width // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(T5_LENGTH, 3)
     phase = _Phase("transformer", cfg.steps, seconds, log)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    trained = [transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoders else [])
+    parameters = [p for module in trained for p in module.parameters()]
+    for module in trained:
+        module.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, phase.total))
-    ema = EMAModel(transformer.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
-    transformer.train()
+    ema = EMAModel(parameters, decay=cfg.ema_decay, use_ema_warmup=True)
+    transformer.train()  # the text encoders stay in eval mode: their dropout would only add noise
 
     def step(_: int) -> dict:
         index = torch.randint(n, (cfg.batch_size,), generator=generator)
@@ -293,8 +318,9 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
         sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1)
         noisy = (1 - sigmas) * latents + sigmas * noise
         drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
-        pooled = torch.where(drop[:, None], cache["empty_pooled"], cache["pooled"][index])
-        embeds = torch.where(drop[:, None, None], cache["empty_embeds"], cache["embeds"][index])
+        clip_ids = torch.where(drop[:, None], cache["empty_clip_ids"], cache["clip_ids"][index])
+        t5_ids = torch.where(drop[:, None], cache["empty_t5_ids"], cache["t5_ids"][index])
+        embeds, pooled = embed_ids(pipe, clip_ids, t5_ids)
         pred = transformer(
             hidden_states=FluxPipeline._pack_latents(noisy, cfg.batch_size, channels, height, width),
             timestep=timesteps / 1000,
@@ -310,15 +336,16 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
         loss = (weighting * (pred - target) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        ema.step(transformer.parameters())
+        ema.step(parameters)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
 
     steps = phase.run(step)
-    ema.copy_to(transformer.parameters())
-    transformer.eval()
+    ema.copy_to(parameters)
+    for module in trained:
+        module.requires_grad_(False).eval()
     return steps
 
 
@@ -326,7 +353,15 @@ def build_teacher(cfg: TeacherConfig, work_dir: Path):
     """The untrained teacher pipeline: world tokenizers, frozen random text encoders, new VAE and transformer."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    pipe = build_tiny_pipeline(work_dir, corpus=world_corpus())
+    t5_config = dict(
+        d_model=cfg.t5_dim,
+        d_kv=cfg.t5_dim // 2,
+        d_ff=2 * cfg.t5_dim,
+        num_layers=cfg.t5_layers,
+        relative_attention_num_buckets=32,  # 16 a direction: offsets 0-7 exact, then log-spaced up to T5_LENGTH
+        relative_attention_max_distance=T5_LENGTH,
+    )
+    pipe = build_tiny_pipeline(work_dir, corpus=world_corpus(), t5_config=t5_config)
     pipe.tokenizer_2.model_max_length = T5_LENGTH  # read back by pipelines.loading.default_max_sequence_length
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -339,12 +374,13 @@ def build_teacher(cfg: TeacherConfig, work_dir: Path):
                     num_layers=cfg.layers,
                     num_single_layers=cfg.single_layers,
                     num_attention_heads=cfg.heads,
+                    joint_attention_dim=cfg.t5_dim,
                     guidance_embeds=False,
                 )
             )
         )
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        encoder.requires_grad_(False).eval()  # built in train mode: dropout would perturb the cached embeddings
+        encoder.requires_grad_(False).eval()  # built in train mode: dropout would perturb the embeddings
     return pipe
 
 
@@ -443,7 +479,9 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
             continue
         value = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, tuple):
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {value}")
+        elif isinstance(value, tuple):
             parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {' '.join(map(str, value))}")
         else:
             kind = float if isinstance(value, float) else str if isinstance(value, str) else int
