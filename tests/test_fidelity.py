@@ -93,6 +93,28 @@ def test_teacher_embeds_token_ids_as_the_pipeline_encodes_prompts(smoke_teacher)
     torch.testing.assert_close(pooled, expected_pooled)
 
 
+def test_teacher_goes_on_training_from_a_previous_one(smoke_teacher, tmp_path, capsys):
+    out = tmp_path / "continued"
+    assert train_teacher.main(["--out", str(out), "--smoke", "--steps", "2", "--init-from", str(smoke_teacher)]) == 0
+    config = json.loads((out / "training" / "config.json").read_text())
+    assert config["init_from"] == str(smoke_teacher) and config["vae_steps"] == 0 and config["steps"] == 2
+    phases = [json.loads(line)["phase"] for line in (out / "training" / "log.jsonl").read_text().splitlines()]
+    assert phases == ["transformer"]
+    before, after = load_pipeline(str(smoke_teacher)), load_pipeline(str(out))
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    vae_before = before.vae.state_dict()
+    assert all(torch.equal(value, vae_before[key]) for key, value in after.vae.state_dict().items())
+    transformer_before = before.transformer.state_dict()
+    assert not all(torch.equal(value, transformer_before[key]) for key, value in after.transformer.state_dict().items())
+
+    assert train_teacher.main(["--out", str(out), "--smoke", "--overwrite", "--init-from", str(out)]) == 2
+    err = capsys.readouterr().err  # after the progress bars of the loads above
+    assert err.endswith("\nerror: --init-from must be another folder than --out (--out is emptied first)\n")
+    assert (out / "model_index.json").is_file()  # refused before anything was deleted
+    assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--init-from", str(tmp_path / "nope")]) == 2
+    assert "is not a pipeline folder (no model_index.json)" in capsys.readouterr().err
+
+
 def test_teacher_rejects_bad_settings(tmp_path, capsys):
     assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--resolution", "72"]) == 2
     assert "multiple of 16" in capsys.readouterr().err

@@ -31,6 +31,9 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
    scenes (with ``--cfg-scale``): the scene checker's adherence and the VAE's reconstruction quality go to
    ``training/eval.json``.
 
+``--init-from DIR`` trains the teacher in ``DIR`` further (its VAE, text encoders and transformer; no VAE phase,
+the whole budget for step 4) into ``--out``.
+
 Without ``--steps``/``--vae-steps`` each phase runs as many steps as fit in its share of the budget, measured
 on its first steps; the counts are recorded in ``training/config.json`` so that a run can be repeated exactly.
 """
@@ -92,6 +95,7 @@ class TeacherConfig:
     warmup: int = 100
     ema_decay: float = 0.999
     weighting_scheme: str = "none"  # uniform timesteps (module docstring); "logit_normal" as FLUX's script
+    logit_mean: float = 0.0  # of "logit_normal": > 0 draws more high-noise timesteps
     caption_dropout: float = 0.1
     cfg_scale: float = 4.0  # true classifier-free guidance of the evaluation samples (1: none)
     layers: int = 2
@@ -102,6 +106,7 @@ class TeacherConfig:
     t5_layers: int = 3
     eval_scenes: int = 64
     eval_steps: int = 20
+    init_from: str | None = None  # a teacher folder to go on training (its VAE kept, no VAE phase)
     overwrite: bool = False
 
 
@@ -311,7 +316,12 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
         latents = (cache["mean"][index] + cache["std"][index] * eps - shift) * scale
         noise = torch.randn(latents.shape, generator=generator)
         u = compute_density_for_timestep_sampling(
-            cfg.weighting_scheme, cfg.batch_size, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=generator
+            cfg.weighting_scheme,
+            cfg.batch_size,
+            logit_mean=cfg.logit_mean,
+            logit_std=1.0,
+            mode_scale=1.29,
+            generator=generator,
         )
         indices = (u * scheduler.config.num_train_timesteps).long()
         timesteps = scheduler.timesteps[indices]
@@ -350,7 +360,8 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
 
 
 def build_teacher(cfg: TeacherConfig, work_dir: Path):
-    """The untrained teacher pipeline: world tokenizers, frozen random text encoders, new VAE and transformer."""
+    """The untrained teacher pipeline: world tokenizers, seeded random text encoders (frozen until
+    :func:`train_transformer` trains them), new VAE and transformer."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     t5_config = dict(
@@ -381,6 +392,20 @@ def build_teacher(cfg: TeacherConfig, work_dir: Path):
         )
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         encoder.requires_grad_(False).eval()  # built in train mode: dropout would perturb the embeddings
+    return pipe
+
+
+def _continued_teacher(cfg: TeacherConfig):
+    """The teacher in ``cfg.init_from``, to be trained further; ``cfg``'s model sizes are set to its own."""
+    from pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(cfg.init_from)
+    if pipe.transformer.config.guidance_embeds or pipe.tokenizer_2.model_max_length != T5_LENGTH:
+        raise ValueError(f"--init-from {cfg.init_from} is not a fidelity teacher (train_teacher's output)")
+    model, t5 = pipe.transformer.config, pipe.text_encoder_2.config
+    cfg.layers, cfg.single_layers, cfg.heads = model.num_layers, model.num_single_layers, model.num_attention_heads
+    cfg.t5_dim, cfg.t5_layers, cfg.vae_steps = t5.d_model, t5.num_layers, 0
+    cfg.vae_channels = tuple(pipe.vae.config.block_out_channels)
     return pipe
 
 
@@ -433,6 +458,11 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if cfg.cfg_scale < 1:
         raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), got {cfg.cfg_scale}")
     out = Path(cfg.out)
+    if cfg.init_from is not None:
+        if not (Path(cfg.init_from) / "model_index.json").is_file():
+            raise FileNotFoundError(f"--init-from {cfg.init_from} is not a pipeline folder (no model_index.json)")
+        if Path(cfg.init_from).resolve() == out.resolve():
+            raise ValueError("--init-from must be another folder than --out (--out is emptied first)")
     _prepare_out(out, cfg.overwrite)
     (out / "training").mkdir()
     log = out / "training" / "log.jsonl"
@@ -440,14 +470,16 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     start = time.perf_counter()
     scenes = sample_scenes(cfg.num_scenes, cfg.seed, cfg.max_shapes)
     with tempfile.TemporaryDirectory() as work_dir:
-        pipe = build_teacher(cfg, Path(work_dir))
+        pipe = build_teacher(cfg, Path(work_dir)) if cfg.init_from is None else _continued_teacher(cfg)
         _check_captions(pipe, scenes + held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes))
-        cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
-
+        if cfg.init_from is None:
+            cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
         cache = encode_scenes(pipe, scenes, cfg.resolution)
-        shift = cache["mean"].mean().item()
-        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / (cache["mean"] - shift).std().item())
-        logger.info("latent shift %.4f, scale %.4f", shift, pipe.vae.config.scaling_factor)
+        if cfg.init_from is None:
+            shift = cache["mean"].mean().item()
+            scale = 1.0 / (cache["mean"] - shift).std().item()
+            pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+            logger.info("latent shift %.4f, scale %.4f", shift, scale)
 
         seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
         cfg.steps = train_transformer(pipe, cache, cfg, seconds, log)
@@ -475,7 +507,7 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
     parser.add_argument("--out", required=True, help="pipeline folder to write")
     parser.add_argument("--smoke", action="store_true", help="toy sizes and a few steps: checks the code paths")
     for field in dataclasses.fields(TeacherConfig):
-        if field.name in ("out", "overwrite"):
+        if field.name in ("out", "overwrite", "init_from"):
             continue
         value = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
@@ -486,11 +518,15 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
         else:
             kind = float if isinstance(value, float) else str if isinstance(value, str) else int
             parser.add_argument(flag, type=kind, default=None, help=f"default {value}")
+    parser.add_argument(
+        "--init-from", help="a teacher folder to go on training (VAE and sizes kept, no VAE phase; default: new)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a previous teacher in --out")
     args = parser.parse_args(argv)
     settings = SMOKE.copy() if args.smoke else {}
-    settings |= {k: v for k, v in vars(args).items() if v is not None and k not in ("smoke", "out", "overwrite")}
-    return TeacherConfig(out=args.out, overwrite=args.overwrite, **settings)
+    skip = ("smoke", "out", "overwrite", "init_from")
+    settings |= {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    return TeacherConfig(out=args.out, overwrite=args.overwrite, init_from=args.init_from, **settings)
 
 
 def main(argv: list[str] | None = None) -> int:
