@@ -8,7 +8,7 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
 
 1. Tokenizers trained on the world's vocabulary with the tiny pipeline's helpers (:mod:`pipelines.tiny`), its
    CLIP text encoder, and a T5 encoder of the teacher's own size (``--t5-dim``, ``--t5-layers``; 32 relative
-   position buckets, so that offsets up to 8 tokens are told apart). Both are **trained jointly** with the
+   position buckets, so that offsets of 0-7 tokens are told apart). Both are **trained jointly** with the
    transformer (``--no-train-text-encoders`` freezes them at their seeded random initialisation). They must
    be: FLUX gives text tokens no position of their own (``txt_ids`` are zeros, so joint attention treats
    the text as a set), so which colour goes with which shape or with the background can only come from the
