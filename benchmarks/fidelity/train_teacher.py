@@ -303,8 +303,9 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
     phase = _Phase("transformer", cfg.steps, seconds, log)
     trained = [transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoders else [])
     parameters = [p for module in trained for p in module.parameters()]
-    for module in trained:
-        module.requires_grad_(True)
+    transformer.requires_grad_(True)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):  # loaded ones (--init-from) come with requires_grad
+        encoder.requires_grad_(cfg.train_text_encoders)
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup, phase.total))
     ema = EMAModel(parameters, decay=cfg.ema_decay, use_ema_warmup=True)
