@@ -1,18 +1,27 @@
 """The fidelity benchmark end to end on toy sizes: teacher training (saved and reloaded as a FLUX pipeline),
 the protocol's evaluation and report, and the whole protocol once the distillation CLI exists."""
 
+import dataclasses
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
 import clear_dit
-from benchmarks.fidelity import run, train_teacher
+from benchmarks.fidelity import probe, run, train_teacher
+from benchmarks.fidelity.common import held_out_scenes
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from pipelines.tiny import VAE_CONFIG
+from training.world import Scene, region_box
+
+
+def region_center(region: str) -> tuple[float, float]:
+    x0, y0, x1, y1 = region_box(region)
+    return (x0 + x1) / 2, (y0 + y1) / 2
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +140,51 @@ def test_teacher_rejects_bad_settings(tmp_path, capsys):
         assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, value]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "t").exists()
+
+
+def test_probe_one_step_predictions_span_the_vae_round_trip_to_the_caption_alone(smoke_teacher):
+    pipe = load_pipeline(str(smoke_teacher))
+    scene = held_out_scenes(1)[0]
+    shape = scene.shapes[0]
+    moved = Scene(  # the same caption, the shape elsewhere in its region
+        shapes=(dataclasses.replace(shape, center=region_center(shape.region)), *scene.shapes[1:]),
+        background=scene.background,
+        texture=scene.texture,
+    )
+    assert moved.caption == scene.caption and moved != scene
+    predictions = probe.one_step_predictions(pipe, [scene, moved], [0.0, 1.0], resolution=64)
+    with torch.no_grad():
+        round_trip = pipe.vae.decode(pipe.vae.encode(train_teacher.render_batch([scene], 64)).latent_dist.mean).sample
+    expected = np.asarray(pipe.image_processor.postprocess(round_trip.clamp(-1, 1))[0], dtype=int)
+    assert np.abs(np.asarray(predictions[0.0][0], dtype=int) - expected).max() <= 1  # sigma 0: the image itself
+    # sigma 1: pure noise, the prediction reads the caption only
+    assert np.array_equal(np.asarray(predictions[1.0][0]), np.asarray(predictions[1.0][1]))
+    assert not np.array_equal(np.asarray(predictions[0.0][0]), np.asarray(predictions[0.0][1]))
+    with pytest.raises(ValueError, match=r"sigmas must lie in \[0, 1\], got \[1.5\]"):
+        probe.one_step_predictions(pipe, [scene], [1.5], resolution=64)
+
+
+def test_probe_cli_reports_both_probes(smoke_teacher, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    argv = ["--teacher", str(smoke_teacher), "--scenes", "2", "--sigmas", "0", "1", "--steps", "2"]
+    assert probe.main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["sigma"] for r in result["one_step"]] == [0.0, 1.0]
+    assert all(0 <= r["shapes_found"] <= 1 and 0 <= r["background_ok"] <= 1 for r in result["one_step"])
+    swap = result["swap"]
+    assert swap["pairs"] == 2 and swap["steps"] == 2 and swap["cfg_scale"] == train_teacher.TeacherConfig.cfg_scale
+    assert sum(swap["background_follows"].values()) == pytest.approx(1)
+    assert all(v * 2 == int(v * 2) for v in swap["background_follows"].values())  # shares of 2 pairs
+    report = capsys.readouterr().out
+    assert "| sigma | shapes found | background right |" in report and "Encoder swap (2 pairs" in report
+
+    assert probe.main(["--teacher", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} is not a fidelity teacher (no training/config.json)\n"
+    assert probe.main([*argv[:2], "--scenes", "0"]) == 2
+    assert capsys.readouterr().err == "error: --scenes must be at least 1, got 0\n"
+    with pytest.raises(ValueError, match="pair 0 has one background"):
+        a = held_out_scenes(1)[0]
+        probe.encoder_swap(load_pipeline(str(smoke_teacher)), [(a, a)], 64, 1, 1.0)
 
 
 def test_vae_crops_stay_inside_and_half_of_them_hold_a_shape():

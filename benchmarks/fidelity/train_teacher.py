@@ -196,7 +196,8 @@ class _Phase:
         return i
 
 
-def _render_batch(scenes: list[Scene], resolution: int) -> torch.Tensor:
+def render_batch(scenes: list[Scene], resolution: int) -> torch.Tensor:
+    """Scenes rendered as ``(n, 3, resolution, resolution)`` float32 in [-1, 1], as the VAE takes them."""
     return _images_to_tensor([render(scene, resolution) for scene in scenes])
 
 
@@ -226,7 +227,7 @@ def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log:
     def step(_: int) -> dict:
         index = torch.randint(len(scenes), (cfg.vae_batch_size,), generator=generator).tolist()
         batch_scenes = [scenes[i] for i in index]
-        images = _render_batch(batch_scenes, cfg.resolution)
+        images = render_batch(batch_scenes, cfg.resolution)
         corners = [_crop_corner(scene, cfg.resolution, cfg.vae_crop, generator) for scene in batch_scenes]
         batch = torch.stack(
             [
@@ -272,7 +273,7 @@ def encode_scenes(pipe, scenes: list[Scene], resolution: int, batch_size: int = 
     for caption dropout."""
     means, stds = [], []
     for start in tqdm(range(0, len(scenes), batch_size), desc="encode", unit="batch"):
-        posterior = pipe.vae.encode(_render_batch(scenes[start : start + batch_size], resolution)).latent_dist
+        posterior = pipe.vae.encode(render_batch(scenes[start : start + batch_size], resolution)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     clip_ids, t5_ids = tokenize_captions(pipe, [s.caption for s in scenes])
@@ -287,6 +288,29 @@ def encode_scenes(pipe, scenes: list[Scene], resolution: int, batch_size: int = 
     }
 
 
+def predict_velocity(
+    transformer, latents: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
+) -> torch.Tensor:
+    """The flow ``noise - clean`` that the teacher predicts, as FluxPipeline calls its transformer (no guidance
+    embedding, text tokens at position 0): packed ``(b, h*w/4, 4c)`` for normalised latents ``(b, c, h, w)`` at
+    noise levels ``sigmas`` ``(b,)`` (the transformer's timestep), T5 ``embeds`` ``(b, T5_LENGTH, dim)`` and
+    pooled CLIP ``(b, pooled_dim)``."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    return transformer(
+        hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w),
+        timestep=sigmas,
+        guidance=None,
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=latents.new_zeros(embeds.shape[1], 3),
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+
+
 def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, seconds: float, log: Path) -> int:
     """Train ``pipe.transformer`` from scratch with the rectified-flow loss, and the text encoders with it if
     ``cfg.train_text_encoders``; leaves the EMA weights in them."""
@@ -298,8 +322,6 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     n, channels, height, width = cache["mean"].shape
-    img_ids = FluxPipeline._prepare_latent_image_ids(cfg.batch_size, height // 2, width // 2, "cpu", torch.float32)
-    txt_ids = torch.zeros(T5_LENGTH, 3)
     phase = _Phase("transformer", cfg.steps, seconds, log)
     trained = [transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoders else [])
     parameters = [p for module in trained for p in module.parameters()]
@@ -332,16 +354,7 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
         clip_ids = torch.where(drop[:, None], cache["empty_clip_ids"], cache["clip_ids"][index])
         t5_ids = torch.where(drop[:, None], cache["empty_t5_ids"], cache["t5_ids"][index])
         embeds, pooled = embed_ids(pipe, clip_ids, t5_ids)
-        pred = transformer(
-            hidden_states=FluxPipeline._pack_latents(noisy, cfg.batch_size, channels, height, width),
-            timestep=timesteps / 1000,
-            guidance=None,
-            pooled_projections=pooled,
-            encoder_hidden_states=embeds,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
+        pred = predict_velocity(transformer, noisy, timesteps / 1000, embeds, pooled)
         target = FluxPipeline._pack_latents(noise - latents, cfg.batch_size, channels, height, width)
         weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas).view(-1, 1, 1)
         loss = (weighting * (pred - target) ** 2).mean()

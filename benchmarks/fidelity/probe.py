@@ -1,0 +1,187 @@
+"""Probe a fidelity teacher: at which noise level it decides its shapes, and which text encoder carries what.
+
+    python -m benchmarks.fidelity.probe --teacher DIR [--scenes 16] [--sigmas 0 0.3 0.6 0.8 0.95 1] [--json OUT]
+
+1. **One-step predictions.** Held-out scenes are rendered, encoded with the teacher's VAE, noised to each
+   ``sigma`` (one noise from ``--seed``, the same for every scene) and the teacher's clean-image prediction
+   ``x_sigma - sigma * v`` is decoded: the scene checker's share of shapes found (a component of the stated
+   colour in the stated region) and of backgrounds right, per sigma. Sigma 0 is the VAE's round trip; where
+   the share falls is where the teacher must draw the shapes from its caption instead of from the noisy image.
+2. **Encoder swap.** Pairs of held-out captions with different backgrounds are sampled as the teacher's
+   evaluation samples them (``--steps``, true CFG ``--cfg-scale`` against the empty prompt), but with the T5
+   embeddings of the first caption and the pooled CLIP embedding of the second: the share of samples whose
+   background is the first caption's (read through T5 attention), the second's (read through the pooled
+   vector's global modulation) or neither.
+
+Prints both tables; ``--json`` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.fidelity.checker import check_scene
+from benchmarks.fidelity.common import held_out_scenes
+from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
+from training.world import Scene
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["encoder_swap", "one_step_predictions"]
+
+
+@torch.no_grad()
+def one_step_predictions(
+    pipe, scenes: list[Scene], sigmas: list[float], resolution: int, seed: int = 0
+) -> dict[float, list[Image.Image]]:
+    """The teacher's decoded clean-image prediction for every scene noised to every sigma in ``[0, 1]``."""
+    if not all(0 <= s <= 1 for s in sigmas):
+        raise ValueError(f"sigmas must lie in [0, 1], got {sigmas}")
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    latents = (pipe.vae.encode(render_batch(scenes, resolution)).latent_dist.mean - shift) * scale
+    noise = torch.randn(latents[:1].shape, generator=torch.Generator().manual_seed(seed))  # one for all scenes
+    embeds, pooled = embed_ids(pipe, *tokenize_captions(pipe, [s.caption for s in scenes]))
+    predictions = {}
+    for sigma in sigmas:
+        noisy = (1 - sigma) * latents + sigma * noise
+        levels = torch.full((len(scenes),), float(sigma))
+        flow = predict_velocity(pipe.transformer, noisy, levels, embeds, pooled)
+        clean = noisy - sigma * pipe._unpack_latents(flow, resolution, resolution, pipe.vae_scale_factor)
+        decoded = pipe.vae.decode(clean / scale + shift).sample.clamp(-1, 1)
+        predictions[sigma] = pipe.image_processor.postprocess(decoded)
+    return predictions
+
+
+@torch.no_grad()
+def encoder_swap(
+    pipe, pairs: list[tuple[Scene, Scene]], resolution: int, steps: int, cfg_scale: float, seed: int = 0
+) -> list[str]:
+    """Per pair ``(a, b)``: ``"t5"`` if the sample drawn with T5 of ``a`` and pooled CLIP of ``b`` has ``a``'s
+    background, ``"clip"`` if ``b``'s, ``"neither"`` otherwise."""
+    verdicts = []
+    empty_embeds, empty_pooled = embed_ids(pipe, *tokenize_captions(pipe, [""]))
+    guidance = (
+        {"negative_prompt_embeds": empty_embeds, "negative_pooled_prompt_embeds": empty_pooled} if cfg_scale > 1 else {}
+    )
+    for index, (a, b) in enumerate(pairs):
+        if a.background == b.background:
+            raise ValueError(f"pair {index} has one background ({a.background}) for both captions")
+        embeds, pooled = embed_ids(pipe, *tokenize_captions(pipe, [a.caption, b.caption]))
+        image = pipe(
+            prompt_embeds=embeds[:1],
+            pooled_prompt_embeds=pooled[1:],
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed + index),
+            max_sequence_length=T5_LENGTH,
+            true_cfg_scale=cfg_scale,
+            **guidance,
+        ).images[0]
+        seen = check_scene(image, a).background
+        verdicts.append("t5" if seen == a.background else "clip" if seen == b.background else "neither")
+    return verdicts
+
+
+def swap_pairs(scenes: list[Scene]) -> list[tuple[Scene, Scene]]:
+    """Consecutive scenes paired, skipping pairs that share a background."""
+    return [(a, b) for a, b in zip(scenes[::2], scenes[1::2], strict=False) if a.background != b.background]
+
+
+def probe(
+    teacher: str, scenes: int, sigmas: list[float], steps: int | None, cfg_scale: float | None, seed: int
+) -> dict:
+    """Both probes on ``scenes`` held-out scenes (and the pairs among ``2 * scenes``); settings the teacher was
+    trained and evaluated with (``training/config.json``) unless given."""
+    from pipelines.loading import load_pipeline
+
+    config_file = Path(teacher) / "training" / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{teacher} is not a fidelity teacher (no training/config.json)")
+    config = json.loads(config_file.read_text())
+    resolution, max_shapes = config["resolution"], config["max_shapes"]
+    steps = steps or config["eval_steps"]
+    cfg_scale = config["cfg_scale"] if cfg_scale is None else cfg_scale
+    pipe = load_pipeline(teacher)
+    pipe.set_progress_bar_config(disable=True)
+    held_out = held_out_scenes(2 * scenes, config["seed"], max_shapes)
+    rows = []
+    probed = held_out[:scenes]
+    for sigma, images in one_step_predictions(pipe, probed, sigmas, resolution, seed).items():
+        checks = [check_scene(image, scene) for image, scene in zip(images, probed, strict=True)]
+        found = float(np.mean([s.found for c in checks for s in c.shapes]))
+        rows.append(
+            {"sigma": sigma, "shapes_found": found, "background_ok": float(np.mean([c.background_ok for c in checks]))}
+        )
+    pairs = swap_pairs(held_out)
+    if not pairs:
+        raise ValueError(f"no pair of the {2 * scenes} held-out scenes has two backgrounds; raise --scenes")
+    verdicts = encoder_swap(pipe, pairs, resolution, steps, cfg_scale, seed)
+    swap = {k: verdicts.count(k) / len(verdicts) for k in ("t5", "clip", "neither")}
+    return {
+        "teacher": teacher,
+        "scenes": scenes,
+        "seed": seed,
+        "one_step": rows,
+        "swap": {"pairs": len(verdicts), "steps": steps, "cfg_scale": cfg_scale, "background_follows": swap},
+    }
+
+
+def format_report(result: dict) -> str:
+    lines = [
+        f"One-step clean-image predictions of {result['teacher']} ({result['scenes']} held-out scenes):",
+        "",
+        "| sigma | shapes found | background right |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['sigma']:g} | {r['shapes_found']:.0%} | {r['background_ok']:.0%} |" for r in result["one_step"]]
+    swap = result["swap"]
+    follows = swap["background_follows"]
+    lines += [
+        "",
+        f"Encoder swap ({swap['pairs']} pairs, {swap['steps']} steps, CFG {swap['cfg_scale']:g}): the background "
+        f"follows T5 {follows['t5']:.0%}, pooled CLIP {follows['clip']:.0%}, neither {follows['neither']:.0%}",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity.probe", description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="teacher folder (benchmarks.fidelity.train_teacher's output)")
+    parser.add_argument("--scenes", type=int, default=16, help="held-out scenes (default 16; pairs among twice that)")
+    parser.add_argument(
+        "--sigmas", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.8, 0.95, 1.0], help="noise levels in [0, 1]"
+    )
+    parser.add_argument("--steps", type=int, help="sampling steps of the swap (default: the teacher's evaluation)")
+    parser.add_argument("--cfg-scale", type=float, help="true CFG of the swap (default: the teacher's evaluation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        if args.scenes < 1:
+            raise ValueError(f"--scenes must be at least 1, got {args.scenes}")
+        result = probe(args.teacher, args.scenes, args.sigmas, args.steps, args.cfg_scale, args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
