@@ -33,9 +33,7 @@ from benchmarks.fidelity.common import held_out_scenes
 from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
 from training.world import Scene
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["encoder_swap", "one_step_predictions"]
+__all__ = ["encoder_swap", "one_step_predictions", "probe", "swap_pairs"]
 
 
 @torch.no_grad()
@@ -108,7 +106,7 @@ def probe(
         raise FileNotFoundError(f"{teacher} is not a fidelity teacher (no training/config.json)")
     config = json.loads(config_file.read_text())
     resolution, max_shapes = config["resolution"], config["max_shapes"]
-    steps = steps or config["eval_steps"]
+    steps = config["eval_steps"] if steps is None else steps
     cfg_scale = config["cfg_scale"] if cfg_scale is None else cfg_scale
     pipe = load_pipeline(teacher)
     pipe.set_progress_bar_config(disable=True)
