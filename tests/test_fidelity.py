@@ -182,6 +182,8 @@ def test_probe_cli_reports_both_probes(smoke_teacher, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path} is not a fidelity teacher (no training/config.json)\n"
     assert probe.main([*argv[:2], "--scenes", "0"]) == 2
     assert capsys.readouterr().err == "error: --scenes must be at least 1, got 0\n"
+    assert probe.main([*argv[:2], "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "error: --steps must be at least 1, got 0\n"
     with pytest.raises(ValueError, match="pair 0 has one background"):
         a = held_out_scenes(1)[0]
         probe.encoder_swap(load_pipeline(str(smoke_teacher)), [(a, a)], 64, 1, 1.0)

@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scenes < 1:
             raise ValueError(f"--scenes must be at least 1, got {args.scenes}")
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
         result = probe(args.teacher, args.scenes, args.sigmas, args.steps, args.cfg_scale, args.seed)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
