@@ -156,7 +156,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher", required=True, help="teacher folder (benchmarks.fidelity.train_teacher's output)")
     parser.add_argument("--scenes", type=int, default=16, help="held-out scenes (default 16; pairs among twice that)")
     parser.add_argument(
-        "--sigmas", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.8, 0.95, 1.0], help="noise levels in [0, 1]"
+        "--sigmas",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.3, 0.6, 0.8, 0.95, 1.0],
+        help="noise levels in [0, 1] (default 0 0.3 0.6 0.8 0.95 1)",
     )
     parser.add_argument("--steps", type=int, help="sampling steps of the swap (default: the teacher's evaluation)")
     parser.add_argument("--cfg-scale", type=float, help="true CFG of the swap (default: the teacher's evaluation)")
