@@ -16,12 +16,7 @@ from benchmarks.fidelity import probe, run, train_teacher
 from benchmarks.fidelity.common import held_out_scenes
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from pipelines.tiny import VAE_CONFIG
-from training.world import Scene, region_box
-
-
-def region_center(region: str) -> tuple[float, float]:
-    x0, y0, x1, y1 = region_box(region)
-    return (x0 + x1) / 2, (y0 + y1) / 2
+from training.world import Scene, region_center
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ __all__ = [
     "Scene",
     "Shape",
     "region_box",
+    "region_center",
     "render",
     "sample_scene",
     "sample_scenes",
@@ -160,6 +161,12 @@ def region_box(region: str) -> tuple[float, float, float, float]:
     return col / 3, row / 3, (col + 1) / 3, (row + 1) / 3
 
 
+def region_center(region: str) -> tuple[float, float]:
+    """``(x, y)`` of a region's centre in fractions of the image side."""
+    x0, y0, x1, y1 = region_box(region)
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
 def sample_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     """Draw one scene: 1..max_shapes shapes in distinct regions, uniform over every attribute."""
     if not 1 <= max_shapes <= len(REGIONS):
@@ -170,9 +177,8 @@ def sample_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     shapes = []
     for region in rng.sample(REGIONS, rng.randint(1, max_shapes)):
         size = rng.choice(list(SIZES))
-        x0, y0, x1, y1 = region_box(region)
-        slack = 1 / 6 - SIZES[size] - _MARGIN
-        center = ((x0 + x1) / 2 + rng.uniform(-slack, slack), (y0 + y1) / 2 + rng.uniform(-slack, slack))
+        (cx, cy), slack = region_center(region), 1 / 6 - SIZES[size] - _MARGIN
+        center = (cx + rng.uniform(-slack, slack), cy + rng.uniform(-slack, slack))
         kind = rng.choice(KINDS)
         color = rng.choice([c for c in colors if c != background])
         shapes.append(Shape(kind=kind, color=color, region=region, size=size, center=center))
