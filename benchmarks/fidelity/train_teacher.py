@@ -27,6 +27,9 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
    the first sampling steps (sigma >= 0.96), which logit-normal draws for 1.4% of the samples (uniform: 10%),
    and a teacher trained so left them to chance. ``--caption-dropout`` of the captions are replaced by the
    empty one, so that the teacher can be sampled with classifier-free guidance (``true_cfg_scale``).
+   ``--sigma-one-share`` of the samples are drawn at sigma 1 instead, where the caption is all the model sees,
+   and ``--cell-weight`` weighs the loss on the tokens of the 3x3 cells the caption states a shape in: a weight
+   of the caption alone, so the optimum is unchanged (both off by default).
 5. The pipeline saved with ``save_pretrained``, reloaded with ``from_pretrained``, and sampled on held-out
    scenes (with ``--cfg-scale``): the scene checker's adherence and the VAE's reconstruction quality go to
    ``training/eval.json``.
@@ -61,7 +64,7 @@ from benchmarks.fidelity.checker import check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes, image_grid
 from benchmarks.fidelity.metrics import psnr
 from pipelines.tiny import TRANSFORMER_CONFIG, VAE_CONFIG, build_tiny_pipeline
-from training.world import Scene, render, sample_scenes, world_corpus
+from training.world import Scene, region_box, render, sample_scenes, world_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class TeacherConfig:
     ema_decay: float = 0.999
     weighting_scheme: str = "none"  # uniform timesteps (module docstring); "logit_normal" as FLUX's script
     logit_mean: float = 0.0  # of "logit_normal": > 0 draws more high-noise timesteps
+    sigma_one_share: float = 0.0  # of the samples drawn at sigma 1 instead (the caption is all they show)
+    cell_weight: float = 1.0  # loss weight of the tokens in the caption's stated cells, relative to the others
     caption_dropout: float = 0.1
     cfg_scale: float = 4.0  # true classifier-free guidance of the evaluation samples (1: none)
     layers: int = 2
@@ -311,9 +316,29 @@ def predict_velocity(
     )[0]
 
 
-def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, seconds: float, log: Path) -> int:
+def stated_cell_weights(scenes: list[Scene], grid: int, weight: float) -> torch.Tensor:
+    """Loss weights ``(n, grid * grid)`` of the packed tokens (row-major): ``weight`` for a token whose centre
+    lies in a 3x3 cell that the scene's caption states a shape in, 1 elsewhere, scaled to mean 1 per scene.
+    They depend on the caption alone, so the weighted loss has the same minimiser (the conditional mean given
+    the noisy image and the caption); they only move the model's effort towards the regions a caption names."""
+    centres = (torch.arange(grid) + 0.5) / grid
+    weights = torch.ones(len(scenes), grid, grid)
+    for index, scene in enumerate(scenes):
+        for shape in scene.shapes:
+            x0, y0, x1, y1 = region_box(shape.region)
+            rows = (centres >= y0) & (centres < y1)
+            cols = (centres >= x0) & (centres < x1)
+            weights[index][rows[:, None] & cols[None, :]] = weight
+    weights = weights.flatten(1)
+    return weights / weights.mean(dim=1, keepdim=True)
+
+
+def train_transformer(
+    pipe, cache: dict[str, torch.Tensor], cell_weights: torch.Tensor, cfg: TeacherConfig, seconds: float, log: Path
+) -> int:
     """Train ``pipe.transformer`` from scratch with the rectified-flow loss, and the text encoders with it if
-    ``cfg.train_text_encoders``; leaves the EMA weights in them."""
+    ``cfg.train_text_encoders``; leaves the EMA weights in them. ``cell_weights`` ``(n, tokens)``: the loss
+    weights of the cached scenes' tokens (:func:`stated_cell_weights`), for captions not dropped."""
     from diffusers import FluxPipeline
     from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -346,7 +371,9 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
             mode_scale=1.29,
             generator=generator,
         )
-        indices = (u * scheduler.config.num_train_timesteps).long()
+        if cfg.sigma_one_share > 0:  # no extra draw otherwise: recorded runs repeat exactly
+            u = torch.where(torch.rand(cfg.batch_size, generator=generator) < cfg.sigma_one_share, 0.0, u)
+        indices = (u * scheduler.config.num_train_timesteps).long()  # index 0: timestep 1000, sigma 1
         timesteps = scheduler.timesteps[indices]
         sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1)
         noisy = (1 - sigmas) * latents + sigmas * noise
@@ -357,7 +384,8 @@ def train_transformer(pipe, cache: dict[str, torch.Tensor], cfg: TeacherConfig, 
         pred = predict_velocity(transformer, noisy, timesteps / 1000, embeds, pooled)
         target = FluxPipeline._pack_latents(noise - latents, cfg.batch_size, channels, height, width)
         weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas).view(-1, 1, 1)
-        loss = (weighting * (pred - target) ** 2).mean()
+        tokens = torch.where(drop[:, None], 1.0, cell_weights[index])[..., None]
+        loss = (weighting * tokens * (pred - target) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -469,6 +497,10 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         raise ValueError(f"--caption-dropout must be in [0, 1), got {cfg.caption_dropout}")
     if cfg.weighting_scheme not in ("none", "logit_normal", "mode"):
         raise ValueError(f"--weighting-scheme must be none, logit_normal or mode, got {cfg.weighting_scheme!r}")
+    if not 0 <= cfg.sigma_one_share <= 1:
+        raise ValueError(f"--sigma-one-share must be in [0, 1], got {cfg.sigma_one_share}")
+    if cfg.cell_weight <= 0:
+        raise ValueError(f"--cell-weight must be > 0 (1: every token alike), got {cfg.cell_weight}")
     if cfg.cfg_scale < 1:
         raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), got {cfg.cfg_scale}")
     out = Path(cfg.out)
@@ -496,7 +528,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             logger.info("latent shift %.4f, scale %.4f", shift, scale)
 
         seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
-        cfg.steps = train_transformer(pipe, cache, cfg, seconds, log)
+        weights = stated_cell_weights(scenes, cfg.resolution // 16, cfg.cell_weight)
+        cfg.steps = train_transformer(pipe, cache, weights, cfg, seconds, log)
         pipe.save_pretrained(out)
     (out / "training" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     summary = evaluate(out, cfg)
