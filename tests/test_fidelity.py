@@ -16,7 +16,7 @@ from benchmarks.fidelity import probe, run, train_teacher
 from benchmarks.fidelity.common import held_out_scenes
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from pipelines.tiny import VAE_CONFIG
-from training.world import Scene, region_center
+from training.world import PALETTE, REGIONS, Scene, region_center, render
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,8 @@ def test_teacher_rejects_bad_settings(tmp_path, capsys):
         ("--caption-dropout", "1", "--caption-dropout must be in [0, 1), got 1.0"),
         ("--cfg-scale", "0.5", "--cfg-scale must be >= 1 (1: no guidance), got 0.5"),
         ("--weighting-scheme", "cosmap", "--weighting-scheme must be none, logit_normal or mode, got 'cosmap'"),
+        ("--sigma-one-share", "1.5", "--sigma-one-share must be in [0, 1], got 1.5"),
+        ("--cell-weight", "0", "--cell-weight must be > 0 (1: every token alike), got 0.0"),
     ):
         assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, value]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
@@ -159,7 +161,23 @@ def test_probe_one_step_predictions_span_the_vae_round_trip_to_the_caption_alone
         probe.one_step_predictions(pipe, [scene], [1.5], resolution=64)
 
 
-def test_probe_cli_reports_both_probes(smoke_teacher, tmp_path, capsys):
+def test_region_probe_scores_a_render_one_in_its_stated_cell_and_zero_elsewhere():
+    scenes = probe.region_scenes()
+    assert len({s.caption for s in scenes}) == 36 and all(len(s.shapes) == 1 for s in scenes)
+    for scene in scenes[::5]:
+        shift = probe.cell_color_shift(render(scene, 96), scene)
+        stated = REGIONS.index(scene.shapes[0].region)
+        assert shift[stated] == pytest.approx(1, abs=0.02)
+        assert np.abs(np.delete(shift, stated)).max() < 1e-9
+    # the mean of a cell: half of its middle in the shape's colour scores 0.5
+    scene = scenes[0]
+    image = np.zeros((96, 96, 3), dtype=np.uint8)
+    image[:] = PALETTE[scene.background]
+    image[8:24, 8:16] = PALETTE[scene.shapes[0].color]  # top-left cell (0-32 px), left half of its middle
+    assert probe.cell_color_shift(Image.fromarray(image), scene)[0] == pytest.approx(0.5)
+
+
+def test_probe_cli_reports_all_three_probes(smoke_teacher, tmp_path, capsys):
     out = tmp_path / "probe.json"
     argv = ["--teacher", str(smoke_teacher), "--scenes", "2", "--sigmas", "0", "1", "--steps", "2"]
     assert probe.main([*argv, "--json", str(out)]) == 0
@@ -170,8 +188,12 @@ def test_probe_cli_reports_both_probes(smoke_teacher, tmp_path, capsys):
     assert swap["pairs"] == 2 and swap["steps"] == 2 and swap["cfg_scale"] == train_teacher.TeacherConfig.cfg_scale
     assert sum(swap["background_follows"].values()) == pytest.approx(1)
     assert all(v * 2 == int(v * 2) for v in swap["background_follows"].values())  # shares of 2 pairs
+    regions = result["regions"]
+    assert regions["captions"] == 36
+    assert regions["selectivity"] == pytest.approx(regions["stated_cell"] - regions["other_cells"])
     report = capsys.readouterr().out
     assert "| sigma | shapes found | background right |" in report and "Encoder swap (2 pairs" in report
+    assert "Region selectivity at sigma 1 (36 one-shape captions" in report
 
     assert probe.main(["--teacher", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} is not a fidelity teacher (no training/config.json)\n"
@@ -195,6 +217,24 @@ def test_vae_crops_stay_inside_and_half_of_them_hold_a_shape():
         assert 0 <= y <= 192 and 0 <= x <= 192
         holding += any(x <= s.center[0] * 256 < x + 64 and y <= s.center[1] * 256 < y + 64 for s in scene.shapes)
     assert 0.5 < holding / len(scenes) < 0.8  # shape-centred half, plus random crops that happen to hold one
+
+
+def test_stated_cell_weights_mark_the_tokens_of_the_captions_cells():
+    def shape(region):
+        return {"kind": "circle", "color": "red", "region": region, "size": "small", "center": region_center(region)}
+
+    scenes = [Scene((shape("top left"),), "blue"), Scene((shape("center"), shape("bottom right")), "blue")]
+    weights = train_teacher.stated_cell_weights(scenes, 6, 5.0).view(2, 6, 6)  # 3x3 cells of 2x2 tokens
+    stated = torch.zeros(2, 6, 6, dtype=torch.bool)
+    stated[0, :2, :2] = stated[1, 2:4, 2:4] = stated[1, 4:, 4:] = True
+    for index in range(2):
+        inside, outside = weights[index][stated[index]], weights[index][~stated[index]]
+        assert torch.allclose(inside, 5 * outside[0]) and torch.allclose(outside, outside[0])
+    assert torch.allclose(weights.mean(dim=(1, 2)), torch.ones(2))
+    assert torch.equal(train_teacher.stated_cell_weights(scenes, 6, 1.0), torch.ones(2, 36))
+    # 16 tokens do not split into 3 cells: a token belongs to the cell that holds its centre (5 + 6 + 5)
+    top_left = train_teacher.stated_cell_weights(scenes[:1], 16, 2.0).view(16, 16)
+    assert (top_left[:5, :5] > 1).all() and (top_left[5:, :] < 1).all() and (top_left[:, 5:] < 1).all()
 
 
 def test_phase_without_a_step_count_fits_its_time_budget(tmp_path):

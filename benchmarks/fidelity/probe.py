@@ -12,8 +12,13 @@
    embeddings of the first caption and the pooled CLIP embedding of the second: the share of samples whose
    background is the first caption's (read through T5 attention), the second's (read through the pooled
    vector's global modulation) or neither.
+3. **Region selectivity.** One-shape captions (a large circle or square, 4 colourings, in each of the 9 regions)
+   at sigma 1, where the one-step prediction is the teacher's mean image for the caption: how far the centre
+   of each 3x3 cell moves from the background colour to the shape's (0: background, 1: the shape's colour), in
+   the stated cell and in the other eight. A teacher that reads where its caption puts the shape scores about
+   1 and 0; one that paints the shape's colour everywhere or nowhere scores the same in both.
 
-Prints both tables; ``--json`` writes them.
+Prints the three results; ``--json`` writes them.
 """
 
 from __future__ import annotations
@@ -31,9 +36,26 @@ from PIL import Image
 from benchmarks.fidelity.checker import check_scene
 from benchmarks.fidelity.common import held_out_scenes
 from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
-from training.world import Scene
+from training.world import PALETTE, REGIONS, Scene, Shape, region_box, region_center
 
-__all__ = ["encoder_swap", "one_step_predictions", "probe", "swap_pairs"]
+__all__ = [
+    "cell_color_shift",
+    "encoder_swap",
+    "one_step_predictions",
+    "probe",
+    "region_scenes",
+    "region_selectivity",
+    "swap_pairs",
+]
+
+#: (kind, shape colour, background) of the region probe's captions: kinds whose large size covers the middle
+#: half of a cell, and colour pairs far apart.
+_REGION_PROBE = (
+    ("circle", "red", "blue"),
+    ("square", "yellow", "purple"),
+    ("circle", "white", "green"),
+    ("square", "cyan", "black"),
+)
 
 
 @torch.no_grad()
@@ -94,11 +116,62 @@ def swap_pairs(scenes: list[Scene]) -> list[tuple[Scene, Scene]]:
     return [(a, b) for a, b in zip(scenes[::2], scenes[1::2], strict=False) if a.background != b.background]
 
 
+def region_scenes() -> list[Scene]:
+    """The region probe's one-shape scenes: every colouring of :data:`_REGION_PROBE` in every region."""
+    return [
+        Scene((Shape(kind, color, region, "large", region_center(region)),), background)
+        for kind, color, background in _REGION_PROBE
+        for region in REGIONS
+    ]
+
+
+def cell_color_shift(image: Image.Image, scene: Scene) -> np.ndarray:
+    """``(9,)``: per 3x3 cell (row-major), the mean over its middle half of how far a pixel lies from the
+    background colour towards the colour of the scene's first shape (projection on that segment: 0 at the
+    background, 1 at the shape's colour)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    background = np.asarray(PALETTE[scene.background], dtype=np.float64)
+    direction = np.asarray(PALETTE[scene.shapes[0].color], dtype=np.float64) - background
+    shift = (pixels - background) @ direction / (direction @ direction)
+    height, width = shift.shape
+    cells = []
+    for region in REGIONS:
+        x0, y0, x1, y1 = region_box(region)
+        dx, dy = (x1 - x0) / 4, (y1 - y0) / 4
+        cells.append(
+            shift[
+                round((y0 + dy) * height) : round((y1 - dy) * height),
+                round((x0 + dx) * width) : round((x1 - dx) * width),
+            ].mean()
+        )
+    return np.asarray(cells)
+
+
+def region_selectivity(pipe, resolution: int, seed: int = 0) -> dict:
+    """The region probe (module docstring): mean colour shift of the stated cell and of the other cells at
+    sigma 1 over :func:`region_scenes`, and their difference (``selectivity``)."""
+    scenes = region_scenes()
+    images = one_step_predictions(pipe, scenes, [1.0], resolution, seed)[1.0]
+    stated, other = [], []
+    for image, scene in zip(images, scenes, strict=True):
+        shift = cell_color_shift(image, scene)
+        cell = REGIONS.index(scene.shapes[0].region)
+        stated.append(shift[cell])
+        other.append(np.delete(shift, cell).mean())
+    return {
+        "captions": len(scenes),
+        "stated_cell": float(np.mean(stated)),
+        "other_cells": float(np.mean(other)),
+        "selectivity": float(np.mean(stated) - np.mean(other)),
+    }
+
+
 def probe(
     teacher: str, scenes: int, sigmas: list[float], steps: int | None, cfg_scale: float | None, seed: int
 ) -> dict:
-    """Both probes on ``scenes`` held-out scenes (and the pairs among ``2 * scenes``); settings the teacher was
-    trained and evaluated with (``training/config.json``) unless given."""
+    """The three probes: the first on ``scenes`` held-out scenes, the swap on the pairs among ``2 * scenes``, the
+    region probe on :func:`region_scenes`; settings the teacher was trained and evaluated with
+    (``training/config.json``) unless given."""
     from pipelines.loading import load_pipeline
 
     config_file = Path(teacher) / "training" / "config.json"
@@ -130,6 +203,7 @@ def probe(
         "seed": seed,
         "one_step": rows,
         "swap": {"pairs": len(verdicts), "steps": steps, "cfg_scale": cfg_scale, "background_follows": swap},
+        "regions": region_selectivity(pipe, resolution, seed),
     }
 
 
@@ -147,6 +221,13 @@ def format_report(result: dict) -> str:
         "",
         f"Encoder swap ({swap['pairs']} pairs, {swap['steps']} steps, CFG {swap['cfg_scale']:g}): the background "
         f"follows T5 {follows['t5']:.0%}, pooled CLIP {follows['clip']:.0%}, neither {follows['neither']:.0%}",
+    ]
+    regions = result["regions"]
+    lines += [
+        "",
+        f"Region selectivity at sigma 1 ({regions['captions']} one-shape captions; 0: background colour, 1: the "
+        f"shape's): stated cell {regions['stated_cell']:.3f}, other cells {regions['other_cells']:.3f}, "
+        f"selectivity {regions['selectivity']:.3f}",
     ]
     return "\n".join(lines)
 
