@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from training.world import KINDS, PALETTE, REGIONS, SIZES, Scene, Shape, render, texture_color
+from training.world import KINDS, PALETTE, SIZES, Scene, Shape, region_box, render, texture_color
 
 __all__ = ["CHECK_SIZE", "SceneCheck", "ShapeCheck", "adherence", "check_scene", "label_image"]
 
@@ -206,8 +206,8 @@ def _classify_size(component: _Component, kind: str) -> str:
 
 
 def _in_region(point: tuple[float, float], region: str) -> bool:
-    row, col = divmod(REGIONS.index(region), 3)
-    return col / 3 <= point[0] < (col + 1) / 3 and row / 3 <= point[1] < (row + 1) / 3
+    x0, y0, x1, y1 = region_box(region)
+    return x0 <= point[0] < x1 and y0 <= point[1] < y1
 
 
 def check_scene(image: Image.Image | np.ndarray, scene: Scene) -> SceneCheck:
