@@ -528,7 +528,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             logger.info("latent shift %.4f, scale %.4f", shift, scale)
 
         seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
-        weights = stated_cell_weights(scenes, cfg.resolution // 16, cfg.cell_weight)
+        grid = cache["mean"].shape[-1] // 2  # packed tokens a side: 2x2 latents each
+        weights = stated_cell_weights(scenes, grid, cfg.cell_weight)
         cfg.steps = train_transformer(pipe, cache, weights, cfg, seconds, log)
         pipe.save_pretrained(out)
     (out / "training" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
