@@ -184,6 +184,7 @@ def test_probe_cli_reports_all_three_probes(smoke_teacher, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["sigma"] for r in result["one_step"]] == [0.0, 1.0]
     assert all(0 <= r["shapes_found"] <= 1 and 0 <= r["background_ok"] <= 1 for r in result["one_step"])
+    assert all(0 <= r["kind_right"] <= r["shapes_found"] for r in result["one_step"])
     swap = result["swap"]
     assert swap["pairs"] == 2 and swap["steps"] == 2 and swap["cfg_scale"] == train_teacher.TeacherConfig.cfg_scale
     assert sum(swap["background_follows"].values()) == pytest.approx(1)
@@ -192,7 +193,7 @@ def test_probe_cli_reports_all_three_probes(smoke_teacher, tmp_path, capsys):
     assert regions["captions"] == 36
     assert regions["selectivity"] == pytest.approx(regions["stated_cell"] - regions["other_cells"])
     report = capsys.readouterr().out
-    assert "| sigma | shapes found | background right |" in report and "Encoder swap (2 pairs" in report
+    assert "| sigma | shapes found | of their kind | background right |" in report and "Encoder swap (2 pairs" in report
     assert "Region selectivity at sigma 1 (36 one-shape captions" in report
 
     assert probe.main(["--teacher", str(tmp_path)]) == 2

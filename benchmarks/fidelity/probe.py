@@ -5,8 +5,9 @@
 1. **One-step predictions.** Held-out scenes are rendered, encoded with the teacher's VAE, noised to each
    ``sigma`` (one noise from ``--seed``, the same for every scene) and the teacher's clean-image prediction
    ``x_sigma - sigma * v`` is decoded: the scene checker's share of shapes found (a component of the stated
-   colour in the stated region) and of backgrounds right, per sigma. Sigma 0 is the VAE's round trip; where
-   the share falls is where the teacher must draw the shapes from its caption instead of from the noisy image.
+   colour in the stated region), of shapes found with their stated kind, and of backgrounds right, per sigma.
+   Sigma 0 is the VAE's round trip; where the shares fall is where the teacher must draw the shapes from its
+   caption instead of from the noisy image.
 2. **Encoder swap.** Pairs of held-out captions with different backgrounds are sampled as the teacher's
    evaluation samples them (``--steps``, true CFG ``--cfg-scale`` against the empty prompt), but with the T5
    embeddings of the first caption and the pooled CLIP embedding of the second: the share of samples whose
@@ -188,9 +189,14 @@ def probe(
     probed = held_out[:scenes]
     for sigma, images in one_step_predictions(pipe, probed, sigmas, resolution, seed).items():
         checks = [check_scene(image, scene) for image, scene in zip(images, probed, strict=True)]
-        found = float(np.mean([s.found for c in checks for s in c.shapes]))
+        shapes = [s for c in checks for s in c.shapes]
         rows.append(
-            {"sigma": sigma, "shapes_found": found, "background_ok": float(np.mean([c.background_ok for c in checks]))}
+            {
+                "sigma": sigma,
+                "shapes_found": float(np.mean([s.found for s in shapes])),
+                "kind_right": float(np.mean([s.found and s.kind == s.shape.kind for s in shapes])),
+                "background_ok": float(np.mean([c.background_ok for c in checks])),
+            }
         )
     pairs = swap_pairs(held_out)
     if not pairs:
@@ -211,10 +217,13 @@ def format_report(result: dict) -> str:
     lines = [
         f"One-step clean-image predictions of {result['teacher']} ({result['scenes']} held-out scenes):",
         "",
-        "| sigma | shapes found | background right |",
-        "|---|---|---|",
+        "| sigma | shapes found | of their kind | background right |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {r['sigma']:g} | {r['shapes_found']:.0%} | {r['background_ok']:.0%} |" for r in result["one_step"]]
+    lines += [
+        f"| {r['sigma']:g} | {r['shapes_found']:.0%} | {r['kind_right']:.0%} | {r['background_ok']:.0%} |"
+        for r in result["one_step"]
+    ]
     swap = result["swap"]
     follows = swap["background_follows"]
     lines += [
