@@ -24,8 +24,10 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
    script (timesteps from ``compute_density_for_timestep_sampling``, weights from
    ``compute_loss_weighting_for_sd3``), AdamW with warmup and cosine decay, and an EMA of the weights (saved).
    Timesteps are drawn uniformly by default, not logit-normal: the scene's layout and colours are decided in
-   the first sampling steps (sigma >= 0.96), which logit-normal draws for 1.4% of the samples (uniform: 10%),
-   and a teacher trained so left them to chance. ``--caption-dropout`` of the captions are replaced by the
+   the first sampling steps (sigma >= 0.9), which logit-normal draws for 1.4% of the samples (uniform: 10%),
+   and a teacher trained so left them to chance. As in diffusers' script, the drawn ``u`` indexes the
+   descending schedule, so sigma is about ``1 - u``: a positive ``--logit-mean`` draws *low*-noise timesteps,
+   a negative one high-noise ones. ``--caption-dropout`` of the captions are replaced by the
    empty one, so that the teacher can be sampled with classifier-free guidance (``true_cfg_scale``).
    ``--sigma-one-share`` of the samples are drawn at sigma 1 instead, where the caption is all the model sees,
    and ``--cell-weight`` weighs the loss on the tokens of the 3x3 cells the caption states a shape in: a weight
@@ -98,7 +100,7 @@ class TeacherConfig:
     warmup: int = 100
     ema_decay: float = 0.999
     weighting_scheme: str = "none"  # uniform timesteps (module docstring); "logit_normal" as FLUX's script
-    logit_mean: float = 0.0  # of "logit_normal": > 0 draws more high-noise timesteps
+    logit_mean: float = 0.0  # of "logit_normal": < 0 draws more high-noise timesteps (sigma = 1 - u, below)
     sigma_one_share: float = 0.0  # of the samples drawn at sigma 1 instead (the caption is all they show)
     cell_weight: float = 1.0  # loss weight of the tokens in the caption's stated cells, relative to the others
     caption_dropout: float = 0.1
