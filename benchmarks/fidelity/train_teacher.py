@@ -100,7 +100,7 @@ class TeacherConfig:
     warmup: int = 100
     ema_decay: float = 0.999
     weighting_scheme: str = "none"  # uniform timesteps (module docstring); "logit_normal" as FLUX's script
-    logit_mean: float = 0.0  # of "logit_normal": < 0 draws more high-noise timesteps (sigma = 1 - u, below)
+    logit_mean: float = 0.0  # of "logit_normal": < 0 draws more high-noise timesteps (module docstring)
     sigma_one_share: float = 0.0  # of the samples drawn at sigma 1 instead (the caption is all they show)
     cell_weight: float = 1.0  # loss weight of the tokens in the caption's stated cells, relative to the others
     caption_dropout: float = 0.1
