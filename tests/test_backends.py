@@ -294,23 +294,58 @@ def test_auto_choice(layout: CLEARLayout, device: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "layout,dtype,tile,backend",
+    "family,layout,dtype,tile,backend",
     [
-        (CLEARLayout((128, 128), 512, 16), torch.float32, (16, 16), "tiled"),
-        (CLEARLayout((128, 128), 512, 16), torch.bfloat16, (4, 8), "tiled"),  # reduced precision: smaller tiles
-        (CLEARLayout((128, 128), 512, 32), torch.bfloat16, (16, 16), "tiled"),
-        (CLEARLayout((64, 64), 512, 16), torch.float32, (4, 64), "tiled"),  # wide window: full-width band tiles
-        (CLEARLayout((64, 64), 512, 16), torch.bfloat16, (4, 8), "tiled"),  # near break-even, measured faster
-        (CLEARLayout((48, 48), 512, 16), torch.bfloat16, (4, 8), "dense"),  # below break-even: the exact dense path
-        (CLEARLayout((64, 64), 512, 8), torch.float32, (16, 16), "tiled"),
+        ("intel", CLEARLayout((128, 128), 512, 16), torch.float32, (16, 16), "tiled"),
+        ("intel", CLEARLayout((128, 128), 512, 16), torch.bfloat16, (4, 8), "tiled"),  # reduced precision: smaller
+        ("intel", CLEARLayout((128, 128), 512, 32), torch.bfloat16, (16, 16), "tiled"),
+        ("intel", CLEARLayout((64, 64), 512, 16), torch.float32, (4, 64), "tiled"),  # wide window: full-width band
+        ("intel", CLEARLayout((64, 64), 512, 16), torch.bfloat16, (4, 8), "tiled"),  # near break-even, measured faster
+        ("intel", CLEARLayout((48, 48), 512, 16), torch.bfloat16, (4, 8), "dense"),  # below break-even: exact dense
+        ("intel", CLEARLayout((64, 64), 512, 8), torch.float32, (16, 16), "tiled"),
+        # AMD: 4x8 tiles for every dtype and radius (measured fastest there), a band where it sees fewer keys
+        ("amd", CLEARLayout((128, 128), 512, 16), torch.float32, (4, 8), "tiled"),
+        ("amd", CLEARLayout((128, 128), 512, 32), torch.bfloat16, (4, 8), "tiled"),
+        ("amd", CLEARLayout((64, 64), 512, 16), torch.float32, (4, 8), "tiled"),
+        ("amd", CLEARLayout((40, 40), 512, 16), torch.float32, (1, 40), "dense"),  # band: 1240 keys a query, not 1292
+        ("amd", CLEARLayout((48, 48), 512, 16), torch.float32, (4, 8), "dense"),
     ],
 )
-def test_auto_tile_shape_and_choice_per_dtype(layout: CLEARLayout, dtype: torch.dtype, tile, backend: str) -> None:
+def test_auto_tile_shape_and_choice_per_cpu_family_and_dtype(
+    monkeypatch: pytest.MonkeyPatch, family: str, layout: CLEARLayout, dtype: torch.dtype, tile, backend: str
+) -> None:
+    assert tiled.tile_shape(layout, dtype, family) == tile
+    monkeypatch.setattr(tiled, "cpu_family", lambda: family)  # auto's cost model follows this machine's family
     assert tiled.tile_shape(layout, dtype) == tile
     assert auto_backend_name(layout, torch.device("cpu"), dtype) == backend
     geo = tiled._geometry(layout, layout.grid, tile)
     full_width = tile[1] == layout.grid[1]  # a full-width band: no horizontal reach, one tile column
     assert (geo.reach[1] == 0 and geo.tiles[1] == 1) == full_width
+
+
+def test_cpu_family_is_a_row_of_the_tile_table() -> None:
+    assert tiled.cpu_family() in tiled.TILE_SHAPES
+    with pytest.raises(ValueError, match="unknown CPU family 'arm'; known: 'intel', 'amd'"):
+        tiled.tile_shape(CLEARLayout((16, 16), 8, 4), torch.float32, "arm")
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (3, 5), (4, 8), (16, 16), (7, 20)])
+def test_tiled_with_a_fixed_tile_equals_dense(tile: tuple[int, int]) -> None:
+    layout = CLEARLayout((13, 20), 6, 4)
+    q, k, v, _ = _inputs(layout, batch=2)
+    scale = q.shape[-1] ** -0.5
+    torch.testing.assert_close(
+        tiled.TiledBackend(tile)(q, k, v, layout, scale),
+        BACKENDS["dense"](q, k, v, layout, scale),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("tile", [(0, 4), (4,), (2, -1)])
+def test_tiled_rejects_a_bad_tile(tile) -> None:
+    with pytest.raises(ValueError, match=r"tile must be two positive sizes \(rows, columns\), got"):
+        tiled.TiledBackend(tile)
 
 
 def test_auto_runs_and_matches_dense() -> None:
@@ -394,3 +429,4 @@ def test_tiled_float64_autograd_path_is_exact() -> None:
     grads = [torch.autograd.grad(out.sum(), (q, k, v, weight)) for out in outs]
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+

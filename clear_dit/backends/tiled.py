@@ -27,9 +27,9 @@ They are removed through the keys instead: queries and keys get one extra channe
 0 for a real key / a huge negative number for a padding key, so a padding key's score is ``-huge`` and
 its softmax weight exactly 0 for every query. Padding queries (tile multiples) are computed and dropped.
 
-Tile shapes come from :data:`TILE_SHAPES`, per dtype and radius: the CPU flash kernel runs slower on
-short query sequences (small tiles) but small tiles compute fewer masked scores, and the best trade-off
-was measured (see the table's comment).
+Tile shapes come from :data:`TILE_SHAPES`, per CPU family, dtype and radius: the CPU flash kernel runs
+slower on short query sequences (small tiles) but small tiles compute fewer masked scores, and the best
+trade-off was measured on each family (see the table's comment).
 
 Memory and time are linear in ``h*w``. On CPU the parts (b) and (c) run in
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (which returns the log-sum-exp and accepts strided
@@ -54,31 +54,55 @@ from ..mask import CLEARLayout, in_window
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Query tile (th, tw) per dtype kind and radius: the first row whose radius bound is >= r applies. Measured
-# side by side with full SDPA (interleaved, 128^2 grid, text 512, 2 heads x 128, 2 threads, shared dev CPU under
-# load, medians of 3; full / tiled): fp32 r8: 16x16 5.0x, 8x8 5.1x, 4x16 4.7x, 8x16 4.1x; fp32 r16: 16x16 2.9x,
-# 16x32 2.6x, 4x16 2.5x, 8x16 2.4x, 8x8 2.2x; fp32 r32: 16x16, 16x32, 32x32 all 1.25x; bf16 r8: 8x8 6.3x, 4x16
-# 5.7x, 4x8 5.5x, 16x16 4.6x; bf16 r16: the image part alone, 4x8 6.7x, 16x16 5.4x, 8x8 / 8x16 5.2x; bf16 r32:
-# 16x16 1.27x, 16x32 1.22x, 32x32 1.19x, 8x16 1.09x. bf16 keeps its throughput on shorter query sequences
-# (fp32 loses about half of it from 256 to 64 queries), so its tiles are smaller.
-TILE_SHAPES: dict[str, tuple[tuple[int, tuple[int, int]], ...]] = {
-    "float": ((8, (16, 16)), (16, (16, 16)), (1 << 30, (16, 16))),
-    "reduced": ((8, (8, 8)), (16, (4, 8)), (1 << 30, (16, 16))),
+# Query tile (th, tw) per CPU family, dtype kind and radius: the first row whose radius bound is >= r applies.
+# The best tile is a trade-off that differs between CPUs: small tiles compute fewer masked scores, but the CPU
+# flash kernel runs slower on short query sequences, by how much depends on the microarchitecture.
+# "intel": measured side by side with full SDPA on a 2-core Xeon @ 2.8 GHz (AVX-512, avx512_bf16; interleaved,
+# 128^2 grid, text 512, 2 heads x 128, 2 threads, under load, medians of 3; full / tiled): fp32 r8: 16x16 5.0x,
+# 8x8 5.1x, 4x16 4.7x, 8x16 4.1x; fp32 r16: 16x16 2.9x, 16x32 2.6x, 4x16 2.5x, 8x16 2.4x, 8x8 2.2x; fp32 r32:
+# 16x16, 16x32, 32x32 all 1.25x; bf16 r8: 8x8 6.3x, 4x16 5.7x, 4x8 5.5x, 16x16 4.6x; bf16 r16: the image part
+# alone, 4x8 6.7x, 16x16 5.4x, 8x8 / 8x16 5.2x; bf16 r32: 16x16 1.27x, 16x32 1.22x, 32x32 1.19x, 8x16 1.09x.
+# There fp32 loses about half its throughput from 256 to 64 queries, bf16 much less, so bf16's tiles are smaller.
+# "amd": a 2-core AMD EPYC (AVX-512, avx512_bf16, no AMX), quiet, `benchmarks/attention.py --tiles` (image parts
+# (b) + (c) alone, ms, medians of 3) at 128^2: fp32 r8 4x8 135, 2x8 134, 8x8 141, 16x16 168; fp32 r16 4x8 252,
+# 8x8 260, 8x16 288, 16x16 316; fp32 r32 4x8 756, 12x16 780, 8x8 808, 16x16 829; bf16 r8 4x8 126, 8x8 130,
+# 16x16 164; bf16 r16 4x8 237, 8x8 257, 16x16 320; bf16 r32 4x8 680, 8x8 730, 16x16 811; and at 64^2 r16 fp32 4x8
+# 65, 8x8 75, the 4x64 band 77, 16x16 83. Its flash kernel keeps ~65% of its long-sequence rate at 32 queries.
+TILE_SHAPES: dict[str, dict[str, tuple[tuple[int, tuple[int, int]], ...]]] = {
+    "intel": {
+        "float": ((8, (16, 16)), (16, (16, 16)), (1 << 30, (16, 16))),
+        "reduced": ((8, (8, 8)), (16, (4, 8)), (1 << 30, (16, 16))),
+    },
+    "amd": {"float": ((1 << 30, (4, 8)),), "reduced": ((1 << 30, (4, 8)),)},
 }
 
 
-def tile_shape(layout: CLEARLayout, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
-    """The query tile ``(th, tw)`` the tiled backend uses for ``layout`` and ``dtype``.
+@lru_cache(maxsize=1)
+def cpu_family() -> str:
+    """The row of :data:`TILE_SHAPES` for this machine's CPU: ``"amd"`` for AMD CPUs, else ``"intel"``.
 
-    The square tile of :data:`TILE_SHAPES` for the radius (``"float"`` rows serve float32/float64,
-    ``"reduced"`` rows bfloat16/float16: the CPU flash kernel's reduced-precision path keeps its throughput
-    on shorter query sequences, so smaller tiles pay off), unless a full-width band of as many queries
-    sees fewer keys: a tile spanning the whole width needs no horizontal reach, and all its tiles' key
-    blocks are views of one strip (one flash call, no per-column copies and merges, which is worth up to
-    10% more keys). That wins when the window is wide for the grid.
+    Read from ``torch.cpu.get_capabilities()["cpu_name"]``; where torch does not report it, ``"intel"``.
     """
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    name = capabilities().get("cpu_name", "") if capabilities is not None else ""
+    return "amd" if "AMD" in name.upper() else "intel"
+
+
+def tile_shape(layout: CLEARLayout, dtype: torch.dtype = torch.float32, family: str | None = None) -> tuple[int, int]:
+    """The query tile ``(th, tw)`` the tiled backend uses for ``layout`` and ``dtype`` on a CPU ``family``.
+
+    The tile of :data:`TILE_SHAPES` for the CPU family (default: :func:`cpu_family`, this machine's) and the
+    radius (``"float"`` rows serve float32/float64, ``"reduced"`` rows bfloat16/float16: on Intel the CPU flash
+    kernel's reduced-precision path keeps its throughput on shorter query sequences, so smaller tiles pay off),
+    unless a full-width band of as many queries sees fewer keys: a tile spanning the whole width needs no
+    horizontal reach, and all its tiles' key blocks are views of one strip (one flash call, no per-column
+    copies and merges, which is worth up to 10% more keys). That wins when the window is wide for the grid.
+    """
+    if family is not None and family not in TILE_SHAPES:
+        raise ValueError(f"unknown CPU family {family!r}; known: {', '.join(map(repr, TILE_SHAPES))}")
     kind = "reduced" if dtype in (torch.bfloat16, torch.float16) else "float"
-    th, tw = next(tile for bound, tile in TILE_SHAPES[kind] if layout.window_size <= bound)
+    rows = TILE_SHAPES[family or cpu_family()][kind]
+    th, tw = next(tile for bound, tile in rows if layout.window_size <= bound)
     h, w = _extent(layout)
     band = (min(h, -(-th * tw // w)), w)
     return band if 10 * _keys_per_query(layout, band) <= 11 * _keys_per_query(layout, (th, tw)) else (th, tw)
@@ -629,8 +653,16 @@ def band_rows(
 
 
 class TiledBackend:
+    """The ``"tiled"`` backend; ``TiledBackend(tile=(th, tw))`` runs with a fixed query tile instead of
+    :func:`tile_shape`'s (``benchmarks/attention.py --tiles`` times tile shapes with it)."""
+
     name = "tiled"
     kernels: PartKernels | None = None  # None: the CPU flash path on CPU, plain ops elsewhere (see _image_rows)
+
+    def __init__(self, tile: tuple[int, int] | None = None) -> None:
+        if tile is not None and (len(tile) != 2 or min(tile) < 1):
+            raise ValueError(f"tile must be two positive sizes (rows, columns), got {tile}")
+        self.tile = None if tile is None else tuple(tile)
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if dtype not in _SUPPORTED_DTYPES:
@@ -646,7 +678,7 @@ class TiledBackend:
             )
             return out.transpose(1, 2)
         out = query.new_empty(query.shape)  # every part is written into its slice (no concatenation)
-        image = _image_rows(query, key, value, layout, scale, kernels=self.kernels)
+        image = _image_rows(query, key, value, layout, scale, self.tile, kernels=self.kernels)
         for (_, tokens), rows in zip(_grid_slices(layout), image):  # noqa: B905 (dynamo mis-traces strict zips)
             out[:, tokens].view(rows.shape).copy_(rows)
         write_text_rows(out, query, key, value, layout, scale)
