@@ -430,3 +430,39 @@ def test_tiled_float64_autograd_path_is_exact() -> None:
     for got, expected in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
+
+def _block_flags(num_blocks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """flex's ordered ``(num_blocks, indices)`` -> the set of flagged ``(q block, kv block)`` pairs, as bools."""
+    flags = torch.zeros(indices.shape[-2:], dtype=torch.bool)
+    for row, (count, cols) in enumerate(zip(num_blocks[0, 0].tolist(), indices[0, 0], strict=True)):
+        flags[row, cols[:count].long()] = True
+    return flags
+
+
+@pytest.mark.parametrize(
+    "layout,has_full_blocks",
+    [
+        (CLEARLayout((12, 20), 5, 3, 2), False),  # pooled keys; lengths not multiples of the block
+        (CLEARLayout((32, 24), 77, 8, 1, "last"), False),
+        (CLEARLayout((16, 16), 30, 5, 1, "first", (8, 16)), False),  # Kontext reference grid
+        (CLEARLayout((32, 32), 256, 40), True),  # text rows and a window covering the grid
+        (CLEARLayout((48, 48), 200, 20, 4), True),  # blocks of full rows inside every window
+    ],
+)
+def test_flex_block_mask_equals_create_block_mask(
+    monkeypatch: pytest.MonkeyPatch, layout: CLEARLayout, has_full_blocks: bool
+) -> None:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from clear_dit.backends import flex
+    from clear_dit.mask import mask_predicate
+
+    monkeypatch.setattr(flex, "_MASK_CHUNK", 3 * 128 * 128)  # several chunks, the last one short
+    allowed = mask_predicate(layout)
+    expected = create_block_mask(lambda b, h, q, k: allowed(q, k), None, None, layout.q_len, layout.kv_len, "cpu")
+    got = flex._block_mask.__wrapped__(layout, torch.device("cpu"))
+    assert got.shape == expected.shape and got.BLOCK_SIZE == expected.BLOCK_SIZE
+    for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        flags = _block_flags(getattr(got, num), getattr(got, idx))
+        assert torch.equal(flags, _block_flags(getattr(expected, num), getattr(expected, idx))), num
+    assert _block_flags(got.full_kv_num_blocks, got.full_kv_indices).any() == has_full_blocks

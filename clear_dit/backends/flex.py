@@ -17,20 +17,50 @@ import torch
 from ..mask import CLEARLayout, mask_predicate
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch < 2.5
-    flex_attention = create_block_mask = BlockMask = None
+    flex_attention = BlockMask = None
+
+
+FLEX_BLOCK = 128  # FlexAttention's default sparse block size (queries and keys)
+_MASK_CHUNK = 1 << 24  # mask entries evaluated at once while building a block mask: O(kv_len) memory, not seq^2
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block flags ``(q_blocks, kv_blocks)`` -> flex's ``(num_blocks (1, 1, q_blocks), indices (1, 1, q, kv))``,
+    the set blocks' indices first, in increasing order."""
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+    return blocks.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
 
 @lru_cache(maxsize=32)
 def _block_mask(layout: CLEARLayout, device: torch.device) -> BlockMask:
-    """The CLEAR block mask of ``layout`` on ``device``; flex skips the blocks that are all False."""
+    """The CLEAR block mask of ``layout`` on ``device``; flex skips the blocks that are all False.
+
+    Equal to ``create_block_mask`` with the same ``mask_mod``, but the mask is evaluated a few query blocks at a
+    time (``create_block_mask`` materialises all ``q_len x kv_len`` entries and their int64 intermediates: ~35 GB
+    at 4096 px). Blocks whose entries are all True are "full" (no ``mask_mod`` call); partial tail blocks never are.
+    """
     allowed = mask_predicate(layout)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(q_idx, kv_idx)
 
-    return create_block_mask(mask_mod, None, None, layout.q_len, layout.kv_len, device=device)
+    q_blocks, kv_blocks = -(-layout.q_len // FLEX_BLOCK), -(-layout.kv_len // FLEX_BLOCK)
+    kv_idx = torch.arange(kv_blocks * FLEX_BLOCK, dtype=torch.int32, device=device)  # int32: twice as fast as int64
+    rows = FLEX_BLOCK * max(1, _MASK_CHUNK // (FLEX_BLOCK * kv_idx.numel()))
+    sums = []
+    for start in range(0, q_blocks * FLEX_BLOCK, rows):
+        q_idx = torch.arange(start, min(start + rows, q_blocks * FLEX_BLOCK), dtype=torch.int32, device=device)
+        entries = allowed(q_idx[:, None], kv_idx[None, :])
+        entries &= (q_idx < layout.q_len)[:, None] & (kv_idx < layout.kv_len)[None, :]  # padding: False
+        sums.append(entries.view(-1, FLEX_BLOCK, kv_blocks, FLEX_BLOCK).sum((1, 3), dtype=torch.int32))
+    counts = torch.cat(sums)
+    full = counts == FLEX_BLOCK * FLEX_BLOCK
+    return BlockMask.from_kv_blocks(
+        *_ordered((counts > 0) & ~full), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+        seq_lengths=(layout.q_len, layout.kv_len),
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=1)
