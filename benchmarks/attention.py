@@ -20,7 +20,11 @@ and each time is the median over rounds, so that load on a shared machine hits a
 
 ``--flex-compiled`` adds ``flex-compiled``: ``torch.compile(flex_attention)`` with the CLEAR block mask,
 compiled afresh for every layout (a shared compiled function recompiles per layout and falls back to a
-slow path after 8 recompiles); its compile time is reported apart and excluded from its time.
+slow path after 8 recompiles); its compile time and the block mask's build time (the mask evaluated a few
+query blocks at a time: ~50 s at 4096 px on 2 CPU threads) are reported apart and excluded from its time.
+
+``--tiles 4x8 16x16`` adds one column per query tile shape, ``tiled[4x8]``: the ``tiled`` backend with that tile
+instead of the one :func:`clear_dit.backends.tiled.tile_shape` picks (the sweep behind its ``TILE_SHAPES``).
 
 ``--memory`` adds, per backend, the peak extra memory of one call: the high-water mark of the bytes held by
 torch's CPU allocator during the call (allocation and free events of the profiler's memory profile),
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
 from clear_dit.backends.flex import _block_mask
+from clear_dit.backends.tiled import TiledBackend
 from clear_dit.mask import window_row_extents
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flex-compiled", action="store_true", help="also time compiled flex_attention (per layout)")
     p.add_argument("--memory", action="store_true", help="also measure each backend's peak extra memory")
     p.add_argument("--rows", nargs="+", help="grid:radius pairs instead of --grids x --radii; 'issue' = issue 3's")
-    p.add_argument("--flex-max-seq", type=int, default=20000, help="skip flex-compiled above this (see below)")
+    p.add_argument("--tiles", nargs="+", default=[], help="also time 'tiled' with these query tiles, e.g. 4x8 16x16")
     p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
     p.add_argument("--warmup", type=int, default=1)
@@ -93,14 +98,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rows == ["issue"]:
         args.rows = ISSUE_ROWS
     args.rows = [tuple(map(int, pair.split(":"))) for pair in args.rows] if args.rows else None
+    args.tiles = [_parse_tile(p, text) for text in args.tiles]
     return args
+
+
+def _parse_tile(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    rows, _, cols = text.partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+        parser.error(f"--tiles: {text!r} is not ROWSxCOLUMNS with positive sizes, e.g. 4x8")
+    return int(rows), int(cols)
+
+
+def _tile_column(tile: tuple[int, int]) -> str:
+    return f"tiled[{tile[0]}x{tile[1]}]"
 
 
 ISSUE_ROWS = ["64:16", "128:8", "128:16", "128:32", "256:16"]
 
 
 def _columns(args: argparse.Namespace) -> list[str]:
-    return [*args.backends, *(["flex-compiled"] if args.flex_compiled else [])]
+    tiles = [_tile_column(tile) for tile in args.tiles]
+    return [*args.backends, *tiles, *(["flex-compiled"] if args.flex_compiled else [])]
 
 
 def peak_extra_bytes(fn) -> tuple[int, torch.Tensor]:
@@ -124,10 +142,13 @@ def peak_extra_bytes(fn) -> tuple[int, torch.Tensor]:
 
 
 def _compiled_flex(layout: CLEARLayout, q, k, v):
-    """A fresh ``torch.compile(flex_attention)`` for this layout, as a no-argument callable, and its compile time."""
+    """A fresh ``torch.compile(flex_attention)`` for this layout, as a no-argument callable, its compile time and
+    the build time of its block mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    start = time.perf_counter()
     block_mask = _block_mask(layout, q.device)
+    mask_s = time.perf_counter() - start
     compiled = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 
@@ -136,7 +157,7 @@ def _compiled_flex(layout: CLEARLayout, q, k, v):
 
     start = time.perf_counter()
     call()
-    return call, time.perf_counter() - start
+    return call, time.perf_counter() - start, mask_s
 
 
 def cuda_backends(dtype: torch.dtype) -> list[str]:
@@ -236,12 +257,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                         row["skipped"][name] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
                         continue
                 fns[name] = fn
-            if args.flex_compiled and seq > args.flex_max_seq:  # create_block_mask evaluates all seq^2 pairs on CPU
-                reason = f"seq {seq} > --flex-max-seq {args.flex_max_seq} (O(seq^2) mask build)"
-                row["skipped"]["flex-compiled"] = reason
-            elif args.flex_compiled:
-                fns["flex-compiled"], compile_s = _compiled_flex(layout, q, k, v)
-                row["flex_compile_s"] = compile_s
+            for tile in args.tiles:
+                fns[_tile_column(tile)] = functools.partial(TiledBackend(tile), q, k, v, layout, args.head_dim**-0.5)
+            if args.flex_compiled:
+                fns["flex-compiled"], row["flex_compile_s"], row["flex_mask_s"] = _compiled_flex(layout, q, k, v)
             times = interleaved_medians(fns, args.repeats, args.warmup, args.budget)
             for name in fns:
                 if name != "full":

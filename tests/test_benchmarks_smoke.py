@@ -21,7 +21,10 @@ def _run_benchmark(cwd: Path, script: str, *args: str) -> subprocess.CompletedPr
 
 def test_attention_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "attention.json"
-    proc = _run_benchmark(tmp_path, "attention.py", "--smoke", "--threads", "1", "--memory", "--json", str(out))
+    proc = _run_benchmark(
+        tmp_path, "attention.py", "--smoke", "--threads", "1", "--memory", "--tiles", "2x4", "--flex-compiled",
+        "--json", str(out),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "(x) = full / backend" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -30,12 +33,20 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
         assert row["seq"] == row["text_len"] + row["grid"][0] * row["grid"][1]
         assert 0 < row["density"] <= 1 and abs(row["ideal_speedup"] * row["density"] - 1) < 1e-9
         assert row["full_ms"] > 0
-        assert set(row["backends"]) == {"tiled", "dense"}
+        assert set(row["backends"]) == {"tiled", "dense", "tiled[2x4]", "flex-compiled"}
+        assert row["flex_compile_s"] > 0 and row["flex_mask_s"] > 0
         for entry in row["backends"].values():
             assert entry["ms"] > 0 and abs(entry["speedup"] - row["full_ms"] / entry["ms"]) < 1e-6 * entry["speedup"]
             # the tiny sizes still allocate (tiles, strips, the dense mask): a real, positive measurement
             assert entry["peak_extra_bytes"] > 0
             assert entry["peak_extra_vs_qkv"] == entry["peak_extra_bytes"] / row["qkv_bytes"]
+
+
+def test_attention_benchmark_rejects_a_bad_tile(tmp_path: Path) -> None:
+    proc = _run_benchmark(tmp_path, "attention.py", "--smoke", "--tiles", "4by8")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith("error: --tiles: '4by8' is not ROWSxCOLUMNS with positive sizes, e.g. 4x8")
 
 
 def test_transformer_benchmark_smoke(tmp_path: Path) -> None:
