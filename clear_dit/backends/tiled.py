@@ -77,21 +77,23 @@ TILE_SHAPES: dict[str, dict[str, tuple[tuple[int, tuple[int, int]], ...]]] = {
 }
 
 
-@lru_cache(maxsize=1)
-def cpu_family() -> str:
-    """The row of :data:`TILE_SHAPES` for this machine's CPU: ``"amd"`` for AMD CPUs, else ``"intel"``.
-
-    Read from ``torch.cpu.get_capabilities()["cpu_name"]``; where torch does not report it, ``"intel"``.
-    """
+def _detect_cpu_family() -> str:
+    """``"amd"`` for AMD CPUs, else ``"intel"``: from ``torch.cpu.get_capabilities()["cpu_name"]`` where torch
+    reports it."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     name = capabilities().get("cpu_name", "") if capabilities is not None else ""
     return "amd" if "AMD" in name.upper() else "intel"
 
 
+#: This machine's row of :data:`TILE_SHAPES`, read once at import: a fact of the machine, and a constant that
+#: ``torch.compile`` can trace through (a call of ``torch.cpu.get_capabilities`` would break the graph).
+CPU_FAMILY: str = _detect_cpu_family()
+
+
 def tile_shape(layout: CLEARLayout, dtype: torch.dtype = torch.float32, family: str | None = None) -> tuple[int, int]:
     """The query tile ``(th, tw)`` the tiled backend uses for ``layout`` and ``dtype`` on a CPU ``family``.
 
-    The tile of :data:`TILE_SHAPES` for the CPU family (default: :func:`cpu_family`, this machine's) and the
+    The tile of :data:`TILE_SHAPES` for the CPU family (default: :data:`CPU_FAMILY`, this machine's) and the
     radius (``"float"`` rows serve float32/float64, ``"reduced"`` rows bfloat16/float16: on Intel the CPU flash
     kernel's reduced-precision path keeps its throughput on shorter query sequences, so smaller tiles pay off),
     unless a full-width band of as many queries sees fewer keys: a tile spanning the whole width needs no
@@ -101,7 +103,7 @@ def tile_shape(layout: CLEARLayout, dtype: torch.dtype = torch.float32, family: 
     if family is not None and family not in TILE_SHAPES:
         raise ValueError(f"unknown CPU family {family!r}; known: {', '.join(map(repr, TILE_SHAPES))}")
     kind = "reduced" if dtype in (torch.bfloat16, torch.float16) else "float"
-    rows = TILE_SHAPES[family or cpu_family()][kind]
+    rows = TILE_SHAPES[family or CPU_FAMILY][kind]
     th, tw = next(tile for bound, tile in rows if layout.window_size <= bound)
     h, w = _extent(layout)
     band = (min(h, -(-th * tw // w)), w)
