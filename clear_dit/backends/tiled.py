@@ -63,11 +63,12 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64
 # 16x16, 16x32, 32x32 all 1.25x; bf16 r8: 8x8 6.3x, 4x16 5.7x, 4x8 5.5x, 16x16 4.6x; bf16 r16: the image part
 # alone, 4x8 6.7x, 16x16 5.4x, 8x8 / 8x16 5.2x; bf16 r32: 16x16 1.27x, 16x32 1.22x, 32x32 1.19x, 8x16 1.09x.
 # There fp32 loses about half its throughput from 256 to 64 queries, bf16 much less, so bf16's tiles are smaller.
-# "amd": a 2-core AMD EPYC (AVX-512, avx512_bf16, no AMX), quiet, `benchmarks/attention.py --tiles` (image parts
-# (b) + (c) alone, ms, medians of 3) at 128^2: fp32 r8 4x8 135, 2x8 134, 8x8 141, 16x16 168; fp32 r16 4x8 252,
-# 8x8 260, 8x16 288, 16x16 316; fp32 r32 4x8 756, 12x16 780, 8x8 808, 16x16 829; bf16 r8 4x8 126, 8x8 130,
-# 16x16 164; bf16 r16 4x8 237, 8x8 257, 16x16 320; bf16 r32 4x8 680, 8x8 730, 16x16 811; and at 64^2 r16 fp32 4x8
-# 65, 8x8 75, the 4x64 band 77, 16x16 83. Its flash kernel keeps ~65% of its long-sequence rate at 32 queries.
+# "amd": a 2-core AMD EPYC (AVX-512, avx512_bf16, no AMX), quiet, the image parts (b) + (c) alone per tile (ms,
+# medians of 3; `benchmarks/attention.py --tiles` times whole calls) at 128^2: fp32 r8 4x8 135, 2x8 134, 8x8 141,
+# 16x16 168; fp32 r16 4x8 252, 8x8 260, 8x16 288, 16x16 316; fp32 r32 4x8 756, 12x16 780, 8x8 808, 16x16 829; bf16
+# r8 4x8 126, 8x8 130, 16x16 164; bf16 r16 4x8 237, 8x8 257, 16x16 320; bf16 r32 4x8 680, 8x8 730, 16x16 811; and
+# at 64^2 r16 fp32 4x8 65, 8x8 75, the 4x64 band 77, 16x16 83. Its flash kernel keeps ~60% of its long-sequence
+# rate at 32 queries.
 TILE_SHAPES: dict[str, dict[str, tuple[tuple[int, tuple[int, int]], ...]]] = {
     "intel": {
         "float": ((8, (16, 16)), (16, (16, 16)), (1 << 30, (16, 16))),
