@@ -48,12 +48,13 @@ def _block_mask(layout: CLEARLayout, device: torch.device) -> BlockMask:
 
     q_blocks, kv_blocks = -(-layout.q_len // FLEX_BLOCK), -(-layout.kv_len // FLEX_BLOCK)
     kv_idx = torch.arange(kv_blocks * FLEX_BLOCK, dtype=torch.int32, device=device)  # int32: twice as fast as int64
+    kv_real = (kv_idx < layout.kv_len)[None, :]
     rows = FLEX_BLOCK * max(1, _MASK_CHUNK // (FLEX_BLOCK * kv_idx.numel()))
     sums = []
     for start in range(0, q_blocks * FLEX_BLOCK, rows):
         q_idx = torch.arange(start, min(start + rows, q_blocks * FLEX_BLOCK), dtype=torch.int32, device=device)
         entries = allowed(q_idx[:, None], kv_idx[None, :])
-        entries &= (q_idx < layout.q_len)[:, None] & (kv_idx < layout.kv_len)[None, :]  # padding: False
+        entries &= (q_idx < layout.q_len)[:, None] & kv_real  # padding: False
         sums.append(entries.view(-1, FLEX_BLOCK, kv_blocks, FLEX_BLOCK).sum((1, 3), dtype=torch.int32))
     counts = torch.cat(sums)
     full = counts == FLEX_BLOCK * FLEX_BLOCK
