@@ -85,7 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per size and block kind (median)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds")
     p.add_argument(
-        "--budget", type=float, default=60.0, help="no new round of a size and block kind after this many seconds"
+        "--budget",
+        type=float,
+        default=200.0,
+        help="no new round of a size and block kind after this many seconds (200: three rounds at 4096 px on 2 "
+        "cores; one round there is too few, single runs of its CLEAR blocks have been 1.2 s off)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
