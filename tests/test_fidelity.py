@@ -285,7 +285,16 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
         assert free["psnr"] == distilled["psnr"] and free["ssim"] == distilled["ssim"]  # same weights, same images
         assert images[1, "distilled", v.name][0].size == (64, 64)
 
-    keys = ("num_data", "distill_steps", "eval_steps", "cfg_scale", "eval_scenes", "highres_scenes", "scales")
+    keys = (
+        "num_data",
+        "distill_steps",
+        "distill_lr",
+        "eval_steps",
+        "cfg_scale",
+        "eval_scenes",
+        "highres_scenes",
+        "scales",
+    )
     meta = {"smoke": True, "teacher": str(smoke_teacher), "resolution": 64, "text_len": 128}
     meta |= {k: getattr(cfg, k) for k in (*keys, "grid_rows")}
     paths = run.write_report(rows, images, meta, tmp_path / "results", "r16")
@@ -310,7 +319,13 @@ def test_protocol_needs_a_teacher(tmp_path, capsys):
 def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path):
     results = tmp_path / "results"
     argv = ["--work", str(tmp_path / "work"), "--teacher", str(smoke_teacher), "--smoke", "--results", str(results)]
-    assert run.main(argv) == 0
+    assert run.main([*argv, "--distill-lr", "2e-4"]) == 0
     rows = json.loads((results / "fidelity_smoke.json").read_text())["rows"]
     assert {r["student"] for r in rows} == {"teacher", "training-free", "distilled"}
+    student = json.loads((tmp_path / "work" / "runs" / "r16" / "run.json").read_text())["config"]
+    assert (student["lr"], student["lr_scheduler"], student["max_steps"]) == (
+        2e-4,
+        "cosine",
+        run.SMOKE["distill_steps"],
+    )
     assert (results / "fidelity_smoke_grid.png").is_file()
