@@ -302,6 +302,8 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
     assert json.loads(paths[0].read_text())["rows"] == rows
     table = [line for line in paths[1].read_text().splitlines() if line.startswith("| 1x")]
     assert len(table) == 1 + 2 * len(variants)
+    assert f"{cfg.eval_scenes} at 1x, {cfg.highres_scenes} at 2x." in paths[1].read_text()
+    assert f"{cfg.eval_scenes} at 1x. Radii" in run._markdown(rows[:1], meta | {"scales": (1,)})
     grid = Image.open(paths[2])
     # one row per scene shown at every scale: the high-res scales evaluate fewer scenes
     shown = min(cfg.grid_rows, cfg.eval_scenes, *(cfg.highres_scenes for s in scales if s > 1))

@@ -293,6 +293,8 @@ def evaluate(
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
+    above = [f"{scale}x" for scale in meta["scales"] if scale > 1]
+    highres = f", {meta['highres_scenes']} at {'/'.join(above)}" if above else ""
     lines = [
         "# Fidelity of CLEAR students to their teacher"
         + (" (smoke run: toy sizes, meaningless numbers)" * meta["smoke"]),
@@ -301,8 +303,8 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['num_data']} self-generated samples, {meta['distill_steps']} distillation steps per student "
         f"(lr {meta['distill_lr']:g}, cosine); "
         f"{meta['eval_steps']} sampling steps, true CFG scale {meta['cfg_scale']:g}; "
-        f"held-out scenes: {meta['eval_scenes']} at 1x, "
-        f"{meta['highres_scenes']} at 2x/4x. Radii keep FLUX's ratio to the token grid (rN = FLUX's r=N at 1024 px).",
+        f"held-out scenes: {meta['eval_scenes']} at 1x{highres}. "
+        "Radii keep FLUX's ratio to the token grid (rN = FLUX's r=N at 1024 px).",
         "",
         "| scale | student | variant | window | PSNR (dB) | SSIM | adherence | pass rate | density | s/image "
         "| speedup |",
