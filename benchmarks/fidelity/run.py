@@ -60,8 +60,8 @@ FLUX_GRID = 64
 PUBLISHED = ((8, 1), (16, 1), (32, 1), (16, 4), (8, 4))
 #: Caption dropout of the distillation when sampling uses true CFG (the teacher's own, in training).
 CAPTION_DROPOUT = 0.1
-#: Warm-up steps of the students' cosine learning-rate schedule.
-DISTILL_WARMUP = 100
+#: The students' learning-rate schedule (a diffusers.optimization name) and its warm-up steps.
+DISTILL_SCHEDULE, DISTILL_WARMUP = "cosine", 100
 #: The distillation prompts come from this seed offset: disjoint from teacher training and held-out scenes.
 DATA_OFFSET = 2_000_000
 
@@ -99,7 +99,7 @@ class ProtocolConfig:
     data_steps: int = 20
     distill_steps: int = 3000
     distill_batch_size: int = 4
-    distill_lr: float = 5e-4  # peak of a cosine schedule after DISTILL_WARMUP steps (README: the recipe)
+    distill_lr: float = 5e-4  # peak of DISTILL_SCHEDULE after DISTILL_WARMUP steps (README: the recipe)
     eval_scenes: int = 32
     highres_scenes: int = 8
     eval_steps: int = 20
@@ -164,7 +164,7 @@ def distill(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) ->
     if variant.down > 1:
         args += ["--down", str(variant.down)]
     args += ["--max-steps", str(cfg.distill_steps), "--batch-size", str(cfg.distill_batch_size)]
-    args += ["--lr", str(cfg.distill_lr), "--lr-scheduler", "cosine", "--lr-warmup-steps", str(DISTILL_WARMUP)]
+    args += ["--lr", str(cfg.distill_lr), "--lr-scheduler", DISTILL_SCHEDULE, "--lr-warmup-steps", str(DISTILL_WARMUP)]
     args += ["--seed", str(cfg.seed), "--out", str(run_dir)]
     if cfg.cfg_scale > 1:
         # Sampled with true CFG, students need their unconditional branch distilled too; and the data follow
@@ -301,7 +301,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"Teacher: `{meta['teacher']}` ({meta['resolution']} px, T5 length {meta['text_len']}); "
         f"{meta['num_data']} self-generated samples, {meta['distill_steps']} distillation steps per student "
-        f"(lr {meta['distill_lr']:g}, cosine); "
+        f"(lr {meta['distill_lr']:g}, {DISTILL_SCHEDULE}); "
         f"{meta['eval_steps']} sampling steps, true CFG scale {meta['cfg_scale']:g}; "
         f"held-out scenes: {meta['eval_scenes']} at 1x{highres}. "
         "Radii keep FLUX's ratio to the token grid (rN = FLUX's r=N at 1024 px).",
