@@ -315,6 +315,38 @@ def test_protocol_needs_a_teacher(tmp_path, capsys):
     assert "no teacher pipeline in" in capsys.readouterr().err
 
 
+def test_protocol_reuses_a_student_only_if_it_was_made_with_its_settings(tmp_path, capsys, monkeypatch):
+    cfg = run.ProtocolConfig(work=str(tmp_path / "work"), cfg_scale=3.0)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data").symlink_to(tmp_path / "data")  # the same folder, spelt another way
+    variant = run.variants_for(256)[1]
+    run_dir = tmp_path / "work" / "runs" / variant.name
+    run_dir.mkdir(parents=True)
+    exported = run_dir / f"clear_local_{variant.window}.safetensors"
+    exported.write_bytes(b"weights")
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        run.distill(cfg, tmp_path / "teacher", tmp_path / "work" / "data", variant)
+    settings = run.distill_settings(cfg, tmp_path / "teacher", tmp_path / "data", variant)
+    assert settings["caption_dropout"] == run.CAPTION_DROPOUT and settings["fm_weight"] == 0.0
+    (run_dir / "run.json").write_text(json.dumps({"config": settings | {"optimizer": "adamw"}, "data": {}}))
+    assert run.distill(cfg, tmp_path / "teacher", tmp_path / "work" / "data", variant) == exported
+    other = dataclasses.replace(cfg, distill_lr=2e-4, distill_steps=1000)
+    with pytest.raises(FileExistsError, match=r"max_steps 3000 \(protocol: 1000\); lr 0.0005 \(protocol: 0.0002\)"):
+        run.distill(other, tmp_path / "teacher", tmp_path / "work" / "data", variant)
+    assert exported.read_bytes() == b"weights"  # refused, not overwritten
+    # the CLI says so in one line and exits 2 (the teacher's config is all it reads before)
+    teacher = tmp_path / "teacher"
+    (teacher / "training").mkdir(parents=True)
+    (teacher / "model_index.json").write_text("{}")
+    (teacher / "training" / "config.json").write_text(json.dumps({"resolution": 256, "cfg_scale": 3.0}))
+    monkeypatch.setattr(run, "make_data", lambda cfg, teacher, resolution: tmp_path / "work" / "data")
+    argv = ["--work", str(tmp_path / "work"), "--teacher", str(teacher), "--variants", variant.name]
+    assert run.main([*argv, "--distill-lr", "2e-4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "lr 0.0005 (protocol: 0.0002)" in err
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("training.distill") is None, reason="needs the distillation CLI (branch distill)"
 )

@@ -3,7 +3,8 @@
     python -m benchmarks.fidelity.run --teacher TEACHER_DIR --work WORK_DIR          # the full protocol
     python -m benchmarks.fidelity.run --work WORK_DIR --smoke --results OUT_DIR      # end to end on toy sizes
 
-Steps (each one skipped when its output is already in ``WORK_DIR``, so an interrupted run resumes):
+Steps (each one skipped when its output is already in ``WORK_DIR``, so an interrupted run resumes; a student
+there made with other settings is refused, not reused):
 
 1. ``clear-dit make-data``: the teacher (``benchmarks.fidelity.train_teacher``) draws its own distillation
    set from fresh world captions at its training resolution.
@@ -152,24 +153,60 @@ def make_data(cfg: ProtocolConfig, teacher: Path, resolution: int) -> Path:
     return data
 
 
-def distill(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) -> Path:
-    """``clear-dit distill`` one student into ``WORK/runs/NAME``; returns its exported weights file."""
-    run_dir = Path(cfg.work) / "runs" / variant.name
-    exported = run_dir / (f"clear_local_{variant.window}" + (f"_down_{variant.down}" if variant.down > 1 else ""))
-    exported = exported.with_suffix(".safetensors")
-    if exported.is_file():
-        logger.info("%s: already distilled (%s)", variant.name, exported)
-        return exported
-    args = ["--model", str(teacher), "--data", str(data), "--window", str(variant.window)]
-    if variant.down > 1:
-        args += ["--down", str(variant.down)]
-    args += ["--max-steps", str(cfg.distill_steps), "--batch-size", str(cfg.distill_batch_size)]
-    args += ["--lr", str(cfg.distill_lr), "--lr-scheduler", DISTILL_SCHEDULE, "--lr-warmup-steps", str(DISTILL_WARMUP)]
-    args += ["--seed", str(cfg.seed), "--out", str(run_dir)]
+def distill_settings(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) -> dict[str, object]:
+    """The ``clear-dit distill`` settings of ``variant``'s student, by their ``DistillConfig`` names (the CLI's
+    flags map one to one onto these, and its ``run.json`` records them)."""
+    settings: dict[str, object] = {"model": str(teacher), "data": str(data), "window": variant.window}
+    settings |= {"down": variant.down, "max_steps": cfg.distill_steps, "batch_size": cfg.distill_batch_size}
+    settings |= {"lr": cfg.distill_lr, "lr_scheduler": DISTILL_SCHEDULE, "lr_warmup_steps": DISTILL_WARMUP}
+    settings["seed"] = cfg.seed
     if cfg.cfg_scale > 1:
         # Sampled with true CFG, students need their unconditional branch distilled too; and the data follow
         # the guided flow, not the teacher's conditional one, so L_fm would pull the student off the teacher.
-        args += ["--caption-dropout", str(CAPTION_DROPOUT), "--fm-weight", "0"]
+        settings |= {"caption_dropout": CAPTION_DROPOUT, "fm_weight": 0.0}
+    return settings
+
+
+def _check_student_run(run_dir: Path, settings: dict[str, object]) -> None:
+    """Refuse a student run in ``run_dir`` made with other settings than ``settings`` (its ``run.json``): reused or
+    resumed, it would be reported under the protocol's settings."""
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        if any(run_dir.glob("*.safetensors")):
+            raise FileNotFoundError(f"{run_dir} holds CLEAR weights but no run.json: cannot tell how they were made")
+        return
+    saved = json.loads(run_file.read_text())["config"]
+
+    def same(name: str, value: object) -> bool:
+        if name in ("model", "data"):  # the same folder however it was spelt
+            return Path(str(saved.get(name))).resolve() == Path(str(value)).resolve()
+        return saved.get(name) == value
+
+    diffs = [
+        f"{name} {saved.get(name)!r} (protocol: {value!r})" for name, value in settings.items() if not same(name, value)
+    ]
+    if diffs:
+        raise FileExistsError(
+            f"{run_dir} holds a student distilled with other settings: {'; '.join(diffs)}; move it away or run the "
+            "protocol with the settings it was made with"
+        )
+
+
+def distill(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) -> Path:
+    """``clear-dit distill`` one student into ``WORK/runs/NAME``; returns its exported weights file.
+
+    A student already there is reused (or its interrupted run resumed) only if it was made with the same settings.
+    """
+    run_dir = Path(cfg.work) / "runs" / variant.name
+    exported = run_dir / (f"clear_local_{variant.window}" + (f"_down_{variant.down}" if variant.down > 1 else ""))
+    exported = exported.with_suffix(".safetensors")
+    settings = distill_settings(cfg, teacher, data, variant)
+    _check_student_run(run_dir, settings)
+    if exported.is_file():
+        logger.info("%s: already distilled (%s)", variant.name, exported)
+        return exported
+    args = [arg for name, value in settings.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+    args += ["--out", str(run_dir)]
     if (run_dir / "logs").exists():
         args += ["--resume", "latest"]
     run_cli("distill", *args)
