@@ -111,6 +111,16 @@ def test_teacher_goes_on_training_from_a_previous_one(smoke_teacher, tmp_path, c
     transformer_before = before.transformer.state_dict()
     assert not all(torch.equal(value, transformer_before[key]) for key, value in after.transformer.state_dict().items())
 
+    highres = tmp_path / "highres"
+    argv = ["--out", str(highres), "--smoke", "--steps", "2", "--init-from", str(smoke_teacher)]
+    assert train_teacher.main([*argv, "--highres-share", "1", "--highres-scenes", "3"]) == 0
+    records = [json.loads(line) for line in (highres / "training" / "log.jsonl").read_text().splitlines()]
+    assert [r["size"] for r in records] == [2 * train_teacher.SMOKE["resolution"]]  # every step drawn at 2x
+    assert json.loads((highres / "training" / "config.json").read_text())["highres_share"] == 1.0
+    assert [json.loads(line)["size"] for line in (out / "training" / "log.jsonl").read_text().splitlines()] == [
+        train_teacher.SMOKE["resolution"]
+    ]
+
     assert train_teacher.main(["--out", str(out), "--smoke", "--overwrite", "--init-from", str(out)]) == 2
     err = capsys.readouterr().err  # after the progress bars of the loads above
     assert err.endswith("\nerror: --init-from must be another folder than --out (--out is emptied first)\n")
@@ -133,8 +143,10 @@ def test_teacher_rejects_bad_settings(tmp_path, capsys):
         ("--weighting-scheme", "cosmap", "--weighting-scheme must be none, logit_normal or mode, got 'cosmap'"),
         ("--sigma-one-share", "1.5", "--sigma-one-share must be in [0, 1], got 1.5"),
         ("--cell-weight", "0", "--cell-weight must be > 0 (1: every token alike), got 0.0"),
+        ("--highres-share", "-0.1", "--highres-share must be in [0, 1] (0: the training resolution only), got -0.1"),
+        ("--highres-share", "0.5 --highres-scenes 9", "--highres-scenes must be in 1..--num-scenes (8), got 9"),
     ):
-        assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, value]) == 2
+        assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, *value.split()]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "t").exists()
 

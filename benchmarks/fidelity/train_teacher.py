@@ -31,7 +31,10 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
    empty one, so that the teacher can be sampled with classifier-free guidance (``true_cfg_scale``).
    ``--sigma-one-share`` of the samples are drawn at sigma 1 instead, where the caption is all the model sees,
    and ``--cell-weight`` weighs the loss on the tokens of the 3x3 cells the caption states a shape in: a weight
-   of the caption alone, so the optimum is unchanged (both off by default).
+   of the caption alone, so the optimum is unchanged (both off by default). ``--highres-share`` of the steps
+   draw their batch from the first ``--highres-scenes`` scenes rendered at twice the resolution instead: a
+   teacher trained at one resolution only meets RoPE positions it never saw in the 2x stage of the
+   high-resolution pipeline, and draws the background there without the shapes (off by default).
 5. The pipeline saved with ``save_pretrained``, reloaded with ``from_pretrained``, and sampled on held-out
    scenes (with ``--cfg-scale``): the scene checker's adherence and the VAE's reconstruction quality go to
    ``training/eval.json``.
@@ -74,7 +77,7 @@ logger = logging.getLogger(__name__)
 #: world takes 30 words, 2 commas and the end token.
 T5_LENGTH = 40
 #: The first steps of a phase, timed to fit the phase into its share of the budget (all inside the warmup).
-_PROBE_STEPS = 5
+_PROBE_STEPS = 20
 
 
 @dataclasses.dataclass
@@ -103,6 +106,8 @@ class TeacherConfig:
     logit_mean: float = 0.0  # of "logit_normal": < 0 draws more high-noise timesteps (module docstring)
     sigma_one_share: float = 0.0  # of the samples drawn at sigma 1 instead (the caption is all they show)
     cell_weight: float = 1.0  # loss weight of the tokens in the caption's stated cells, relative to the others
+    highres_share: float = 0.0  # of the steps drawn from scenes rendered at twice the resolution
+    highres_scenes: int = 1000  # the first this many training scenes, at twice the resolution
     caption_dropout: float = 0.1
     cfg_scale: float = 4.0  # true classifier-free guidance of the evaluation samples (1: none)
     layers: int = 2
@@ -336,11 +341,13 @@ def stated_cell_weights(scenes: list[Scene], grid: int, weight: float) -> torch.
 
 
 def train_transformer(
-    pipe, cache: dict[str, torch.Tensor], cell_weights: torch.Tensor, cfg: TeacherConfig, seconds: float, log: Path
+    pipe, sets: list[tuple[dict[str, torch.Tensor], torch.Tensor]], cfg: TeacherConfig, seconds: float, log: Path
 ) -> int:
     """Train ``pipe.transformer`` from scratch with the rectified-flow loss, and the text encoders with it if
-    ``cfg.train_text_encoders``; leaves the EMA weights in them. ``cell_weights`` ``(n, tokens)``: the loss
-    weights of the cached scenes' tokens (:func:`stated_cell_weights`), for captions not dropped."""
+    ``cfg.train_text_encoders``; leaves the EMA weights in them. ``sets``: ``(cache, cell_weights)`` of the
+    training resolution (:func:`encode_scenes`; ``cell_weights`` ``(n, tokens)`` the loss weights of its scenes'
+    tokens for captions not dropped, :func:`stated_cell_weights`), then optionally of twice the resolution, which
+    ``cfg.highres_share`` of the steps draw from."""
     from diffusers import FluxPipeline
     from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -348,7 +355,6 @@ def train_transformer(
     scheduler = copy.deepcopy(pipe.scheduler)  # its timesteps/sigmas at construction are the training ones
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    n, channels, height, width = cache["mean"].shape
     phase = _Phase("transformer", cfg.steps, seconds, log)
     trained = [transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoders else [])
     parameters = [p for module in trained for p in module.parameters()]
@@ -361,6 +367,10 @@ def train_transformer(
     transformer.train()  # the text encoders stay in eval mode: their dropout would only add noise
 
     def step(_: int) -> dict:
+        # no extra draw without a second set: recorded runs repeat exactly
+        highres = len(sets) > 1 and torch.rand(1, generator=generator).item() < cfg.highres_share
+        cache, cell_weights = sets[highres]
+        n, channels, height, width = cache["mean"].shape
         index = torch.randint(n, (cfg.batch_size,), generator=generator)
         eps = torch.randn(cache["std"][index].shape, generator=generator)
         latents = (cache["mean"][index] + cache["std"][index] * eps - shift) * scale
@@ -394,7 +404,7 @@ def train_transformer(
         optimizer.step()
         schedule.step()
         ema.step(parameters)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0], "size": height * 8}
 
     steps = phase.run(step)
     ema.copy_to(parameters)
@@ -505,6 +515,12 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         raise ValueError(f"--cell-weight must be > 0 (1: every token alike), got {cfg.cell_weight}")
     if cfg.cfg_scale < 1:
         raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), got {cfg.cfg_scale}")
+    if not 0 <= cfg.highres_share <= 1:
+        raise ValueError(
+            f"--highres-share must be in [0, 1] (0: the training resolution only), got {cfg.highres_share}"
+        )
+    if cfg.highres_share > 0 and not 1 <= cfg.highres_scenes <= cfg.num_scenes:
+        raise ValueError(f"--highres-scenes must be in 1..--num-scenes ({cfg.num_scenes}), got {cfg.highres_scenes}")
     out = Path(cfg.out)
     if cfg.init_from is not None:
         if not (Path(cfg.init_from) / "model_index.json").is_file():
@@ -529,10 +545,18 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
             logger.info("latent shift %.4f, scale %.4f", shift, scale)
 
-        seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
         grid = cache["mean"].shape[-1] // 2  # packed tokens a side: 2x2 latents each
-        weights = stated_cell_weights(scenes, grid, cfg.cell_weight)
-        cfg.steps = train_transformer(pipe, cache, weights, cfg, seconds, log)
+        sets = [(cache, stated_cell_weights(scenes, grid, cfg.cell_weight))]
+        if cfg.highres_share > 0:
+            highres = scenes[: cfg.highres_scenes]
+            sets.append(
+                (
+                    encode_scenes(pipe, highres, 2 * cfg.resolution),
+                    stated_cell_weights(highres, 2 * grid, cfg.cell_weight),
+                )
+            )
+        seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
+        cfg.steps = train_transformer(pipe, sets, cfg, seconds, log)
         pipe.save_pretrained(out)
     (out / "training" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     summary = evaluate(out, cfg)
