@@ -156,10 +156,18 @@ def make_data(cfg: ProtocolConfig, teacher: Path, resolution: int) -> Path:
 def distill_settings(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) -> dict[str, object]:
     """The ``clear-dit distill`` settings of ``variant``'s student, by their ``DistillConfig`` names (the CLI's
     flags map one to one onto these, and its ``run.json`` records them)."""
-    settings: dict[str, object] = {"model": str(teacher), "data": str(data), "window": variant.window}
-    settings |= {"down": variant.down, "max_steps": cfg.distill_steps, "batch_size": cfg.distill_batch_size}
-    settings |= {"lr": cfg.distill_lr, "lr_scheduler": DISTILL_SCHEDULE, "lr_warmup_steps": DISTILL_WARMUP}
-    settings["seed"] = cfg.seed
+    settings: dict[str, object] = {
+        "model": str(teacher),
+        "data": str(data),
+        "window": variant.window,
+        "down": variant.down,
+        "max_steps": cfg.distill_steps,
+        "batch_size": cfg.distill_batch_size,
+        "lr": cfg.distill_lr,
+        "lr_scheduler": DISTILL_SCHEDULE,
+        "lr_warmup_steps": DISTILL_WARMUP,
+        "seed": cfg.seed,
+    }
     if cfg.cfg_scale > 1:
         # Sampled with true CFG, students need their unconditional branch distilled too; and the data follow
         # the guided flow, not the teacher's conditional one, so L_fm would pull the student off the teacher.

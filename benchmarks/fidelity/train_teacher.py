@@ -404,7 +404,12 @@ def train_transformer(
         optimizer.step()
         schedule.step()
         ema.step(parameters)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0], "size": height * 8}
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": schedule.get_last_lr()[0],
+            "size": height * pipe.vae_scale_factor,
+        }
 
     steps = phase.run(step)
     ema.copy_to(parameters)
