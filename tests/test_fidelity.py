@@ -16,7 +16,7 @@ from benchmarks.fidelity import probe, run, train_teacher
 from benchmarks.fidelity.common import held_out_scenes
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from pipelines.tiny import VAE_CONFIG
-from training.world import PALETTE, REGIONS, Scene, region_center, render
+from training.world import PALETTE, REGIONS, Scene, region_center, render, sample_scenes
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,15 @@ def test_probe_one_step_predictions_span_the_vae_round_trip_to_the_caption_alone
         probe.one_step_predictions(pipe, [scene], [1.5], resolution=64)
 
 
+def test_memorisation_probe_samples_both_sets_alike(smoke_teacher):
+    pipe = load_pipeline(str(smoke_teacher))
+    scenes = held_out_scenes(2)
+    seen = probe.memorisation(pipe, scenes, scenes, resolution=64, steps=2, cfg_scale=2.0)
+    assert seen["training"] == seen["held_out"]  # the same scenes and seeds: the same samples and scores
+    other = probe.memorisation(pipe, sample_scenes(2, 0), scenes, resolution=64, steps=2, cfg_scale=2.0)
+    assert other["held_out"] == seen["held_out"] and other["training"]["captions"] != seen["training"]["captions"]
+
+
 def test_region_probe_scores_a_render_one_in_its_stated_cell_and_zero_elsewhere():
     scenes = probe.region_scenes()
     assert len({s.caption for s in scenes}) == 36 and all(len(s.shapes) == 1 for s in scenes)
@@ -189,7 +198,7 @@ def test_region_probe_scores_a_render_one_in_its_stated_cell_and_zero_elsewhere(
     assert probe.cell_color_shift(Image.fromarray(image), scene)[0] == pytest.approx(0.5)
 
 
-def test_probe_cli_reports_all_three_probes(smoke_teacher, tmp_path, capsys):
+def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     out = tmp_path / "probe.json"
     argv = ["--teacher", str(smoke_teacher), "--scenes", "2", "--sigmas", "0", "1", "--steps", "2"]
     assert probe.main([*argv, "--json", str(out)]) == 0
@@ -204,9 +213,18 @@ def test_probe_cli_reports_all_three_probes(smoke_teacher, tmp_path, capsys):
     regions = result["regions"]
     assert regions["captions"] == 36
     assert regions["selectivity"] == pytest.approx(regions["stated_cell"] - regions["other_cells"])
+    config = json.loads((smoke_teacher / "training" / "config.json").read_text())
+    seen = result["memorisation"]
+    training = sample_scenes(2, config["seed"], config["max_shapes"])  # the teacher's first training scenes
+    assert seen["training"]["captions"] == [s.caption for s in training]
+    held_out = held_out_scenes(2, config["seed"], config["max_shapes"])
+    assert seen["held_out"]["captions"] == [s.caption for s in held_out]
+    assert all(0 <= seen[k]["kind_right"] <= seen[k]["shapes_found"] <= 1 for k in ("training", "held_out"))
     report = capsys.readouterr().out
     assert "| sigma | shapes found | of their kind | background right |" in report and "Encoder swap (2 pairs" in report
     assert "Region selectivity at sigma 1 (36 one-shape captions" in report
+    assert f"| 2 training | {seen['training']['adherence']:.3f} |" in report
+    assert f"| 2 held-out | {seen['held_out']['adherence']:.3f} |" in report
 
     assert probe.main(["--teacher", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path} is not a fidelity teacher (no training/config.json)\n"

@@ -1,4 +1,4 @@
-"""Probe a fidelity teacher: at which noise level it decides its shapes, and which text encoder carries what.
+"""Probe a fidelity teacher: where it decides its shapes, which text encoder carries what, whether it memorises.
 
     python -m benchmarks.fidelity.probe --teacher DIR [--scenes 16] [--sigmas 0 0.3 0.6 0.8 0.95 1] [--json OUT]
 
@@ -18,8 +18,12 @@
    of each 3x3 cell moves from the background colour to the shape's (0: background, 1: the shape's colour), in
    the stated cell and in the other eight. A teacher that reads where its caption puts the shape scores about
    1 and 0; one that paints the shape's colour everywhere or nowhere scores the same in both.
+4. **Memorisation.** ``--scenes`` of the teacher's own training scenes and as many held-out ones, sampled as its
+   evaluation samples them: adherence and the shares of shapes found and of their kinds on each. A teacher
+   that scores higher on the scenes it was trained on memorises them (more scenes would help); one that scores
+   alike generalises what it has learnt, and what it lacks is learning (steps, capacity).
 
-Prints the three results; ``--json`` writes them.
+Prints the four results; ``--json`` writes them.
 """
 
 from __future__ import annotations
@@ -34,14 +38,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.fidelity.checker import check_scene
-from benchmarks.fidelity.common import held_out_scenes
+from benchmarks.fidelity.checker import SceneCheck, check_scene
+from benchmarks.fidelity.common import generate, held_out_scenes
 from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
-from training.world import PALETTE, REGIONS, Scene, Shape, region_box, region_center
+from training.world import PALETTE, REGIONS, Scene, Shape, region_box, region_center, sample_scenes
 
 __all__ = [
     "cell_color_shift",
     "encoder_swap",
+    "memorisation",
     "one_step_predictions",
     "probe",
     "region_scenes",
@@ -167,12 +172,37 @@ def region_selectivity(pipe, resolution: int, seed: int = 0) -> dict:
     }
 
 
+def _shares(checks: list[SceneCheck]) -> dict:
+    """Shares of the stated shapes found and found with their kind, and of backgrounds right."""
+    shapes = [s for c in checks for s in c.shapes]
+    return {
+        "shapes_found": float(np.mean([s.found for s in shapes])),
+        "kind_right": float(np.mean([s.found and s.kind == s.shape.kind for s in shapes])),
+        "background_ok": float(np.mean([c.background_ok for c in checks])),
+    }
+
+
+def memorisation(
+    pipe, training: list[Scene], held_out: list[Scene], resolution: int, steps: int, cfg_scale: float
+) -> dict:
+    """The teacher's samples of its own ``training`` scenes and of ``held_out`` ones (seeds 0, 1, ... as in its
+    evaluation): ``{"training": {...}, "held_out": {...}}`` with adherence, :func:`_shares` and the captions each."""
+    result = {}
+    for name, scenes in (("training", training), ("held_out", held_out)):
+        seeds = list(range(len(scenes)))
+        images = generate(pipe, [s.caption for s in scenes], seeds, resolution, steps, cfg_scale=cfg_scale)
+        checks = [check_scene(image, scene) for image, scene in zip(images, scenes, strict=True)]
+        result[name] = {"scenes": len(scenes), "adherence": float(np.mean([c.score for c in checks]))}
+        result[name] |= _shares(checks) | {"captions": [s.caption for s in scenes]}
+    return result
+
+
 def probe(
     teacher: str, scenes: int, sigmas: list[float], steps: int | None, cfg_scale: float | None, seed: int
 ) -> dict:
-    """The three probes: the first on ``scenes`` held-out scenes, the swap on the pairs among ``2 * scenes``, the
-    region probe on :func:`region_scenes`; settings the teacher was trained and evaluated with
-    (``training/config.json``) unless given."""
+    """The four probes: the first on ``scenes`` held-out scenes, the swap on the pairs among ``2 * scenes``, the
+    region probe on :func:`region_scenes`, memorisation on the first ``scenes`` training scenes and the first
+    held-out ones; settings the teacher was trained and evaluated with (``training/config.json``) unless given."""
     from pipelines.loading import load_pipeline
 
     config_file = Path(teacher) / "training" / "config.json"
@@ -185,19 +215,12 @@ def probe(
     pipe = load_pipeline(teacher)
     pipe.set_progress_bar_config(disable=True)
     held_out = held_out_scenes(2 * scenes, config["seed"], max_shapes)
+    training = sample_scenes(min(scenes, config["num_scenes"]), config["seed"], max_shapes)  # its first ones
     rows = []
     probed = held_out[:scenes]
     for sigma, images in one_step_predictions(pipe, probed, sigmas, resolution, seed).items():
         checks = [check_scene(image, scene) for image, scene in zip(images, probed, strict=True)]
-        shapes = [s for c in checks for s in c.shapes]
-        rows.append(
-            {
-                "sigma": sigma,
-                "shapes_found": float(np.mean([s.found for s in shapes])),
-                "kind_right": float(np.mean([s.found and s.kind == s.shape.kind for s in shapes])),
-                "background_ok": float(np.mean([c.background_ok for c in checks])),
-            }
-        )
+        rows.append({"sigma": sigma} | _shares(checks))
     pairs = swap_pairs(held_out)
     if not pairs:
         raise ValueError(f"no pair of the {2 * scenes} held-out scenes has two backgrounds; raise --scenes")
@@ -210,6 +233,7 @@ def probe(
         "one_step": rows,
         "swap": {"pairs": len(verdicts), "steps": steps, "cfg_scale": cfg_scale, "background_follows": swap},
         "regions": region_selectivity(pipe, resolution, seed),
+        "memorisation": memorisation(pipe, training, probed, resolution, steps, cfg_scale),
     }
 
 
@@ -238,13 +262,26 @@ def format_report(result: dict) -> str:
         f"shape's): stated cell {regions['stated_cell']:.3f}, other cells {regions['other_cells']:.3f}, "
         f"selectivity {regions['selectivity']:.3f}",
     ]
+    seen = result["memorisation"]
+    lines += ["", "Memorisation (sampled as the evaluation samples):", ""]
+    lines += ["| scenes | adherence | shapes found | of their kind | background right |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {seen[k]['scenes']} {name} | {seen[k]['adherence']:.3f} | {seen[k]['shapes_found']:.0%} | "
+        f"{seen[k]['kind_right']:.0%} | {seen[k]['background_ok']:.0%} |"
+        for k, name in (("training", "training"), ("held_out", "held-out"))
+    ]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity.probe", description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", required=True, help="teacher folder (benchmarks.fidelity.train_teacher's output)")
-    parser.add_argument("--scenes", type=int, default=16, help="held-out scenes (default 16; pairs among twice that)")
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        default=16,
+        help="held-out scenes, and training scenes of the memorisation probe (default 16; pairs among twice that)",
+    )
     parser.add_argument(
         "--sigmas",
         type=float,
