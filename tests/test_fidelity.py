@@ -220,10 +220,11 @@ def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     held_out = held_out_scenes(2, config["seed"], config["max_shapes"])
     assert seen["held_out"]["captions"] == [s.caption for s in held_out]
     assert all(0 <= seen[k]["kind_right"] <= seen[k]["shapes_found"] <= 1 for k in ("training", "held_out"))
+    assert all(0 <= seen[k]["pass_rate"] <= seen[k]["adherence"] for k in ("training", "held_out"))
     report = capsys.readouterr().out
     assert "| sigma | shapes found | of their kind | background right |" in report and "Encoder swap (2 pairs" in report
     assert "Region selectivity at sigma 1 (36 one-shape captions" in report
-    assert f"| 2 training | {seen['training']['adherence']:.3f} |" in report
+    assert f"| 2 training | {seen['training']['adherence']:.3f} | {seen['training']['pass_rate']:.3f} |" in report
     assert f"| 2 held-out | {seen['held_out']['adherence']:.3f} |" in report
 
     assert probe.main(["--teacher", str(tmp_path)]) == 2

@@ -186,13 +186,18 @@ def memorisation(
     pipe, training: list[Scene], held_out: list[Scene], resolution: int, steps: int, cfg_scale: float
 ) -> dict:
     """The teacher's samples of its own ``training`` scenes and of ``held_out`` ones (seeds 0, 1, ... as in its
-    evaluation): ``{"training": {...}, "held_out": {...}}`` with adherence, :func:`_shares` and the captions each."""
+    evaluation): ``{"training": {...}, "held_out": {...}}`` with adherence, pass rate, :func:`_shares` and the
+    captions each."""
     result = {}
     for name, scenes in (("training", training), ("held_out", held_out)):
         seeds = list(range(len(scenes)))
         images = generate(pipe, [s.caption for s in scenes], seeds, resolution, steps, cfg_scale=cfg_scale)
         checks = [check_scene(image, scene) for image, scene in zip(images, scenes, strict=True)]
-        result[name] = {"scenes": len(scenes), "adherence": float(np.mean([c.score for c in checks]))}
+        result[name] = {
+            "scenes": len(scenes),
+            "adherence": float(np.mean([c.score for c in checks])),
+            "pass_rate": float(np.mean([c.passed for c in checks])),
+        }
         result[name] |= _shares(checks) | {"captions": [s.caption for s in scenes]}
     return result
 
@@ -264,10 +269,13 @@ def format_report(result: dict) -> str:
     ]
     seen = result["memorisation"]
     lines += ["", "Memorisation (sampled as the evaluation samples):", ""]
-    lines += ["| scenes | adherence | shapes found | of their kind | background right |", "|---|---|---|---|---|"]
     lines += [
-        f"| {seen[k]['scenes']} {name} | {seen[k]['adherence']:.3f} | {seen[k]['shapes_found']:.0%} | "
-        f"{seen[k]['kind_right']:.0%} | {seen[k]['background_ok']:.0%} |"
+        "| scenes | adherence | pass rate | shapes found | of their kind | background right |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {seen[k]['scenes']} {name} | {seen[k]['adherence']:.3f} | {seen[k]['pass_rate']:.3f} | "
+        f"{seen[k]['shapes_found']:.0%} | {seen[k]['kind_right']:.0%} | {seen[k]['background_ok']:.0%} |"
         for k, name in (("training", "training"), ("held_out", "held-out"))
     ]
     return "\n".join(lines)
