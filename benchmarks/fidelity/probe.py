@@ -19,9 +19,9 @@
    the stated cell and in the other eight. A teacher that reads where its caption puts the shape scores about
    1 and 0; one that paints the shape's colour everywhere or nowhere scores the same in both.
 4. **Memorisation.** ``--scenes`` of the teacher's own training scenes and as many held-out ones, sampled as its
-   evaluation samples them: adherence and the shares of shapes found and of their kinds on each. A teacher
-   that scores higher on the scenes it was trained on memorises them (more scenes would help); one that scores
-   alike generalises what it has learnt, and what it lacks is learning (steps, capacity).
+   evaluation samples them: adherence, pass rate and the shares of shapes found and of their kinds on each. A
+   teacher that scores higher on the scenes it was trained on memorises them (more scenes would help); one that
+   scores alike generalises what it has learnt, and what it lacks is learning (steps, capacity).
 
 Prints the four results; ``--json`` writes them.
 """
