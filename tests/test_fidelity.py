@@ -129,6 +129,31 @@ def test_teacher_goes_on_training_from_a_previous_one(smoke_teacher, tmp_path, c
     assert "is not a pipeline folder (no model_index.json)" in capsys.readouterr().err
 
 
+def test_new_teacher_takes_the_vae_of_another(smoke_teacher, tmp_path, capsys):
+    out = tmp_path / "wider"
+    argv = ["--out", str(out), "--smoke", "--steps", "2", "--vae-from", str(smoke_teacher), "--heads", "4"]
+    assert train_teacher.main(argv) == 0
+    config = json.loads((out / "training" / "config.json").read_text())
+    assert config["vae_from"] == str(smoke_teacher) and config["vae_steps"] == 0 and config["heads"] == 4
+    phases = [json.loads(line)["phase"] for line in (out / "training" / "log.jsonl").read_text().splitlines()]
+    assert phases == ["transformer"]  # no VAE phase
+    donor, new = load_pipeline(str(smoke_teacher)), load_pipeline(str(out))
+    assert (new.vae.config.shift_factor, new.vae.config.scaling_factor) == (
+        donor.vae.config.shift_factor,
+        donor.vae.config.scaling_factor,
+    )
+    vae_before = donor.vae.state_dict()
+    assert all(torch.equal(value, vae_before[key]) for key, value in new.vae.state_dict().items())
+    assert new.transformer.config.num_attention_heads == 4 != donor.transformer.config.num_attention_heads
+
+    argv = ["--out", str(tmp_path / "t"), "--smoke", "--vae-from", str(smoke_teacher), "--init-from", str(out)]
+    assert train_teacher.main(argv) == 2
+    assert "--vae-from is for a new teacher only" in capsys.readouterr().err
+    assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--vae-from", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.endswith(f"error: --vae-from {tmp_path} holds no VAE (no vae/config.json)\n")
+    assert not (tmp_path / "t").exists()  # refused before anything was written
+
+
 def test_teacher_rejects_bad_settings(tmp_path, capsys):
     assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--resolution", "72"]) == 2
     assert "multiple of 16" in capsys.readouterr().err

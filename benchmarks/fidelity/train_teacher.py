@@ -40,7 +40,9 @@ The result is a normal FLUX pipeline folder (``FluxPipeline.from_pretrained(DIR)
    ``training/eval.json``.
 
 ``--init-from DIR`` trains the teacher in ``DIR`` further (its VAE, text encoders and transformer; no VAE phase,
-the whole budget for step 4) into ``--out``.
+the whole budget for step 4) into ``--out``. ``--vae-from DIR`` builds a new teacher (text encoders and
+transformer of this run's sizes) on the trained VAE of ``DIR``, latent shift and scale included: no VAE phase, so
+that teachers of other sizes can be compared on the same latents.
 
 Without ``--steps``/``--vae-steps`` each phase runs as many steps as fit in its share of the budget, measured
 on its first steps; the counts are recorded in ``training/config.json`` so that a run can be repeated exactly.
@@ -119,6 +121,7 @@ class TeacherConfig:
     eval_scenes: int = 64
     eval_steps: int = 20
     init_from: str | None = None  # a teacher folder to go on training (its VAE kept, no VAE phase)
+    vae_from: str | None = None  # a pipeline folder whose VAE a new teacher takes (no VAE phase)
     overwrite: bool = False
 
 
@@ -468,6 +471,15 @@ def _continued_teacher(cfg: TeacherConfig):
     return pipe
 
 
+def _trained_vae(cfg: TeacherConfig):
+    """The VAE of ``cfg.vae_from``, latent shift and scale included; ``cfg``'s VAE settings are set to its own."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae")
+    cfg.vae_channels, cfg.vae_steps = tuple(vae.config.block_out_channels), 0
+    return vae
+
+
 def _check_captions(pipe, scenes: list[Scene]) -> None:
     lengths = [len(ids) for ids in pipe.tokenizer_2([s.caption for s in scenes]).input_ids]
     if max(lengths) > T5_LENGTH:
@@ -527,6 +539,10 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if cfg.highres_share > 0 and not 1 <= cfg.highres_scenes <= cfg.num_scenes:
         raise ValueError(f"--highres-scenes must be in 1..--num-scenes ({cfg.num_scenes}), got {cfg.highres_scenes}")
     out = Path(cfg.out)
+    if cfg.init_from is not None and cfg.vae_from is not None:
+        raise ValueError("--init-from keeps its teacher's VAE: --vae-from is for a new teacher only")
+    if cfg.vae_from is not None and not (Path(cfg.vae_from) / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"--vae-from {cfg.vae_from} holds no VAE (no vae/config.json)")
     if cfg.init_from is not None:
         if not (Path(cfg.init_from) / "model_index.json").is_file():
             raise FileNotFoundError(f"--init-from {cfg.init_from} is not a pipeline folder (no model_index.json)")
@@ -541,10 +557,13 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     with tempfile.TemporaryDirectory() as work_dir:
         pipe = build_teacher(cfg, Path(work_dir)) if cfg.init_from is None else _continued_teacher(cfg)
         _check_captions(pipe, scenes + held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes))
-        if cfg.init_from is None:
+        new_vae = cfg.init_from is None and cfg.vae_from is None
+        if cfg.vae_from is not None:
+            pipe.vae = _trained_vae(cfg)
+        if new_vae:
             cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
         cache = encode_scenes(pipe, scenes, cfg.resolution)
-        if cfg.init_from is None:
+        if new_vae:
             shift = cache["mean"].mean().item()
             scale = 1.0 / (cache["mean"] - shift).std().item()
             pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -586,7 +605,7 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
     parser.add_argument("--out", required=True, help="pipeline folder to write")
     parser.add_argument("--smoke", action="store_true", help="toy sizes and a few steps: checks the code paths")
     for field in dataclasses.fields(TeacherConfig):
-        if field.name in ("out", "overwrite", "init_from"):
+        if field.name in ("out", "overwrite", "init_from", "vae_from"):
             continue
         value = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
@@ -600,12 +619,17 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
     parser.add_argument(
         "--init-from", help="a teacher folder to go on training (VAE and sizes kept, no VAE phase; default: new)"
     )
+    parser.add_argument(
+        "--vae-from", help="a pipeline folder whose trained VAE a new teacher takes (no VAE phase; default: train one)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a previous teacher in --out")
     args = parser.parse_args(argv)
     settings = SMOKE.copy() if args.smoke else {}
-    skip = ("smoke", "out", "overwrite", "init_from")
+    skip = ("smoke", "out", "overwrite", "init_from", "vae_from")
     settings |= {k: v for k, v in vars(args).items() if v is not None and k not in skip}
-    return TeacherConfig(out=args.out, overwrite=args.overwrite, init_from=args.init_from, **settings)
+    return TeacherConfig(
+        out=args.out, overwrite=args.overwrite, init_from=args.init_from, vae_from=args.vae_from, **settings
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
