@@ -611,14 +611,6 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
         help="fraction of samples trained with the data's negative (empty) caption: distils the unconditional "
         "branch of true CFG too (default: 0)",
     )
-    p.add_argument(
-        "--true-cfg",
-        type=float,
-        default=1.0,
-        help="true-CFG scale the student will be sampled with: above 1, every sample also runs with the data's "
-        "negative prompt and L_out covers the guided velocity, whose error guidance amplifies (twice the compute "
-        "per step; instead of --caption-dropout; default: 1, off)",
-    )
     p.add_argument("--teacher", default="shared", help="shared: one model (default); copy: two models (official)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints, 0: none (500)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default: 3)")

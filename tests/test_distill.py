@@ -22,7 +22,7 @@ from app.cli import main
 from app.launch import WORLD_SIZE_VARIABLES, alone_under_cpu_launch, requested_processes
 from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
-from training.distill import DistillConfig, Distiller, make_batch, train, with_unconditional_branch
+from training.distill import DistillConfig, Distiller, make_batch, train
 from training.losses import TimestepSampler, distill_losses, weighted_mse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,57 +309,6 @@ def test_caption_dropout_swaps_in_the_datas_negative_caption(data_dir, tiny_pipe
         torch.testing.assert_close(dropped["encoder_hidden_states"][i], expected["prompt_embeds"], atol=0, rtol=0)
         torch.testing.assert_close(dropped["pooled_projections"][i], expected["pooled_prompt_embeds"], atol=0, rtol=0)
     torch.testing.assert_close(batch(0.5)["encoder_hidden_states"], dropped["encoder_hidden_states"])  # seeded
-
-
-def test_true_cfg_loss_distils_the_guided_velocity():
-    g = torch.Generator().manual_seed(0)
-    b, scale = 3, 4.0
-    student, teacher = (torch.randn(2 * b, 5, 6, generator=g) for _ in range(2))  # [conditional; unconditional]
-    target = torch.randn(b, 5, 6, generator=g)
-    attn_s, attn_t = [torch.randn(2 * b, 7, 8, generator=g)], [torch.randn(2 * b, 7, 8, generator=g)]
-    w = torch.tensor([1.0, 2.0, 0.5])
-    losses = distill_losses(student, teacher, target, attn_s, attn_t, w, 0.5, 0.25, 1.0, true_cfg=scale)
-    expected = []
-    for i in range(b):  # per sample, from the definitions
-        (sc, su), (tc, tu) = (student[i], student[b + i]), (teacher[i], teacher[b + i])
-        guided_error = (su + scale * (sc - su)) - (tu + scale * (tc - tu))
-        out = ((sc - tc).pow(2).mean() + (su - tu).pow(2).mean() + guided_error.pow(2).mean() / scale**2) / 3
-        fm = ((sc - target[i]).pow(2).mean() + (su - target[i]).pow(2).mean()) / 2
-        attn = ((attn_s[0][i] - attn_t[0][i]).pow(2).mean() + (attn_s[0][b + i] - attn_t[0][b + i]).pow(2).mean()) / 2
-        expected.append(w[i] * (fm + 0.5 * out + 0.25 * attn))
-    torch.testing.assert_close(losses.total, torch.stack(expected).mean())
-    # the same errors in both branches are the guided velocity's error: the guided term adds nothing
-    same = torch.cat([teacher[:b] + 0.1, teacher[b:] + 0.1])
-    agreeing = distill_losses(same, teacher, target, [], [], w, 0.0, 0.0, 0.0, true_cfg=scale)
-    assert agreeing.out.item() == pytest.approx(float(w.mean()) * 0.01 * (2 + 1 / scale**2) / 3, rel=1e-5)
-    with pytest.raises(ValueError, match=re.escape("true_cfg must be >= 1 (1: no guidance), got 0.5")):
-        distill_losses(student, teacher, target, [], [], w, true_cfg=0.5)
-
-
-def test_true_cfg_runs_each_sample_on_both_branches(tmp_path, data_dir):
-    ds = DistillDataset(data_dir)
-    negative = ds.negative()
-    sampler = TimestepSampler(torch.linspace(1, 0.01, 1000), "none")
-    generators = [torch.Generator().manual_seed(i) for i in range(3)]
-    batch = make_batch([ds[0], ds[1], ds[2]], generators, sampler, ds.info, 2.0, torch.device("cpu"), torch.float32)
-    doubled = with_unconditional_branch(batch, negative)
-    for key in ("hidden_states", "timestep", "guidance"):
-        torch.testing.assert_close(doubled.inputs[key], torch.cat([batch.inputs[key]] * 2), atol=0, rtol=0)
-    for key, name in (("encoder_hidden_states", "prompt_embeds"), ("pooled_projections", "pooled_prompt_embeds")):
-        torch.testing.assert_close(doubled.inputs[key][:3], batch.inputs[key], atol=0, rtol=0)
-        assert all(torch.equal(row, negative[name]) for row in doubled.inputs[key][3:])
-    assert doubled.target is batch.target and doubled.weighting is batch.weighting
-
-    path = train(config(tmp_path, data_dir, true_cfg=4.0, fm_weight=0.0, max_steps=2, validate_every=2))
-    assert path.is_file()
-    records = [json.loads(line) for line in (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 2] and all(r["val_gap_guided"] > 0 < r["val_gap"] for r in records)
-    assert json.loads((tmp_path / "run/run.json").read_text())["config"]["true_cfg"] == 4.0
-    with pytest.raises(ValueError, match=re.escape("true-cfg must be >= 1 (1: off), got 0.5")):
-        train(config(tmp_path, data_dir, "run2", true_cfg=0.5))
-    with pytest.raises(ValueError, match="true-cfg trains both branches of every sample: leave caption-dropout at 0"):
-        train(config(tmp_path, data_dir, "run2", true_cfg=2.0, caption_dropout=0.1))
-    assert not (tmp_path / "run2").exists()
 
 
 def test_clear_errors(tmp_path, data_dir):

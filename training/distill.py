@@ -106,7 +106,6 @@ class DistillConfig:
     mode_scale: float = 1.29
     guidance: float = 3.5
     caption_dropout: float = 0.0
-    true_cfg: float = 1.0  # > 1: also distil the velocity sampled with true CFG at this scale (losses module)
     teacher: str = "shared"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -133,10 +132,6 @@ class DistillConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption-dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.true_cfg < 1:
-            raise ValueError(f"true-cfg must be >= 1 (1: off), got {self.true_cfg}")
-        if self.true_cfg > 1 and self.caption_dropout > 0:
-            raise ValueError("true-cfg trains both branches of every sample: leave caption-dropout at 0 with it")
         choices = {
             "mixed_precision": MIXED_PRECISION,
             "optimizer": OPTIMIZERS,
@@ -322,22 +317,6 @@ def make_batch(
     return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device))
 
 
-def with_unconditional_branch(batch: _Batch, negative: dict[str, torch.Tensor]) -> _Batch:
-    """``batch`` twice, ``[as it is; with the negative prompt]``: the two branches of true CFG on the same noisy
-    latents and timesteps (:func:`training.losses.distill_losses` with ``true_cfg``); target and weighting stay
-    per sample."""
-    inputs = dict(batch.inputs)
-    b = inputs["hidden_states"].shape[0]
-    text = inputs["encoder_hidden_states"]
-    for key, name in (("encoder_hidden_states", "prompt_embeds"), ("pooled_projections", "pooled_prompt_embeds")):
-        uncond = negative[name].to(text.device, text.dtype).expand(b, *negative[name].shape)
-        inputs[key] = torch.cat([inputs[key], uncond])
-    for key in ("hidden_states", "timestep", "guidance"):
-        if key in inputs:
-            inputs[key] = inputs[key].repeat(2, *([1] * (inputs[key].dim() - 1)))
-    return _Batch(inputs, batch.target, batch.weighting)
-
-
 def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
     """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
     out = Path(config.out)
@@ -448,7 +427,7 @@ class Distiller:
         config.check()
         self.config = config
         self.dataset = DistillDataset(config.data)
-        self.negative = self.dataset.negative() if config.caption_dropout > 0 or config.true_cfg > 1 else None
+        self.negative = self.dataset.negative() if config.caption_dropout > 0 else None
         info = self.dataset.info
         # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
         self.num_validation = config.num_validation
@@ -561,7 +540,7 @@ class Distiller:
         positions = range(first, first + b)
         items = [self.dataset[self.stream.item(p)] for p in positions]
         generators = [self.stream.generator(p) for p in positions]
-        batch = make_batch(
+        return make_batch(
             items,
             generators,
             self.sampler,
@@ -572,7 +551,6 @@ class Distiller:
             negative=self.negative,
             caption_dropout=self.config.caption_dropout,
         )
-        return with_unconditional_branch(batch, self.negative) if self.config.true_cfg > 1 else batch
 
     def train_step(self) -> dict[str, float]:
         acc, student = self.accelerator, self.student
@@ -594,7 +572,6 @@ class Distiller:
                     self.config.out_weight,
                     self.config.attn_weight,
                     self.config.fm_weight,
-                    self.config.true_cfg,
                 )
                 acc.backward(losses.total)
                 if acc.sync_gradients:
@@ -641,31 +618,21 @@ class Distiller:
     def validation_losses(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Held-out losses of ``model`` (default: the student) against the teacher, means over items and sigmas.
 
-        ``val_gap``: mean squared student - teacher velocity difference, what distillation closes (of the
-        conditional branch); with ``true_cfg`` > 1 also ``val_gap_guided``, the same of the guided velocity.
+        ``val_gap``: mean squared student - teacher velocity difference, what distillation closes.
         ``val_fm_student`` / ``val_fm_teacher``: each model's flow-matching loss ``|v - (noise - x0)|^2``. For a
         teacher whose samples follow its own flow (a trained one), ``val_fm_teacher`` is about the lowest
         ``L_fm`` reachable, so ``L_fm`` pulls the student towards the teacher. A teacher whose ``L_fm`` the
         student can undercut (a randomly initialised one) makes ``L_fm`` pull the student away from it: the gap
         then grows with the default loss and only ``--fm-weight 0`` distills the teacher (see the README).
         """
-        acc, student, scale = self.accelerator, self.student, self.config.true_cfg
+        acc, student = self.accelerator, self.student
         model = student.transformer if model is None else model
         sums = {"val_gap": 0.0, "val_fm_student": 0.0, "val_fm_teacher": 0.0}
-        if scale > 1:
-            sums["val_gap_guided"] = 0.0
         for batch in self.held_out_batches():
-            if scale > 1:
-                batch = with_unconditional_branch(batch, self.negative)
             with acc.autocast():
                 with student.teacher() as teacher:
                     v_teacher = teacher(**batch.inputs)[0].float()
                 v_student = model(**batch.inputs)[0].float()
-            if scale > 1:
-                (s_cond, s_uncond), (t_cond, t_uncond) = v_student.chunk(2), v_teacher.chunk(2)
-                guided_gap = torch.lerp(s_uncond, s_cond, scale) - torch.lerp(t_uncond, t_cond, scale)
-                sums["val_gap_guided"] += float(guided_gap.pow(2).mean())
-                v_student, v_teacher = s_cond, t_cond
             target = batch.target.float()
             sums["val_gap"] += float((v_student - v_teacher).pow(2).mean())
             sums["val_fm_student"] += float((v_student - target).pow(2).mean())

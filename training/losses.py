@@ -2,10 +2,6 @@
 
 ``loss = L_fm + a * L_out + b * L_attn`` per sample, each term weighted by the timestep weighting scheme
 exactly as diffusers' ``train_dreambooth_flux.py`` weights its flow-matching loss.
-
-For a teacher sampled with true classifier-free guidance at scale ``s`` the sampled velocity is
-``v_u + s (v_c - v_u)``: a student's error there is ``e_u + s (e_c - e_u)``, up to ``s`` times a branch's when
-the two branches' errors do not agree. ``true_cfg=s`` distils that velocity as well (see :func:`distill_losses`).
 """
 
 from __future__ import annotations
@@ -99,11 +95,6 @@ class DistillLosses:
         }
 
 
-def _branch_mean(per_sample: torch.Tensor, branches: int) -> torch.Tensor:
-    """``(branches * batch,)`` -> ``(batch,)``: each sample's mean over its branches."""
-    return per_sample.reshape(branches, -1).mean(dim=0)
-
-
 def distill_losses(
     student_velocity: torch.Tensor,
     teacher_velocity: torch.Tensor,
@@ -114,45 +105,27 @@ def distill_losses(
     out_weight: float = 0.5,
     attn_weight: float = 0.5,
     fm_weight: float = 1.0,
-    true_cfg: float = 1.0,
 ) -> DistillLosses:
     """``fm_weight * L_fm + out_weight * L_out + attn_weight * L_attn``, per sample weighted, batch-averaged.
 
     Args:
-        student_velocity, teacher_velocity: ``(batch, seq, channels)`` packed velocities, or with ``true_cfg``
-            > 1 ``(2 * batch, seq, channels)``: every sample twice, ``[conditional; unconditional]`` (its caption,
-            then the negative prompt, on the same noisy latents).
-        flow_target: ``(batch, seq, channels)``, ``noise - x0``.
+        student_velocity, teacher_velocity, flow_target: ``(batch, seq, channels)`` packed velocities;
+            the flow-matching target is ``noise - x0``.
         student_attention, teacher_attention: attention outputs of the aligned layers, each
-            ``(batch, tokens, dim)`` (``2 * batch`` with ``true_cfg``); ``L_attn`` is the mean over layers (0
-            when no layer is aligned).
+            ``(batch, tokens, dim)``; ``L_attn`` is the mean over layers (0 when no layer is aligned).
         weighting: ``(batch,)`` from :meth:`TimestepSampler.weighting`.
-        true_cfg: the true-CFG scale ``s`` the student will be sampled with; > 1: ``L_fm`` and ``L_attn`` are
-            means over both branches, and ``L_out`` is the mean of three squared errors: the conditional
-            branch's, the unconditional one's and the guided velocity's ``v_u + s (v_c - v_u)`` divided by
-            ``s^2`` (so that all three weigh alike when the branches' errors are unrelated: the last one
-            penalises their disagreement, which guidance amplifies).
     """
-    if true_cfg < 1:
-        raise ValueError(f"true_cfg must be >= 1 (1: no guidance), got {true_cfg}")
     if len(student_attention) != len(teacher_attention):
         raise ValueError(
             f"{len(student_attention)} student and {len(teacher_attention)} teacher attention outputs to align"
         )
-    guided = true_cfg > 1
-    branches = 2 if guided else 1
-    weights = weighting.repeat(branches)
-    fm = _branch_mean(weighted_mse(student_velocity, flow_target.repeat(branches, 1, 1), weights), branches)
-    out = weighted_mse(student_velocity, teacher_velocity.detach(), weights)
-    if guided:
-        (s_cond, s_uncond), (t_cond, t_uncond) = student_velocity.chunk(2), teacher_velocity.detach().chunk(2)
-        s_guided, t_guided = torch.lerp(s_uncond, s_cond, true_cfg), torch.lerp(t_uncond, t_cond, true_cfg)
-        out = (out.reshape(2, -1).sum(dim=0) + weighted_mse(s_guided, t_guided, weighting) / true_cfg**2) / 3
+    fm = weighted_mse(student_velocity, flow_target, weighting)
+    out = weighted_mse(student_velocity, teacher_velocity.detach(), weighting)
     if student_attention:
         per_layer = [
-            weighted_mse(s, t.detach(), weights) for s, t in zip(student_attention, teacher_attention, strict=True)
+            weighted_mse(s, t.detach(), weighting) for s, t in zip(student_attention, teacher_attention, strict=True)
         ]
-        attn = _branch_mean(torch.stack(per_layer).mean(dim=0), branches)
+        attn = torch.stack(per_layer).mean(dim=0)
     else:
         attn = torch.zeros_like(fm)
     total = fm_weight * fm + out_weight * out + attn_weight * attn
