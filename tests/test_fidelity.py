@@ -151,6 +151,11 @@ def test_new_teacher_takes_the_vae_of_another(smoke_teacher, tmp_path, capsys):
     assert "--vae-from is for a new teacher only" in capsys.readouterr().err
     assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--vae-from", str(tmp_path)]) == 2
     assert capsys.readouterr().err.endswith(f"error: --vae-from {tmp_path} holds no VAE (no vae/config.json)\n")
+    other = tmp_path / "other" / "vae"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"latent_channels": 4}))
+    assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--vae-from", str(other.parent)]) == 2
+    assert "its VAE has 4 latent channels, the teacher takes 16" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()  # refused before anything was written
 
 

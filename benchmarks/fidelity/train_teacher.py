@@ -541,8 +541,15 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     out = Path(cfg.out)
     if cfg.init_from is not None and cfg.vae_from is not None:
         raise ValueError("--init-from keeps its teacher's VAE: --vae-from is for a new teacher only")
-    if cfg.vae_from is not None and not (Path(cfg.vae_from) / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"--vae-from {cfg.vae_from} holds no VAE (no vae/config.json)")
+    if cfg.vae_from is not None:
+        vae_config = Path(cfg.vae_from) / "vae" / "config.json"
+        if not vae_config.is_file():
+            raise FileNotFoundError(f"--vae-from {cfg.vae_from} holds no VAE (no vae/config.json)")
+        channels, packed = json.loads(vae_config.read_text()).get("latent_channels"), TRANSFORMER_CONFIG["in_channels"]
+        if channels is None or 4 * channels != packed:
+            raise ValueError(
+                f"--vae-from {cfg.vae_from}: its VAE has {channels} latent channels, the teacher takes {packed // 4}"
+            )
     if cfg.init_from is not None:
         if not (Path(cfg.init_from) / "model_index.json").is_file():
             raise FileNotFoundError(f"--init-from {cfg.init_from} is not a pipeline folder (no model_index.json)")
