@@ -466,18 +466,8 @@ def _continued_teacher(cfg: TeacherConfig):
         raise ValueError(f"--init-from {cfg.init_from} is not a fidelity teacher (train_teacher's output)")
     model, t5 = pipe.transformer.config, pipe.text_encoder_2.config
     cfg.layers, cfg.single_layers, cfg.heads = model.num_layers, model.num_single_layers, model.num_attention_heads
-    cfg.t5_dim, cfg.t5_layers, cfg.vae_steps = t5.d_model, t5.num_layers, 0
-    cfg.vae_channels = tuple(pipe.vae.config.block_out_channels)
+    cfg.t5_dim, cfg.t5_layers = t5.d_model, t5.num_layers
     return pipe
-
-
-def _trained_vae(cfg: TeacherConfig):
-    """The VAE of ``cfg.vae_from``, latent shift and scale included; ``cfg``'s VAE settings are set to its own."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae")
-    cfg.vae_channels, cfg.vae_steps = tuple(vae.config.block_out_channels), 0
-    return vae
 
 
 def _check_captions(pipe, scenes: list[Scene]) -> None:
@@ -566,9 +556,13 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         _check_captions(pipe, scenes + held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes))
         new_vae = cfg.init_from is None and cfg.vae_from is None
         if cfg.vae_from is not None:
-            pipe.vae = _trained_vae(cfg)
+            from diffusers import AutoencoderKL
+
+            pipe.vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae")  # latent shift and scale included
         if new_vae:
             cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
+        else:  # a trained VAE kept (--init-from, --vae-from): recorded as it is
+            cfg.vae_steps, cfg.vae_channels = 0, tuple(pipe.vae.config.block_out_channels)
         cache = encode_scenes(pipe, scenes, cfg.resolution)
         if new_vae:
             shift = cache["mean"].mean().item()
