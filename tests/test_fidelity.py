@@ -159,7 +159,24 @@ def test_new_teacher_takes_the_vae_of_another(smoke_teacher, tmp_path, capsys):
     assert not (tmp_path / "t").exists()  # refused before anything was written
 
 
-def test_teacher_rejects_bad_settings(tmp_path, capsys):
+def test_teacher_in_bf16_autocast_takes_the_same_draws_and_keeps_fp32_weights(smoke_teacher, tmp_path):
+    out = tmp_path / "bf16"
+    assert train_teacher.main(["--out", str(out), "--smoke", "--steps", "4", "--mixed-precision", "bf16"]) == 0
+    config = json.loads((out / "training" / "config.json").read_text())
+    assert config["mixed_precision"] == "bf16" and config["device"] == "cpu"
+    logs = [
+        [json.loads(line) for line in (folder / "training" / "log.jsonl").read_text().splitlines()]
+        for folder in (smoke_teacher, out)
+    ]
+    for fp32, bf16 in zip(*logs, strict=True):  # same batches, noise and timesteps: losses within bf16's rounding
+        assert (fp32["phase"], fp32["step"]) == (bf16["phase"], bf16["step"])
+        assert fp32["loss"] != bf16["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+    pipe = load_pipeline(str(out))
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}
+
+
+def test_teacher_rejects_bad_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--resolution", "72"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
     (tmp_path / "mine").mkdir()
@@ -175,6 +192,9 @@ def test_teacher_rejects_bad_settings(tmp_path, capsys):
         ("--cell-weight", "0", "--cell-weight must be > 0 (1: every token alike), got 0.0"),
         ("--highres-share", "-0.1", "--highres-share must be in [0, 1] (0: the training resolution only), got -0.1"),
         ("--highres-share", "0.5 --highres-scenes 9", "--highres-scenes must be in 1..--num-scenes (8), got 9"),
+        ("--mixed-precision", "fp16", "--mixed-precision must be no or bf16, got 'fp16'"),
+        ("--device", "tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+        ("--device", "cuda", "--device cuda: this machine has no CUDA GPU that torch can use; use --device cpu"),
     ):
         assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, *value.split()]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"

@@ -44,6 +44,10 @@ the whole budget for step 4) into ``--out``. ``--vae-from DIR`` builds a new tea
 transformer of this run's sizes) on the trained VAE of ``DIR``, latent shift and scale included: no VAE phase, so
 that teachers of other sizes can be compared on the same latents.
 
+``--device cuda`` trains (and evaluates) on a GPU, ``--mixed-precision bf16`` runs the forward passes of both
+phases under bf16 autocast (fp32 weights and optimiser state). Random draws come from CPU generators on any
+device, so a run's batches, noise and timesteps are the same everywhere; its numbers are not bit for bit.
+
 Without ``--steps``/``--vae-steps`` each phase runs as many steps as fit in its share of the budget, measured
 on its first steps; the counts are recorded in ``training/config.json`` so that a run can be repeated exactly.
 """
@@ -51,6 +55,7 @@ on its first steps; the counts are recorded in ``training/config.json`` so that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -120,6 +125,8 @@ class TeacherConfig:
     t5_layers: int = 3
     eval_scenes: int = 64
     eval_steps: int = 20
+    device: str = "cpu"  # "cuda" (or "cuda:N") trains and evaluates on a GPU
+    mixed_precision: str = "no"  # "bf16": forward passes under bf16 autocast, fp32 weights
     init_from: str | None = None  # a teacher folder to go on training (its VAE kept, no VAE phase)
     vae_from: str | None = None  # a pipeline folder whose VAE a new teacher takes (no VAE phase)
     overwrite: bool = False
@@ -153,6 +160,28 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out} holds files that are not a teacher run; refusing to delete them")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+#: ``--mixed-precision`` values: autocast dtype of the forward passes (``None``: fp32 throughout).
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16}
+
+
+def training_device(name: str) -> torch.device:
+    """``--device`` as a ``torch.device``: a CPU, or a CUDA GPU that this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    return device
+
+
+def _autocast(cfg: TeacherConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = MIXED_PRECISION[cfg.mixed_precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _images_to_tensor(images) -> torch.Tensor:
@@ -234,6 +263,7 @@ def _crop_corner(scene: Scene, resolution: int, crop: int, generator: torch.Gene
 def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log: Path) -> int:
     """Train ``vae`` in place on random crops of the rendered scenes; returns the number of steps run."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
+    device = vae.device
     phase = _Phase("vae", cfg.vae_steps, seconds, log)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(50, cfg.vae_steps or 50), phase.total))
@@ -249,11 +279,12 @@ def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log:
                 image[:, y : y + cfg.vae_crop, x : x + cfg.vae_crop]
                 for image, (y, x) in zip(images, corners, strict=True)
             ]
-        )
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
-        mse = torch.nn.functional.mse_loss(recon, batch)
-        kl = posterior.kl().mean()
+        ).to(device)
+        with _autocast(cfg, device):
+            posterior = vae.encode(batch).latent_dist
+            recon = vae.decode(posterior.sample(generator=generator)).sample  # CPU generator: drawn there, moved
+        mse = torch.nn.functional.mse_loss(recon.float(), batch)
+        kl = posterior.kl().float().mean()
         loss = mse + cfg.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -286,21 +317,16 @@ def encode_scenes(pipe, scenes: list[Scene], resolution: int, batch_size: int = 
     """Cache of the training set: latent mean/std ``(n, 16, r/8, r/8)`` (raw, unnormalised), the captions' token
     ids (``clip_ids``, ``t5_ids``) and those of the empty caption (``empty_clip_ids``, ``empty_t5_ids``: batch 1)
     for caption dropout."""
-    means, stds = [], []
+    means, stds, device = [], [], pipe.vae.device
     for start in tqdm(range(0, len(scenes), batch_size), desc="encode", unit="batch"):
-        posterior = pipe.vae.encode(render_batch(scenes[start : start + batch_size], resolution)).latent_dist
+        images = render_batch(scenes[start : start + batch_size], resolution).to(device)
+        posterior = pipe.vae.encode(images).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     clip_ids, t5_ids = tokenize_captions(pipe, [s.caption for s in scenes])
     empty_clip_ids, empty_t5_ids = tokenize_captions(pipe, [""])
-    return {
-        "mean": torch.cat(means),
-        "std": torch.cat(stds),
-        "clip_ids": clip_ids,
-        "t5_ids": t5_ids,
-        "empty_clip_ids": empty_clip_ids,
-        "empty_t5_ids": empty_t5_ids,
-    }
+    ids = {"clip_ids": clip_ids, "t5_ids": t5_ids, "empty_clip_ids": empty_clip_ids, "empty_t5_ids": empty_t5_ids}
+    return {"mean": torch.cat(means), "std": torch.cat(stds)} | {k: v.to(device) for k, v in ids.items()}
 
 
 def predict_velocity(
@@ -357,7 +383,8 @@ def train_transformer(
     transformer = pipe.transformer
     scheduler = copy.deepcopy(pipe.scheduler)  # its timesteps/sigmas at construction are the training ones
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)  # on the CPU: the same draws on every device
+    device = transformer.device
     phase = _Phase("transformer", cfg.steps, seconds, log)
     trained = [transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoders else [])
     parameters = [p for module in trained for p in module.parameters()]
@@ -374,10 +401,10 @@ def train_transformer(
         highres = len(sets) > 1 and torch.rand(1, generator=generator).item() < cfg.highres_share
         cache, cell_weights = sets[highres]
         n, channels, height, width = cache["mean"].shape
-        index = torch.randint(n, (cfg.batch_size,), generator=generator)
-        eps = torch.randn(cache["std"][index].shape, generator=generator)
+        index = torch.randint(n, (cfg.batch_size,), generator=generator).to(device)
+        eps = torch.randn(cache["std"][index].shape, generator=generator).to(device)
         latents = (cache["mean"][index] + cache["std"][index] * eps - shift) * scale
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
         u = compute_density_for_timestep_sampling(
             cfg.weighting_scheme,
             cfg.batch_size,
@@ -389,18 +416,19 @@ def train_transformer(
         if cfg.sigma_one_share > 0:  # no extra draw otherwise: recorded runs repeat exactly
             u = torch.where(torch.rand(cfg.batch_size, generator=generator) < cfg.sigma_one_share, 0.0, u)
         indices = (u * scheduler.config.num_train_timesteps).long()  # index 0: timestep 1000, sigma 1
-        timesteps = scheduler.timesteps[indices]
-        sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1)
+        timesteps = scheduler.timesteps[indices].to(device)
+        sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1).to(device)
         noisy = (1 - sigmas) * latents + sigmas * noise
-        drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+        drop = (torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout).to(device)
         clip_ids = torch.where(drop[:, None], cache["empty_clip_ids"], cache["clip_ids"][index])
         t5_ids = torch.where(drop[:, None], cache["empty_t5_ids"], cache["t5_ids"][index])
-        embeds, pooled = embed_ids(pipe, clip_ids, t5_ids)
-        pred = predict_velocity(transformer, noisy, timesteps / 1000, embeds, pooled)
+        with _autocast(cfg, device):
+            embeds, pooled = embed_ids(pipe, clip_ids, t5_ids)
+            pred = predict_velocity(transformer, noisy, timesteps / 1000, embeds, pooled)
         target = FluxPipeline._pack_latents(noise - latents, cfg.batch_size, channels, height, width)
         weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas).view(-1, 1, 1)
         tokens = torch.where(drop[:, None], 1.0, cell_weights[index])[..., None]
-        loss = (weighting * tokens * (pred - target) ** 2).mean()
+        loss = (weighting * tokens * (pred.float() - target) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -481,12 +509,12 @@ def evaluate(folder: Path, cfg: TeacherConfig) -> dict:
     """Sample the saved pipeline on held-out scenes; scene-checker adherence of samples and VAE round trips."""
     from pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(str(folder))
+    pipe = load_pipeline(str(folder)).to(training_device(cfg.device))
     scenes = held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes)
     renders = [render(s, cfg.resolution) for s in scenes]
     prompts, seeds = [s.caption for s in scenes], list(range(len(scenes)))
     samples = generate(pipe, prompts, seeds, cfg.resolution, cfg.eval_steps, cfg_scale=cfg.cfg_scale)
-    recon = pipe.vae.decode(pipe.vae.encode(_images_to_tensor(renders)).latent_dist.mean).sample
+    recon = pipe.vae.decode(pipe.vae.encode(_images_to_tensor(renders).to(pipe.device)).latent_dist.mean).sample.cpu()
     recon_images = [pipe.image_processor.postprocess(r[None].clamp(-1, 1))[0] for r in recon]
     checks = [check_scene(image, scene) for image, scene in zip(samples, scenes, strict=True)]
     recon_checks = [check_scene(image, scene) for image, scene in zip(recon_images, scenes, strict=True)]
@@ -526,6 +554,9 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         raise ValueError(
             f"--highres-share must be in [0, 1] (0: the training resolution only), got {cfg.highres_share}"
         )
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"--mixed-precision must be {' or '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
+    device = training_device(cfg.device)
     if cfg.highres_share > 0 and not 1 <= cfg.highres_scenes <= cfg.num_scenes:
         raise ValueError(f"--highres-scenes must be in 1..--num-scenes ({cfg.num_scenes}), got {cfg.highres_scenes}")
     out = Path(cfg.out)
@@ -559,6 +590,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             from diffusers import AutoencoderKL
 
             pipe.vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae")  # latent shift and scale included
+        pipe.to(device)
         if new_vae:
             cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
         else:  # a trained VAE kept (--init-from, --vae-from): recorded as it is
@@ -571,18 +603,18 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             logger.info("latent shift %.4f, scale %.4f", shift, scale)
 
         grid = cache["mean"].shape[-1] // 2  # packed tokens a side: 2x2 latents each
-        sets = [(cache, stated_cell_weights(scenes, grid, cfg.cell_weight))]
+        sets = [(cache, stated_cell_weights(scenes, grid, cfg.cell_weight).to(device))]
         if cfg.highres_share > 0:
             highres = scenes[: cfg.highres_scenes]
             sets.append(
                 (
                     encode_scenes(pipe, highres, 2 * cfg.resolution),
-                    stated_cell_weights(highres, 2 * grid, cfg.cell_weight),
+                    stated_cell_weights(highres, 2 * grid, cfg.cell_weight).to(device),
                 )
             )
         seconds = max(0.0, 0.95 * budget - (time.perf_counter() - start))  # the rest, less 5% for evaluation
         cfg.steps = train_transformer(pipe, sets, cfg, seconds, log)
-        pipe.save_pretrained(out)
+        pipe.to("cpu").save_pretrained(out)
     (out / "training" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     summary = evaluate(out, cfg)
     summary["train_minutes"] = (time.perf_counter() - start) / 60
