@@ -425,9 +425,11 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
     try:
         args.stages = parse_stages(args.stages)
         strengths = [args.strength] * (len(args.stages) - 1)
-        check_highres_inputs(args.stages, strengths, ntk_factor=args.ntk, down_factor=args.down or 1)
+        check_highres_inputs(
+            args.stages, strengths, ntk_factor=args.ntk, down_factor=args.down or 1, time_shift=args.time_shift
+        )
     except ValueError as err:
-        raise CLIError(str(err).replace("ntk_factor", "--ntk")) from None
+        raise CLIError(str(err).replace("ntk_factor", "--ntk").replace("time_shift", "--time-shift")) from None
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports
@@ -448,9 +450,10 @@ def cmd_highres(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype()
     _check_backend(args, device, dtype)
     _quiet_libraries(args.verbose)
-    from pipelines.highres import HighResFluxPipeline
+    from pipelines.highres import HighResFluxPipeline, resolve_clear_settings
     from pipelines.loading import load_pipeline
 
+    window, down, weights = resolve_clear_settings(args.window, args.down, args.weights, args.backend)
     pipe = HighResFluxPipeline.from_pipe(load_pipeline(args.model, torch_dtype=dtype).to(device))
     start = time.perf_counter()
     result = pipe(
@@ -460,9 +463,9 @@ def cmd_highres(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         seed=args.seed,
-        window_size=args.window,
-        down_factor=args.down,
-        clear_weights=args.weights,
+        window_size=window,
+        down_factor=down,
+        clear_weights=weights,
         backend=args.backend,
         ntk_factor=args.ntk,
         time_shift=args.time_shift,
@@ -480,8 +483,8 @@ def cmd_highres(args: argparse.Namespace) -> int:
         "guidance": args.guidance,
         **args.cfg,
         "seed": args.seed,
-        "window": args.window,
-        "down": args.down,
+        "window": window,
+        "down": down,
         "weights": args.weights,
         "backend": args.backend,
     }

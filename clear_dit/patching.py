@@ -41,6 +41,7 @@ __all__ = [
     "PIPELINE_COMPONENTS",
     "PatchHandle",
     "SUPPORTED_MODELS",
+    "check_patch_settings",
     "image_grid_from_ids",
     "image_grids_from_ids",
     "patch",
@@ -381,6 +382,14 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
     return _ModelPatch(model, originals, hooks, _install_guards(model, family))
 
 
+def check_patch_settings(window_size: int, down_factor: int = 1, backend: str = "auto") -> None:
+    """Raise the one-line ``ValueError`` :func:`patch` raises for these settings, without a model: for callers that
+    patch later (after a long first stage) and want bad settings to fail first."""
+    check_window_config(window_size, down_factor)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
+
+
 def patch(
     pipe_or_transformer: Any,
     window_size: int = 16,
@@ -407,9 +416,7 @@ def patch(
     ``fuse_qkv_projections``) raise a ``ValueError`` instead.
     """
     models = patchable_models(pipe_or_transformer)
-    check_window_config(window_size, down_factor)
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
+    check_patch_settings(window_size, down_factor, backend)
     for model in models:
         _check_replaceable(model)
         if backend != "auto" and backend not in available_backends(model.device, model.dtype):

@@ -9,7 +9,9 @@ attention weights, RoPE theta and VAE tiling are restored afterwards, also when 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 import clear_dit
+from clear_dit.patching import check_patch_settings
 from clear_dit.weights import ClearWeights
 
 from .loading import default_max_sequence_length
@@ -35,6 +38,7 @@ __all__ = [
     "HighResFluxPipelineOutput",
     "ntk_scaled_rope",
     "parse_stages",
+    "resolve_clear_settings",
     "vae_tiling",
 ]
 
@@ -44,6 +48,26 @@ class HighResFluxPipelineOutput(FluxPipelineOutput):
     """``images``: the last stage's images; ``stage_images[i]``: stage ``i``'s, in the same ``output_type``."""
 
     stage_images: list[Any] | None = None
+
+
+def resolve_clear_settings(
+    window_size: int | None,
+    down_factor: int | None,
+    clear_weights: str | os.PathLike | ClearWeights | None,
+    backend: str = "auto",
+) -> tuple[int, int, ClearWeights | None]:
+    """``(window_size, down_factor, weights)`` of the CLEAR stages: the values given, else those of
+    ``clear_weights`` (a file, hub path or :func:`clear_dit.read_weights` result: its metadata or name), else
+    radius 16 and ``d = 1``; checked as :func:`clear_dit.patch` checks them, before any stage runs."""
+    weights = clear_weights
+    if weights is not None and not isinstance(weights, ClearWeights):
+        weights = clear_dit.read_weights(weights, window_size, down_factor)
+    window = window_size if window_size is not None else weights.window_size if weights is not None else 16
+    down = down_factor if down_factor is not None else weights.down_factor if weights is not None else 1
+    check_patch_settings(window, down, backend)
+    if weights is not None:
+        weights = dataclasses.replace(weights, window_size=window, down_factor=down)
+    return window, down, weights
 
 
 @contextmanager
@@ -186,11 +210,11 @@ class HighResFluxPipeline(FluxPipeline):
             window_size, down_factor, backend: CLEAR settings (radius 16 by default, see :func:`clear_dit.patch`); with
                 ``clear_weights`` (a file, hub path, or :func:`clear_dit.read_weights` result) the file's radius
                 and down factor are used unless given, and its attention weights replace the model's during
-                the CLEAR stages only.
+                the CLEAR stages only. Checked before the first stage runs (:func:`resolve_clear_settings`).
             ntk_factor: RoPE ``theta`` multiplier of the upscale stages (1 disables NTK scaling).
             proportional_attention: softmax scale ``sqrt(log(N_k, 4608) / head_dim)`` in the CLEAR stages; at
                 FLUX's training size (1024 px, 512 text tokens) it equals the default scale.
-            time_shift: fixed flow-matching shift of the upscale stages instead of the resolution-dependent
+            time_shift: fixed flow-matching shift (> 0) of the upscale stages instead of the resolution-dependent
                 dynamic shift (``None``: the scheduler's own setting).
             enable_vae_tiling: tiled VAE encode/decode during the call.
             resample: PIL filter used to upscale each stage's image to the next size.
@@ -224,16 +248,9 @@ class HighResFluxPipeline(FluxPipeline):
             generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
         else:
             generators = [generator] * count
-        if isinstance(clear_weights, ClearWeights):
-            weights = clear_weights
-        elif clear_weights is not None:
-            weights = clear_dit.read_weights(clear_weights, window_size, down_factor)
-        else:
-            weights = None
-        down = weights.down_factor if weights is not None else (down_factor or 1)
-        window = weights.window_size if weights is not None else (window_size or 16)
+        window, down, weights = resolve_clear_settings(window_size, down_factor, clear_weights, backend)
         check_highres_inputs(
-            stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2
+            stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift
         )
 
         device = self._execution_device
@@ -244,12 +261,20 @@ class HighResFluxPipeline(FluxPipeline):
             )
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
+        prompts = prompt_embeds.shape[0]
+        # FluxPipeline repeats only the embeddings it encodes itself: repeat once here, one image per row in stages
+        prompt_embeds, pooled_prompt_embeds = (
+            t.repeat_interleave(num_images_per_prompt, dim=0) for t in (prompt_embeds, pooled_prompt_embeds)
+        )
         cfg: dict[str, Any] = {}
         if true_cfg_scale > 1 and negative_prompt is not None:
             if isinstance(negative_prompt, str):
-                negative_prompt = [negative_prompt] * (prompt_embeds.shape[0])
+                negative_prompt = [negative_prompt] * prompts
             negative_embeds, negative_pooled, _ = self.encode_prompt(
-                prompt=negative_prompt, device=device, max_sequence_length=max_sequence_length
+                prompt=negative_prompt,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
             )
             cfg = dict(
                 true_cfg_scale=true_cfg_scale,
@@ -292,7 +317,7 @@ class HighResFluxPipeline(FluxPipeline):
                     height=height,
                     num_inference_steps=int(steps[i]),
                     guidance_scale=guidance_scale,
-                    num_images_per_prompt=num_images_per_prompt,
+                    num_images_per_prompt=1,
                     generator=generators[i],
                     output_type="latent",
                     joint_attention_kwargs=joint_attention_kwargs,

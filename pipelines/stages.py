@@ -33,6 +33,7 @@ def check_highres_inputs(
     down_factor: int = 1,
     output_type: str = "pil",
     unit: int = 16,
+    time_shift: float | None = None,
 ) -> None:
     """Raise a one-line ValueError for settings :class:`HighResFluxPipeline` cannot run (no model needed).
 
@@ -46,6 +47,8 @@ def check_highres_inputs(
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if not ntk_factor > 0:
         raise ValueError(f"ntk_factor must be > 0, got {ntk_factor}")
+    if time_shift is not None and not time_shift > 0:  # 0 makes the shifted schedule 0/0 at sigma 1: NaN images
+        raise ValueError(f"time_shift must be > 0 (None: the scheduler's dynamic shift), got {time_shift}")
     for i, strength in enumerate(strengths, start=1):
         if not 0 < strength <= 1:
             raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength}")

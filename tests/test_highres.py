@@ -190,11 +190,53 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], strength=[0.5, 0.5]), r"strength has 2 entries; expected one per"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be > 0 .*, got 0.0"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=-1.0), r"time_shift must be > 0"),
+        (dict(stages=[(64, 64), (128, 128)], window_size=0), r"window_size must be a positive int .*, got 0"),
+        (dict(stages=[(64, 64), (128, 128)], down_factor=0), r"down_factor must be a positive int .*, got 0"),
+        (dict(stages=[(64, 64), (128, 128)], backend="bogus"), r"unknown backend 'bogus'"),
     ],
 )
-def test_bad_input_is_a_clear_value_error(pipe, kwargs, message):
+def test_bad_input_is_a_clear_value_error_before_any_step(pipe, kwargs, message):
+    steps = []
+
+    def callback(p, step, timestep, callback_kwargs):
+        steps.append((p.stage_index, step))
+        return callback_kwargs
+
     with pytest.raises(ValueError, match=message):
-        pipe("a red circle", **kwargs)
+        pipe("a red circle", num_inference_steps=2, callback_on_step_end=callback, **kwargs)
+    assert steps == []  # not after a whole base stage
+
+
+def test_several_prompts_and_images_per_prompt_match_single_prompt_runs(pipe):
+    """Each image of a batch is the one its prompt and its own generators give alone, true CFG included."""
+
+    def generators(*seeds):  # per stage, one generator per image
+        return [[torch.Generator().manual_seed(100 * stage + s) for s in seeds] for stage in range(len(STAGES))]
+
+    prompts, cfg = ["a red circle", "a blue square"], dict(negative_prompt="", true_cfg_scale=2.0)
+    common = dict(stages=STAGES, num_inference_steps=2, num_images_per_prompt=2, output_type="np", **cfg)
+    batch = pipe(prompts, generator=generators(0, 1, 2, 3), **common).images
+    assert batch.shape == (4, *STAGES[-1][::-1], 3)
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, generator=generators(2 * i, 2 * i + 1), **common).images
+        np.testing.assert_allclose(batch[2 * i : 2 * i + 2], alone, atol=1e-4)
+
+
+def test_read_weights_object_takes_the_radius_given(pipe, student_file):
+    windows = []
+
+    def callback(p, step, timestep, kwargs):
+        processor = next(iter(p.transformer.attn_processors.values()))
+        windows.append((p.stage_index, getattr(processor, "window_size", None), getattr(processor, "down_factor", 1)))
+        return kwargs
+
+    weights = clear_dit.read_weights(student_file[0])  # r=2, d=2 in its metadata
+    run = dict(stages=[(64, 64), (128, 128)], seed=0, output_type="latent", callback_on_step_end=callback)
+    pipe(**FAST, clear_weights=weights, window_size=4, **run)
+    pipe(**FAST, clear_weights=student_file[0], window_size=4, **run)
+    assert windows == [(0, None, 1), (0, None, 1), (1, 4, 2), (1, 4, 2)] * 2
 
 
 def test_patched_transformer_is_refused(pipe):
@@ -236,6 +278,15 @@ def test_cli_writes_final_and_stage_pngs(tiny_pipeline_path, tmp_path):
     assert settings["stages"] == "64x64,128x96" and (settings["window"], settings["down"], settings["ntk"]) == (2, 2, 4)
 
 
+def test_cli_records_the_clear_settings_in_effect(tmp_path, capsys):
+    out = tmp_path / "big.png"
+    args = ["highres", "--prompt", "a red circle", "--stages", "64x64,128x128", "--steps", "1", "--out", str(out)]
+    assert main(args) == 0
+    with Image.open(out) as image:
+        settings = json.loads(image.text["clear-dit"])
+    assert (settings["window"], settings["down"]) == (16, 1)  # the defaults the run used, not null
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -243,6 +294,7 @@ def test_cli_writes_final_and_stage_pngs(tiny_pipeline_path, tmp_path):
         (["--stages", "64x64,96x96", "--down", "4"], "error: stage 1 size 96x96 must be positive multiples of 64"),
         (["--stages", "64x64,128x128", "--strength", "1.5"], "error: strength of stage 1 must be in (0, 1]"),
         (["--stages", "64x64,128x128", "--ntk", "0"], "error: --ntk must be > 0"),
+        (["--stages", "64x64,128x128", "--time-shift", "0"], "error: --time-shift must be > 0"),
         (["--stages", "64"], "error: stage size '64' is not WIDTHxHEIGHT"),
         (["--stages", "64x64", "--weights", "missing.safetensors"], "error: weights file not found"),
         (["--stages", "64x64", "--out", "x.jpg"], "error: --out must be a .png file"),
