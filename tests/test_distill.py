@@ -311,6 +311,20 @@ def test_caption_dropout_swaps_in_the_datas_negative_caption(data_dir, tiny_pipe
     torch.testing.assert_close(batch(0.5)["encoder_hidden_states"], dropped["encoder_hidden_states"])  # seeded
 
 
+@pytest.mark.parametrize("flag", [dict(overwrite=True), dict(resume="latest")], ids=["overwrite", "resume"])
+def test_a_folder_that_holds_no_run_is_never_written_to(tmp_path, data_dir, flag):
+    """--overwrite and --resume act on a previous run; a folder of the user's own files is refused, untouched."""
+    out = tmp_path / "mine"
+    (out / "logs").mkdir(parents=True)
+    files = {out / "clear_local_1.safetensors": b"published", out / "logs" / "notes.txt": b"mine"}
+    for path, data in files.items():
+        path.write_bytes(data)
+    with pytest.raises(FileExistsError, match="is not empty and holds no distillation run"):
+        train(config(tmp_path, data_dir, "mine", max_steps=1, num_validation=0, **flag))
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(files)
+    assert all(path.read_bytes() == data for path, data in files.items())
+
+
 def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(ValueError, match="window_size must be a positive int"):
         train(config(tmp_path, data_dir, window=0))

@@ -321,14 +321,14 @@ def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
     """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
     out = Path(config.out)
     run_file = out / RUN_FILE
+    if out.is_dir() and any(out.iterdir()) and not run_file.is_file():  # --overwrite and --resume act on runs only
+        raise FileExistsError(f"{out} is not empty and holds no distillation run (no {RUN_FILE}); choose another --out")
     if config.resume is not None and not config.overwrite:
         checkpoint = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         if run_file.is_file():
             _check_same_run(json.loads(run_file.read_text()), _run_record(config, data_info), out)
-        elif checkpoint is not None:
-            raise FileNotFoundError(f"{out} has no {RUN_FILE}: cannot tell which run {checkpoint} belongs to")
         if checkpoint is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
@@ -336,8 +336,6 @@ def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
         raise FileExistsError(
             f"{out} already holds a distillation run; pass --resume latest to continue it or --overwrite to start over"
         )
-    if out.is_dir() and any(out.iterdir()) and not run_file.is_file() and not config.overwrite:
-        raise FileExistsError(f"{out} is not empty and holds no distillation run; choose another --out or --overwrite")
     return None
 
 
