@@ -112,21 +112,34 @@ def _expected_shapes(transformer: torch.nn.Module, down_factor: int) -> dict[str
     return shapes
 
 
+def _check_not_offloaded(tensors: dict[str, torch.Tensor], action: str) -> None:
+    """A one-line ``ValueError`` for parameters on the meta device: after ``enable_sequential_cpu_offload``
+    accelerate keeps their data in its hooks, so a copy into them is silently lost and one out of them fails."""
+    offloaded = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"cannot {action} CLEAR weights of a model under sequential CPU offload ({_first(offloaded)} on the meta "
+            "device): load or save them before enable_sequential_cpu_offload(), or use enable_model_cpu_offload()"
+        )
+
+
 def save_weights(pipe_or_transformer: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the CLEAR parameters of a patched model to ``path`` (safetensors, with metadata).
 
     Raises:
-        ValueError: the model is not patched.
+        ValueError: the model is not patched, or is under sequential CPU offload.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     transformer = resolve_transformer(pipe_or_transformer)
     handle = patch_handle(transformer)
     if handle is None:
         raise ValueError("save_weights needs a CLEAR-patched model: call clear_dit.patch(...) first")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    tensors = {name: t.detach().contiguous().cpu() for name, t in clear_state_dict(transformer).items()}
+    state = clear_state_dict(transformer)
+    _check_not_offloaded(state, "save")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     metadata = {
         "format": "clear-dit",
         "window_size": str(handle.window_size),
@@ -146,7 +159,7 @@ def _resolve_path(path: str | os.PathLike) -> Path:
     if local.is_file():
         return local
     text = str(path)
-    if local.exists() or not _HUB_PATH.match(text):
+    if local.exists() or text.startswith((".", "/", "~")) or not _HUB_PATH.match(text):  # hub owners start otherwise
         raise FileNotFoundError(f"CLEAR weights file not found: {text}")
     owner, repo, filename = text.split("/", 2)
     try:
@@ -240,6 +253,8 @@ def apply_weights(
         raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
     _check_not_fused(transformer, _clear_names(transformer))
+    params = dict(transformer.named_parameters())
+    _check_not_offloaded({published: params[name] for published, name in _clear_names(transformer).items()}, "load")
 
     # a pipeline: its ControlNets get the same attention (the paper's zero-shot transfer)
     handle = patch(

@@ -63,6 +63,26 @@ def test_sequential_cpu_offload_reaches_the_clear_parameters(make_pipe):
     # execution device, patched or not, so the call itself is exercised on GPU machines only)
 
 
+def test_weights_refused_under_sequential_cpu_offload(make_pipe, tmp_path):
+    """Offloaded parameters live on the meta device: a copy into them would be lost without a word."""
+    source = make_pipe()
+    clear_dit.patch(source, window_size=2)
+    path = clear_dit.save_weights(source, tmp_path / "clear_local_2.safetensors")
+    for patched in (False, True):
+        pipe = make_pipe()
+        if patched:
+            clear_dit.patch(pipe, window_size=2)
+        pipe.enable_sequential_cpu_offload(device="cpu")
+        if patched:
+            with pytest.raises(ValueError, match="cannot save CLEAR weights of a model under sequential CPU offload"):
+                clear_dit.save_weights(pipe, tmp_path / "offloaded.safetensors")
+            assert not (tmp_path / "offloaded.safetensors").exists()
+        else:
+            with pytest.raises(ValueError, match="cannot load CLEAR weights .* before enable_sequential_cpu_offload"):
+                clear_dit.load_weights(pipe, path)
+            assert clear_dit.patch_handle(pipe) is None  # refused before patching
+
+
 def test_vae_tiling_with_a_patched_pipeline(make_pipe, monkeypatch):
     pipe = make_pipe()
     clear_dit.patch(pipe, window_size=2)

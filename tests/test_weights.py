@@ -128,9 +128,20 @@ def test_mismatched_files_fail_naming_the_keys(model, tmp_path):
     torch.testing.assert_close(run(model, flux_inputs((4, 4))), reference, atol=0, rtol=0)
 
 
+def test_home_paths_are_expanded_alike_when_saving_and_loading(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    clear_dit.patch(model, window_size=2)
+    path = clear_dit.save_weights(model, "~/w/clear_local_2.safetensors")
+    assert path == tmp_path / "home" / "w" / "clear_local_2.safetensors" and path.is_file()
+    assert clear_dit.read_weights("~/w/clear_local_2.safetensors").window_size == 2
+
+
 def test_missing_files_and_unreachable_hub(model, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="CLEAR weights file not found: .*nope.safetensors"):
         clear_dit.load_weights(model, tmp_path / "nope.safetensors")
+    for relative in ("./runs/clear_local_2.safetensors", "../runs/clear_local_2.safetensors"):  # not hub ids
+        with pytest.raises(FileNotFoundError, match="CLEAR weights file not found"):
+            clear_dit.load_weights(model, relative)
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         clear_dit.load_weights(model, tmp_path / "garbage.safetensors", window_size=4)
