@@ -104,10 +104,10 @@ def _clear_attention(
 ) -> Iterator[None]:
     """CLEAR processors (and the student's weights, if any) inside the block; the teacher's on exit."""
     teacher = {}
-    if weights is not None:  # keep what apply_weights overwrites, off the accelerator
-        teacher = {
-            k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items() if k in weights.tensors
-        }
+    if weights is not None:  # keep what apply_weights overwrites, off the accelerator (by published names: a
+        # LoRA-carrying model holds them as peft's `.base_layer.` weights)
+        state = clear_dit.clear_state_dict(transformer)
+        teacher = {k: v.to("cpu", copy=True) for k, v in state.items() if k in weights.tensors}
     try:
         if weights is None:
             clear_dit.patch(transformer, window_size, down_factor, backend, proportional_attention)
@@ -116,10 +116,10 @@ def _clear_attention(
         yield
     finally:
         clear_dit.unpatch(transformer)
-        params = dict(transformer.named_parameters())
+        state = clear_dit.clear_state_dict(transformer)  # detached views of the parameters themselves
         with torch.no_grad():
             for name, value in teacher.items():
-                params[name].copy_(value)
+                state[name].copy_(value)
 
 
 def _per_stage(value: Any, count: int, name: str) -> list[Any]:

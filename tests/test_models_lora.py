@@ -79,3 +79,35 @@ def test_clear_weights_load_into_a_lora_carrying_transformer(tiny_pipeline_path,
     pipe.fuse_lora()
     with pytest.raises(ValueError, match="carry a fused LoRA: call unfuse_lora"):
         clear_dit.load_weights(pipe, path)
+
+
+def test_highres_gives_a_lora_carrying_model_its_weights_back(tiny_pipeline_path, lora_dir, tmp_path):
+    """The CLEAR stages load the student's projections into peft's base layers; the teacher's come back after."""
+    from pipelines.highres import HighResFluxPipeline
+
+    student = FluxPipeline.from_pretrained(tiny_pipeline_path)
+    clear_dit.patch(student, window_size=2)
+    with torch.no_grad():
+        for name, param in student.transformer.named_parameters():
+            if clear_dit.weights.is_clear_key(name):
+                param.add_(1.0)
+    path = clear_dit.save_weights(student, tmp_path / "clear_local_2.safetensors")
+    pipe = HighResFluxPipeline.from_pipe(FluxPipeline.from_pretrained(tiny_pipeline_path))
+    pipe.load_lora_weights(lora_dir, adapter_name="style")
+    before = {k: v.clone() for k, v in clear_dit.clear_state_dict(pipe).items()}
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append(
+            torch.equal(
+                clear_dit.clear_state_dict(p)["transformer_blocks.0.attn.to_q.weight"],
+                clear_dit.read_weights(path).tensors["transformer_blocks.0.attn.to_q.weight"],
+            )
+        )
+        return kwargs
+
+    pipe("a red circle", stages=[(64, 64), (128, 128)], num_inference_steps=1, clear_weights=path,
+         output_type="latent", callback_on_step_end=callback)  # fmt: skip
+    assert seen == [False, True]  # the student's projections in the CLEAR stage only
+    after = clear_dit.clear_state_dict(pipe)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
