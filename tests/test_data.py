@@ -166,6 +166,14 @@ def test_import_folder_with_captions(made, tmp_path):
     with pytest.raises(FileNotFoundError, match="no caption for .*c.png"):
         import_images(pipe, src, tmp_path / "data2", resolution=32)
 
+    mine = tmp_path / "mine"  # a folder of the user's own files is no data folder, --overwrite or not
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="holds no clear-dit data .*use another --out"):
+        import_images(pipe, src / "sub", mine, resolution=32, overwrite=True)
+    assert [p.name for p in mine.rglob("*")] == ["images", "holiday.jpg"]
+    assert (mine / "images" / "holiday.jpg").read_bytes() == b"mine"
+
 
 def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys):
     from app.cli import main

@@ -325,6 +325,34 @@ def test_a_folder_that_holds_no_run_is_never_written_to(tmp_path, data_dir, flag
     assert all(path.read_bytes() == data for path, data in files.items())
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(max_grad_norm=0.0), "max-grad-norm must be > 0, got 0.0"),
+        (dict(max_grad_norm=-1.0), "max-grad-norm must be > 0, got -1.0"),
+        (dict(weighting_scheme="logit_normal", logit_std=-1.0), "logit-std must be > 0, got -1.0"),
+        (dict(lr_scheduler="piecewise_constant"), "lr-scheduler 'piecewise_constant' is not one of"),
+        (dict(mixed_precision="fp16"), "mixed-precision fp16 needs a CUDA device"),
+        (dict(resume="latest", overwrite=True), "pass one of them"),
+    ],
+)
+def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, data_dir, monkeypatch, overrides, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(config(tmp_path, data_dir, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir):
+    run = tmp_path / "run"
+    train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
+    assert (run / "clear_local_1.safetensors").is_file()
+    (run / "clear_local_16.safetensors").write_bytes(b"published")  # the user's, kept beside the run
+    train(config(tmp_path, data_dir, window=2, max_steps=1, num_validation=0, overwrite=True))
+    assert not (run / "clear_local_1.safetensors").exists() and (run / "clear_local_2.safetensors").is_file()
+    assert (run / "clear_local_16.safetensors").read_bytes() == b"published"
+
+
 def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(ValueError, match="window_size must be a positive int"):
         train(config(tmp_path, data_dir, window=0))

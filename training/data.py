@@ -168,12 +168,13 @@ class _Writer:
         self.folder = folder
         self.info = info
         manifest = folder / MANIFEST_FILE
+        if folder.exists() and any(folder.iterdir()) and not (folder / INFO_FILE).exists():
+            # --overwrite discards data this tool made, never a folder of someone else's files
+            raise FileExistsError(
+                f"{folder} is not empty and holds no clear-dit data (no {INFO_FILE}); use another --out"
+            )
         if (folder / INFO_FILE).exists() and not overwrite:
             DataInfo.read(folder).check_matches(info, folder)
-        elif folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{folder} is not empty and holds no clear-dit data; use another --out, or --overwrite"
-            )
         elif overwrite and folder.exists():
             for sub in ("images", "shards"):
                 for f in (folder / sub).glob("*"):

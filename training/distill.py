@@ -26,7 +26,7 @@ Run folder::
     checkpoint-{step}/            accelerate state: trainable tensors, optimizer, scheduler, RNG, position
     logs/train.jsonl              per optimizer step: losses, lr, grad norm, samples/s
     logs/validation.jsonl         per validation: the held-out student - teacher velocity gap, both L_fm
-    validation/step-{step}.png    held-out prompts, teacher | student
+    validation/step-{step:06d}.png    held-out prompts, teacher | student
     clear_local_{R}[_down_{D}].safetensors   the exported student (clear_dit.save_weights)
 """
 
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Distiller", "DistillConfig", "MIXED_PRECISION", "OPTIMIZERS", "train", "export_name", "latest_checkpoint"]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+#: diffusers' schedulers that need no argument beyond warmup and total steps (piecewise_constant needs step rules).
+LR_SCHEDULERS = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
 OPTIMIZERS = ("adamw", "prodigy")
 #: The learning rate when --lr is not given: AdamW's step size; Prodigy estimates the step itself and its lr
 #: only scales that estimate (1.0 as its authors and diffusers' training scripts use it).
@@ -130,6 +132,13 @@ class DistillConfig:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("max_grad_norm", "logit_std"):  # a clip norm <= 0 zeroes or flips every gradient
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed-precision fp16 needs a CUDA device (CPU autocast runs bf16): use bf16 or no")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume continues a run and --overwrite discards it: pass one of them")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption-dropout must be in [0, 1), got {self.caption_dropout}")
         choices = {
@@ -137,7 +146,7 @@ class DistillConfig:
             "optimizer": OPTIMIZERS,
             "weighting_scheme": WEIGHTING_SCHEMES,
             "teacher": TEACHER_MODES,
-            "lr_scheduler": tuple(s.value for s in SchedulerType),
+            "lr_scheduler": LR_SCHEDULERS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -323,7 +332,7 @@ def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
     run_file = out / RUN_FILE
     if out.is_dir() and any(out.iterdir()) and not run_file.is_file():  # --overwrite and --resume act on runs only
         raise FileExistsError(f"{out} is not empty and holds no distillation run (no {RUN_FILE}); choose another --out")
-    if config.resume is not None and not config.overwrite:
+    if config.resume is not None:
         checkpoint = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
@@ -342,11 +351,11 @@ def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
 def _write_run_dir(config: DistillConfig, data_info: DataInfo, resuming: bool) -> None:
     """Clear what --overwrite discards (only the trainer's own files) and write run.json (main process)."""
     out = Path(config.out)
-    if config.overwrite and not resuming and out.is_dir():
+    if config.overwrite and not resuming and (out / RUN_FILE).is_file():
         for path in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
             shutil.rmtree(path, ignore_errors=True)
-        for path in out.glob("clear_local_*.safetensors"):
-            path.unlink()
+        previous = json.loads((out / RUN_FILE).read_text())["config"]  # its export only: others may be the user's
+        (out / export_name(previous["window"], previous.get("down", 1))).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(_run_record(config, data_info), indent=2) + "\n")
 
