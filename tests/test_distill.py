@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -341,6 +342,21 @@ def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, dat
     with pytest.raises(ValueError, match=re.escape(message)):
         train(config(tmp_path, data_dir, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_data_of_another_size_or_held_out_split(tmp_path, data_dir):
+    """The training order and the held-out items depend on both: a resume on grown data would train on items it
+    held out before."""
+    train(config(tmp_path, data_dir, max_steps=1, num_validation=1))
+    with pytest.raises(ValueError, match="data held_out: 1 -> 2"):
+        train(config(tmp_path, data_dir, max_steps=2, num_validation=2, resume="latest"))
+    smaller = tmp_path / "smaller"
+    shutil.copytree(data_dir, smaller)
+    manifest = smaller / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("".join(line + "\n" for line in lines[:-1]))
+    with pytest.raises(ValueError, match=f"data items: {len(lines)} -> {len(lines) - 1}"):
+        train(config(tmp_path, smaller, max_steps=2, num_validation=1, resume="latest"))
 
 
 def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir):

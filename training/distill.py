@@ -326,7 +326,7 @@ def make_batch(
     return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device))
 
 
-def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
+def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None:
     """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
     out = Path(config.out)
     run_file = out / RUN_FILE
@@ -337,7 +337,7 @@ def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         if run_file.is_file():
-            _check_same_run(json.loads(run_file.read_text()), _run_record(config, data_info), out)
+            _check_same_run(json.loads(run_file.read_text()), record, out)
         if checkpoint is None:
             logger.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
@@ -348,7 +348,7 @@ def _check_run_dir(config: DistillConfig, data_info: DataInfo) -> Path | None:
     return None
 
 
-def _write_run_dir(config: DistillConfig, data_info: DataInfo, resuming: bool) -> None:
+def _write_run_dir(config: DistillConfig, record: dict[str, Any], resuming: bool) -> None:
     """Clear what --overwrite discards (only the trainer's own files) and write run.json (main process)."""
     out = Path(config.out)
     if config.overwrite and not resuming and (out / RUN_FILE).is_file():
@@ -357,11 +357,14 @@ def _write_run_dir(config: DistillConfig, data_info: DataInfo, resuming: bool) -
         previous = json.loads((out / RUN_FILE).read_text())["config"]  # its export only: others may be the user's
         (out / export_name(previous["window"], previous.get("down", 1))).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(_run_record(config, data_info), indent=2) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _run_record(config: DistillConfig, data_info: DataInfo) -> dict[str, Any]:
-    return {"config": _identity_config(config), "data": data_info.shape_summary()}
+def _run_record(config: DistillConfig, data_info: DataInfo, items: int, held_out: int) -> dict[str, Any]:
+    """What run.json records: the config, and the data's shapes, size and held-out count (the training order and
+    the held-out split depend on both, so a resume on grown data would train on items held out before)."""
+    data = data_info.shape_summary() | {"items": items, "held_out": held_out}
+    return {"config": _identity_config(config), "data": data}
 
 
 def _identity_config(config: DistillConfig) -> dict[str, Any]:
@@ -375,7 +378,9 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], out: Path) -> No
         if saved["config"].get(k) != now["config"].get(k)
     ]
     diffs += [
-        f"data {k}: {saved['data'].get(k)!r} -> {v!r}" for k, v in now["data"].items() if saved["data"].get(k) != v
+        f"data {k}: {saved['data'][k]!r} -> {v!r}"
+        for k, v in now["data"].items()
+        if k in saved["data"] and saved["data"][k] != v  # run.json files before the data's size was recorded
     ]
     if diffs:
         raise ValueError(
@@ -455,14 +460,15 @@ class Distiller:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
-        self.resume_from = _check_run_dir(config, info)  # every process checks before any writes
+        record = _run_record(config, info, len(self.dataset), self.num_validation)
+        self.resume_from = _check_run_dir(config, record)  # every process checks before any writes
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
 
         transformer, scheduler = load_teacher(config.model, self.weight_dtype)
         check_data_fits(info, transformer, config.data)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _write_run_dir(config, info, resuming=self.resume_from is not None)
+            _write_run_dir(config, record, resuming=self.resume_from is not None)
         acc.wait_for_everyone()
         self.scheduler_config = scheduler.config
         self.guidance = config.guidance if transformer.config.guidance_embeds else None
