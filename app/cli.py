@@ -11,6 +11,7 @@ import argparse
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -30,6 +31,17 @@ FLUX_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 
 class CLIError(Exception):
     """A mistake in the command line: reported as ``error: <message>``, exit code 2."""
+
+
+def _finite(text: str) -> float:
+    """argparse type of every float option: ``nan`` and ``inf`` parse as floats but pass no range check."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +76,7 @@ def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentP
 def _true_cfg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--true-cfg",
-        type=float,
+        type=_finite,
         default=1.0,
         help="true classifier-free guidance scale against --negative-prompt, two transformer passes per step "
         "(default: 1, off; for teachers without a guidance embedding)",
@@ -94,7 +106,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="image height in px, a multiple of 16 (default: 256 tiny, 1024 else)")
     p.add_argument("--width", type=int, help="image width in px, a multiple of 16 (default: 256 tiny, 1024 else)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--guidance", type=_finite, default=3.5, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--window", type=int, help="CLEAR window radius in tokens (e.g. 8, 16, 32); default: full attention")
@@ -394,15 +406,15 @@ def _highres_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stages", required=True, help="WIDTHxHEIGHT per stage, increasing, e.g. 1024x1024,2048x2048 (stage 0 first)"
     )
-    p.add_argument("--strength", type=float, default=0.7, help="SDEdit strength of the upscale stages (default: 0.7)")
-    p.add_argument("--ntk", type=float, default=10.0, help="RoPE theta factor of the upscale stages (default: 10)")
-    p.add_argument("--time-shift", type=float, default=3.0, help="fixed time shift of the upscale stages (default: 3)")
+    p.add_argument("--strength", type=_finite, default=0.7, help="SDEdit strength of the upscale stages (default: 0.7)")
+    p.add_argument("--ntk", type=_finite, default=10.0, help="RoPE theta factor of the upscale stages (default: 10)")
+    p.add_argument("--time-shift", type=_finite, default=3.0, help="upscale stages' fixed time shift, > 0 (default: 3)")
     p.add_argument("--window", type=int, help="CLEAR radius of the upscale stages (default: 16, or the weights file's)")
     p.add_argument("--down", type=int, help="CLEAR down factor d: pooled keys; stage sizes must be multiples of 16*d")
     p.add_argument("--weights", help="CLEAR weights (.safetensors file or hub 'repo_id/file') for the upscale stages")
     p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
     p.add_argument("--steps", type=int, help="denoising steps per stage (default: 4 tiny, 28 else)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--guidance", type=_finite, default=3.5, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="random seed; stage i uses seed + i (default: 0)")
     p.add_argument("--save-stages", action="store_true", help="also write every earlier stage as OUT-stage{i}.png")
@@ -512,7 +524,7 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num", type=int, help="number of images to generate, prompts cycled (default: one per prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--guidance", type=_finite, default=3.5, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
@@ -580,36 +592,36 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-step (default: 1)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 1e-4 with adamw, 1.0 with prodigy)")
+    p.add_argument("--lr", type=_finite, help="learning rate (default: 1e-4 with adamw, 1.0 with prodigy)")
     p.add_argument("--optimizer", default="adamw", help="adamw (default) or prodigy (pip install prodigyopt)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="default: 1e-4")
+    p.add_argument("--weight-decay", type=_finite, default=1e-4, help="default: 1e-4")
     p.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization schedule (default: constant)")
     p.add_argument("--lr-warmup-steps", type=int, default=0, help="default: 0")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default: 1.0)")
+    p.add_argument("--max-grad-norm", type=_finite, default=1.0, help="gradient clipping (default: 1.0)")
     p.add_argument("--lora-rank", type=int, help="train a LoRA of this rank on the projections instead of them")
     p.add_argument("--mixed-precision", default="no", help="no (default), bf16 or fp16")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(
         "--fm-weight",
-        type=float,
+        type=_finite,
         default=1.0,
         help="weight of L_fm, the flow-matching loss (default: 1, the paper's, for a trained teacher). 0 distils the "
         "teacher alone: use it for a teacher whose samples do not follow its own flow, e.g. the random tiny one "
         "(logs/validation.jsonl: its val_fm_teacher above the student's val_fm_student)",
     )
-    p.add_argument("--out-weight", type=float, default=0.5, help="weight a of L_out (default: 0.5)")
-    p.add_argument("--attn-weight", type=float, default=0.5, help="weight b of L_attn (default: 0.5)")
+    p.add_argument("--out-weight", type=_finite, default=0.5, help="weight a of L_out (default: 0.5)")
+    p.add_argument("--attn-weight", type=_finite, default=0.5, help="weight b of L_attn (default: 0.5)")
     p.add_argument("--attn-layers", type=_layers, default=None, help="layers aligned by L_attn: 'all' or '0,1,5'")
     p.add_argument(
         "--weighting-scheme", default="none", help="none, sigma_sqrt, logit_normal, mode or cosmap (default: none)"
     )
-    p.add_argument("--logit-mean", type=float, default=0.0, help="logit_normal mean (default: 0)")
-    p.add_argument("--logit-std", type=float, default=1.0, help="logit_normal std (default: 1)")
-    p.add_argument("--mode-scale", type=float, default=1.29, help="'mode' scheme scale (default: 1.29)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance embedding of guidance-distilled teachers")
+    p.add_argument("--logit-mean", type=_finite, default=0.0, help="logit_normal mean (default: 0)")
+    p.add_argument("--logit-std", type=_finite, default=1.0, help="logit_normal std (default: 1)")
+    p.add_argument("--mode-scale", type=_finite, default=1.29, help="'mode' scheme scale (default: 1.29)")
+    p.add_argument("--guidance", type=_finite, default=3.5, help="guidance embedding of guidance-distilled teachers")
     p.add_argument(
         "--caption-dropout",
-        type=float,
+        type=_finite,
         default=0.0,
         help="fraction of samples trained with the data's negative (empty) caption: distils the unconditional "
         "branch of true CFG too (default: 0)",

@@ -147,6 +147,8 @@ def difference_heatmap(a: Image.Image, b: Image.Image) -> tuple[np.ndarray, floa
 
 
 def _png_metadata(settings: GenerationSettings, model: str, seconds: float) -> PngImagePlugin.PngInfo:
+    if settings.attention == "full" and not settings.upscale.strip():  # a weights file selected but not used
+        settings = replace(settings, weights=None)
     info = PngImagePlugin.PngInfo()
     record = {**asdict(settings), "model": model, "seconds": round(seconds, 3), "clear_dit": clear_dit.__version__}
     info.add_text("clear-dit", json.dumps(record))
@@ -214,14 +216,14 @@ class GenerationEngine:
             raise ValueError("the prompt is empty: describe the image you want")
         if s.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {s.attention!r}")
-        step = self.pixels_per_token * (s.down_factor if s.attention == "clear" else 1)
-        for name, side in (("width", s.width), ("height", s.height)):
-            if not MIN_SIDE <= side <= MAX_SIDE or side % step:
-                raise ValueError(f"{name} {side} px is not allowed: {self.size_rule(s.down_factor)}")
-        if not 1 <= s.steps <= MAX_STEPS:
-            raise ValueError(f"steps must be 1 to {MAX_STEPS}, got {s.steps}")
         if s.down_factor not in DOWN_FACTORS:
             raise ValueError(f"down factor must be one of {DOWN_FACTORS}, got {s.down_factor}")
+        down = s.down_factor if s.attention == "clear" else 1  # full attention pools nothing
+        for name, side in (("width", s.width), ("height", s.height)):
+            if not MIN_SIDE <= side <= MAX_SIDE or side % (self.pixels_per_token * down):
+                raise ValueError(f"{name} {side} px is not allowed: {self.size_rule(down)}")
+        if not 1 <= s.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be 1 to {MAX_STEPS}, got {s.steps}")
         clear_dit.mask.check_window_config(s.window_size, s.down_factor)
         if s.upscale.strip():
             stages = s.stages
@@ -229,8 +231,6 @@ class GenerationEngine:
                 raise ValueError(f"upscale sizes must be at most {MAX_SIDE} px per side, got {s.upscale}")
             strengths = [s.strength] * (len(stages) - 1)
             check_highres_inputs(stages, strengths, 1.0, s.attention, s.down_factor, unit=self.pixels_per_token)
-            if s.negative_prompt.strip():
-                raise ValueError("high-resolution mode takes no negative prompt: clear it or the upscale sizes")
 
     def cancel(self, session: str) -> bool:
         """Stop ``session``'s running generation at its next denoising step; False when it runs none."""
@@ -260,6 +260,7 @@ class GenerationEngine:
                 clear_dit.patch(self.pipe, window_size=s.window_size, down_factor=s.down_factor)
         else:
             if self._base_projections is None:  # full attention needs the original projections back later
+                clear_dit.unpatch(self.pipe)  # a zero-shot patch's pooling weights are no projections to restore
                 self._base_projections = {k: v.detach().cpu().clone() for k, v in self._clear_params().items()}
             self._weights_loaded = True
             clear_dit.load_weights(self.pipe, s.weights, window_size=s.window_size, down_factor=s.down_factor)
@@ -298,17 +299,16 @@ class GenerationEngine:
             max_sequence_length=self.text_len,
             callback_on_step_end=on_step_end,
         )
-        start = time.perf_counter()
+        common.update(self._true_cfg(s))
         try:
             if s.upscale.strip():
+                start = time.perf_counter()  # the high-resolution pipeline loads its weights per call: timed too
                 image = self._run_highres(s, common)
             else:
-                self._set_attention(s)
-                extra = {}
-                if self.has_negative_prompt and s.negative_prompt.strip():
-                    extra = {"negative_prompt": s.negative_prompt, "true_cfg_scale": s.true_cfg}
+                self._set_attention(s)  # not timed: loading a weights file is not generation
                 generator = torch.Generator("cpu").manual_seed(s.seed)  # as the CLI: same seed, same image
-                image = self.pipe(s.prompt, width=s.width, height=s.height, generator=generator, **common, **extra)
+                start = time.perf_counter()
+                image = self.pipe(s.prompt, width=s.width, height=s.height, generator=generator, **common)
                 image = image.images[0]
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
@@ -324,6 +324,12 @@ class GenerationEngine:
         image.save(path, pnginfo=_png_metadata(s, self.model, seconds))
         logger.info("generated %s in %.2f s", path, seconds)
         return Generation(image=image, path=path, seconds=seconds, settings=s)
+
+    def _true_cfg(self, s: GenerationSettings) -> dict:
+        """True CFG against the negative prompt (empty by default) above scale 1, as ``clear-dit --true-cfg``."""
+        if self.has_negative_prompt and s.true_cfg > 1:
+            return {"negative_prompt": s.negative_prompt, "true_cfg_scale": s.true_cfg}
+        return {}
 
     def _run_highres(self, s: GenerationSettings, common: dict) -> Image.Image:
         """Progressive upscaling; it installs CLEAR itself, on the unpatched model with its own projections."""
@@ -599,7 +605,7 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                     10,
                     value=1,
                     step=0.1,
-                    label="True CFG scale (with a negative prompt)",
+                    label="True CFG scale (against the negative prompt; 1: off)",
                     visible=engine.has_negative_prompt,
                 )
                 with gr.Row():

@@ -138,6 +138,8 @@ BAD = {
     "hub id offline": (["--model", "someone/no-such-model"], "'someone/no-such-model'"),
     "not an int": (["--steps", "many"], "invalid int value"),
     "true cfg below 1": (["--true-cfg", "0"], "--true-cfg must be >= 1 (1: off), got 0.0"),
+    "guidance not a number": (["--guidance", "nan"], "argument --guidance: expected a finite number, got 'nan'"),
+    "true cfg infinite": (["--true-cfg", "inf"], "argument --true-cfg: expected a finite number, got 'inf'"),
     "negative prompt without true cfg": (["--negative-prompt", "blurry"], "--negative-prompt needs --true-cfg"),
 }
 

@@ -139,6 +139,49 @@ def test_weights_file_is_loaded_and_full_attention_gets_its_projections_back(cb,
     assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
 
 
+def _weights_file(folder: Path, window: int = 2) -> Path:
+    other = load_pipeline("tiny", torch.float32)
+    clear_dit.patch(other, window_size=window)
+    with torch.no_grad():
+        other.transformer.transformer_blocks[0].attn.to_q.weight.mul_(1.5)
+    return clear_dit.save_weights(other, folder / f"clear_local_{window}.safetensors")
+
+
+def test_weights_after_a_pooled_zero_shot_patch_leave_full_attention_working(tmp_path):
+    """The first weights file snapshots the projections to restore: not the pooling weights of a d=2 patch."""
+    cb = Callbacks(GenerationEngine.load("tiny", output_dir=tmp_path / "out"))  # no snapshot taken yet
+    weights = _weights_file(tmp_path)
+    before, *_ = cb.generate(*values(attention="full"))
+    cb.generate(*values(window_size=2, down_factor=2))
+    cb.generate(*values(window_size=2, weights=str(weights)))
+    for _ in range(2):
+        after, *_ = cb.generate(*values(attention="full"))
+        assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
+
+
+def test_compare_times_the_generation_not_the_weights_loading(cb, tmp_path, monkeypatch):
+    weights = _weights_file(tmp_path)
+    load = clear_dit.load_weights
+
+    def slow_load(*args, **kwargs):  # a large file read from disk or the hub
+        time.sleep(1.0)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(clear_dit, "load_weights", slow_load)
+    full, clear, *_ = cb.compare(*values(weights=str(weights)))
+    records = [json.loads(read_png(path).text["clear-dit"]) for path in (full, clear)]
+    assert records[1]["seconds"] < 1.0 and records[1]["weights"] == str(weights)
+    assert records[0]["weights"] is None  # the full-attention image used no weights file
+
+
+def test_true_cfg_applies_against_the_empty_negative_prompt(cb):
+    """As `clear-dit generate --true-cfg`: the scale the PNG records is the one the image was drawn with."""
+    plain, *_ = cb.generate(*values(attention="full"))
+    guided, *_ = cb.generate(*values(attention="full", true_cfg=6.0))
+    assert json.loads(read_png(guided).text["clear-dit"])["true_cfg"] == 6.0
+    assert not np.array_equal(np.asarray(read_png(plain)), np.asarray(read_png(guided)))
+
+
 def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engine):
     before, *_ = cb.generate(*values(attention="full"))
     seen = []
@@ -160,6 +203,7 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
         (dict(width=100), "width 100 px is not allowed: width and height: multiples of 16 px"),
         (dict(height=32), "height 32 px is not allowed"),
         (dict(width=64, height=80, down_factor=2), "multiples of 32 px"),
+        (dict(width=100, down_factor=2, attention="full"), "not allowed: width and height: multiples of 16 px"),
         (dict(prompt="  "), "the prompt is empty"),
         (dict(steps=0), "steps must be 1 to 100"),
         (dict(width=None), "width is missing"),
