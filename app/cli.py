@@ -524,12 +524,17 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num", type=int, help="number of images to generate, prompts cycled (default: one per prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
-    p.add_argument("--guidance", type=_finite, default=3.5, help="guidance scale (default: 3.5)")
+    p.add_argument("--guidance", type=_finite, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default: 0)")
+    p.add_argument("--seed", type=int, help="image i uses seed SEED + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the tokenizer's limit, at most 512)")
     p.add_argument("--overwrite", action="store_true", help="discard data in --out made with other settings")
+
+
+def _given(**values) -> dict:
+    """The options given on the command line, for a library call whose own defaults serve the others."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 @subcommand(
@@ -537,10 +542,15 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_make_data(args: argparse.Namespace) -> int:
     defaults = TINY_DEFAULTS if args.model == "tiny" else FLUX_DEFAULTS
-    resolution = args.resolution or defaults["height"]
-    steps = args.steps or defaults["steps"]
-    if steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {steps}")
+    generation = {"--num": args.num, "--steps": args.steps, "--guidance": args.guidance, "--seed": args.seed}
+    given = [flag for flag, value in generation.items() if value is not None]
+    if args.images and given:
+        raise CLIError(f"{', '.join(given)} applies to generated data (--prompts), not to --images")
+    resolution = defaults["height"] if args.resolution is None else args.resolution  # 0 is an error, not the default
+    steps = defaults["steps"] if args.steps is None else args.steps
+    for flag, value in (("--steps", steps), ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be at least 1, got {value}")
     cfg = _check_true_cfg(args)
     if cfg and args.images:
         raise CLIError("--true-cfg applies to generated data (--prompts), not to --images")
@@ -561,8 +571,9 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     )
     if prompts is not None:
         out = generate_dataset(
-            pipe, prompts, args.out, num=args.num, steps=steps, guidance=args.guidance, seed=args.seed, **common, **cfg
-        )
+            pipe, prompts, args.out, num=args.num, steps=steps, **_given(guidance=args.guidance, seed=args.seed),
+            **common, **cfg,
+        )  # fmt: skip
     else:
         out = import_images(pipe, args.images, args.out, **common)
     print(f"{out}: {len(DistillDataset(out))} items at {resolution}x{resolution} (info.json, manifest.jsonl)")

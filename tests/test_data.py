@@ -190,6 +190,19 @@ def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys)
     assert main(["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--window", "0"]) == 1
     assert capsys.readouterr().err.startswith("error: window_size must be a positive int")
 
+    for extra, message in (  # 0 is refused, not read as "the default"; generation options have no use on imports
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--max-sequence-length", "0"], "--max-sequence-length must be at least 1, got 0"),
+        (["--resolution", "0"], "resolution must be a positive multiple of 16"),
+    ):
+        assert main(["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "bad"), *extra]) != 0
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+    (tmp_path / "photos").mkdir()
+    importing = ["make-data", "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "bad")]
+    assert main([*importing, "--num", "1", "--seed", "3"]) != 0
+    assert capsys.readouterr().err == "error: --num, --seed applies to generated data (--prompts), not to --images\n"
+    assert not (tmp_path / "bad").exists()
+
 
 def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeline_path):
     """A real ``kill -9`` of ``clear-dit make-data``: what the manifest lists stays readable, and a re-run completes."""

@@ -334,7 +334,10 @@ def _run(
     if batch_size <= 0:
         raise ValueError(f"batch size must be a positive int, got {batch_size}")
     _check_resolution(pipe, resolution)
-    max_sequence_length = max_sequence_length or default_max_sequence_length(pipe)
+    if max_sequence_length is None:
+        max_sequence_length = default_max_sequence_length(pipe)
+    elif max_sequence_length < 1:
+        raise ValueError(f"max_sequence_length must be at least 1 (T5 tokens), got {max_sequence_length}")
     probe = _encode_text(pipe, [items[0].prompt], max_sequence_length)
     info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe)
     writer = _Writer(out, info, overwrite)
