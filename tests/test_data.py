@@ -141,7 +141,7 @@ def test_dataset_errors_name_the_file(made, tmp_path):
         generate_dataset(pipe, PROMPTS, reference, num=4, **{**SETTINGS, "resolution": 32})
     with pytest.raises(ValueError, match="multiple of 16"):
         generate_dataset(pipe, PROMPTS, tmp_path / "odd", num=1, **{**SETTINGS, "resolution": 72})
-    with pytest.raises(ValueError, match="prompt list changed"):
+    with pytest.raises(ValueError, match="the prompt list or image folder changed"):
         generate_dataset(pipe, ["another prompt"], reference, num=4, **SETTINGS)
 
 
@@ -165,6 +165,20 @@ def test_import_folder_with_captions(made, tmp_path):
     Image.new("RGB", (32, 32)).save(src / "c.png")
     with pytest.raises(FileNotFoundError, match="no caption for .*c.png"):
         import_images(pipe, src, tmp_path / "data2", resolution=32)
+
+    # resuming matches items by their source image, not their index alone; an --out inside the folder is skipped
+    (src / "c.txt").write_text("a dark picture\n")
+    inside = src / "data"
+    import_images(pipe, src, inside, resolution=32)
+    assert [e["source"] for e in DistillDataset(import_images(pipe, src, inside, resolution=32)).entries] == [
+        "a.png",
+        "c.png",
+        "sub/b.jpg",
+    ]
+    Image.new("RGB", (32, 32), "green").save(src / "0.png")
+    (src / "0.txt").write_text("a red picture\n")  # sorts first, with item 0's caption
+    with pytest.raises(ValueError, match="item 0 was made from 'a.png', not '0.png'"):
+        import_images(pipe, src, inside, resolution=32)
 
     mine = tmp_path / "mine"  # a folder of the user's own files is no data folder, --overwrite or not
     (mine / "images").mkdir(parents=True)

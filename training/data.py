@@ -347,10 +347,12 @@ def _run(
     _atomic_write_bytes(out / NEGATIVE_FILE, safetensors_save(tensors))
     done = writer.done
     for item in items:
-        if item.index in done and done[item.index]["prompt"] != item.prompt:
+        made = done.get(item.index)
+        if made is not None and (made["prompt"], made.get("source")) != (item.prompt, item.source):
+            was, now = (made["prompt"], made.get("source")), (item.prompt, item.source)
             raise ValueError(
-                f"{out}: item {item.index} was made from {done[item.index]['prompt']!r}, not {item.prompt!r}; "
-                "the prompt list changed: use another --out, or --overwrite"
+                f"{out}: item {item.index} was made from {was[1] or was[0]!r}, not {now[1] or now[0]!r}; "
+                "the prompt list or image folder changed: use another --out, or --overwrite"
             )
     todo = [item for item in items if item.index not in done]
     if len(todo) < len(items):
@@ -491,7 +493,10 @@ def import_images(
     src = Path(images)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder not found: {src}")
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    inside = Path(out).resolve()  # an --out inside --images: its own PNGs are no source images
+    files = sorted(
+        p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.resolve().is_relative_to(inside)
+    )
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
     items = [_Item(i, _caption(path), source=str(path.relative_to(src))) for i, path in enumerate(files)]
