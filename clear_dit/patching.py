@@ -185,7 +185,7 @@ def patchable_models(pipe_or_model: Any) -> list[nn.Module]:
         models = [m for component in components if component is not None for m in _expand(component)]
     for model in models or [pipe_or_model]:
         _family(model)
-    return models
+    return list({id(model): model for model in models}.values())  # a net listed twice is patched once
 
 
 def resolve_transformer(pipe_or_transformer: Any) -> nn.Module:
@@ -364,13 +364,30 @@ def _check_replaceable(model: nn.Module) -> None:
             )
 
 
+def _reference_parameter(model: nn.Module) -> torch.Tensor:
+    """The parameter whose device and dtype the processors take: the first floating one (a quantized model
+    stores some weights as integers)."""
+    return next(p for p in model.parameters() if p.is_floating_point())
+
+
+def _check_offload(model: nn.Module, down_factor: int) -> None:
+    """Under sequential CPU offload parameters live on the meta device and accelerate's hooks hold their data:
+    new pooling weights (``down_factor > 1``) would get none."""
+    if down_factor > 1 and _reference_parameter(model).device.type == "meta":
+        raise ValueError(
+            f"{type(model).__name__} is under sequential CPU offload (parameters on the meta device), where the "
+            "pooling weights of down_factor > 1 get no data: patch before enable_sequential_cpu_offload(), "
+            "or use enable_model_cpu_offload()"
+        )
+
+
 def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
     family = _family(model)
     previous = getattr(model, _HANDLE_ATTR, None)
     if previous is not None:
         previous._release(model)
     originals = dict(model.attn_processors)
-    reference = next(model.parameters())
+    reference = _reference_parameter(model)
     model.set_attn_processor(
         {
             name: make_processor(family.processor).to(device=reference.device, dtype=reference.dtype)
@@ -419,6 +436,7 @@ def patch(
     check_patch_settings(window_size, down_factor, backend)
     for model in models:
         _check_replaceable(model)
+        _check_offload(model, down_factor)
         if backend != "auto" and backend not in available_backends(model.device, model.dtype):
             logger.warning("backend %r is not available for %s/%s", backend, model.device, model.dtype)
 

@@ -83,6 +83,16 @@ def test_weights_refused_under_sequential_cpu_offload(make_pipe, tmp_path):
             assert clear_dit.patch_handle(pipe) is None  # refused before patching
 
 
+def test_patch_with_pooling_refused_under_sequential_cpu_offload(make_pipe):
+    """New pooling weights would be created on the meta device with no hook to give them data."""
+    pipe = make_pipe()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="under sequential CPU offload .* patch before enable_sequential_cpu_offload"):
+        clear_dit.patch(pipe, window_size=2, down_factor=2)
+    assert clear_dit.patch_handle(pipe) is None
+    assert clear_dit.patch(pipe, window_size=2).down_factor == 1  # no pooling weights: nothing to lose
+
+
 def test_vae_tiling_with_a_patched_pipeline(make_pipe, monkeypatch):
     pipe = make_pipe()
     clear_dit.patch(pipe, window_size=2)

@@ -114,3 +114,32 @@ def test_diffusers_attention_backends_are_refused_not_ignored(model):
             processor._attention_backend = "flash"
         with pytest.raises(ValueError, match="set_attention_backend cannot compute CLEAR"):
             run(model, flux_inputs((4, 4)))
+
+
+def test_a_controlnet_listed_twice_is_patched_and_unpatched_once(tmp_path):
+    import types
+
+    from diffusers import FluxMultiControlNetModel
+    from dit_models import tiny_flux_controlnet
+
+    net = tiny_flux_controlnet(tmp_path / "net")
+    originals, hooks = dict(net.attn_processors), len(net._forward_pre_hooks)
+    pipe = types.SimpleNamespace(transformer=tiny_flux_transformer(tmp_path / "t"), controlnet=None)
+    for unpatch in (lambda handle: clear_dit.unpatch(pipe), lambda handle: handle.unpatch()):
+        pipe.controlnet = FluxMultiControlNetModel([net, net])  # one net for two conditions
+        handle = clear_dit.patch(pipe, window_size=2)
+        assert handle.num_layers == len(pipe.transformer.attn_processors) + len(originals)
+        unpatch(handle)
+        assert all(net.attn_processors[k] is v for k, v in originals.items())
+        assert len(net._forward_pre_hooks) == hooks and clear_dit.patch_handle(net) is None
+
+
+@pytest.mark.parametrize("down_factor", [1, 2])
+def test_a_model_with_integer_weights_takes_the_dtype_of_its_floating_ones(model, down_factor):
+    """As a bitsandbytes / GGUF model stores some weights: the processors must not take an integer dtype."""
+    name, first = next(model.named_parameters())
+    owner, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(owner), attr, torch.nn.Parameter(first.detach().to(torch.uint8), requires_grad=False))
+    clear_dit.patch(model, window_size=2, down_factor=down_factor)
+    dtypes = {p.dtype for processor in model.attn_processors.values() for p in processor.parameters()}
+    assert dtypes == ({torch.float32} if down_factor > 1 else set())
