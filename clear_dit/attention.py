@@ -72,6 +72,8 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
+    if query.shape[-1] < 1:
+        raise ValueError(f"head_dim must be at least 1, got shape {tuple(query.shape)}")
     if query.shape[1] != layout.q_len:
         grids = " + ".join(f"{h}*{w}" for h, w in layout.image_grids)
         raise ValueError(f"seq length {query.shape[1]} != text_len + image tokens = {layout.text_len} + {grids}")
@@ -140,6 +142,8 @@ def clear_attention_with_layout(
 ) -> torch.Tensor:
     """:func:`clear_attention` for callers that already hold the :class:`~clear_dit.mask.CLEARLayout`."""
     _check_inputs(query, key, value, layout)
+    if spatial_weight is not None and layout.down_factor == 1:  # a checkpoint's pooling weight, d forgotten
+        raise ValueError("spatial_weight pools keys: it needs down_factor > 1 (the d it was trained with)")
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if layout.down_factor > 1:

@@ -67,6 +67,16 @@ def attention_with_lse(
 
 
 def _check_band(query, key, value, key_grid, rows, num_global) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got {t.dim()} dims {tuple(t.shape)}")
+    b, _, heads, dim = query.shape
+    for name, t in (("key", key), ("value", value)):
+        if (t.shape[0], t.shape[2], t.shape[3], t.dtype, t.device) != (b, heads, dim, query.dtype, query.device):
+            raise ValueError(
+                f"{name} must share the query's batch, heads, head_dim, dtype and device: query "
+                f"{tuple(query.shape)} {query.dtype} {query.device}, {name} {tuple(t.shape)} {t.dtype} {t.device}"
+            )
     hk, w = key_grid
     r0, r1 = rows
     if not 0 <= r0 < r1 <= hk:

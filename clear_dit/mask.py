@@ -24,8 +24,10 @@ one image.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,19 +50,36 @@ def in_window(dy, dx, window_size: int):
 
 def check_window_config(window_size: int, down_factor: int = 1) -> None:
     """Raise a one-line ``ValueError`` unless radius and down factor are positive ints."""
-    if not isinstance(window_size, int) or window_size <= 0:
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size <= 0:
         raise ValueError(f"window_size must be a positive int (a token radius such as 8, 16, 32), got {window_size!r}")
-    if not isinstance(down_factor, int) or down_factor <= 0:
+    if isinstance(down_factor, bool) or not isinstance(down_factor, int) or down_factor <= 0:
         raise ValueError(f"down_factor must be a positive int (1 = no pooled tokens), got {down_factor!r}")
 
 
 TEXT_POSITIONS = ("first", "last")
 
 
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (numpy's and torch's too), else None; a bool is no size."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _as_grid(name: str, grid: Any) -> tuple[int, int]:
+    """``(h, w)`` as a tuple of two positive ints (hashable, so layouts can key caches), or a one-line error."""
+    sides = tuple(grid) if isinstance(grid, (tuple, list)) else ()
+    h, w = (_as_int(v) for v in sides) if len(sides) == 2 else (None, None)
+    if h is None or w is None or h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be two positive ints (h, w), got {grid!r}")
+    return h, w
+
+
 def _check_grid(name: str, grid: tuple[int, int], down_factor: int) -> None:
     h, w = grid
-    if not (isinstance(h, int) and isinstance(w, int)) or h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be two positive ints (h, w), got {grid!r}")
     if h % down_factor or w % down_factor:
         raise ValueError(
             f"{name} {h}x{w} is not divisible by down_factor {down_factor}: "
@@ -91,10 +110,15 @@ class CLEARLayout:
 
     def __post_init__(self) -> None:
         check_window_config(self.window_size, self.down_factor)
+        object.__setattr__(self, "grid", _as_grid("grid", self.grid))
         _check_grid("grid", self.grid, self.down_factor)
         if self.reference_grid is not None:
+            object.__setattr__(self, "reference_grid", _as_grid("reference_grid", self.reference_grid))
             _check_grid("reference_grid", self.reference_grid, self.down_factor)
-        if not isinstance(self.text_len, int) or self.text_len < 0:
+        text_len = _as_int(self.text_len)
+        if text_len is not None:
+            object.__setattr__(self, "text_len", text_len)
+        if text_len is None or text_len < 0:
             raise ValueError(f"text_len must be a non-negative int, got {self.text_len!r}")
         if self.text_position not in TEXT_POSITIONS:
             raise ValueError(f"text_position must be 'first' or 'last', got {self.text_position!r}")

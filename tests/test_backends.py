@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
-from clear_dit.attention import _with_pooled
+from clear_dit.attention import _with_pooled, clear_attention_with_layout
 from clear_dit.backends import BACKENDS, auto_backend_name, select_backend, tiled
 from clear_dit.mask import dense_mask
 
@@ -398,11 +398,37 @@ def _call(q=None, k=None, v=None, **overrides):
         (dict(backend="nope"), "known backends: 'auto', 'dense', 'tiled', 'flex'"),
         (dict(down_factor=2, spatial_weight=torch.ones(3, 3)), "spatial_weight"),
         (dict(down_factor=2, spatial_weight=torch.ones(1, 2, 1, 2)), "spatial_weight"),
+        (dict(spatial_weight=torch.ones(2, 2)), "spatial_weight pools keys: it needs down_factor > 1"),
+        (dict(grid=(4, 4, 1)), r"grid must be two positive ints \(h, w\), got \(4, 4, 1\)"),
+        (dict(grid=(True, 16)), "grid must be two positive ints"),
+        (dict(text_len=True), "text_len must be a non-negative int, got True"),
+        (dict(window_size=True), "window_size must be a positive int"),
     ],
 )
 def test_clear_attention_value_errors(kwargs, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _call(**kwargs)
+
+
+def test_layouts_take_any_integer_sizes_and_stay_hashable() -> None:
+    import numpy as np
+
+    layout = CLEARLayout([np.int64(4), 4], np.int64(2), 2)  # a list and numpy ints, as from a config or an array
+    assert layout == CLEARLayout((4, 4), 2, 2) and hash(layout) == hash(CLEARLayout((4, 4), 2, 2))
+    q = torch.randn(1, 18, 2, 4)
+    dense = clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2, backend="dense")
+    for backend in ("dense", "tiled"):  # their schedules are cached by the layout
+        out = clear_attention_with_layout(q, q, q, layout, backend=backend)
+        torch.testing.assert_close(out, dense)
+
+
+def test_integer_tensors_are_refused_by_every_backend() -> None:
+    assert available_backends(dtype=torch.int64) == []
+    q = torch.ones(1, 18, 2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="unavailable on cpu with torch.int64: needs a floating dtype"):
+        clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2)
+    with pytest.raises(ValueError, match="head_dim must be at least 1"):
+        _call(q=torch.randn(1, 18, 2, 0), k=torch.randn(1, 18, 2, 0), v=torch.randn(1, 18, 2, 0))
 
 
 def test_clear_attention_rejects_mismatched_tensors() -> None:

@@ -83,6 +83,9 @@ def test_band_attention_rejects_inconsistent_shapes():
         band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 1), num_global=2, window_size=2)
     with pytest.raises(ValueError, match="key/value must both be"):
         band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 2), num_global=3, window_size=2)
+    for name, other in (("key", k.repeat(2, 1, 1, 1)), ("key", k[..., :2]), ("key", k.double())):
+        with pytest.raises(ValueError, match=f"{name} must share the query's batch, heads, head_dim, dtype and device"):
+            band_attention(q[:, :6], other, other, key_grid=(4, 3), rows=(0, 2), num_global=2, window_size=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

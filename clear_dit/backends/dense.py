@@ -25,7 +25,7 @@ class DenseBackend:
     name = "dense"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        return None
+        return None if dtype.is_floating_point else f"needs a floating dtype, got {dtype}"
 
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
