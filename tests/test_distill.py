@@ -173,6 +173,22 @@ def test_only_trainable_tensors_change_and_the_teacher_stays(tmp_path, data_dir,
             assert grid.size == (2 * 64, 64)
 
 
+def test_lora_initialisation_is_a_function_of_the_seed(fresh_transformer):
+    from training.student import Student
+
+    def lora_a(seed: int) -> torch.Tensor:
+        transformer = fresh_transformer()
+        torch.manual_seed(1000 + seed * 7)  # whatever state the global generator is in
+        state = torch.random.get_rng_state()
+        student = Student(transformer, window_size=1, lora_rank=2, seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left alone
+        return torch.cat([p.detach().flatten() for n, p in student.trainable.items() if ".lora_A." in n])
+
+    first, again, other = lora_a(0), lora_a(0), lora_a(1)
+    torch.manual_seed(5)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
 @pytest.fixture()
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state, fixed by the first Accelerator (its mixed precision included);

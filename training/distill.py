@@ -485,6 +485,7 @@ class Distiller:
             attn_layers=layers,
             teacher=config.teacher,
             trainable_dtype=torch.float32,
+            seed=config.seed,
         )
         self.sampler = TimestepSampler(
             scheduler.sigmas.float().cpu(),

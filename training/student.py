@@ -85,7 +85,7 @@ class AttentionCapture:
 
 
 class _FullAttention:
-    """The teacher's processor: the layer's original full-attention processor, ignoring CLEAR's grid kwarg."""
+    """The teacher's processor: the layer's original full-attention processor, ignoring CLEAR's grid kwargs."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
@@ -98,6 +98,7 @@ class _FullAttention:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
         clear_grid: tuple[int, int] | None = None,
+        clear_reference_grid: tuple[int, int] | None = None,
     ) -> Any:
         return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
@@ -115,6 +116,8 @@ class Student:
         teacher: ``"shared"`` (one model, frozen copy of the trainable tensors) or ``"copy"`` (two models).
         trainable_dtype: dtype of the trainable tensors (fp32 master weights under mixed precision);
             ``None`` keeps the model's.
+        seed: seeds the LoRA's random initialisation (peft draws it from torch's global generator), so that a
+            run is a function of its settings.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Student:
         attn_layers: Sequence[int] | None = None,
         teacher: str = "shared",
         trainable_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         if teacher not in TEACHER_MODES:
             raise ValueError(f"teacher must be one of {', '.join(TEACHER_MODES)}, got {teacher!r}")
@@ -144,9 +148,13 @@ class Student:
         if lora_rank is not None:
             from peft import LoraConfig
 
-            transformer.add_adapter(
-                LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-            )
+            with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+                torch.manual_seed(seed)
+                transformer.add_adapter(
+                    LoraConfig(
+                        r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+                    )
+                )
         self._trainable = {
             name: p for name, p in transformer.named_parameters() if self._is_trainable(name, lora_rank is not None)
         }
