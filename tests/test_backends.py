@@ -422,6 +422,14 @@ def test_layouts_take_any_integer_sizes_and_stay_hashable() -> None:
         torch.testing.assert_close(out, dense)
 
 
+@pytest.mark.parametrize("shape", [(0, 18, 2, 4), (1, 18, 0, 4)], ids=["no-images", "no-heads"])
+def test_empty_batches_give_empty_outputs(shape) -> None:
+    q = torch.randn(shape)
+    for backend in ("dense", "tiled"):
+        out = clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2, backend=backend)
+        assert out.shape == shape
+
+
 def test_integer_tensors_are_refused_by_every_backend() -> None:
     assert available_backends(dtype=torch.int64) == []
     q = torch.ones(1, 18, 2, 4, dtype=torch.int64)

@@ -675,6 +675,8 @@ class TiledBackend:
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
     ) -> torch.Tensor:
+        if query.numel() == 0:  # no images or no heads: nothing to tile (the reshapes below need a size)
+            return query.new_empty(query.shape)
         if layout.covers_grid and layout.down_factor == 1:  # the mask is all True: CLEAR is full attention
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
