@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget", type=float, default=60.0, help="stop repeating an entry after this many seconds")
+    p.add_argument(
+        "--budget", type=float, default=60.0, help="no new round of a row after its rounds took this many seconds"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
@@ -91,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats, args.warmup = 1, 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--device cuda: no CUDA device is available to torch {torch.__version__} here")
+    if args.device == "cuda" and args.memory:  # it profiles the CPU allocator
+        p.error("--memory measures CPU memory: run it without --device cuda")
     if args.backends is None:
         args.backends = cuda_backends(DTYPES[args.dtype]) if args.device == "cuda" else ["tiled", "dense"]
     if args.flex and "flex" not in args.backends:
@@ -146,14 +150,18 @@ def _compiled_flex(layout: CLEARLayout, q, k, v):
     the build time of its block mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    sync = torch.cuda.synchronize if q.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    block_mask = _block_mask(layout, q.device)
+    block_mask = _block_mask.__wrapped__(layout, q.device)  # built here: the "flex" column may have cached it
+    sync()
     mask_s = time.perf_counter() - start
     compiled = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 
     def call():
-        return compiled(qt, kt, vt, block_mask=block_mask)
+        out = compiled(qt, kt, vt, block_mask=block_mask)
+        sync()  # wall time covers the GPU work (CUDA is async)
+        return out
 
     start = time.perf_counter()
     call()
@@ -258,10 +266,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                         continue
                 fns[name] = fn
             for tile in args.tiles:
-                fns[_tile_column(tile)] = functools.partial(TiledBackend(tile), q, k, v, layout, args.head_dim**-0.5)
+                fn = functools.partial(TiledBackend(tile), q, k, v, layout, args.head_dim**-0.5)
+                fns[_tile_column(tile)] = _synchronized(fn) if cuda else fn
             if args.flex_compiled:
                 fns["flex-compiled"], row["flex_compile_s"], row["flex_mask_s"] = _compiled_flex(layout, q, k, v)
             times = interleaved_medians(fns, args.repeats, args.warmup, args.budget)
+            row["rounds"] = times.rounds
             for name in fns:
                 if name != "full":
                     row["backends"][name] = {"ms": times[name] * 1e3, "speedup": times["full"] / times[name]}
@@ -279,14 +289,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def format_header(backends: list[str]) -> str:
     cols = [f"{'px':>5}", f"{'grid':>8}", f"{'r':>3}", f"{'seq':>6}", f"{'density':>8}", f"{'ideal':>6}"]
-    cols += [f"{'full ms':>9}"] + [f"{name + ' ms (x) [mem]':>30}" for name in backends]
+    cols += [f"{'n':>2}", f"{'full ms':>9}"] + [f"{name + ' ms (x) [mem]':>30}" for name in backends]
     return " ".join(cols)
 
 
 def format_row(row: dict, backends: list[str]) -> str:
     h, w = row["grid"]
     cols = [f"{row['pixels']:>5}", f"{f'{h}x{w}':>8}", f"{row['window_size']:>3}", f"{row['seq']:>6}"]
-    cols += [f"{row['density']:>8.4f}", f"{row['ideal_speedup']:>5.1f}x", f"{row['full_ms']:>9.1f}"]
+    cols += [f"{row['density']:>8.4f}", f"{row['ideal_speedup']:>5.1f}x", f"{row.get('rounds', ''):>2}"]
+    cols += [f"{row['full_ms']:>9.1f}"]
     for name in backends:
         if name in row["backends"]:
             entry = row["backends"][name]
@@ -303,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"CLEAR attention vs full SDPA: text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, "
         f"batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}; "
-        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; (x) = full / backend, "
+        f"median of up to {args.repeats} interleaved rounds (column 'n': how many ran within --budget "
+        f"{args.budget:g} s) after {args.warmup} warm-up; (x) = full / backend, "
         "[mem] = peak extra memory / (q + k + v)"
     )
     print(format_header(_columns(args)))

@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--head-dim must be a positive multiple of 8 (FLUX RoPE splits it over 3 axes), got {args.head_dim}")
     if args.backend != "auto" and args.backend not in clear_dit.available_backends("cpu", DTYPES[args.dtype]):
         p.error(f"--backend must be 'auto' or one of {clear_dit.available_backends('cpu', DTYPES[args.dtype])}")
+    from clear_dit.backends.dense import _cached_bias
+
+    kept = _cached_bias.cache_info().maxsize
+    if args.backend == "dense" and len(args.radii) > kept:  # an interleaved round would rebuild masks in the blocks
+        p.error(f"--backend dense caches {kept} masks: time at most {kept} radii per run, got {len(args.radii)}")
     return args
 
 
@@ -212,7 +217,8 @@ def measure_block(variants: Variants, kind: str, side: int, inputs: dict, args: 
     for r, model in variants.clear.items():
         fns[f"clear_block_{r}"] = clear_block_fn(_block(model, kind))
         fns[f"clear_attention_{r}"] = clear_attention_fn(r)
-    ms = {name: s * 1e3 for name, s in interleaved_medians(fns, args.repeats, args.warmup, args.budget).items()}
+    medians = interleaved_medians(fns, args.repeats, args.warmup, args.budget)
+    ms = {name: s * 1e3 for name, s in medians.items()}
 
     full_block_ms, non_attention_ms, full_attention_ms = ms["full_block"], ms["non_attention"], ms["full_attention"]
     rows = []
@@ -228,6 +234,7 @@ def measure_block(variants: Variants, kind: str, side: int, inputs: dict, args: 
                 "window_size": r,
                 "text_len": args.text_len,
                 "seq": args.text_len + side * side,
+                "rounds": medians.rounds,
                 "heads": args.heads,
                 "head_dim": args.head_dim,
                 "dim": variants.full.inner_dim,
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         f"text {args.text_len}, heads {args.heads}, head_dim {args.head_dim}, batch {args.batch}, {args.dtype}, "
         f"{args.threads} threads, torch {torch.__version__}, diffusers {diffusers.__version__}; median of "
         f"{args.repeats} interleaved rounds after {args.warmup} warm-up (at least one, no new round after "
-        f"{args.budget:g} s); "
+        f"{args.budget:g} s; each row's JSON 'rounds' says how many ran); "
         "speedup = full / CLEAR block, attn% = attention product / block, "
         "ideal free = full / no-attn, ideal dens = full / (no-attn + density * full attention)"
     )

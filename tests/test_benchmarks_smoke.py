@@ -32,7 +32,7 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
     for row in rows:
         assert row["seq"] == row["text_len"] + row["grid"][0] * row["grid"][1]
         assert 0 < row["density"] <= 1 and abs(row["ideal_speedup"] * row["density"] - 1) < 1e-9
-        assert row["full_ms"] > 0
+        assert row["full_ms"] > 0 and row["rounds"] == 1  # --smoke: one round, and the row says so
         assert set(row["backends"]) == {"tiled", "dense", "tiled[2x4]", "flex-compiled"}
         assert row["flex_compile_s"] > 0 and row["flex_mask_s"] > 0
         for entry in row["backends"].values():
@@ -102,3 +102,15 @@ def test_transformer_benchmark_rope_axes_and_bad_sizes(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--sizes", "1024", "1000"])
     assert "--sizes must be positive multiples of 16 px" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an interleaved round would rebuild the dense masks it cannot keep
+        parse_args(["--backend", "dense", "--radii", "2", "3", "4", "5", "6"])
+    assert "--backend dense caches 4 masks: time at most 4 radii per run, got 5" in capsys.readouterr().err
+
+
+def test_interleaved_medians_say_how_many_rounds_they_are_of() -> None:
+    from benchmarks._timing import interleaved_medians
+
+    calls = []
+    medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 5, 1, 0.0)
+    assert medians.rounds == 1 and calls == ["a", "b", "a", "b"]  # a warm-up, then the budget stops after one
+    assert interleaved_medians({"a": lambda: None}, 3).rounds == 3
