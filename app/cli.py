@@ -542,8 +542,9 @@ def _given(**values) -> dict:
 )
 def cmd_make_data(args: argparse.Namespace) -> int:
     defaults = TINY_DEFAULTS if args.model == "tiny" else FLUX_DEFAULTS
+    cfg = _check_true_cfg(args)
     generation = {"--num": args.num, "--steps": args.steps, "--guidance": args.guidance, "--seed": args.seed}
-    given = [flag for flag, value in generation.items() if value is not None]
+    given = [flag for flag, value in generation.items() if value is not None] + (["--true-cfg"] if cfg else [])
     if args.images and given:
         raise CLIError(f"{', '.join(given)} applies to generated data (--prompts), not to --images")
     resolution = defaults["height"] if args.resolution is None else args.resolution  # 0 is an error, not the default
@@ -551,9 +552,6 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", steps), ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be at least 1, got {value}")
-    cfg = _check_true_cfg(args)
-    if cfg and args.images:
-        raise CLIError("--true-cfg applies to generated data (--prompts), not to --images")
     _quiet_libraries(args.verbose)
     from pipelines.loading import load_pipeline
     from training.data import DistillDataset, generate_dataset, import_images, read_prompts

@@ -57,10 +57,15 @@ def pool_tokens(
     return pooled.reshape(b, (h // d) * (w // d), heads, dim)
 
 
-def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout) -> None:
+def check_dims(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """One-line ``ValueError`` unless all three are ``(batch, seq, heads, head_dim)``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got {t.dim()} dims {tuple(t.shape)}")
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout) -> None:
+    check_dims(query, key, value)
     if not (query.shape == key.shape == value.shape):
         raise ValueError(
             f"query, key and value must have the same shape, got {tuple(query.shape)}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import check_dims
 from .backends import auto_backend_name
 from .backends.tiled import _attention_with_lse, band_rows
 from .mask import CLEARLayout, mask_predicate, window_row_extents
@@ -67,9 +68,7 @@ def attention_with_lse(
 
 
 def _check_band(query, key, value, key_grid, rows, num_global) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got {t.dim()} dims {tuple(t.shape)}")
+    check_dims(query, key, value)
     b, _, heads, dim = query.shape
     for name, t in (("key", key), ("value", value)):
         if (t.shape[0], t.shape[2], t.shape[3], t.dtype, t.device) != (b, heads, dim, query.dtype, query.device):

@@ -253,8 +253,7 @@ def apply_weights(
         raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
     _check_not_fused(transformer, _clear_names(transformer))
-    params = dict(transformer.named_parameters())
-    _check_not_offloaded({published: params[name] for published, name in _clear_names(transformer).items()}, "load")
+    _check_not_offloaded(clear_state_dict(transformer), "load")
 
     # a pipeline: its ControlNets get the same attention (the paper's zero-shot transfer)
     handle = patch(

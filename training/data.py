@@ -349,9 +349,9 @@ def _run(
     for item in items:
         made = done.get(item.index)
         if made is not None and (made["prompt"], made.get("source")) != (item.prompt, item.source):
-            was, now = (made["prompt"], made.get("source")), (item.prompt, item.source)
+            was, now = made.get("source") or made["prompt"], item.source or item.prompt
             raise ValueError(
-                f"{out}: item {item.index} was made from {was[1] or was[0]!r}, not {now[1] or now[0]!r}; "
+                f"{out}: item {item.index} was made from {was!r}, not {now!r}; "
                 "the prompt list or image folder changed: use another --out, or --overwrite"
             )
     todo = [item for item in items if item.index not in done]
