@@ -48,17 +48,6 @@ def in_window(dy, dx, window_size: int):
     return dy * dy + dx * dx < window_size * window_size
 
 
-def check_window_config(window_size: int, down_factor: int = 1) -> None:
-    """Raise a one-line ``ValueError`` unless radius and down factor are positive ints."""
-    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size <= 0:
-        raise ValueError(f"window_size must be a positive int (a token radius such as 8, 16, 32), got {window_size!r}")
-    if isinstance(down_factor, bool) or not isinstance(down_factor, int) or down_factor <= 0:
-        raise ValueError(f"down_factor must be a positive int (1 = no pooled tokens), got {down_factor!r}")
-
-
-TEXT_POSITIONS = ("first", "last")
-
-
 def _as_int(value: Any) -> int | None:
     """``value`` as an int if it is an integer (numpy's and torch's too), else None; a bool is no size."""
     if isinstance(value, bool):
@@ -67,6 +56,20 @@ def _as_int(value: Any) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def check_window_config(window_size: int, down_factor: int = 1) -> tuple[int, int]:
+    """``(window_size, down_factor)`` as Python ints (numpy's and torch's integers accepted), or a one-line
+    ``ValueError`` unless both are positive integers."""
+    r, d = _as_int(window_size), _as_int(down_factor)
+    if r is None or r <= 0:
+        raise ValueError(f"window_size must be a positive int (a token radius such as 8, 16, 32), got {window_size!r}")
+    if d is None or d <= 0:
+        raise ValueError(f"down_factor must be a positive int (1 = no pooled tokens), got {down_factor!r}")
+    return r, d
+
+
+TEXT_POSITIONS = ("first", "last")
 
 
 def _as_grid(name: str, grid: Any) -> tuple[int, int]:
@@ -109,7 +112,9 @@ class CLEARLayout:
     reference_grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        check_window_config(self.window_size, self.down_factor)
+        window_size, down_factor = check_window_config(self.window_size, self.down_factor)
+        object.__setattr__(self, "window_size", window_size)
+        object.__setattr__(self, "down_factor", down_factor)
         object.__setattr__(self, "grid", _as_grid("grid", self.grid))
         _check_grid("grid", self.grid, self.down_factor)
         if self.reference_grid is not None:

@@ -399,12 +399,14 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
     return _ModelPatch(model, originals, hooks, _install_guards(model, family))
 
 
-def check_patch_settings(window_size: int, down_factor: int = 1, backend: str = "auto") -> None:
+def check_patch_settings(window_size: int, down_factor: int = 1, backend: str = "auto") -> tuple[int, int]:
     """Raise the one-line ``ValueError`` :func:`patch` raises for these settings, without a model: for callers that
-    patch later (after a long first stage) and want bad settings to fail first."""
-    check_window_config(window_size, down_factor)
+    patch later (after a long first stage) and want bad settings to fail first. Returns ``(window_size,
+    down_factor)`` as Python ints."""
+    window_size, down_factor = check_window_config(window_size, down_factor)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
+    return window_size, down_factor
 
 
 def patch(
@@ -433,7 +435,7 @@ def patch(
     ``fuse_qkv_projections``) raise a ``ValueError`` instead.
     """
     models = patchable_models(pipe_or_transformer)
-    check_patch_settings(window_size, down_factor, backend)
+    window_size, down_factor = check_patch_settings(window_size, down_factor, backend)
     for model in models:
         _check_replaceable(model)
         _check_offload(model, down_factor)

@@ -64,7 +64,7 @@ def resolve_clear_settings(
         weights = clear_dit.read_weights(weights, window_size, down_factor)
     window = window_size if window_size is not None else weights.window_size if weights is not None else 16
     down = down_factor if down_factor is not None else weights.down_factor if weights is not None else 1
-    check_patch_settings(window, down, backend)
+    window, down = check_patch_settings(window, down, backend)
     if weights is not None:
         weights = dataclasses.replace(weights, window_size=window, down_factor=down)
     return window, down, weights

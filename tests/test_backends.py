@@ -413,8 +413,9 @@ def test_clear_attention_value_errors(kwargs, match: str) -> None:
 def test_layouts_take_any_integer_sizes_and_stay_hashable() -> None:
     import numpy as np
 
-    layout = CLEARLayout([np.int64(4), 4], np.int64(2), 2)  # a list and numpy ints, as from a config or an array
+    layout = CLEARLayout([np.int64(4), 4], np.int64(2), np.int64(2), torch.tensor(1))  # as from a config or array
     assert layout == CLEARLayout((4, 4), 2, 2) and hash(layout) == hash(CLEARLayout((4, 4), 2, 2))
+    assert type(layout.window_size) is int and type(layout.down_factor) is int
     q = torch.randn(1, 18, 2, 4)
     dense = clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2, backend="dense")
     for backend in ("dense", "tiled"):  # their schedules are cached by the layout

@@ -1,5 +1,7 @@
 """clear_dit.patch / unpatch on a tiny real FluxTransformer2DModel."""
 
+import json
+
 import pytest
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -100,6 +102,14 @@ def test_patch_rejects_unsupported_models_and_bad_arguments(model):
     with pytest.raises(ValueError, match="unknown backend 'nope'; known backends: 'auto', 'dense'"):
         clear_dit.patch(model, window_size=4, backend="nope")
     assert clear_dit.patch_handle(model) is None
+
+
+def test_patch_takes_numpy_integer_settings_as_ints(model):
+    import numpy as np
+
+    with clear_dit.patch(model, window_size=np.int64(4), down_factor=np.int32(1)) as handle:
+        assert json.loads(json.dumps(handle.config))["window_size"] == 4  # numpy ints would not serialise
+        assert type(handle.window_size) is int and type(handle.down_factor) is int
 
 
 def test_grid_not_divisible_by_down_factor_is_a_clear_error(model):

@@ -119,8 +119,8 @@ class DistillConfig:
     overwrite: bool = False
 
     def check(self) -> None:
-        """One-line ``ValueError`` for any setting out of range, before anything is loaded."""
-        check_window_config(self.window, self.down)
+        """One-line ``ValueError`` for any setting out of range, before anything is loaded; integer types normalised."""
+        self.window, self.down = check_window_config(self.window, self.down)
         positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
