@@ -1,5 +1,6 @@
 """Self-generated distillation data: format, resume, crash safety, import, clear errors."""
 
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,45 @@ def test_interrupted_write_keeps_data_consistent(made, tmp_path, monkeypatch):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_every_file_is_fsynced_before_the_manifest_names_it(made, tmp_path, monkeypatch):
+    pipe, _, _ = made
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out = generate_dataset(pipe, PROMPTS, tmp_path / "data", num=2, **SETTINGS)
+    tmp_names = {Path(p).name for p in synced}
+    for f in [*(out / "images").iterdir(), *(out / "shards").iterdir()]:  # written as .tmp, fsynced, renamed
+        assert f.name + ".tmp" in tmp_names
+    assert synced.index(str(out / "shards" / "000000.safetensors.tmp")) < synced.index(str(out / "manifest.jsonl"))
+
+
+def test_resume_refuses_data_of_another_dtype_or_vae_scaling(made, tmp_path):
+    _, reference, _ = made
+    on_disk = data.DataInfo.read(reference)
+    for change in (dict(embeds_dtype="bfloat16"), dict(vae_scaling_factor=0.5), dict(vae_shift_factor=0.1)):
+        ((name, value),) = change.items()
+        with pytest.raises(ValueError, match=f"{name} .* \\(on disk\\) vs {value!r}"):
+            data._Writer(reference, dataclasses.replace(on_disk, **change), overwrite=False)
+    assert data.DataInfo.read(reference) == on_disk  # info.json not rewritten
+
+
+def test_library_refuses_a_negative_prompt_without_true_cfg(made, tmp_path):
+    pipe, _, _ = made
+    with pytest.raises(ValueError, match="negative_prompt needs true_cfg_scale above 1"):
+        generate_dataset(pipe, PROMPTS, tmp_path / "data", num=1, negative_prompt="blurry", **SETTINGS)
+    assert not (tmp_path / "data").exists()
+
+
+def test_info_file_that_is_not_an_object_is_a_clear_error(tmp_path):
+    (tmp_path / "info.json").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="info.json is not a valid clear-dit data info file: it holds a JSON list"):
+        DistillDataset(tmp_path)
+
+
 def test_dataset_errors_name_the_file(made, tmp_path):
     pipe, reference, _ = made
     with pytest.raises(FileNotFoundError, match="data folder not found"):
@@ -187,6 +227,29 @@ def test_import_folder_with_captions(made, tmp_path):
         import_images(pipe, src / "sub", mine, resolution=32, overwrite=True)
     assert [p.name for p in mine.rglob("*")] == ["images", "holiday.jpg"]
     assert (mine / "images" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_import_turns_photos_upright_and_names_recaptioned_and_oversized_images(made, tmp_path, monkeypatch):
+    pipe, _, _ = made
+    src = tmp_path / "images"
+    src.mkdir()
+    stored = Image.new("RGB", (64, 32), "blue")
+    stored.paste((255, 0, 0), (0, 0, 32, 32))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation "rotate 90 CW to show": shown 32 wide, 64 tall, red on top
+    stored.save(src / "a.png", exif=exif)
+    (src / "a.txt").write_text("red above blue\n")
+    out = import_images(pipe, src, tmp_path / "data", resolution=32)
+    with Image.open(out / "images/000000.png") as image:
+        assert image.getpixel((16, 2)) == (255, 0, 0) and image.getpixel((16, 29)) == (0, 0, 255)
+
+    (src / "a.txt").write_text("blue above red\n")
+    with pytest.raises(ValueError, match="item 0 \\(a.png\\) was captioned 'red above blue', now 'blue above red'"):
+        import_images(pipe, src, out, resolution=32)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 64x32 is above twice Pillow's limit: its bomb error
+    with pytest.raises(ValueError, match="cannot read image .*a.png: Image size \\(2048 pixels\\) exceeds limit"):
+        import_images(pipe, src, tmp_path / "data2", resolution=32)
 
 
 def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys):

@@ -75,6 +75,10 @@ def test_scene_json_round_trip_and_validation(scenes, tmp_path):
     shape = scenes[0].shapes[0]
     with pytest.raises(ValueError, match="shape kind 'hexagon' is not one of circle"):
         dataclasses.replace(shape, kind="hexagon")
+    with pytest.raises(ValueError, match=r"shape center must be two numbers \(x, y\), got \[0.5\]"):
+        dataclasses.replace(shape, center=[0.5])
+    with pytest.raises(ValueError, match=r"shape center \(0.99, 0.99\) is outside its region 'top left'"):
+        dataclasses.replace(shape, center=(0.99, 0.99), region="top left")
     with pytest.raises(ValueError, match="distinct regions"):
         Scene(shapes=(shape, shape), background=next(c for c in PALETTE if c != shape.color))
     with pytest.raises(ValueError, match="background colour"):

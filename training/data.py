@@ -13,13 +13,14 @@ Layout of a data folder (DESIGN.md 1.3: training needs neither the VAE nor the t
                                (empty unless true CFG used another): what ``distill --caption-dropout`` swaps in
 
 Crash safety: an item is finished when its manifest line is. Images and shards are written to a temporary
-name and renamed into place (atomic), and only then are the manifest lines appended and fsynced. A run killed
+name, fsynced and renamed into place (atomic), and only then are the manifest lines appended and fsynced. A run killed
 at any moment therefore leaves complete files, at most one batch lost, and possibly a torn last manifest line
 or unreferenced files, which the next run drops before it resumes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -30,10 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -89,6 +89,8 @@ class DataInfo:
             )
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
             if raw.get("format") != DATA_FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, not {DATA_FORMAT!r}")
             raw["latent_shape"] = tuple(raw["latent_shape"])
@@ -109,10 +111,18 @@ class DataInfo:
             "pooled_dim": self.pooled_dim,
         }
 
+    def _encoding(self) -> dict[str, Any]:
+        return {
+            "embeds_dtype": self.embeds_dtype,
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "vae_shift_factor": self.vae_shift_factor,
+        }
+
     def check_matches(self, other: DataInfo, folder: Path) -> None:
-        """Raise unless ``other`` (the settings of this run) describes the same data as ``self`` (on disk)."""
-        mine = {**self.shape_summary(), **self.settings}
-        theirs = {**other.shape_summary(), **other.settings}
+        """Raise unless ``other`` (the settings of this run) describes the same data as ``self`` (on disk): shapes,
+        dtype and VAE scaling too, since a resumed run appends to the same set (a set begun on a GPU in bf16 and
+        resumed on a CPU in fp32 would mix both)."""
+        mine, theirs = ({**info.shape_summary(), **info._encoding(), **info.settings} for info in (self, other))
         diffs = [
             f"{k} {mine.get(k)!r} (on disk) vs {theirs.get(k)!r}"
             for k in sorted(mine | theirs)
@@ -212,9 +222,9 @@ class _Writer:
             name = f"images/{item.index:06d}.png"
             meta = PngImagePlugin.PngInfo()
             meta.add_text("parameters", json.dumps({"prompt": item.prompt, "seed": item.seed, **png_settings}))
-            tmp = self.folder / (name + ".tmp")
-            image.save(tmp, format="PNG", pnginfo=meta)
-            os.replace(tmp, self.folder / name)
+            png = io.BytesIO()
+            image.save(png, format="PNG", pnginfo=meta)
+            _atomic_write_bytes(self.folder / name, png.getvalue())  # fsynced: durable before the manifest
             entries.append({"index": item.index, "prompt": item.prompt, "seed": item.seed, "image": name})
             if item.source is not None:
                 entries[-1]["source"] = item.source
@@ -226,9 +236,8 @@ class _Writer:
             "prompt_embeds": prompt_embeds,
             "pooled_prompt_embeds": pooled,
         }
-        tmp = self.folder / (shard + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.folder / shard)
+        data = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        _atomic_write_bytes(self.folder / shard, data)
         for sub in ("images", "shards"):  # the renames are durable before the manifest refers to them
             _fsync_dir(self.folder / sub)
         for row, entry in enumerate(entries):
@@ -350,8 +359,11 @@ def _run(
         made = done.get(item.index)
         if made is not None and (made["prompt"], made.get("source")) != (item.prompt, item.source):
             was, now = made.get("source") or made["prompt"], item.source or item.prompt
+            change = f"was made from {was!r}, not {now!r}"
+            if was == now:  # the same image, captioned anew
+                change = f"({was}) was captioned {made['prompt']!r}, now {item.prompt!r}"
             raise ValueError(
-                f"{out}: item {item.index} was made from {was!r}, not {now!r}; "
+                f"{out}: item {item.index} {change}; "
                 "the prompt list or image folder changed: use another --out, or --overwrite"
             )
     todo = [item for item in items if item.index not in done]
@@ -410,6 +422,8 @@ def generate_dataset(
         raise ValueError(f"--num must be a positive int, got {num}")
     if true_cfg_scale < 1:
         raise ValueError(f"true_cfg_scale must be >= 1 (1: no true guidance), got {true_cfg_scale}")
+    if negative_prompt and true_cfg_scale == 1:
+        raise ValueError("negative_prompt needs true_cfg_scale above 1 (without it nothing uses the negative prompt)")
     items = [_Item(i, prompts[i % len(prompts)], seed + i) for i in range(num)]
     settings = {"source": "generated", "model": model_name, "steps": steps, "guidance": guidance, "seed": seed}
     if true_cfg_scale > 1:  # recorded only when used, so that data made before the option still resumes
@@ -464,8 +478,8 @@ def _load_square(path: Path, resolution: int) -> Image.Image:
     """Center-crop to a square and resize to ``resolution`` (Lanczos)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as err:
+            image = ImageOps.exif_transpose(image).convert("RGB")  # as viewers (and diffusers' load_image) show it
+    except (OSError, Image.DecompressionBombError) as err:  # the latter: above Pillow's pixel limit
         raise ValueError(f"cannot read image {path}: {err}") from err
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2

@@ -92,7 +92,14 @@ class Shape:
         ):
             if value not in allowed:
                 raise ValueError(f"shape {name} {value!r} is not one of {', '.join(allowed)}")
-        object.__setattr__(self, "center", (float(self.center[0]), float(self.center[1])))
+        center = tuple(self.center) if isinstance(self.center, (tuple, list)) else ()
+        if len(center) != 2:
+            raise ValueError(f"shape center must be two numbers (x, y), got {self.center!r}")
+        x, y = float(center[0]), float(center[1])
+        x0, y0, x1, y1 = region_box(self.region)
+        if not (x0 <= x <= x1 and y0 <= y <= y1):  # else the caption's "at the <region>" would be false
+            raise ValueError(f"shape center ({x:g}, {y:g}) is outside its region {self.region!r}")
+        object.__setattr__(self, "center", (x, y))
 
     @property
     def radius(self) -> float:
