@@ -662,16 +662,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from app.launch import relaunch_lost_cpu_processes
+    from training.data import DistillDataset
+    from training.distill import DistillConfig, train
 
+    config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    config.check()  # bad settings and a missing data folder fail here once, not in each of N processes
+    DistillDataset(config.data)
     code = relaunch_lost_cpu_processes(args._argv)
     if code is not None:  # the N processes of `accelerate launch --cpu --num_processes N` ran (see app/launch.py)
         return code
     _quiet_libraries(args.verbose)
     from accelerate import PartialState
 
-    from training.distill import DistillConfig, train
-
-    config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     path = train(config)
     if PartialState().is_main_process:
         print(f"wrote {path}")

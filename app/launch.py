@@ -1,14 +1,14 @@
 """``accelerate launch --cpu --num_processes N``: start the N processes that accelerate itself does not.
 
-accelerate (checked up to 1.15) sends ``--cpu`` to its *simple* launcher, which runs the script as ONE process;
+accelerate (checked up to 1.16) sends ``--cpu`` to its *simple* launcher, which runs the script as ONE process;
 it spreads N CPU processes only through ``mpirun`` (``--mpirun_hostfile``, Intel MPI or Open MPI). What that one
 process receives is ``ACCELERATE_USE_CPU=True`` and, because N > 1 was asked, ``MASTER_ADDR``/``MASTER_PORT`` but
 no rank variables, so it would train alone while the user believes N processes share the work. The command
 line spots exactly that situation, reads N from the launching ``accelerate`` command line (its parent
-process) with accelerate's own argument parser, and runs itself again under ``torch.distributed.run`` with N
-processes, which join over gloo (``Accelerator(cpu=True)`` with ``RANK``/``WORLD_SIZE`` set): the same thing
-``accelerate launch --multi_gpu --num_processes N`` or ``torchrun --nproc_per_node N`` do on a machine
-without GPUs.
+process) with accelerate's own argument parser (and its config file, as accelerate does), and runs itself
+again under ``torch.distributed.run`` with N processes (N / ``--num_machines`` on each machine), which join
+over gloo (``Accelerator(cpu=True)`` with ``RANK``/``WORLD_SIZE`` set): the same thing ``accelerate launch
+--multi_gpu --num_processes N`` or ``torchrun --nproc_per_node N`` do on a machine without GPUs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("clear_dit.cli")
@@ -40,14 +41,28 @@ def alone_under_cpu_launch(environ: Mapping[str, str]) -> bool:
     return use_cpu and "MASTER_ADDR" in environ and not any(name in environ for name in WORLD_SIZE_VARIABLES)
 
 
-def requested_processes(launcher_argv: Sequence[str]) -> int | None:
-    """N of an ``accelerate launch`` command line (``--num_processes`` or its ``--config_file``), else ``None``.
+@dataclass(frozen=True)
+class LaunchLayout:
+    """How many processes an ``accelerate launch`` command asked for, in all and on how many machines."""
+
+    num_processes: int | None
+    num_machines: int = 1
+    machine_rank: int = 0
+
+
+def launch_layout(launcher_argv: Sequence[str]) -> LaunchLayout | None:
+    """The layout of an ``accelerate launch`` command line, else ``None`` (not such a command line).
+
+    Read as accelerate reads it: its flags, else its ``--config_file``, else (without ``--cpu``) accelerate's
+    default config file; ``num_processes`` is ``None`` where none of them says.
 
     Args:
         launcher_argv: the launching process's full argv, e.g. ``["python", "/bin/accelerate", "launch",
             "--cpu", "--num_processes", "2", "-m", "app.cli", ...]`` or ``[..., "-m", "accelerate.commands.launch",
             ...]`` or ``["/bin/accelerate-launch", ...]``.
     """
+    from accelerate.commands.config import default_config_file
+    from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
 
     argv = list(launcher_argv)
@@ -59,11 +74,21 @@ def requested_processes(launcher_argv: Sequence[str]) -> int | None:
             args, _ = launch_command_parser().parse_known_args(argv[starts[0] :])
     except SystemExit:  # not a complete launch command line
         return None
-    if args.num_processes is None and args.config_file:
-        from accelerate.commands.config.config_args import load_config_from_file
+    config = None
+    if args.config_file is not None or (Path(default_config_file).is_file() and not args.cpu):  # accelerate's rule
+        config = load_config_from_file(args.config_file)
 
-        return load_config_from_file(args.config_file).num_processes
-    return args.num_processes
+    def setting(name: str, default: int | None) -> int | None:
+        value = getattr(args, name)
+        return value if value is not None else getattr(config, name, default) if config is not None else default
+
+    return LaunchLayout(setting("num_processes", None), setting("num_machines", 1), setting("machine_rank", 0))
+
+
+def requested_processes(launcher_argv: Sequence[str]) -> int | None:
+    """N (on all machines) of an ``accelerate launch`` command line, else ``None``; see :func:`launch_layout`."""
+    layout = launch_layout(launcher_argv)
+    return None if layout is None else layout.num_processes
 
 
 def _parent_argv() -> list[str]:
@@ -78,11 +103,19 @@ def relaunch_lost_cpu_processes(argv: Sequence[str]) -> int | None:
     """Run ``python -m app.cli ARGV`` as the N processes an ``accelerate launch --cpu`` asked for.
 
     Returns ``None`` when this process is not the lone process of such a launch (nothing to do), else the
-    exit code of the N-process run. Raises ``ValueError`` when N > 1 was asked but cannot be read.
+    exit code of the N-process run (this machine's share of them, with ``--num_machines``). Raises
+    ``ValueError`` when N > 1 was asked but cannot be read, or does not divide among the machines.
     """
     if not alone_under_cpu_launch(os.environ):
         return None
-    n = requested_processes(_parent_argv())
+    layout = launch_layout(_parent_argv())
+    if layout is None:  # the variables come from elsewhere (a job script): nothing was asked of us
+        logger.warning(
+            "ACCELERATE_USE_CPU and MASTER_ADDR are set, but no accelerate launch started this process: "
+            "running as one process"
+        )
+        return None
+    n, machines, rank = layout.num_processes, layout.num_machines, layout.machine_rank
     if n is None:
         raise ValueError(
             "accelerate launch --cpu asked for several processes but started one (accelerate spreads CPU "
@@ -90,12 +123,21 @@ def relaunch_lost_cpu_processes(argv: Sequence[str]) -> int | None:
         )
     if n <= 1:
         return None
+    if machines < 1 or n % machines:
+        raise ValueError(
+            f"accelerate launch asked for {n} processes on {machines} machines: --num_processes counts the "
+            "processes of all machines and must be a multiple of --num_machines"
+        )
+    per_machine = n // machines
     logger.warning(
         "accelerate launch --cpu started 1 process for --num_processes %d (it needs mpirun for more): "
-        "starting %d CPU processes with torch.distributed.run",
+        "starting %d CPU processes (machine %d of %d) with torch.distributed.run",
         n,
-        n,
+        per_machine,
+        rank + 1,
+        machines,
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(per_machine)]
+    command += ["--nnodes", str(machines), "--node_rank", str(rank)]
     command += ["--master_addr", os.environ["MASTER_ADDR"], "--master_port", os.environ.get("MASTER_PORT", "29500")]
     return subprocess.run([*command, "-m", "app.cli", *argv]).returncode

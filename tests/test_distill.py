@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -438,7 +439,7 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
         timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "starting 2 CPU processes with torch.distributed.run" in ddp.stderr
+    assert "starting 2 CPU processes (machine 1 of 1) with torch.distributed.run" in ddp.stderr
     assert re.search(r"distill: 100%\|.*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", ddp.stderr)  # one progress bar, rank 0's
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -481,13 +482,54 @@ def test_cpu_launch_detection_reads_the_launcher_and_refuses_what_it_cannot_star
         monkeypatch.delenv(name, raising=False)
     for name, value in lone.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(launch, "_parent_argv", lambda: ["/usr/bin/bash", "run.sh"])
+    monkeypatch.setattr(launch, "_parent_argv", lambda: ["accelerate", "launch", "--cpu", "x.py"])
     with pytest.raises(
         ValueError, match="asked for several processes but started one .* use accelerate launch --multi"
     ):
         launch.relaunch_lost_cpu_processes(["distill"])
+    monkeypatch.setattr(launch, "_parent_argv", lambda: ["/usr/bin/bash", "run.sh"])
+    assert launch.relaunch_lost_cpu_processes(["distill"]) is None  # the variables of a job script, no launch
     monkeypatch.setattr(launch, "_parent_argv", lambda: ["accelerate", "launch", "--num_processes", "1", "x.py"])
     assert launch.relaunch_lost_cpu_processes(["distill"]) is None  # one process asked, one running
+
+
+def test_cpu_launch_reads_accelerates_default_config_and_spreads_over_machines(tmp_path, monkeypatch):
+    import accelerate.commands.config as accelerate_config
+
+    default = tmp_path / "default_config.yaml"  # what `accelerate config` writes for 2 CPU processes
+    default.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n")
+    for module in (accelerate_config, accelerate_config.config_args):
+        monkeypatch.setattr(module, "default_config_file", str(default))
+    assert requested_processes(["accelerate", "launch", "-m", "app.cli", "distill"]) == 2
+    assert requested_processes(["accelerate", "launch", "--cpu", "-m", "app.cli"]) is None  # --cpu skips it
+
+    for name in WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    commands = []
+    monkeypatch.setattr(
+        launch.subprocess, "run", lambda command: commands.append(command) or SimpleNamespace(returncode=0)
+    )
+    machines = ["accelerate", "launch", "--cpu", "--num_machines", "2", "--machine_rank", "1", "-m", "app.cli"]
+    monkeypatch.setattr(launch, "_parent_argv", lambda: [*machines[:2], "--num_processes", "4", *machines[2:]])
+    assert launch.relaunch_lost_cpu_processes(["distill"]) == 0
+    command = " ".join(commands[-1])
+    assert "--nproc_per_node 2 --nnodes 2 --node_rank 1 --master_addr 10.0.0.1" in command  # 4 in all, 2 here
+    monkeypatch.setattr(launch, "_parent_argv", lambda: [*machines[:2], "--num_processes", "3", *machines[2:]])
+    with pytest.raises(ValueError, match="3 processes on 2 machines: .* a multiple of --num_machines"):
+        launch.relaunch_lost_cpu_processes(["distill"])
+
+
+def test_bad_distill_arguments_fail_before_a_cpu_launch_starts_processes(tmp_path, monkeypatch, capsys):
+    for name in WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(launch, "_parent_argv", lambda: ["accelerate", "launch", "--num_processes", "2", "x.py"])
+    monkeypatch.setattr(launch.subprocess, "run", lambda command: pytest.fail(f"started {command}"))
+    assert main(["distill", "--data", str(tmp_path / "missing"), "--window", "2", "--out", str(tmp_path / "run")]) != 0
+    assert "data folder not found" in capsys.readouterr().err
 
 
 def test_benchmark_smoke(tmp_path, tiny_pipeline_path, capsys):
