@@ -7,6 +7,7 @@ report it without a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+#: What the command line and the web UI run: FLUX.1 text-to-image (other pipelines: ``clear_dit.patch`` in Python).
+SUPPORTED = "FLUX.1 text-to-image pipelines (a FluxTransformer2DModel on 4 x the VAE's latent channels)"
 #: FLUX.1's T5 limit; FluxPipeline rejects a longer ``max_sequence_length``.
 FLUX_MAX_SEQUENCE_LENGTH = 512
 
@@ -54,8 +57,9 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
 
     Raises:
         FileNotFoundError: ``model`` names a local folder that does not exist.
-        ValueError: the folder is not a diffusers pipeline, or the hub id cannot be fetched (offline, unknown,
-            gated without a token).
+        ValueError: the folder is not a diffusers pipeline, or not a FLUX.1 text-to-image one (SD3, FLUX
+            Control and Fill pipelines are patched from Python: :func:`clear_dit.patch`), or the hub id cannot be
+            fetched (offline, unknown, gated without a token).
     """
     source = model_source(model)
     from diffusers import FluxPipeline
@@ -66,7 +70,7 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
         return load_tiny_pipeline(torch_dtype=torch_dtype)
     if source == "folder":
         logger.info("loading %s from the local folder %s", FluxPipeline.__name__, model)
-        return FluxPipeline.from_pretrained(Path(model).expanduser(), dtype=torch_dtype)
+        return _checked_flux(model, Path(model).expanduser(), torch_dtype)
 
     logger.info("fetching %s from the Hugging Face hub", model)
     try:
@@ -79,7 +83,30 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
             f"could not load model {model!r}: it is no local folder, and the Hugging Face hub could not provide it "
             f"(offline, unknown or gated?): {reason}"
         ) from err
-    return FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+    return _checked_flux(model, Path(folder), torch_dtype)
+
+
+def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
+    """``FluxPipeline.from_pretrained(folder)``, refusing other pipelines with a one-line ``ValueError``: diffusers
+    loads the components of an SD3 or FLUX Control folder into a FluxPipeline, which then fails mid-generation."""
+    from diffusers import FluxPipeline
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        transformer = index["transformer"][1]
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{model!r}: its model_index.json names no transformer class ({err!r})") from err
+    kind = index.get("_class_name", "pipeline")
+    if transformer != "FluxTransformer2DModel":
+        raise ValueError(f"{model!r} is a {kind} with a {transformer}; this runs {SUPPORTED}")
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+    channels, latents = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
+    if channels != 4 * latents:  # FLUX Control (128) and Fill (384) also take their conditions as channels
+        raise ValueError(
+            f"{model!r} is a {kind} whose transformer takes {channels} input channels, not 4 x {latents} latent "
+            f"channels; this runs {SUPPORTED}"
+        )
+    return pipe
 
 
 def default_max_sequence_length(pipe) -> int:

@@ -132,3 +132,30 @@ def test_load_pipeline_errors(tmp_path):
         load_pipeline(str(tmp_path))
     with pytest.raises(ValueError, match="'someone/no-such-model'.*hub"):  # HF_HUB_OFFLINE=1 (conftest)
         load_pipeline("someone/no-such-model")
+
+
+def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tmp_path, capsys):
+    """diffusers loads an SD3 or FLUX Control folder's components into a FluxPipeline, which then fails mid-run."""
+    from diffusers import FluxTransformer2DModel
+
+    from app.cli import main
+
+    other = tmp_path / "sd3"
+    shutil.copytree(tiny_pipeline_path, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps(index | {"transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    with pytest.raises(ValueError, match="is a FluxPipeline with a SD3Transformer2DModel; this runs FLUX.1 text-to"):
+        load_pipeline(str(other))
+
+    control = tmp_path / "control"
+    shutil.copytree(tiny_pipeline_path, control)
+    (control / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxControlPipeline"}))
+    shutil.rmtree(control / "transformer")
+    config = tiny.TRANSFORMER_CONFIG | {"in_channels": 128, "out_channels": 64}  # latents + control image latents
+    FluxTransformer2DModel(**config).save_pretrained(control / "transformer")
+    with pytest.raises(ValueError, match="FluxControlPipeline whose transformer takes 128 input channels, not 4 x 16"):
+        load_pipeline(str(control))
+    args = ["generate", "--prompt", "x", "--model", str(control), "--out", str(tmp_path / "x.png")]
+    assert main([*args, "--height", "32", "--width", "32", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "takes 128 input channels" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
