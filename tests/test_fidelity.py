@@ -4,6 +4,7 @@ the protocol's evaluation and report, and the whole protocol once the distillati
 import dataclasses
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -385,6 +386,7 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
     assert len(table) == 1 + 2 * len(variants)
     assert f"{cfg.eval_scenes} at 1x, {cfg.highres_scenes} at 2x." in paths[1].read_text()
     assert f"{cfg.eval_scenes} at 1x. Radii" in run._markdown(rows[:1], meta | {"scales": (1,)})
+    assert f"held-out scenes: {cfg.highres_scenes} at 2x. Radii" in run._markdown(rows[1:], meta | {"scales": (2,)})
     grid = Image.open(paths[2])
     # one row per scene shown at every scale: the high-res scales evaluate fewer scenes
     shown = min(cfg.grid_rows, cfg.eval_scenes, *(cfg.highres_scenes for s in scales if s > 1))
@@ -394,6 +396,37 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
 def test_protocol_needs_a_teacher(tmp_path, capsys):
     assert run.main(["--work", str(tmp_path)]) == 2
     assert "no teacher pipeline in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval-scenes", "0"], "--eval-scenes must be at least 1, got 0"),
+        (["--highres-scenes", "0"], "--highres-scenes must be at least 1, got 0"),
+        (["--eval-steps", "0"], "--eval-steps must be at least 1, got 0"),
+        (["--num-data", "0"], "--num-data must be at least 1, got 0"),
+        (["--distill-lr", "0"], "--distill-lr must be positive, got 0.0"),
+        (["--variants", "r16", "r99"], r"unknown --variants \['r99'\]; choose from \['r8', 'r16'"),
+    ],
+)
+def test_protocol_refuses_bad_settings_before_any_work(tmp_path, capsys, extra, message):
+    teacher = tmp_path / "teacher"  # a teacher's config is all run() reads before the variants are checked
+    (teacher / "training").mkdir(parents=True)
+    (teacher / "model_index.json").write_text("{}")
+    (teacher / "training" / "config.json").write_text(json.dumps({"resolution": 256}))
+    assert run.main(["--work", str(tmp_path / "work"), "--teacher", str(teacher), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "work" / "data").exists()
+
+
+def test_smoke_protocol_never_deletes_an_unfinished_teacher(tmp_path, capsys):
+    teacher = tmp_path / "teacher"  # a teacher run still training: no model_index.json until it ends
+    (teacher / "training").mkdir(parents=True)
+    (teacher / "training" / "checkpoint-4000.pt").write_bytes(b"an hour of training")
+    assert run.main(["--work", str(tmp_path / "work"), "--teacher", str(teacher), "--smoke"]) == 2
+    assert "holds no teacher pipeline (no model_index.json) but is not empty" in capsys.readouterr().err
+    assert (teacher / "training" / "checkpoint-4000.pt").read_bytes() == b"an hour of training"
 
 
 def test_protocol_reuses_a_student_only_if_it_was_made_with_its_settings(tmp_path, capsys, monkeypatch):
@@ -416,6 +449,11 @@ def test_protocol_reuses_a_student_only_if_it_was_made_with_its_settings(tmp_pat
     with pytest.raises(FileExistsError, match=r"max_steps 3000 \(protocol: 1000\); lr 0.0005 \(protocol: 0.0002\)"):
         run.distill(other, tmp_path / "teacher", tmp_path / "work" / "data", variant)
     assert exported.read_bytes() == b"weights"  # refused, not overwritten
+    grown = dataclasses.replace(cfg, num_data=cfg.num_data + 2)  # make-data grew the set the student was made on
+    (run_dir / "run.json").write_text(json.dumps({"config": settings, "data": {"items": cfg.num_data}}))
+    assert run.distill(cfg, tmp_path / "teacher", tmp_path / "work" / "data", variant) == exported
+    with pytest.raises(FileExistsError, match=f"data items {cfg.num_data} \\(protocol: num_data {grown.num_data}\\)"):
+        run.distill(grown, tmp_path / "teacher", tmp_path / "work" / "data", variant)
     # the CLI says so in one line and exits 2 (the teacher's config is all it reads before)
     teacher = tmp_path / "teacher"
     (teacher / "training").mkdir(parents=True)

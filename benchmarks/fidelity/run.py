@@ -112,6 +112,16 @@ class ProtocolConfig:
     seed: int = 0
     smoke: bool = False
 
+    def check(self) -> None:
+        """One-line ``ValueError`` for a count or step number below 1, before an hour of data and students."""
+        counts = ("num_data", "data_steps", "distill_steps", "distill_batch_size", "eval_scenes", "eval_steps")
+        counts += ("grid_rows",) + (("highres_scenes",) if any(s > 1 for s in self.scales) else ())
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.distill_lr > 0:
+            raise ValueError(f"--distill-lr must be positive, got {self.distill_lr}")
+
 
 SMOKE = dict(
     num_data=4,
@@ -175,9 +185,10 @@ def distill_settings(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Va
     return settings
 
 
-def _check_student_run(run_dir: Path, settings: dict[str, object]) -> None:
-    """Refuse a student run in ``run_dir`` made with other settings than ``settings`` (its ``run.json``): reused or
-    resumed, it would be reported under the protocol's settings."""
+def _check_student_run(run_dir: Path, settings: dict[str, object], num_data: int) -> None:
+    """Refuse a student run in ``run_dir`` made with other settings than ``settings`` (its ``run.json``), or on a
+    data set of other than ``num_data`` items (make-data grows the set in place): reused or resumed, it would be
+    reported under the protocol's settings."""
     run_file = run_dir / "run.json"
     if not run_file.is_file():
         if any(run_dir.glob("*.safetensors")):
@@ -193,6 +204,9 @@ def _check_student_run(run_dir: Path, settings: dict[str, object]) -> None:
     diffs = [
         f"{name} {saved.get(name)!r} (protocol: {value!r})" for name, value in settings.items() if not same(name, value)
     ]
+    items = json.loads(run_file.read_text()).get("data", {}).get("items")  # absent in runs before it was recorded
+    if items is not None and items != num_data:
+        diffs.append(f"data items {items} (protocol: num_data {num_data})")
     if diffs:
         raise FileExistsError(
             f"{run_dir} holds a student distilled with other settings: {'; '.join(diffs)}; move it away or run the "
@@ -209,7 +223,7 @@ def distill(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) ->
     exported = run_dir / (f"clear_local_{variant.window}" + (f"_down_{variant.down}" if variant.down > 1 else ""))
     exported = exported.with_suffix(".safetensors")
     settings = distill_settings(cfg, teacher, data, variant)
-    _check_student_run(run_dir, settings)
+    _check_student_run(run_dir, settings, cfg.num_data)
     if exported.is_file():
         logger.info("%s: already distilled (%s)", variant.name, exported)
         return exported
@@ -339,7 +353,8 @@ def evaluate(
 
 def _markdown(rows: list[dict], meta: dict) -> str:
     above = [f"{scale}x" for scale in meta["scales"] if scale > 1]
-    highres = f", {meta['highres_scenes']} at {'/'.join(above)}" if above else ""
+    held_out = [f"{meta['eval_scenes']} at 1x"] if 1 in meta["scales"] else []
+    held_out += [f"{meta['highres_scenes']} at {'/'.join(above)}"] if above else []
     lines = [
         "# Fidelity of CLEAR students to their teacher"
         + (" (smoke run: toy sizes, meaningless numbers)" * meta["smoke"]),
@@ -348,7 +363,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['num_data']} self-generated samples, {meta['distill_steps']} distillation steps per student "
         f"(lr {meta['distill_lr']:g}, {DISTILL_SCHEDULE}); "
         f"{meta['eval_steps']} sampling steps, true CFG scale {meta['cfg_scale']:g}; "
-        f"held-out scenes: {meta['eval_scenes']} at 1x{highres}. "
+        f"held-out scenes: {', '.join(held_out)}. "
         "Radii keep FLUX's ratio to the token grid (rN = FLUX's r=N at 1024 px).",
         "",
         "| scale | student | variant | window | PSNR (dB) | SSIM | adherence | pass rate | density | s/image "
@@ -387,6 +402,7 @@ def write_report(
 
 def run(cfg: ProtocolConfig) -> list[Path]:
     """The whole protocol (module docstring); returns the files written under ``cfg.results``."""
+    cfg.check()
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     teacher = Path(cfg.teacher) if cfg.teacher else work / "teacher"
@@ -396,7 +412,13 @@ def run(cfg: ProtocolConfig) -> list[Path]:
                 f"no teacher pipeline in {teacher}: train one with `python -m benchmarks.fidelity.train_teacher "
                 f"--out {teacher}` (about an hour) or pass --teacher"
             )
-        train_teacher.main(["--out", str(teacher), "--smoke", "--overwrite"])
+        if teacher.exists() and any(teacher.iterdir()):  # a teacher still training, or someone's files
+            raise FileExistsError(
+                f"{teacher} holds no teacher pipeline (no model_index.json) but is not empty: an unfinished "
+                "teacher run? let it finish, or move it away for a smoke teacher"
+            )
+        if train_teacher.main(["--out", str(teacher), "--smoke"]):
+            raise RuntimeError(f"the smoke teacher could not be trained into {teacher}")
     teacher_config = json.loads((teacher / "training" / "config.json").read_text())
     resolution = teacher_config["resolution"]
     if cfg.cfg_scale is None:
@@ -404,10 +426,9 @@ def run(cfg: ProtocolConfig) -> list[Path]:
     if cfg.cfg_scale < 1:
         raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), got {cfg.cfg_scale}")
     variants = [v for v in variants_for(resolution) if v.name in cfg.variants]
-    if not variants:
-        raise ValueError(
-            f"no known variant in {cfg.variants}; choose from {[v.name for v in variants_for(resolution)]}"
-        )
+    unknown = sorted(set(cfg.variants) - {v.name for v in variants})
+    if unknown or not variants:
+        raise ValueError(f"unknown --variants {unknown}; choose from {[v.name for v in variants_for(resolution)]}")
 
     unknown = set(cfg.highres_variants or ()) - {v.name for v in variants}
     if unknown:
