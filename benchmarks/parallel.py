@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 
 import torch
 
+from benchmarks._args import non_negative_int, positive_int
 from pipelines.parallel import BandPlan, launch_local, layer_traffic
 
 FLUX_LAYERS = 19 + 38  # FLUX.1 double- + single-stream blocks
@@ -37,19 +39,21 @@ KINDS = ("halo", "pooled", "text")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="square image sizes in px")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--window", type=int, default=16, help="CLEAR radius r in tokens")
-    p.add_argument("--down", type=int, default=1, help="CLEAR down factor d")
-    p.add_argument("--text-len", type=int, default=512, help="FLUX.1-dev: 512 T5 tokens")
-    p.add_argument("--heads", type=int, default=24)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--element-size", type=int, default=2, help="bytes per key/value element (bf16: 2)")
-    p.add_argument("--tiny-size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"), help="timing run, px")
-    p.add_argument("--tiny-window", type=int, default=16)
-    p.add_argument("--tiny-down", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4, help="denoising steps of the timing run")
-    p.add_argument("--repeats", type=int, default=3, help="timed pipeline runs per rank count (median)")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[2048, 4096, 8192], help="square image sizes in px")
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--window", type=positive_int, default=16, help="CLEAR radius r in tokens")
+    p.add_argument("--down", type=positive_int, default=1, help="CLEAR down factor d")
+    p.add_argument("--text-len", type=non_negative_int, default=512, help="FLUX.1-dev: 512 T5 tokens")
+    p.add_argument("--heads", type=positive_int, default=24)
+    p.add_argument("--head-dim", type=positive_int, default=128)
+    p.add_argument("--element-size", type=positive_int, default=2, help="bytes per key/value element (bf16: 2)")
+    p.add_argument(
+        "--tiny-size", type=positive_int, nargs=2, default=[1024, 1024], metavar=("H", "W"), help="timing run, px"
+    )
+    p.add_argument("--tiny-window", type=positive_int, default=16)
+    p.add_argument("--tiny-down", type=positive_int, default=2)
+    p.add_argument("--steps", type=positive_int, default=4, help="denoising steps of the timing run")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed pipeline runs per rank count (median)")
     p.add_argument("--json", type=Path, help="write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)
@@ -112,7 +116,7 @@ def tiny_run(path: str, height: int, width: int, window: int, down: int, steps: 
             start = time.perf_counter()
             out = call(steps)
             times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2], out.traffic_per_step[dist.get_rank(group)]
+        return statistics.median(times), out.traffic_per_step[dist.get_rank(group)]
 
     solo = dist.new_group([0])
     result = {}
@@ -183,7 +187,12 @@ def print_report(args: argparse.Namespace, rows: list[dict], run: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = layout_rows(args)
+    try:
+        rows = layout_rows(args)
+        BandPlan((args.tiny_size[0] // 16, args.tiny_size[1] // 16), 2, args.tiny_window, args.tiny_down)
+    except ValueError as error:  # sizes, ranks or down factors that no band plan can split
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     run = measured(args)
     print_report(args, rows, run)
     if args.json:

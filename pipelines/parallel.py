@@ -93,7 +93,12 @@ def split_rows(height: int, world_size: int, multiple: int = 1) -> tuple[tuple[i
     The first ``units % world_size`` ranks get one unit more (e.g. 8 rows on 3 ranks: 3, 3, 2).
     """
     units = height // multiple
-    if height % multiple or units < world_size:
+    if height % multiple:
+        raise ValueError(
+            f"cannot split {height} token rows into bands of a multiple of {multiple} row(s) (the down factor): "
+            f"{height} is not divisible by {multiple}"
+        )
+    if units < world_size:
         raise ValueError(
             f"cannot split {height} token rows into {world_size} bands of a multiple of {multiple} row(s) each: "
             f"use at most {units} ranks or a taller image"

@@ -114,3 +114,51 @@ def test_interleaved_medians_say_how_many_rounds_they_are_of() -> None:
     medians = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 5, 1, 0.0)
     assert medians.rounds == 1 and calls == ["a", "b", "a", "b"]  # a warm-up, then the budget stops after one
     assert interleaved_medians({"a": lambda: None}, 3).rounds == 3
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("distill", ["--window", "0"], "argument --window: must be a positive int, got 0"),
+        ("distill", ["--num-val", "0"], "argument --num-val: must be a positive int, got 0"),
+        ("distill", ["--bench-warmup", "-1"], "argument --bench-warmup: must be an int >= 0, got -1"),
+        ("distill", ["--lr", "nan"], "argument --lr: must be a positive number, got nan"),
+        ("parallel", ["--ranks", "0"], "argument --ranks: must be a positive int, got 0"),
+        ("parallel", ["--repeats", "0"], "argument --repeats: must be a positive int, got 0"),
+    ],
+)
+def test_benchmarks_refuse_bad_numbers_as_usage_errors(capsys, module: str, argv: list[str], message: str) -> None:
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_parallel_benchmark_refuses_layouts_no_band_plan_splits(capsys) -> None:
+    from benchmarks.parallel import main
+
+    assert main(["--sizes", "2048", "--ranks", "2", "--down", "3"]) == 2  # before the 2-process timing run
+    err = capsys.readouterr().err
+    assert (
+        err == "error: cannot split 128 token rows into bands of a multiple of 3 row(s) (the down factor): "
+        "128 is not divisible by 3\n"
+    )
+
+
+def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monkeypatch, tmp_path) -> None:
+    import benchmarks.distill as bench
+
+    rounds = iter([(1.0, 300.0), (3.0, 150.0), (2.0, 400.0)])  # (samples/s, peak MiB) of each round
+    monkeypatch.setattr(bench, "table_model", lambda args, work: work / "model")
+    monkeypatch.setattr(bench, "MODES", [("shared", None)])
+
+    def worker(spec: dict) -> dict:
+        speed, peak = next(rounds)
+        return {"teacher": spec["teacher"], "lora_rank": spec["lora_rank"], "samples_per_s": speed, "peak_mib": peak}
+
+    monkeypatch.setattr(bench, "worker", worker)
+    args = bench.parse_args(["--smoke", "--rounds", "3"])
+    args.rounds = 3  # --smoke sets one round
+    (row,) = bench.table(args, tmp_path, tmp_path / "data")
+    assert (row["samples_per_s"], row["peak_mib"]) == (3.0, 400.0)

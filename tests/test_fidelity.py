@@ -250,7 +250,7 @@ def test_region_probe_scores_a_render_one_in_its_stated_cell_and_zero_elsewhere(
 
 
 def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
-    out = tmp_path / "probe.json"
+    out = tmp_path / "new folder" / "probe.json"
     argv = ["--teacher", str(smoke_teacher), "--scenes", "2", "--sigmas", "0", "1", "--steps", "2"]
     assert probe.main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -284,6 +284,8 @@ def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --scenes must be at least 1, got 0\n"
     assert probe.main([*argv[:2], "--steps", "0"]) == 2
     assert capsys.readouterr().err == "error: --steps must be at least 1, got 0\n"
+    assert probe.main([*argv[:2], "--cfg-scale", "0.5"]) == 2
+    assert capsys.readouterr().err == "error: --cfg-scale must be >= 1 (1: no guidance), got 0.5\n"
     with pytest.raises(ValueError, match="pair 0 has one background"):
         a = held_out_scenes(1)[0]
         probe.encoder_swap(load_pipeline(str(smoke_teacher)), [(a, a)], 64, 1, 1.0)

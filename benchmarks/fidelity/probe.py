@@ -312,12 +312,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--scenes must be at least 1, got {args.scenes}")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        if args.cfg_scale is not None and not args.cfg_scale >= 1:
+            raise ValueError(f"--cfg-scale must be >= 1 (1: no guidance), got {args.cfg_scale}")
         result = probe(args.teacher, args.scenes, args.sigmas, args.steps, args.cfg_scale, args.seed)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -1,0 +1,30 @@
+"""argparse types shared by the benchmark scripts: a bad number is a one-line usage error, not a traceback later."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (counts, sizes, steps)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An int >= 0 (warm-up rounds)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (learning rates)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
