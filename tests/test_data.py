@@ -252,6 +252,33 @@ def test_import_turns_photos_upright_and_names_recaptioned_and_oversized_images(
         import_images(pipe, src, tmp_path / "data2", resolution=32)
 
 
+def test_overwrite_forgets_the_items_before_it_deletes_their_files(made, tmp_path, monkeypatch):
+    pipe, _, _ = made
+    out = generate_dataset(pipe, PROMPTS, tmp_path / "data", num=2, **SETTINGS)
+    unlink = Path.unlink
+
+    def killed_at_the_first_image(path, *args, **kwargs):
+        if path.suffix == ".png":
+            raise KeyboardInterrupt
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_at_the_first_image)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(pipe, PROMPTS, out, num=2, overwrite=True, **SETTINGS)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert not (out / "manifest.jsonl").exists()  # no manifest line names a deleted file
+    generate_dataset(pipe, PROMPTS, out, num=2, **SETTINGS)  # and the next run makes the set again
+    assert len(DistillDataset(out)) == 2
+
+
+def test_json_caption_that_is_not_text_is_refused(made, tmp_path):
+    pipe, _, _ = made
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.json").write_text(json.dumps({"prompt": None}))
+    with pytest.raises(ValueError, match="a.json holds no 'prompt', 'caption' or 'text' text field"):
+        import_images(pipe, tmp_path, tmp_path / "data", resolution=32)
+
+
 def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys):
     from app.cli import main
 

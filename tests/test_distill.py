@@ -609,3 +609,14 @@ def test_acceptance_64_samples_halve_the_held_out_gap_and_the_export_reproduces_
             forward(fresh, batch.inputs), forward(distiller.student.transformer, batch.inputs), atol=0, rtol=0
         )
     assert distiller.validation_losses(fresh)["val_gap"] == gaps[1]["val_gap"]
+
+
+def test_held_out_items_whose_prompts_are_also_trained_on_are_named(tmp_path, data_dir, caplog):
+    """data_dir cycles 5 prompts over 6 items: held out are the last items, item 5 has item 0's prompt."""
+    with caplog.at_level("WARNING", logger="training.distill"):
+        Distiller(config(tmp_path, data_dir, num_validation=2))
+    assert "1 of the 2 held-out items share their prompt with training items" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.distill"):
+        Distiller(config(tmp_path, data_dir, name="other", num_validation=1, max_steps=1))
+    assert "1 of the 1 held-out items" in caplog.text

@@ -186,10 +186,10 @@ class _Writer:
         if (folder / INFO_FILE).exists() and not overwrite:
             DataInfo.read(folder).check_matches(info, folder)
         elif overwrite and folder.exists():
+            manifest.unlink(missing_ok=True)  # first: a kill below then leaves unreferenced files, dropped next run
             for sub in ("images", "shards"):
                 for f in (folder / sub).glob("*"):
                     f.unlink()
-            manifest.unlink(missing_ok=True)
         for sub in ("images", "shards"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         info.write(folder)
@@ -464,9 +464,11 @@ def _caption(image_path: Path) -> str:
     elif js.is_file():
         try:
             meta = json.loads(js.read_text(encoding="utf-8"))
-            caption = next(str(meta[k]) for k in ("prompt", "caption", "text") if k in meta)
+            caption = next(meta[k] for k in ("prompt", "caption", "text") if k in meta)
+            if not isinstance(caption, str):
+                raise TypeError(f"its caption is a JSON {type(caption).__name__}")
         except (ValueError, StopIteration, TypeError) as err:
-            raise ValueError(f"{js} holds no 'prompt', 'caption' or 'text' field") from err
+            raise ValueError(f"{js} holds no 'prompt', 'caption' or 'text' text field") from err
     else:
         raise FileNotFoundError(f"no caption for {image_path}: expected {txt.name} or {js.name} beside it")
     if not caption:

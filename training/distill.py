@@ -495,6 +495,15 @@ class Distiller:
             config.mode_scale,
         )
         self.num_train = len(self.dataset) - self.num_validation
+        prompts = self.dataset.prompts
+        shared = sum(p in set(prompts[: self.num_train]) for p in prompts[self.num_train :])
+        if shared:
+            logger.warning(
+                "%d of the %d held-out items share their prompt with training items (make-data --num cycled the "
+                "prompts): validation measures unseen seeds of seen prompts",
+                shared,
+                self.num_validation,
+            )
         self.stream = SampleStream(self.num_train, config.seed)
         params = list(self.student.trainable.values())
         optimizer = _make_optimizer(config, params)
