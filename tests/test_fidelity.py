@@ -484,3 +484,18 @@ def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path):
         run.SMOKE["distill_steps"],
     )
     assert (results / "fidelity_smoke_grid.png").is_file()
+
+
+def test_timed_draws_follow_an_untimed_one_step_draw(monkeypatch):
+    """One-off costs of a configuration's first call are not sampling time (else the teacher, drawn first,
+    would be slowed by them and every student's speedup inflated)."""
+    calls = []
+
+    def generate(pipe, prompts, seeds, resolution, steps, cfg_scale=1.0):
+        calls.append((len(prompts), steps))
+        return [Image.new("RGB", (resolution, resolution))] * len(prompts)
+
+    monkeypatch.setattr(run, "generate", generate)
+    cfg = run.ProtocolConfig(work="", eval_steps=5, cfg_scale=1.0)
+    images, seconds = run._draw(None, None, cfg, 64, 1, held_out_scenes(3), None, None)
+    assert calls == [(1, 1), (3, 5)] and len(images) == 3 and seconds >= 0
