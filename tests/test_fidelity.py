@@ -4,6 +4,7 @@ the protocol's evaluation and report, and the whole protocol once the distillati
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 
 import numpy as np
@@ -37,6 +38,9 @@ def test_teacher_smoke_run_saves_a_loadable_pipeline(smoke_teacher, capsys):
     assert config["steps"] == 4 and config["vae_steps"] == 2 and config["resolution"] == 64
     phases = [json.loads(line) for line in (out / "training" / "log.jsonl").read_text().splitlines()]
     assert [(p["phase"], p["step"]) for p in phases] == [("vae", 2), ("transformer", 4)]
+    # the lr that step 4 used (cosine from step 1 to 4, at 2/3 of the way), not the next step's
+    factor = 0.1 + 0.45 * (1 + math.cos(2 * math.pi / 3))
+    assert phases[-1]["lr"] == pytest.approx(train_teacher.TeacherConfig.lr * factor)
     assert (out / "training" / "samples.png").is_file()
 
     pipe = FluxPipeline.from_pretrained(out)
@@ -122,9 +126,20 @@ def test_teacher_goes_on_training_from_a_previous_one(smoke_teacher, tmp_path, c
         train_teacher.SMOKE["resolution"]
     ]
 
-    assert train_teacher.main(["--out", str(out), "--smoke", "--overwrite", "--init-from", str(out)]) == 2
-    err = capsys.readouterr().err  # after the progress bars of the loads above
-    assert err.endswith("\nerror: --init-from must be another folder than --out (--out is emptied first)\n")
+    parent = json.loads((smoke_teacher / "training" / "config.json").read_text())
+    assert config["draws_after"] == parent["steps"] and parent["draws_after"] == 0  # draws on, not again
+    assert train_teacher._transformer_draw_seed(train_teacher.TeacherConfig(**config)) != parent["seed"] + 2
+
+    for source in (out, out / "training", tmp_path):  # --out itself, inside it, above it
+        assert train_teacher.main(["--out", str(out), "--smoke", "--overwrite", "--init-from", str(source)]) == 2
+        err = capsys.readouterr().err  # after the progress bars of the loads above
+        assert "must lie outside --out" in err and "(--out is emptied first)" in err
+    assert train_teacher.main(["--out", str(out), "--smoke", "--overwrite", "--vae-from", str(out)]) == 2
+    assert "--vae-from" in capsys.readouterr().err
+    tiny = tmp_path / "tiny"  # a FLUX pipeline, not a teacher: refused after loading, before --out is emptied
+    load_pipeline("tiny").save_pretrained(tiny)
+    assert train_teacher.main(["--out", str(out), "--smoke", "--overwrite", "--init-from", str(tiny)]) == 2
+    assert "is not a fidelity teacher" in capsys.readouterr().err
     assert (out / "model_index.json").is_file()  # refused before anything was deleted
     assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", "--init-from", str(tmp_path / "nope")]) == 2
     assert "is not a pipeline folder (no model_index.json)" in capsys.readouterr().err
@@ -196,10 +211,36 @@ def test_teacher_rejects_bad_settings(tmp_path, capsys, monkeypatch):
         ("--mixed-precision", "fp16", "--mixed-precision must be no or bf16, got 'fp16'"),
         ("--device", "tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
         ("--device", "cuda", "--device cuda: this machine has no CUDA GPU that torch can use; use --device cpu"),
+        ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+        ("--num-scenes", "0", "--num-scenes must be at least 1, got 0"),
+        ("--eval-scenes", "0", "--eval-scenes must be at least 1, got 0"),
+        ("--steps", "-1", "--steps must be at least 1, got -1"),
+        ("--vae-channels", "8 8", "--vae-channels takes 4 positive channel counts, got [8, 8]"),
+        ("--lr", "0", "--lr must be positive, got 0.0"),
     ):
         assert train_teacher.main(["--out", str(tmp_path / "t"), "--smoke", flag, *value.split()]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "t").exists()
+    assert train_teacher.main(["--out", str(tmp_path / "t"), "--warmup", "5"]) == 2  # steps fitted (no --smoke)
+    assert "--warmup must exceed the 20 probe steps when --steps is fitted" in capsys.readouterr().err
+
+    checkout = tmp_path / "checkout"  # a project with a training/ package: no teacher run, --overwrite or not
+    (checkout / "training").mkdir(parents=True)
+    (checkout / "training" / "world.py").write_text("mine")
+    (checkout / "README.md").write_text("mine")
+    assert train_teacher.main(["--out", str(checkout), "--smoke", "--overwrite"]) == 2
+    assert "holds files that are not a teacher run (README.md, training/world.py)" in capsys.readouterr().err
+    download = tmp_path / "download"  # a pipeline folder without training/: someone's model, not a run
+    (download / "transformer").mkdir(parents=True)
+    (download / "model_index.json").write_text("{}")
+    assert train_teacher.main(["--out", str(download), "--smoke", "--overwrite"]) == 2
+    assert "not a teacher run" in capsys.readouterr().err and (download / "model_index.json").is_file()
+    (tmp_path / "file").write_text("mine")
+    assert train_teacher.main(["--out", str(tmp_path / "file"), "--smoke"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a usage error: the sizes are the teacher's
+        train_teacher.parse_args(["--out", "x", "--init-from", "y", "--heads", "4"])
+    assert "--init-from keeps its teacher's sizes: --heads cannot change them" in capsys.readouterr().err
 
 
 def test_probe_one_step_predictions_span_the_vae_round_trip_to_the_caption_alone(smoke_teacher):

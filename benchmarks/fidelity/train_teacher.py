@@ -128,6 +128,7 @@ class TeacherConfig:
     device: str = "cpu"  # "cuda" (or "cuda:N") trains and evaluates on a GPU
     mixed_precision: str = "no"  # "bf16": forward passes under bf16 autocast, fp32 weights
     init_from: str | None = None  # a teacher folder to go on training (its VAE kept, no VAE phase)
+    draws_after: int = 0  # transformer steps its ancestors (--init-from) drew; this run's draws follow theirs
     vae_from: str | None = None  # a pipeline folder whose VAE a new teacher takes (no VAE phase)
     overwrite: bool = False
 
@@ -152,12 +153,33 @@ SMOKE = dict(
 )
 
 
+#: What a teacher run writes into ``--out``: the pipeline's files, and ``training/`` with what training leaves.
+_RUN_ENTRIES = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+_RUN_ENTRIES += ("transformer", "vae", "training")
+_TRAINING_FILES = ("log.jsonl", "config.json", "eval.json", "samples.png")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """One-line error unless ``out`` may be written: missing, empty, or (with ``overwrite``) a teacher run's folder,
+    finished or not, that holds nothing else (never a project checkout, a downloaded pipeline or one's files)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace a previous teacher there")
+    training = out / "training"
+    others = [p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES]
+    if training.is_dir():
+        others += [f"training/{p.name}" for p in training.iterdir() if p.name not in _TRAINING_FILES]
+    if others or not training.is_dir():
+        found = f" ({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
+        raise FileExistsError(f"{out} holds files that are not a teacher run{found}; refusing to delete them")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    _check_out(out, overwrite)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace a previous teacher there")
-        if not (out / "model_index.json").is_file() and not (out / "training").is_dir():
-            raise FileExistsError(f"{out} holds files that are not a teacher run; refusing to delete them")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -266,7 +288,8 @@ def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log:
     device = vae.device
     phase = _Phase("vae", cfg.vae_steps, seconds, log)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(min(50, cfg.vae_steps or 50), phase.total))
+    warmup = min(50, max(1, (cfg.vae_steps or 500) // 10))  # a tenth of a given phase, so that its lr decays too
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, phase.total))
     vae.train()
 
     def step(_: int) -> dict:
@@ -289,9 +312,10 @@ def train_vae(vae, scenes: list[Scene], cfg: TeacherConfig, seconds: float, log:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        lr = schedule.get_last_lr()[0]  # this step's: read before the schedule moves on
         optimizer.step()
         schedule.step()
-        return {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "lr": schedule.get_last_lr()[0]}
+        return {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "lr": lr}
 
     steps = phase.run(step)
     vae.eval()
@@ -369,6 +393,15 @@ def stated_cell_weights(scenes: list[Scene], grid: int, weight: float) -> torch.
     return weights / weights.mean(dim=1, keepdim=True)
 
 
+def _transformer_draw_seed(cfg: TeacherConfig) -> int:
+    """Seed of the transformer phase's draws (batches, noise, timesteps, caption dropout): a new teacher's is
+    ``seed + 2``; a continued one (``--init-from``) draws on after its ancestors' steps, which the same seed would
+    replay in the same order."""
+    if not cfg.draws_after:
+        return cfg.seed + 2
+    return int(np.random.SeedSequence([cfg.seed, 2, cfg.draws_after]).generate_state(1)[0])
+
+
 def train_transformer(
     pipe, sets: list[tuple[dict[str, torch.Tensor], torch.Tensor]], cfg: TeacherConfig, seconds: float, log: Path
 ) -> int:
@@ -383,7 +416,7 @@ def train_transformer(
     transformer = pipe.transformer
     scheduler = copy.deepcopy(pipe.scheduler)  # its timesteps/sigmas at construction are the training ones
     shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
-    generator = torch.Generator().manual_seed(cfg.seed + 2)  # on the CPU: the same draws on every device
+    generator = torch.Generator().manual_seed(_transformer_draw_seed(cfg))  # on the CPU: the same on every device
     device = transformer.device
     phase = _Phase("transformer", cfg.steps, seconds, log)
     trained = [transformer] + ([pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoders else [])
@@ -416,6 +449,7 @@ def train_transformer(
         if cfg.sigma_one_share > 0:  # no extra draw otherwise: recorded runs repeat exactly
             u = torch.where(torch.rand(cfg.batch_size, generator=generator) < cfg.sigma_one_share, 0.0, u)
         indices = (u * scheduler.config.num_train_timesteps).long()  # index 0: timestep 1000, sigma 1
+        indices = indices.clamp(max=scheduler.config.num_train_timesteps - 1)  # u = 1 can be drawn
         timesteps = scheduler.timesteps[indices].to(device)
         sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1).to(device)
         noisy = (1 - sigmas) * latents + sigmas * noise
@@ -432,13 +466,14 @@ def train_transformer(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        lr = schedule.get_last_lr()[0]  # this step's: read before the schedule moves on
         optimizer.step()
         schedule.step()
         ema.step(parameters)
         return {
             "loss": loss.item(),
             "grad_norm": grad_norm.item(),
-            "lr": schedule.get_last_lr()[0],
+            "lr": lr,
             "size": height * pipe.vae_scale_factor,
         }
 
@@ -495,6 +530,10 @@ def _continued_teacher(cfg: TeacherConfig):
     model, t5 = pipe.transformer.config, pipe.text_encoder_2.config
     cfg.layers, cfg.single_layers, cfg.heads = model.num_layers, model.num_single_layers, model.num_attention_heads
     cfg.t5_dim, cfg.t5_layers = t5.d_model, t5.num_layers
+    parent = Path(cfg.init_from) / "training" / "config.json"
+    if parent.is_file():
+        recorded = json.loads(parent.read_text())
+        cfg.draws_after = int(recorded.get("draws_after", 0)) + int(recorded.get("steps") or 0)
     return pipe
 
 
@@ -526,17 +565,43 @@ def evaluate(folder: Path, cfg: TeacherConfig) -> dict:
         "cfg_scale": cfg.cfg_scale,
         "adherence": float(np.mean([c.score for c in checks])),
         "pass_rate": float(np.mean([c.passed for c in checks])),
-        "vae_psnr": float(psnr((recon + 1) / 2, (_images_to_tensor(renders) + 1) / 2).mean()),
+        "vae_psnr": float(psnr((recon.clamp(-1, 1) + 1) / 2, (_images_to_tensor(renders) + 1) / 2).mean()),
         "vae_adherence": float(np.mean([c.score for c in recon_checks])),
         "scenes": [{"caption": s.caption} | c.to_dict() for s, c in zip(scenes, checks, strict=True)],
     }
 
 
+def _check_counts(cfg: TeacherConfig) -> None:
+    """One-line ``ValueError`` for counts, sizes and rates out of range (they failed deep inside torch, or after
+    the whole training run)."""
+    positive = ("num_scenes", "max_shapes", "batch_size", "vae_batch_size", "eval_scenes", "eval_steps", "layers")
+    positive += ("single_layers", "heads", "t5_dim", "t5_layers")
+    given = ("steps", "vae_steps")  # None: fitted to the budget
+    for name in positive + tuple(n for n in given if getattr(cfg, n) is not None):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("minutes", "lr", "vae_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup < 0 or not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--warmup must be >= 0 and --ema-decay in [0, 1), got {cfg.warmup} and {cfg.ema_decay}")
+    if cfg.steps is None and cfg.warmup <= _PROBE_STEPS:
+        raise ValueError(
+            f"--warmup must exceed the {_PROBE_STEPS} probe steps when --steps is fitted to --minutes (the cosine's "
+            "length is known only after them), or give --steps"
+        )
+    blocks = len(VAE_CONFIG["block_out_channels"])
+    if len(cfg.vae_channels) != blocks or min(cfg.vae_channels) < 1:
+        raise ValueError(f"--vae-channels takes {blocks} positive channel counts, got {list(cfg.vae_channels)}")
+
+
 def train_teacher(cfg: TeacherConfig) -> dict:
     """Run the whole recipe (module docstring) into ``cfg.out``; returns the evaluation summary."""
-    if cfg.resolution % 16:
+    if cfg.resolution < 16 or cfg.resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 (VAE factor 8 x 2x2 packing), got {cfg.resolution}")
-    if not 16 <= cfg.vae_crop <= cfg.resolution or cfg.vae_crop % 16:
+    _check_counts(cfg)
+    new_vae = cfg.init_from is None and cfg.vae_from is None
+    if new_vae and (not 16 <= cfg.vae_crop <= cfg.resolution or cfg.vae_crop % 16):
         raise ValueError(f"--vae-crop must be a multiple of 16 in 16..{cfg.resolution}, got {cfg.vae_crop}")
     if not 0 < cfg.vae_share < 1:
         raise ValueError(f"--vae-share must be in (0, 1), got {cfg.vae_share}")
@@ -571,25 +636,28 @@ def train_teacher(cfg: TeacherConfig) -> dict:
             raise ValueError(
                 f"--vae-from {cfg.vae_from}: its VAE has {channels} latent channels, the teacher takes {packed // 4}"
             )
-    if cfg.init_from is not None:
-        if not (Path(cfg.init_from) / "model_index.json").is_file():
-            raise FileNotFoundError(f"--init-from {cfg.init_from} is not a pipeline folder (no model_index.json)")
-        if Path(cfg.init_from).resolve() == out.resolve():
-            raise ValueError("--init-from must be another folder than --out (--out is emptied first)")
-    _prepare_out(out, cfg.overwrite)
-    (out / "training").mkdir()
-    log = out / "training" / "log.jsonl"
+    for flag, source in (("--init-from", cfg.init_from), ("--vae-from", cfg.vae_from)):
+        if source is not None:
+            src, target = Path(source).resolve(), out.resolve()
+            if src == target or target in src.parents or src in target.parents:
+                raise ValueError(f"{flag} {source} must lie outside --out {out} (--out is emptied first)")
+    if cfg.init_from is not None and not (Path(cfg.init_from) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--init-from {cfg.init_from} is not a pipeline folder (no model_index.json)")
+    _check_out(out, cfg.overwrite)
     budget = cfg.minutes * 60
     start = time.perf_counter()
     scenes = sample_scenes(cfg.num_scenes, cfg.seed, cfg.max_shapes)
     with tempfile.TemporaryDirectory() as work_dir:
+        # everything read and checked before --out is emptied: a wrong --init-from must not cost the old teacher
         pipe = build_teacher(cfg, Path(work_dir)) if cfg.init_from is None else _continued_teacher(cfg)
         _check_captions(pipe, scenes + held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes))
-        new_vae = cfg.init_from is None and cfg.vae_from is None
         if cfg.vae_from is not None:
             from diffusers import AutoencoderKL
 
             pipe.vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae")  # latent shift and scale included
+        _prepare_out(out, cfg.overwrite)
+        (out / "training").mkdir()
+        log = out / "training" / "log.jsonl"
         pipe.to(device)
         if new_vae:
             cfg.vae_steps = train_vae(pipe.vae, scenes, cfg, cfg.vae_share * budget, log)
@@ -638,7 +706,7 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
     parser.add_argument("--out", required=True, help="pipeline folder to write")
     parser.add_argument("--smoke", action="store_true", help="toy sizes and a few steps: checks the code paths")
     for field in dataclasses.fields(TeacherConfig):
-        if field.name in ("out", "overwrite", "init_from", "vae_from"):
+        if field.name in ("out", "overwrite", "init_from", "vae_from", "draws_after"):
             continue
         value = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
@@ -657,6 +725,10 @@ def parse_args(argv: list[str] | None = None) -> TeacherConfig:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a previous teacher in --out")
     args = parser.parse_args(argv)
+    sizes = ("layers", "single_layers", "heads", "t5_dim", "t5_layers", "vae_channels")
+    given = [f"--{name.replace('_', '-')}" for name in sizes if getattr(args, name) is not None]
+    if args.init_from and given:
+        parser.error(f"--init-from keeps its teacher's sizes: {', '.join(given)} cannot change them")
     settings = SMOKE.copy() if args.smoke else {}
     skip = ("smoke", "out", "overwrite", "init_from", "vae_from")
     settings |= {k: v for k, v in vars(args).items() if v is not None and k not in skip}
@@ -670,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         summary = train_teacher(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # FileNotFoundError, FileExistsError and other file errors
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "scenes"}, indent=2))
