@@ -148,6 +148,7 @@ def test_teacher_goes_on_training_from_a_previous_one(smoke_teacher, tmp_path, c
 def test_new_teacher_takes_the_vae_of_another(smoke_teacher, tmp_path, capsys):
     out = tmp_path / "wider"
     argv = ["--out", str(out), "--smoke", "--steps", "2", "--vae-from", str(smoke_teacher), "--heads", "4"]
+    argv += ["--vae-crop", "8"]  # no VAE phase: its crop size is not checked
     assert train_teacher.main(argv) == 0
     config = json.loads((out / "training" / "config.json").read_text())
     assert config["vae_from"] == str(smoke_teacher) and config["vae_steps"] == 0 and config["heads"] == 4
