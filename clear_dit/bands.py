@@ -76,6 +76,8 @@ def _check_band(query, key, value, key_grid, rows, num_global) -> None:
                 f"{name} must share the query's batch, heads, head_dim, dtype and device: query "
                 f"{tuple(query.shape)} {query.dtype} {query.device}, {name} {tuple(t.shape)} {t.dtype} {t.device}"
             )
+    if len(tuple(key_grid)) != 2 or len(tuple(rows)) != 2:
+        raise ValueError(f"key_grid and rows must be pairs (hk, w) and (start, stop), got {key_grid!r} and {rows!r}")
     hk, w = key_grid
     r0, r1 = rows
     if not 0 <= r0 < r1 <= hk:
@@ -139,4 +141,6 @@ def band_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=scale
         )
         return out.transpose(1, 2)
+    if query.numel() == 0:  # no images or no heads: nothing to tile (the tiled path's reshapes need a size)
+        return query.new_empty(query.shape)
     return band_rows(query, key, value, layout, rows, scale).reshape(query.shape)

@@ -86,6 +86,17 @@ def test_band_attention_rejects_inconsistent_shapes():
     for name, other in (("key", k.repeat(2, 1, 1, 1)), ("key", k[..., :2]), ("key", k.double())):
         with pytest.raises(ValueError, match=f"{name} must share the query's batch, heads, head_dim, dtype and device"):
             band_attention(q[:, :6], other, other, key_grid=(4, 3), rows=(0, 2), num_global=2, window_size=2)
+    with pytest.raises(ValueError, match=r"key_grid and rows must be pairs \(hk, w\) and \(start, stop\), got \(4,\)"):
+        band_attention(q[:, :6], k, v, key_grid=(4,), rows=(0, 2), num_global=2, window_size=2)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 2, 8), (1, 6, 0, 8)], ids=["no-images", "no-heads"])
+def test_band_attention_of_an_empty_batch_is_empty(shape):
+    q = torch.randn(shape)
+    kv = torch.randn(shape[0], 2 + 4 * 3, shape[2], shape[3])
+    for backend in ("dense", "tiled"):
+        out = band_attention(q, kv, kv, key_grid=(4, 3), rows=(0, 2), num_global=2, window_size=2, backend=backend)
+        assert out.shape == shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -242,19 +242,15 @@ def test_kernel_under_the_interpreter() -> None:
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
 
 
-@outer_test
-def test_kernel_compiles_for_a_gpu_target() -> None:
-    """The compiled path (what the interpreter does not check: typing, constexpr helpers, layouts, ptxas), for
-    an H100/H200 (sm_90) target, with the arguments of a real launch; needs no GPU. bf16: the dtype FLUX runs in,
-    which the interpreter cannot run."""
+def _compiled(layout: CLEARLayout, dtype: torch.dtype, head_dim: int, sm: int):
+    """The kernel compiled for CUDA compute capability ``sm`` with the arguments of a real launch (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from clear_dit.backends.triton import _KERNEL, kernel_launch
 
-    layout = CLEARLayout((20, 24), 7, 5, 2)
-    q = torch.zeros(1, layout.q_len, 2, 64, dtype=torch.bfloat16)
-    kv = torch.zeros(1, layout.kv_len, 2, 64, dtype=torch.bfloat16)
+    q = torch.zeros(1, layout.q_len, 2, head_dim, dtype=dtype)
+    kv = torch.zeros(1, layout.kv_len, 2, head_dim, dtype=dtype)
     launch = kernel_launch(q, kv, kv, q, layout, 0.1)
     kernel = _KERNEL[0]
     names = [name for name in kernel.arg_names if name not in launch.constexprs]
@@ -262,8 +258,26 @@ def test_kernel_compiles_for_a_gpu_target() -> None:
              for a in launch.args]  # fmt: skip
     signature = dict(zip(names, types, strict=True)) | dict.fromkeys(launch.constexprs, "constexpr")
     source = ASTSource(fn=kernel, signature=signature, constexprs=launch.constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.options)
+    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=launch.options)
+
+
+@outer_test
+def test_kernel_compiles_for_a_gpu_target() -> None:
+    """The compiled path (what the interpreter does not check: typing, constexpr helpers, layouts, ptxas), for
+    an H100/H200 (sm_90) target, with the arguments of a real launch; needs no GPU. bf16: the dtype FLUX runs in,
+    which the interpreter cannot run."""
+    compiled = _compiled(CLEARLayout((20, 24), 7, 5, 2), torch.bfloat16, 64, 90)
     assert "cubin" in compiled.asm and compiled.metadata.shared < 228 * 1024  # fits an sm_90 SM's shared memory
+
+
+@outer_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_kernel_fits_the_shared_memory_of_consumer_gpus(dtype, head_dim: int) -> None:
+    """A block gets at most 99 KB of shared memory on sm_86/sm_89 (RTX 30/40), 163 KB on A100, 227 KB on H100;
+    a kernel that needs more fails to launch. fp32 tiles at head_dim 128 needed 104 KB, at 256 200 KB."""
+    compiled = _compiled(CLEARLayout((64, 64), 7, 8, 2), dtype, head_dim, 86)
+    assert compiled.metadata.shared <= 101376
 
 
 # --- availability and "auto" -------------------------------------------------------------------------
@@ -285,8 +299,21 @@ def test_unavailable_reasons() -> None:
 @pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="the interpreter's own limits")
 def test_interpreter_runs_on_cpu_but_refuses_bfloat16() -> None:
     assert TRITON.unavailable_reason(torch.device("cpu"), torch.float32) is None
-    assert "bfloat16" in TRITON.unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    for device in ("cpu", "cuda"):  # the interpreter runs CUDA tensors too, through host copies
+        assert "bfloat16" in TRITON.unavailable_reason(torch.device(device), torch.bfloat16)
     assert auto_backend_name(CLEARLayout((64, 64), 512, 8), torch.device("cpu")) == "tiled"  # never on CPU
+    # nor on CUDA while interpreted: ~1000x slower than the compiled kernel
+    assert auto_backend_name(CLEARLayout((64, 64), 512, 8), torch.device("cuda"), torch.float16, 64) == "tiled"
+
+
+@kernel_test
+def test_kernel_refuses_keys_of_another_layout() -> None:
+    """The kernel reads key and value unchecked: keys without the pooled tokens were read past their end."""
+    layout = CLEARLayout((4, 4), 2, 2, 2)
+    q = torch.randn(1, layout.q_len, 1, 16, device=KERNEL_DEVICE)
+    short = torch.randn(1, layout.kv_len - 4, 1, 16, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=r"backend 'triton': key must be \(1, 22, 1, 16\) .* got \(1, 18, 1, 16\)"):
+        TRITON(q, short, short, layout, 0.25)
 
 
 @outer_test

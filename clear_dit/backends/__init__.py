@@ -11,6 +11,7 @@ from .base import AttentionBackend
 from .dense import DenseBackend
 from .flex import FlexBackend
 from .tiled import TiledBackend, computed_scores
+from .triton import INTERPRETED as TRITON_INTERPRETED
 from .triton import TritonBackend
 from .xformers import XformersBackend
 
@@ -41,7 +42,8 @@ def auto_backend_name(
        runs it as one unmasked SDPA call (only then; a window that covers the grid with ``d > 1`` still
        differs from full attention by the pooled keys).
     2. On CUDA: "triton" (the fused kernel) where it runs with ``dtype`` and ``head_dim`` (``None``: not
-       known, assumed fine): triton installed, fp16/bf16/fp32, head_dim <= 256; else "tiled".
+       known, assumed fine): triton installed (and compiling, not interpreted: ``TRITON_INTERPRET=1``),
+       fp16/bf16/fp32, head_dim <= 256; else "tiled".
     3. "tiled" (with its tile shape for ``dtype`` and the radius, :func:`~clear_dit.backends.tiled.tile_shape`)
        when its computed scores times :data:`TILED_SCORE_COST` are fewer than full attention's, i.e. when it
        is measured to beat full SDPA, or when the sequence is too long for the O(seq^2) mask of "dense".
@@ -51,7 +53,8 @@ def auto_backend_name(
     if layout.covers_grid and layout.down_factor == 1:
         return "tiled"
     if device.type == "cuda":
-        return "triton" if _TRITON.runs(device, dtype, head_dim) else "tiled"
+        compiled = _TRITON.runs(device, dtype, head_dim) and not TRITON_INTERPRETED  # the interpreter: ~1000x slower
+        return "triton" if compiled else "tiled"
     dense_scores = layout.q_len * layout.kv_len
     cost = TILED_SCORE_COST["reduced" if dtype in (torch.bfloat16, torch.float16) else "float"]
     if computed_scores(layout, dtype) * cost < dense_scores or dense_scores > DENSE_MAX_SCORES:

@@ -59,6 +59,7 @@ __all__ = [
     "block_schedule",
     "choose_tiling",
     "kernel_launch",
+    "pipeline_stages",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,7 +80,8 @@ def _pow2_at_least(n: int) -> int:
 
 def choose_tiling(layout: CLEARLayout, head_dim: int, dtype: torch.dtype) -> Tiling:
     """Tiles for ``layout``: 128 queries x 64 keys per block for 16-bit inputs up to head_dim 128, half of that
-    for fp32 or larger heads (the accumulators and K/V stages must fit registers and shared memory).
+    for fp32 or larger heads, a quarter for fp32 above head_dim 128 (the accumulators and K/V stages must fit
+    registers and shared memory: with :func:`pipeline_stages`, at most the 99 KB a block gets on sm_86/sm_89).
 
     Not tuned on a GPU yet (none was at hand). Query tiles are wide (``8 x 16``): rows are contiguous in
     memory, and the window's reach is the same in both directions. Tile sides shrink to the grid's extent
@@ -87,6 +89,8 @@ def choose_tiling(layout: CLEARLayout, head_dim: int, dtype: torch.dtype) -> Til
     """
     small = dtype == torch.float32 or head_dim > 128
     block_m, block_n = (64, 32) if small else (128, 64)
+    if dtype == torch.float32 and head_dim > 128:  # fp32 blocks of 256 channels: halved again to fit shared memory
+        block_m, block_n = 32, 16
     h = _pow2_at_least(max(g[0] for g in layout.image_grids))
     w = _pow2_at_least(max(g[1] for g in layout.image_grids))
 
@@ -98,6 +102,12 @@ def choose_tiling(layout: CLEARLayout, head_dim: int, dtype: torch.dtype) -> Til
         return th, tw
 
     return Tiling(query=shape(block_m, 16), key=shape(block_n, 8))
+
+
+def pipeline_stages(head_dim: int, dtype: torch.dtype) -> int:
+    """Software-pipelining stages of the key/value loads: Triton's 3 by default, 2 for fp32 blocks of more than 64
+    channels, whose third stage would take more shared memory than sm_86/sm_89 give a block (99 KB)."""
+    return 2 if dtype == torch.float32 and head_dim > 64 else 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,7 +277,7 @@ def kernel_launch(
     )
     qk_scale = scale * math.log2(math.e)  # the kernel's softmax runs in exp2
     grid = (schedule.query_tiles.shape[0], b * heads)
-    options = {"num_warps": 8 if block_m * block_d >= 128 * 128 else 4}
+    options = {"num_warps": 8 if block_m * block_d >= 128 * 128 else 4, "num_stages": pipeline_stages(dim, query.dtype)}
     return Launch(grid, (*tensors, *strides, *sizes, qk_scale), constexprs, options)
 
 
@@ -287,12 +297,12 @@ class TritonBackend:
             return _IMPORT_ERROR
         if dtype not in _SUPPORTED_DTYPES:
             return f"needs float16, bfloat16 or float32, got {dtype}"
-        bf16 = dtype == torch.bfloat16
-        if device.type == "cuda":
+        if INTERPRETED and dtype == torch.bfloat16 and device.type in ("cpu", "cuda"):
+            # its tl.dot multiplies the raw uint16 storage of bf16 blocks (triton 3.9): wrong results, refused (the
+            # interpreter runs CUDA tensors too, through host copies)
+            return "Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 dots wrongly; use float16 or float32"
+        if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
             return None
-        if device.type == "cpu" and INTERPRETED:
-            # its tl.dot multiplies the raw uint16 storage of bf16 blocks (triton 3.9): wrong results, refused
-            return "Triton's interpreter computes bfloat16 dots wrongly; use float16 or float32" if bf16 else None
         if device.type == "cpu":
             return "a GPU kernel: on CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1 before triton loads)"
         return f"needs a CUDA device, got {device.type}"
@@ -309,4 +319,13 @@ class TritonBackend:
     ) -> torch.Tensor:
         if query.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"backend 'triton' supports head_dim <= {MAX_HEAD_DIM}, got {query.shape[-1]}")
+        b, _, heads, dim = query.shape
+        expected = {"query": (b, layout.q_len, heads, dim), "key": (b, layout.kv_len, heads, dim)}
+        expected["value"] = expected["key"]
+        for name, tensor in (("query", query), ("key", key), ("value", value)):  # the kernel reads unchecked
+            if tuple(tensor.shape) != expected[name] or tensor.dtype != query.dtype or tensor.device != query.device:
+                raise ValueError(
+                    f"backend 'triton': {name} must be {expected[name]} ({query.dtype} on {query.device}) for this "
+                    f"layout, got {tuple(tensor.shape)} ({tensor.dtype} on {tensor.device})"
+                )
         return with_tiled_backward(_forward, query, key, value, layout, scale)
