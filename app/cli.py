@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -441,7 +442,8 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
             args.stages, strengths, ntk_factor=args.ntk, down_factor=args.down or 1, time_shift=args.time_shift
         )
     except ValueError as err:
-        raise CLIError(str(err).replace("ntk_factor", "--ntk").replace("time_shift", "--time-shift")) from None
+        message = str(err).replace(" (None: the scheduler's dynamic shift)", "")  # the CLI cannot pass None
+        raise CLIError(message.replace("ntk_factor", "--ntk").replace("time_shift", "--time-shift")) from None
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports
@@ -501,7 +503,7 @@ def cmd_highres(args: argparse.Namespace) -> int:
         "backend": args.backend,
     }
     images = [stage[0] for stage in result.stage_images][-len(outs) :]
-    lines = [f"{len(args.stages)} stages in {seconds:.2f} s"]
+    lines = [f"{len(args.stages)} stage{'s' * (len(args.stages) > 1)} in {seconds:.2f} s"]
     for path, image in zip(outs, images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, pnginfo=_png_info(settings))
@@ -627,7 +629,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-mean", type=_finite, default=0.0, help="logit_normal mean (default: 0)")
     p.add_argument("--logit-std", type=_finite, default=1.0, help="logit_normal std (default: 1)")
     p.add_argument("--mode-scale", type=_finite, default=1.29, help="'mode' scheme scale (default: 1.29)")
-    p.add_argument("--guidance", type=_finite, default=3.5, help="guidance embedding of guidance-distilled teachers")
+    p.add_argument(
+        "--guidance", type=_finite, default=3.5, help="guidance embedding of guidance-distilled teachers (default: 3.5)"
+    )
     p.add_argument(
         "--caption-dropout",
         type=_finite,
@@ -648,7 +652,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
         "--no-validation-images", dest="validation_images", action="store_false", help="log the gap only, no grid"
     )
     p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--resume", help="'latest' or a checkpoint folder: continue a run in --out")
+    p.add_argument(
+        "--resume", help="'latest' or a checkpoint folder: continue a run in --out ('latest' without one: a new run)"
+    )
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
 
 
@@ -695,7 +701,19 @@ def _app_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_app(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1 to 65535, got {args.port}")
+    try:  # else the server reports it as 'cannot find empty port'
+        socket.getaddrinfo(args.host, args.port)
+    except (OSError, UnicodeError) as err:
+        raise CLIError(f"--host {args.host} is not an address or a resolvable host name: {err}") from None
     _check_weights_path(args.weights)
+    if args.weights is not None and Path(args.weights).expanduser().is_file():
+        from safetensors import safe_open
+
+        try:  # the header only: a broken file fails here, not at the first click in the UI
+            with safe_open(str(Path(args.weights).expanduser()), framework="pt") as weights:
+                weights.keys()
+        except Exception as err:  # safetensors raises its own error types
+            raise CLIError(f"{args.weights} is not a readable safetensors file: {err}") from None
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports

@@ -213,15 +213,23 @@ def read_weights(
     name_r, name_d = config_from_filename(file)
     meta_r = int(metadata["window_size"]) if "window_size" in metadata else None
     meta_d = int(metadata["down_factor"]) if "down_factor" in metadata else None
+    own_settings = (("window_size", window_size, meta_r or name_r), ("down_factor", down_factor, meta_d or name_d))
+    for name, given, own in own_settings:
+        if given is not None and own is not None and given != own:  # allowed (the paper reuses radii), but said
+            logger.warning("%s was made for %s %d; using it with %s %d as asked", file.name, name, own, name, given)
     window_size = window_size or meta_r or name_r
     if window_size is None:
         raise ValueError(
-            f"{file.name} has no CLEAR metadata and its name is not clear_local_{{r}}[_down_{{d}}]: pass window_size"
+            f"{file.name} has no CLEAR metadata and its name is not clear_local_{{r}}[_down_{{d}}]: pass window_size "
+            "(clear-dit: --window)"
         )
     has_pool = any(k.endswith("processor.spatial_weight") for k in tensors)
     down_factor = down_factor or meta_d or name_d or 1
     if has_pool and down_factor == 1:
-        raise ValueError(f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor")
+        raise ValueError(
+            f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor (clear-dit: "
+            "--down)"
+        )
     return ClearWeights(tensors=tensors, window_size=window_size, down_factor=down_factor, name=file.name)
 
 

@@ -620,3 +620,11 @@ def test_held_out_items_whose_prompts_are_also_trained_on_are_named(tmp_path, da
     with caplog.at_level("WARNING", logger="training.distill"):
         Distiller(config(tmp_path, data_dir, name="other", num_validation=1, max_steps=1))
     assert "1 of the 1 held-out items" in caplog.text
+
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, data_dir, caplog):
+    from training.distill import _check_run_dir
+
+    with caplog.at_level("WARNING", logger="training.distill"):
+        assert _check_run_dir(config(tmp_path, data_dir, "fresh", resume="latest"), {}) is None
+    assert f"--resume latest: no checkpoint in {tmp_path / 'fresh'} yet, starting a new run" in caplog.text

@@ -294,7 +294,7 @@ def test_cli_records_the_clear_settings_in_effect(tmp_path, capsys):
         (["--stages", "64x64,96x96", "--down", "4"], "error: stage 1 size 96x96 must be positive multiples of 64"),
         (["--stages", "64x64,128x128", "--strength", "1.5"], "error: strength of stage 1 must be in (0, 1]"),
         (["--stages", "64x64,128x128", "--ntk", "0"], "error: --ntk must be > 0"),
-        (["--stages", "64x64,128x128", "--time-shift", "0"], "error: --time-shift must be > 0"),
+        (["--stages", "64x64,128x128", "--time-shift", "0"], "error: --time-shift must be > 0, got 0.0\n"),
         (["--stages", "64"], "error: stage size '64' is not WIDTHxHEIGHT"),
         (["--stages", "64x64", "--weights", "missing.safetensors"], "error: weights file not found"),
         (["--stages", "64x64", "--out", "x.jpg"], "error: --out must be a .png file"),

@@ -61,9 +61,19 @@ def test_official_files_load_unchanged(model, tmp_path, filename, radius, down):
 def test_radius_argument_for_files_without_metadata_or_published_name(model, tmp_path):
     path = tmp_path / "my_weights.safetensors"
     save_file(official_tensors(model, 1), str(path))
-    with pytest.raises(ValueError, match="has no CLEAR metadata .* pass window_size"):
+    with pytest.raises(ValueError, match=r"has no CLEAR metadata .* pass window_size \(clear-dit: --window\)"):
         clear_dit.load_weights(model, path)
     assert clear_dit.load_weights(model, path, window_size=3).window_size == 3
+
+
+def test_a_radius_other_than_the_files_is_used_and_said(model, tmp_path, caplog):
+    path = tmp_path / "clear_local_2.safetensors"  # its name says radius 2
+    save_file(official_tensors(model, 1), str(path))
+    with caplog.at_level("WARNING", logger="clear_dit.weights"):
+        assert clear_dit.read_weights(path, window_size=2).window_size == 2
+        assert not caplog.text
+        assert clear_dit.read_weights(path, window_size=5).window_size == 5
+    assert "clear_local_2.safetensors was made for window_size 2; using it with window_size 5 as asked" in caplog.text
 
 
 def test_save_load_round_trip_with_metadata(model, tmp_path):

@@ -339,7 +339,7 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         if run_file.is_file():
             _check_same_run(json.loads(run_file.read_text()), record, out)
         if checkpoint is None:
-            logger.info("--resume latest: no checkpoint in %s yet, starting a new run", out)
+            logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
     if run_file.is_file() and not config.overwrite:
         raise FileExistsError(
