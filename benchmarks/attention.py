@@ -50,8 +50,10 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 import torch
 import torch.nn.functional as F
 
+from benchmarks._args import non_negative_int, positive_int
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
+from clear_dit.backends import BACKENDS
 from clear_dit.backends.flex import _block_mask
 from clear_dit.backends.tiled import TiledBackend
 from clear_dit.mask import window_row_extents
@@ -61,12 +63,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--grids", type=int, nargs="+", default=[64, 128, 256], help="square token grids (px / 16)")
-    p.add_argument("--radii", type=int, nargs="+", default=[8, 16, 32], help="window radii in tokens")
-    p.add_argument("--text-len", type=int, default=512)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--grids", type=positive_int, nargs="+", default=[64, 128, 256], help="square token grids (px / 16)")
+    p.add_argument("--radii", type=positive_int, nargs="+", default=[8, 16, 32], help="window radii in tokens")
+    p.add_argument("--text-len", type=non_negative_int, default=512)
+    p.add_argument("--heads", type=positive_int, default=2)
+    p.add_argument("--head-dim", type=positive_int, default=128)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument(
         "--backends", nargs="+", help="CLEAR backends to time (default: tiled dense; on CUDA: see the docstring)"
@@ -78,12 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", help="grid:radius pairs instead of --grids x --radii; 'issue' = issue 3's")
     p.add_argument("--tiles", nargs="+", default=[], help="also time 'tiled' with these query tiles, e.g. 4x8 16x16")
     p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per entry (median)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per entry (median)")
+    p.add_argument("--warmup", type=non_negative_int, default=1)
     p.add_argument(
         "--budget", type=float, default=60.0, help="no new round of a row after its rounds took this many seconds"
     )
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
@@ -101,9 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.backends = [*args.backends, "flex"]
     if args.rows == ["issue"]:
         args.rows = ISSUE_ROWS
-    args.rows = [tuple(map(int, pair.split(":"))) for pair in args.rows] if args.rows else None
+    args.rows = [_parse_row(p, text) for text in args.rows] if args.rows else None
+    known = ["auto", *BACKENDS, "natten"]
+    unknown = [name for name in args.backends if name not in known]
+    if unknown:
+        p.error(f"--backends: unknown {unknown}; known: {', '.join(known)}")
     args.tiles = [_parse_tile(p, text) for text in args.tiles]
     return args
+
+
+def _parse_row(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    grid, _, radius = text.partition(":")
+    if not (grid.isdigit() and radius.isdigit() and int(grid) > 0 and int(radius) > 0):
+        parser.error(f"--rows: {text!r} is not GRID:RADIUS with positive sizes, e.g. 128:16 (or 'issue')")
+    return int(grid), int(radius)
 
 
 def _parse_tile(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:

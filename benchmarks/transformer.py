@@ -57,6 +57,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 import clear_dit
+from benchmarks._args import non_negative_int, positive_int
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARFluxAttnProcessor, CLEARLayout, attention_density, clear_attention
 from clear_dit.backends import auto_backend_name
@@ -74,16 +75,18 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square image sizes in px")
-    p.add_argument("--radii", type=int, nargs="+", default=[8, 16, 32], help="CLEAR window radii in tokens")
-    p.add_argument("--text-len", type=int, default=512, help="FLUX.1-dev: 512 T5 tokens")
-    p.add_argument("--heads", type=int, default=2, help="attention heads (FLUX.1: 24; fewer keeps CPU runs short)")
-    p.add_argument("--head-dim", type=int, default=128, help="FLUX.1: 128")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[1024, 2048, 4096], help="square image sizes in px")
+    p.add_argument("--radii", type=positive_int, nargs="+", default=[8, 16, 32], help="CLEAR window radii in tokens")
+    p.add_argument("--text-len", type=non_negative_int, default=512, help="FLUX.1-dev: 512 T5 tokens")
+    p.add_argument(
+        "--heads", type=positive_int, default=2, help="attention heads (FLUX.1: 24; fewer keeps CPU runs short)"
+    )
+    p.add_argument("--head-dim", type=positive_int, default=128, help="FLUX.1: 128")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--backend", default="auto", help="CLEAR backend passed to clear_dit.patch")
-    p.add_argument("--repeats", type=int, default=5, help="measured rounds per size and block kind (median)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measured rounds per size and block kind (median)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="warm-up rounds")
     p.add_argument(
         "--budget",
         type=float,
@@ -91,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no new round of a size and block kind after this many seconds (200: three rounds at 4096 px on 2 "
         "cores; one round there is too few, single runs of its CLEAR blocks have been 1.2 s off)",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
@@ -107,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--head-dim must be a positive multiple of 8 (FLUX RoPE splits it over 3 axes), got {args.head_dim}")
     if args.backend != "auto" and args.backend not in clear_dit.available_backends("cpu", DTYPES[args.dtype]):
         p.error(f"--backend must be 'auto' or one of {clear_dit.available_backends('cpu', DTYPES[args.dtype])}")
+    if args.report and not args.report.is_file():
+        p.error(f"--report: no such result file: {args.report}")
     from clear_dit.backends.dense import _cached_bias
 
     kept = _cached_bias.cache_info().maxsize

@@ -162,3 +162,21 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
     args.rounds = 3  # --smoke sets one round
     (row,) = bench.table(args, tmp_path, tmp_path / "data")
     assert (row["samples_per_s"], row["peak_mib"]) == (3.0, 400.0)
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("attention", ["--rows", "foo"], "--rows: 'foo' is not GRID:RADIUS with positive sizes"),
+        ("attention", ["--rows", "8:2", "--backends", "bogus"], "--backends: unknown ['bogus']; known: auto, dense"),
+        ("attention", ["--repeats", "0"], "argument --repeats: must be a positive int, got 0"),
+        ("transformer", ["--radii", "0"], "argument --radii: must be a positive int, got 0"),
+        ("transformer", ["--report", "no-such.json"], "--report: no such result file: no-such.json"),
+    ],
+)
+def test_timing_benchmarks_refuse_bad_arguments_as_usage_errors(capsys, module: str, argv: list[str], message: str):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
