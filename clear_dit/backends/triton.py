@@ -28,6 +28,7 @@ is imported; ~1000x slower: tests only).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -284,7 +285,9 @@ def kernel_launch(
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float):
     out = torch.empty_like(query)
     launch = kernel_launch(query, key, value, out, layout, scale)
-    _KERNEL[0][launch.grid](*launch.args, **launch.constexprs, **launch.options)
+    # Triton launches on the current CUDA device: the tensors' own, for tensors on another GPU than the current one
+    with torch.cuda.device(query.device) if query.device.type == "cuda" else contextlib.nullcontext():
+        _KERNEL[0][launch.grid](*launch.args, **launch.constexprs, **launch.options)
     write_text_rows(out, query, key, value, layout, scale)  # text rows through SDPA (see the module docstring)
     return out
 
