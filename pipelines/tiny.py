@@ -15,11 +15,13 @@ whenever the recipe below changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -140,6 +142,10 @@ def _is_complete(path: Path) -> bool:
     return (path / "model_index.json").is_file() and (path / ".complete").is_file()
 
 
+#: Age after which a temporary build folder is a killed build's leftover (a build takes seconds).
+STALE_BUILD_S = 3600
+
+
 def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of the saved tiny pipeline (``cache_dir or cache_root()`` / ``tiny-flux-v1``); built if missing.
 
@@ -151,6 +157,10 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     if _is_complete(path):
         return path
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{TINY_NAME}.tmp-*"):  # builds killed before their cleanup; a live one is seconds old
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
     try:
         logger.info("building the tiny FLUX pipeline in %s", path)

@@ -119,6 +119,25 @@ def test_losing_a_build_race_is_fine(tiny_pipeline_path, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [tiny.TINY_NAME]
 
 
+def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build(tmp_path, tiny_pipeline_path, monkeypatch):
+    import os
+    import time
+
+    stale, live = tmp_path / f".{tiny.TINY_NAME}.tmp-killed", tmp_path / f".{tiny.TINY_NAME}.tmp-running"
+    for folder in (stale, live):
+        (folder / "transformer").mkdir(parents=True)
+    old = time.time() - tiny.STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+
+    class Copy:
+        def save_pretrained(self, folder):
+            shutil.copytree(tiny_pipeline_path, folder, dirs_exist_ok=True)
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Copy())[1])
+    assert tiny.tiny_pipeline_path(tmp_path) == tmp_path / tiny.TINY_NAME
+    assert not stale.exists() and live.exists()  # another process may still be building in the fresh one
+
+
 def test_load_pipeline_tiny_and_local_folder(tiny_pipeline_path):
     assert load_pipeline("tiny").transformer.config.attention_head_dim == 64
     pipe = load_pipeline(str(tiny_pipeline_path), torch_dtype=torch.bfloat16)
