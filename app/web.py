@@ -9,14 +9,18 @@ named API endpoints for ``gradio_client``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
 import logging
+import math
 import random
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,8 @@ __all__ = [
 ATTENTION_MODES = ("full", "clear")
 MIN_SIDE, MAX_SIDE = 64, 8192
 MAX_STEPS = 100
+MAX_GUIDANCE, MAX_TRUE_CFG = 20.0, 10.0  # the sliders' ranges: the API is held to them too
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit int; high-res stage i uses seed + i
 DOWN_FACTORS = (1, 2, 4)
 #: The published CLEAR checkpoints (hub repo Huage001/CLEAR), as ``(label, path for load_weights)``.
 PUBLISHED_WEIGHTS = [
@@ -149,6 +155,8 @@ def difference_heatmap(a: Image.Image, b: Image.Image) -> tuple[np.ndarray, floa
 def _png_metadata(settings: GenerationSettings, model: str, seconds: float) -> PngImagePlugin.PngInfo:
     if settings.attention == "full" and not settings.upscale.strip():  # a weights file selected but not used
         settings = replace(settings, weights=None)
+    if settings.true_cfg <= 1:  # no true CFG: the negative prompt was not used either
+        settings = replace(settings, negative_prompt="", true_cfg=1.0)
     info = PngImagePlugin.PngInfo()
     record = {**asdict(settings), "model": model, "seconds": round(seconds, 3), "clear_dit": clear_dit.__version__}
     info.add_text("clear-dit", json.dumps(record))
@@ -224,6 +232,12 @@ class GenerationEngine:
                 raise ValueError(f"{name} {side} px is not allowed: {self.size_rule(down)}")
         if not 1 <= s.steps <= MAX_STEPS:
             raise ValueError(f"steps must be 1 to {MAX_STEPS}, got {s.steps}")
+        if not 0 <= s.guidance <= MAX_GUIDANCE:  # NaN fails every comparison, so it fails here too
+            raise ValueError(f"guidance must be 0 to {MAX_GUIDANCE:g}, got {s.guidance}")
+        if not 1 <= s.true_cfg <= MAX_TRUE_CFG:
+            raise ValueError(f"true CFG scale must be 1 (off) to {MAX_TRUE_CFG:g}, got {s.true_cfg}")
+        if not 0 <= s.seed < SEED_LIMIT - len(s.stages):
+            raise ValueError(f"seed must be 0 to {SEED_LIMIT - len(s.stages) - 1}, got {s.seed}")
         clear_dit.mask.check_window_config(s.window_size, s.down_factor)
         if s.upscale.strip():
             stages = s.stages
@@ -250,6 +264,9 @@ class GenerationEngine:
     def _set_attention(self, s: GenerationSettings) -> None:
         """Bring the transformer to ``s``'s attention; a no-op when it already runs it."""
         wanted = ("full",) if s.attention == "full" else ("clear", s.window_size, s.down_factor, s.weights)
+        if s.attention == "clear" and s.weights and Path(s.weights).is_file():  # a rewritten file is new weights
+            stat = Path(s.weights).stat()
+            wanted += (stat.st_mtime_ns, stat.st_size)
         if wanted == self._attention:
             return
         self._attention = None  # unknown until the switch below completes (it may fail half-way)
@@ -269,19 +286,25 @@ class GenerationEngine:
     def _clear_params(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.pipe.transformer.named_parameters() if clear_dit.weights.is_clear_key(k)}
 
+    @contextlib.contextmanager
+    def _session_runs(self, session: str) -> Iterator[None]:
+        """The engine's one run at a time, ``session``'s: a cancel pressed during it holds until it ends."""
+        with self._lock:
+            self._running = session
+            self._cancelled.discard(session)
+            try:
+                yield
+            finally:
+                self._running = None
+                self._cancelled.discard(session)
+
     def generate(
         self, s: GenerationSettings, session: str = "", progress: ProgressFn | None = None, stage: str = ""
     ) -> Generation:
         """One image with ``s``; PNG written under ``output_dir/session``; progress(step, total, desc)."""
         self.validate(s)
-        with self._lock:
-            self._running = session
-            self._cancelled.discard(session)
-            try:
-                return self._generate(s, session, progress, stage or s.attention)
-            finally:
-                self._running = None
-                self._cancelled.discard(session)
+        with self._session_runs(session):
+            return self._generate(s, session, progress, stage or s.attention)
 
     def _generate(self, s: GenerationSettings, session: str, progress: ProgressFn | None, stage: str) -> Generation:
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -318,7 +341,7 @@ class GenerationEngine:
                 "try a smaller size, CLEAR attention or a smaller window"
             ) from err
         seconds = time.perf_counter() - start
-        folder = self.output_dir / (session or "default")
+        folder = self.output_dir / _session_folder(session)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{s.seed}-{stage.replace(' ', '_')}-{time.time_ns()}.png"
         image.save(path, pnginfo=_png_metadata(s, self.model, seconds))
@@ -362,20 +385,42 @@ class GenerationEngine:
                 return None
             return lambda i, n, desc: progress(offset + i, 2 * n, desc)
 
-        full = self.generate(full_s, session, stage_progress(0), "full attention")
-        clear = self.generate(clear_s, session, stage_progress(s.steps), "CLEAR")
+        with self._session_runs(session):  # both halves: a cancel between them stops the second
+            full = self._generate(full_s, session, stage_progress(0), "full attention")
+            if session in self._cancelled:
+                raise GenerationCancelled("generation cancelled")
+            clear = self._generate(clear_s, session, stage_progress(s.steps), "CLEAR")
         grid = (s.height // self.pixels_per_token, s.width // self.pixels_per_token)
         density = clear_dit.attention_density(grid, self.text_len, s.window_size, s.down_factor)
         heatmap, mean_diff = difference_heatmap(full.image, clear.image)
         return Comparison(full=full, clear=clear, density=density, heatmap=heatmap, mean_abs_diff=mean_diff)
 
 
-def _as_int(name: str, value: Any) -> int:
+def _as_float(name: str, value: Any) -> float:
     if value is None or value == "":
         raise ValueError(f"{name} is missing")
-    if float(value) != int(float(value)):
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return number
+
+
+def _as_int(name: str, value: Any) -> int:
+    number = _as_float(name, value)
+    if number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value}")
-    return int(float(value))
+    return int(number)
+
+
+def _session_folder(session: str) -> str:
+    """The output subfolder of a browser session: its hash as it is if it is a plain name, else a digest of it
+    (the client chooses its session hash: '../x' or '/abs' must not choose where files go)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", session or ""):
+        return session
+    return "session-" + hashlib.sha256((session or "").encode()).hexdigest()[:16] if session else "default"
 
 
 def weights_config(path: str | None) -> tuple[int | None, int | None]:
@@ -426,15 +471,15 @@ class Callbacks:
             width=_as_int("width", width),
             height=_as_int("height", height),
             steps=_as_int("steps", steps),
-            guidance=float(guidance),
-            true_cfg=float(true_cfg),
+            guidance=_as_float("guidance", guidance),
+            true_cfg=_as_float("true CFG scale", true_cfg),
             seed=_as_int("seed", seed),
             attention=str(attention).lower(),
             window_size=_as_int("window radius", window_size),
             down_factor=_as_int("down factor", down_factor),
             weights=None if not weights or weights == NO_WEIGHTS else str(weights),
             upscale=upscale or "",
-            strength=float(strength),
+            strength=_as_float("strength", strength),
         )
         self.engine.validate(s)
         return s

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import clear_dit
 from app.web import Callbacks, GenerationEngine, build_demo, launch
@@ -210,6 +212,13 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
         (dict(upscale="128x100"), "stage 1 size 128x100 must be positive multiples of 16"),
         (dict(upscale="64x64"), "stage sizes must increase"),
         (dict(upscale="big"), "stage size 'big' is not WIDTHxHEIGHT"),
+        (dict(guidance=float("nan")), "guidance must be a finite number, got nan"),  # all black before
+        (dict(guidance=25.0), "guidance must be 0 to 20, got 25.0"),
+        (dict(guidance=None), "guidance is missing"),
+        (dict(true_cfg=0.5), r"true CFG scale must be 1 \(off\) to 10, got 0.5"),
+        (dict(seed=2**64), "seed must be 0 to 9223372036854775806, got 18446744073709551616"),
+        (dict(seed=float("inf")), "seed must be a finite number, got inf"),
+        (dict(width="abc"), "width must be a number, got 'abc'"),
     ],
 )
 def test_bad_input_is_a_readable_error(cb, changes, message):
@@ -239,6 +248,54 @@ def test_cancel_stops_a_running_generation(cb, engine):
         cb.generate(*values(steps=3), progress=progress, request=session("c"))
     path, *_ = cb.generate(*values(), request=session("c"))
     assert read_png(path).size == (64, 64)
+
+
+def test_a_cancel_between_the_halves_of_compare_stops_the_second(cb, engine):
+    """Pressed while the full-attention image is saved, no denoising step is left to see it: compare must."""
+    save = Image.Image.save
+
+    def save_then_cancel(image, *args, **kwargs):
+        save(image, *args, **kwargs)
+        assert engine.cancel("between")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Image.Image, "save", save_then_cancel)
+    try:
+        with pytest.raises(gr.Error, match="cancelled"):
+            cb.compare(*values(), request=session("between"))
+    finally:
+        mp.undo()
+    assert not engine.cancel("between")  # nothing runs any more
+
+
+def test_the_client_chosen_session_cannot_choose_where_files_go(cb, engine):
+    for hostile in ("../../escaped", "/tmp/absolute", "a/b"):
+        path, *_ = cb.generate(*values(), request=session(hostile))
+        assert Path(path).resolve().parent.parent == engine.output_dir.resolve()
+    path, *_ = cb.generate(*values(), request=session("plain_hash-1"))
+    assert Path(path).parent == engine.output_dir / "plain_hash-1"
+
+
+def test_rewritten_weights_file_is_loaded_again(cb, engine, tmp_path):
+    weights = tmp_path / "clear_local_2.safetensors"
+    with clear_dit.patch(engine.pipe, window_size=2):
+        clear_dit.save_weights(engine.pipe, weights)
+    first, *_ = cb.generate(*values(weights=str(weights)))
+    tensors = load_file(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    name = next(k for k in tensors if k.endswith("to_q.weight"))
+    tensors[name] = tensors[name] * 3  # a newer checkpoint under the same name
+    save_file(tensors, str(weights), metadata=metadata)
+    second, *_ = cb.generate(*values(weights=str(weights)))
+    assert not np.array_equal(np.asarray(read_png(first)), np.asarray(read_png(second)))
+
+
+def test_png_metadata_records_no_negative_prompt_without_true_cfg(cb):
+    path, *_ = cb.generate(*values(negative_prompt="blurry", true_cfg=1.0))
+    settings = json.loads(read_png(path).text["clear-dit"])
+    assert settings["negative_prompt"] == "" and settings["true_cfg"] == 1.0
+    assert "Negative prompt: \n" in read_png(path).text["parameters"]
 
 
 def test_small_helpers():
