@@ -468,6 +468,13 @@ def cmd_highres(args: argparse.Namespace) -> int:
     from pipelines.loading import load_pipeline
 
     window, down, weights = resolve_clear_settings(args.window, args.down, args.weights, args.backend)
+    if down != (args.down or 1):  # the weights file's down factor: the sizes must fit it, before the model loads
+        from pipelines.stages import check_highres_inputs
+
+        try:
+            check_highres_inputs(args.stages, [args.strength] * (len(args.stages) - 1), down_factor=down)
+        except ValueError as err:
+            raise CLIError(f"{err} (the down factor of {args.weights})") from None
     pipe = HighResFluxPipeline.from_pipe(load_pipeline(args.model, torch_dtype=dtype).to(device))
     start = time.perf_counter()
     result = pipe(

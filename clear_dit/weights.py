@@ -112,7 +112,7 @@ def _expected_shapes(transformer: torch.nn.Module, down_factor: int) -> dict[str
     return shapes
 
 
-def _check_not_offloaded(tensors: dict[str, torch.Tensor], action: str) -> None:
+def check_not_offloaded(tensors: dict[str, torch.Tensor], action: str) -> None:
     """A one-line ``ValueError`` for parameters on the meta device: after ``enable_sequential_cpu_offload``
     accelerate keeps their data in its hooks, so a copy into them is silently lost and one out of them fails."""
     offloaded = [name for name, t in tensors.items() if t.device.type == "meta"]
@@ -138,7 +138,7 @@ def save_weights(pipe_or_transformer: Any, path: str | os.PathLike, overwrite: b
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = clear_state_dict(transformer)
-    _check_not_offloaded(state, "save")
+    check_not_offloaded(state, "save")
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     metadata = {
         "format": "clear-dit",
@@ -261,7 +261,7 @@ def apply_weights(
         raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
     _check_not_fused(transformer, _clear_names(transformer))
-    _check_not_offloaded(clear_state_dict(transformer), "load")
+    check_not_offloaded(clear_state_dict(transformer), "load")
 
     # a pipeline: its ControlNets get the same attention (the paper's zero-shot transfer)
     handle = patch(

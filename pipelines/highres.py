@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -25,7 +26,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 import clear_dit
 from clear_dit.patching import check_patch_settings
-from clear_dit.weights import ClearWeights
+from clear_dit.weights import ClearWeights, check_not_offloaded
 
 from .loading import default_max_sequence_length
 from .stages import check_highres_inputs, parse_stages
@@ -232,14 +233,17 @@ class HighResFluxPipeline(FluxPipeline):
                 "the transformer is already CLEAR-patched: unpatch it first; this pipeline installs CLEAR "
                 "(window_size/down_factor/clear_weights) only for the stages that use it"
             )
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("pass prompt (or prompt_embeds with pooled_prompt_embeds)")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass prompt or prompt_embeds (with pooled_prompt_embeds), not both")
+        stages = parse_stages(stages) if isinstance(stages, str) else stages
+        if not all(isinstance(size, Sequence) and len(size) == 2 for size in stages):
+            raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {stages!r}")
         stages = [(int(w), int(h)) for w, h in stages]
         count = len(stages)
-        strengths = _per_stage(strength, count - 1, "strength") if count > 1 else []
+        strengths = _per_stage(strength, count - 1, "strength")
         steps = _per_stage(num_inference_steps, count, "num_inference_steps")
-        if any(int(n) < 1 for n in steps):
-            raise ValueError(f"num_inference_steps must be >= 1 for every stage, got {steps}")
+        if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in steps):
+            raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {steps}")
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if isinstance(generator, Sequence):
@@ -252,12 +256,28 @@ class HighResFluxPipeline(FluxPipeline):
         check_highres_inputs(
             stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift
         )
+        if weights is not None:  # before the base stage runs, not after it (the teacher's weights are copied out)
+            check_not_offloaded(clear_dit.clear_state_dict(self.transformer), "load")
+        for i, (n, s) in enumerate(zip(steps[1:], strengths, strict=True), start=1):
+            if s < 1 and int(n - min(n * s, n)) == 0:  # FluxImg2ImgPipeline's start step, rounded down
+                logger.warning(
+                    "upscale stage %d: strength %g of %d steps starts from pure noise (the start step rounds down "
+                    "to 0), so the stage ignores the image before it: use more steps or a lower strength",
+                    i,
+                    s,
+                    n,
+                )
 
         device = self._execution_device
+        lora_scale = (joint_attention_kwargs or {}).get("scale")  # text-encoder LoRA layers too, as FluxPipeline
         max_sequence_length = max_sequence_length or default_max_sequence_length(self)
         if prompt_embeds is None:
             prompt_embeds, pooled_prompt_embeds, _ = self.encode_prompt(
-                prompt=prompt, prompt_2=prompt_2, device=device, max_sequence_length=max_sequence_length
+                prompt=prompt,
+                prompt_2=prompt_2,
+                device=device,
+                max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
             )
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
@@ -275,6 +295,7 @@ class HighResFluxPipeline(FluxPipeline):
                 device=device,
                 num_images_per_prompt=num_images_per_prompt,
                 max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
             )
             cfg = dict(
                 true_cfg_scale=true_cfg_scale,
@@ -287,7 +308,9 @@ class HighResFluxPipeline(FluxPipeline):
             tensor_inputs = callback_on_step_end.tensor_inputs
 
         def on_step_end(stage_pipe: FluxPipeline, step: int, timestep: torch.Tensor, kwargs: dict) -> dict:
-            self._num_timesteps = stage_pipe.num_timesteps
+            # what a FluxPipeline callback reads of its pipeline (properties over these attributes)
+            for name in ("_num_timesteps", "_guidance_scale", "_joint_attention_kwargs", "_current_timestep"):
+                setattr(self, name, getattr(stage_pipe, name, None))
             result = callback_on_step_end(self, step, timestep, kwargs)
             stage_pipe._interrupt = self._interrupt
             return result

@@ -309,3 +309,63 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
     assert existing.read_bytes() == b"mine"
+
+
+def test_an_upscale_stage_starts_from_the_image_before_it(pipe, caplog):
+    """FluxImg2ImgPipeline's start step rounds down: 2 steps at strength 0.7 start at sigma 1 (pure noise), so the
+    stage ignores the image it is given; at 0.5 it starts one step in. Stage 0 drawn from other noise (its own
+    generator), stage 1 from the same: the final images differ only if stage 1 used stage 0's image."""
+
+    def final(stage0_seed: int, strength: float) -> np.ndarray:
+        generators = [torch.Generator().manual_seed(s) for s in (stage0_seed, 7)]
+        kwargs = dict(prompt="a red circle", num_inference_steps=2, strength=strength)
+        return pipe(**kwargs, stages=STAGES, generator=generators, output_type="np").images
+
+    assert not np.array_equal(final(1, 0.5), final(2, 0.5))
+    with caplog.at_level("WARNING", logger="pipelines.highres"):
+        assert np.array_equal(final(1, 0.7), final(2, 0.7))  # what the warning is about
+    assert "upscale stage 1: strength 0.7 of 2 steps starts from pure noise" in caplog.text
+
+
+def test_text_encoder_lora_scale_callback_attributes_and_input_checks(pipe, monkeypatch):
+    scales, seen = [], []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda **kw: scales.append(kw.get("lora_scale")) or encode(**kw))
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((p.guidance_scale, p.current_timestep is not None, p.joint_attention_kwargs))
+        return kwargs
+
+    pipe(**FAST, stages=STAGES[:1], seed=0, joint_attention_kwargs={"scale": 0.5}, callback_on_step_end=callback)
+    assert scales == [0.5]  # FluxPipeline scales its text encoders' LoRA layers by the same scale
+    assert seen and all(s == (3.5, True, {"scale": 0.5}) for s in seen)
+
+    embeds, pooled, _ = encode(prompt="a red circle", max_sequence_length=default_max_sequence_length(pipe))
+    with pytest.raises(ValueError, match="pass prompt or prompt_embeds .*, not both"):
+        pipe(**FAST, stages=STAGES[:1], prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage, got \[1.9"):
+        pipe(**{**FAST, "num_inference_steps": 1.9}, stages=STAGES[:1])
+    with pytest.raises(ValueError, match=r"stages must be \(width, height\) pairs"):
+        pipe(**FAST, stages=[(64, 48, 3)])
+    one = pipe(**FAST, stages="64x48", seed=0, output_type="np").images  # the CLI's string form
+    assert one.shape == (1, 48, 64, 3)
+
+
+def test_weights_under_sequential_offload_are_refused_before_the_base_stage(tiny_pipeline_path, student_file):
+    offloaded = HighResFluxPipeline.from_pretrained(tiny_pipeline_path)
+    offloaded.enable_sequential_cpu_offload(device="cpu")
+    calls = []
+    offloaded.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="cannot load CLEAR weights of a model under sequential CPU offload"):
+        offloaded(**FAST, stages=STAGES, seed=0, clear_weights=str(student_file[0]))
+    assert not calls  # refused before the base stage ran
+
+
+def test_cli_checks_sizes_against_the_weights_files_down_factor_before_loading(student_file, tmp_path, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    import pipelines.loading
+
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = ["highres", "--prompt", "x", "--stages", "48x48,80x80", "--weights", str(student_file[0])]
+    assert main([*args, "--out", str(tmp_path / "x.png")]) == 2  # d = 2 from the file: multiples of 32
+    assert "multiples of 32" in capsys.readouterr().err
