@@ -67,10 +67,15 @@ def image_grids_from_ids(img_ids: torch.Tensor) -> tuple[tuple[int, int], tuple[
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
     is_target = ids[:, 0] == 0
     rows, cols = ids[:, 1].long(), ids[:, 2].long()
+    # row-major within each group: every token starts a group at (0, 0), or follows the one before it in its row,
+    # or starts the next row at column 0 (with the counts and extents below, that is exactly a row-major grid)
+    starts = torch.cat([is_target.new_ones(1), is_target[1:] != is_target[:-1]])
+    follows = ((rows.diff() == 0) & (cols.diff() == 1)) | ((rows.diff() == 1) & (cols[1:] == 0))
+    in_order = torch.where(starts, (rows == 0) & (cols == 0), torch.cat([follows.new_ones(1), follows]))
     stats = torch.stack(
         [
             is_target.sum(),
-            torch.diff(is_target.long()).clamp(min=0).sum(),  # a target token after a reference token
+            torch.diff(is_target.long()).clamp(min=0).sum() + (~in_order).sum(),  # or a target after a reference
             torch.where(is_target, rows, -1).max(),
             torch.where(is_target, cols, -1).max(),
             torch.where(is_target, -1, rows).max(),
@@ -279,6 +284,12 @@ def _grid_hooks(model: nn.Module, family: ModelFamily, attention_names: list[str
             # a copy: never mutate the caller's dict
             kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), **grid_kwargs}
         else:
+            if getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
+                # its recomputation in backward would read the grid of the model's latest call, not of this one
+                raise ValueError(
+                    f"a CLEAR-patched {type(module).__name__} cannot train with gradient checkpointing: "
+                    "disable_gradient_checkpointing() first"
+                )
             current.clear()
             current.update(grid_kwargs)
         return (), kwargs

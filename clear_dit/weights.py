@@ -90,6 +90,17 @@ def _check_not_fused(transformer: torch.nn.Module, names: dict[str, str]) -> Non
         )
 
 
+def _check_separate_projections(transformer: torch.nn.Module, action: str) -> None:
+    """CLEAR weights are the separate ``to_q/to_k/to_v``; after ``fuse_qkv_projections()`` attention runs the fused
+    ``to_qkv`` copies instead, so weights loaded into the separate ones would be ignored, and saved ones stale."""
+    fused = [name for name, module in transformer.named_modules() if getattr(module, "fused_projections", False)]
+    if fused:
+        raise ValueError(
+            f"cannot {action} CLEAR weights of a model with fused QKV projections ({_first(fused)}): call "
+            "unfuse_qkv_projections() first"
+        )
+
+
 def config_from_filename(path: str | os.PathLike) -> tuple[int | None, int | None]:
     """``(window_size, down_factor)`` from the published naming ``clear_local_{r}[_down_{d}]``."""
     match = _FILENAME.search(Path(path).name)
@@ -139,6 +150,7 @@ def save_weights(pipe_or_transformer: Any, path: str | os.PathLike, overwrite: b
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = clear_state_dict(transformer)
     check_not_offloaded(state, "save")
+    _check_separate_projections(transformer, "save")
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     metadata = {
         "format": "clear-dit",
@@ -261,6 +273,7 @@ def apply_weights(
         raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
     _check_not_fused(transformer, _clear_names(transformer))
+    _check_separate_projections(transformer, "load")
     check_not_offloaded(clear_state_dict(transformer), "load")
 
     # a pipeline: its ControlNets get the same attention (the paper's zero-shot transfer)

@@ -115,3 +115,19 @@ def test_sd3_pipeline_runs_patched(tmp_path, dual_attention):
         image = pipe(**CALL, max_sequence_length=16).images[0]
         edited = img2img(**CALL, image=_image(6), strength=1.0, max_sequence_length=16).images[0]
     assert image.size == edited.size == (WIDTH, HEIGHT)
+
+
+def test_patched_flux_controlnet_refuses_gradient_checkpointing(tmp_path):
+    """Its grid reaches the attention through per-model state, which a checkpoint's recompute would read stale."""
+    from pipeline_models import transformer_inputs
+
+    net = flux_controlnet(tmp_path / "controlnet")
+    inputs = transformer_inputs(net, (4, 6))
+    inputs["controlnet_cond"] = torch.randn_like(inputs["hidden_states"])
+    net.enable_gradient_checkpointing()
+    net.train()
+    with clear_dit.patch(net, window_size=2):
+        with pytest.raises(ValueError, match="cannot train with gradient checkpointing: disable_gradient_checkpoint"):
+            net(**inputs)
+        with torch.no_grad():  # inference recomputes nothing
+            net(**inputs)

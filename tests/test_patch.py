@@ -90,6 +90,13 @@ def test_grid_is_read_from_img_ids():
     assert image_grid_from_ids(ids[None]) == (3, 7)
     with pytest.raises(ValueError, match="row-major grid"):
         image_grid_from_ids(ids[:-2])
+    column_major = ids.reshape(3, 7, 3).transpose(0, 1).reshape(-1, 3)  # the same tokens, in another order
+    with pytest.raises(ValueError, match="row-major grid"):
+        image_grid_from_ids(column_major)
+    swapped = ids.clone()
+    swapped[[4, 5]] = swapped[[5, 4]]
+    with pytest.raises(ValueError, match="row-major grid"):
+        image_grid_from_ids(swapped)
 
 
 def test_patch_rejects_unsupported_models_and_bad_arguments(model):

@@ -158,3 +158,18 @@ def test_missing_files_and_unreachable_hub(model, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"could not fetch 'clear_local_16.safetensors' from hub repo Huage001/CLEAR"):
         clear_dit.load_weights(model, "Huage001/CLEAR/clear_local_16.safetensors")
+
+
+def test_weights_refused_on_fused_qkv_projections(model, tmp_path):
+    """Attention runs the fused to_qkv copies: weights loaded into to_q/to_k/to_v would change nothing."""
+    path = tmp_path / "clear_local_2.safetensors"
+    save_file(official_tensors(model, 1), str(path))
+    model.fuse_qkv_projections()
+    with pytest.raises(ValueError, match=r"cannot load CLEAR weights of a model with fused QKV projections .* unfuse"):
+        clear_dit.load_weights(model, path)
+    assert clear_dit.patch_handle(model) is None  # refused before patching
+    with clear_dit.patch(model, window_size=2):
+        with pytest.raises(ValueError, match="cannot save CLEAR weights of a model with fused QKV projections"):
+            clear_dit.save_weights(model, tmp_path / "saved.safetensors")
+    model.unfuse_qkv_projections()
+    assert clear_dit.load_weights(model, path).window_size == 2
