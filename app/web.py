@@ -10,6 +10,7 @@ named API endpoints for ``gradio_client``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import gradio as gr
 import numpy as np
 import torch
@@ -586,6 +588,25 @@ class Callbacks:
         if self.engine.cancel(self._session(request)):
             gr.Info("cancelling at the next denoising step")
 
+    def cancellable(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """``handler`` (``generate`` or ``compare``) as the UI's event function: run in a worker thread that the
+        event may abandon, and stopped at its next denoising step when the event is cancelled in any way (the
+        Stop button, ``gradio_client``'s ``Job.cancel()``, a closed tab). Gradio runs a plain function in a thread
+        it cannot interrupt: the generation went on to its last step, holding the engine, for nobody."""
+        signature = inspect.signature(handler)
+
+        @functools.wraps(handler)  # the same signature: the API's parameters, gr.Progress and gr.Request
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+            work = functools.partial(handler, *args, **kwargs)
+            try:
+                return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+            except anyio.get_cancelled_exc_class():
+                self.engine.cancel(self._session(request))
+                raise
+
+        return run
+
     @staticmethod
     def random_seed() -> int:
         return random.randint(0, 2**32 - 1)
@@ -704,10 +725,14 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
         limit = {"concurrency_limit": 1, "concurrency_id": f"generate:{model}"}  # one generation at a time
 
         gen_event = gen_btn.click(
-            cb.generate, [*inputs, gallery_state], [result, summary, files, gallery_state], api_name="generate", **limit
+            cb.cancellable(cb.generate),
+            [*inputs, gallery_state],
+            [result, summary, files, gallery_state],
+            api_name="generate",
+            **limit,
         )
         cmp_event = cmp_btn.click(
-            cb.compare,
+            cb.cancellable(cb.compare),
             [*inputs, gallery_state],
             [full_img, clear_img, slider, heat, summary, files, gallery_state],
             api_name="compare",

@@ -330,6 +330,27 @@ def test_gradio_client_named_endpoint_returns_an_image(server):
     assert json.loads(read_png(path).text["clear-dit"])["seed"] == 3
 
 
+def test_a_job_cancelled_through_the_api_stops_the_generation(server, engine):
+    """gradio_client's Job.cancel() (or a closed tab) cancels the event without the Stop button: the generation
+    must stop too, not run to its last step holding the engine (and write its PNG) for nobody."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    seed = 424242
+    job = client.submit(prompt="a cat", width=512, height=512, steps=100, seed=seed, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while engine._running is None and time.monotonic() < deadline:  # wait until it runs
+        time.sleep(0.05)
+    assert engine._running is not None
+    time.sleep(0.5)
+    job.cancel()
+    deadline = time.monotonic() + 30
+    while engine._running is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine._running is None  # stopped at a denoising step, well before 100 of them
+    assert not [p for p in engine.output_dir.rglob(f"*-{seed}-*.png")]
+
+
 def cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, "-m", "app.cli", "app", *args]
