@@ -629,9 +629,15 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default="adamw", help="adamw (default) or prodigy (pip install prodigyopt)")
     p.add_argument("--weight-decay", type=_finite, default=1e-4, help="default: 1e-4")
     p.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization schedule (default: constant)")
-    p.add_argument("--lr-warmup-steps", type=int, default=0, help="default: 0")
+    p.add_argument(
+        "--lr-warmup-steps", type=int, default=0, help="default: 0 (not with --lr-scheduler constant: it has none)"
+    )
     p.add_argument("--max-grad-norm", type=_finite, default=1.0, help="gradient clipping (default: 1.0)")
-    p.add_argument("--lora-rank", type=int, help="train a LoRA of this rank on the projections instead of them")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        help="train a LoRA of this rank on the projections instead of them (exported merged, in float32)",
+    )
     p.add_argument("--mixed-precision", default="no", help="no (default), bf16 or fp16")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(
@@ -650,7 +656,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--logit-mean", type=_finite, default=0.0, help="logit_normal mean (default: 0)")
     p.add_argument("--logit-std", type=_finite, default=1.0, help="logit_normal std (default: 1)")
-    p.add_argument("--mode-scale", type=_finite, default=1.29, help="'mode' scheme scale (default: 1.29)")
+    p.add_argument("--mode-scale", type=_finite, default=1.29, help="'mode' scheme scale, -1 to 1.75 (default: 1.29)")
     p.add_argument(
         "--guidance", type=_finite, default=3.5, help="guidance embedding of guidance-distilled teachers (default: 3.5)"
     )

@@ -1,5 +1,6 @@
 """The distillation trainer on the tiny FLUX model: what trains, what stays, resume, export, errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -352,6 +353,8 @@ def test_a_folder_that_holds_no_run_is_never_written_to(tmp_path, data_dir, flag
         (dict(lr_scheduler="piecewise_constant"), "lr-scheduler 'piecewise_constant' is not one of"),
         (dict(mixed_precision="fp16"), "mixed-precision fp16 needs a CUDA device"),
         (dict(resume="latest", overwrite=True), "pass one of them"),
+        (dict(weighting_scheme="mode", mode_scale=10.0), "mode-scale must be in [-1, 1.75] for the 'mode' scheme"),
+        (dict(lr_warmup_steps=2), "lr-scheduler constant has no warmup (diffusers ignores it)"),
     ],
 )
 def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, data_dir, monkeypatch, overrides, message):
@@ -628,3 +631,34 @@ def test_resume_latest_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, d
     with caplog.at_level("WARNING", logger="training.distill"):
         assert _check_run_dir(config(tmp_path, data_dir, "fresh", resume="latest"), {}) is None
     assert f"--resume latest: no checkpoint in {tmp_path / 'fresh'} yet, starting a new run" in caplog.text
+
+
+def test_resuming_an_earlier_checkpoint_drops_the_abandoned_attempts_later_ones(tmp_path, data_dir):
+    """Rotation keeps the highest steps: the abandoned attempt's checkpoint-4 would outlive the new checkpoint-3."""
+    train(config(tmp_path, data_dir, max_steps=4, num_validation=0, checkpoint_every=1, keep_checkpoints=4))
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3, 4)]
+    resumed = config(tmp_path, data_dir, max_steps=3, num_validation=0, checkpoint_every=1, keep_checkpoints=1)
+    train(dataclasses.replace(resumed, resume=str(out / "checkpoint-2")))
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_lora_student_trained_in_bf16_exports_its_float32_merge(tmp_path, data_dir, caplog, fresh_accelerate_state):
+    """Merged in bf16, a short run's LoRA deltas round away; the export holds the float32 merge, and says when
+    the weights run in bf16 would lose much of the change."""
+    pytest.importorskip("peft")
+    cfg = config(tmp_path, data_dir, lora_rank=2, mixed_precision="bf16", max_steps=2, num_validation=1, lr=1e-4)
+    distiller = Distiller(cfg)
+    distiller.fit()
+    layers = {n: m for n, m in distiller.student.transformer.named_modules() if hasattr(m, "get_delta_weight")}
+    with torch.no_grad():
+        trained = {n: m.base_layer.weight.float() + m.get_delta_weight("default").float() for n, m in layers.items()}
+    with caplog.at_level("WARNING", logger="training.student"):
+        path = distiller.export()
+    saved = load_file(path)
+    assert trained and all(saved[f"{name}.weight"].dtype == torch.float32 for name in trained)
+    for name, weight in trained.items():
+        torch.testing.assert_close(saved[f"{name}.weight"], weight, atol=1e-6, rtol=1e-6)
+    assert "the exported LoRA student is float32: in torch.bfloat16, its merged projections would lose" in caplog.text

@@ -132,6 +132,15 @@ class DistillConfig:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= MAX_MODE_SCALE:
+            raise ValueError(  # beyond it the 'mode' density leaves [0, 1] and timesteps wrap around
+                f"mode-scale must be in [-1, {MAX_MODE_SCALE:.2f}] for the 'mode' scheme, got {self.mode_scale}"
+            )
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError(
+                "lr-scheduler constant has no warmup (diffusers ignores it): use constant_with_warmup, or no "
+                "--lr-warmup-steps"
+            )
         for name in ("max_grad_norm", "logit_std"):  # a clip norm <= 0 zeroes or flips every gradient
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -151,6 +160,10 @@ class DistillConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+#: The largest ``--mode-scale`` whose SD3 'mode' density stays in [0, 1]: ``2 / (pi - 2)``.
+MAX_MODE_SCALE = 2 / (math.pi - 2)
 
 
 def export_name(window: int, down: int = 1) -> str:
@@ -521,6 +534,13 @@ class Distiller:
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
+            if acc.is_main_process:  # later ones are the abandoned attempt's (as its log lines below): rotation,
+                # which keeps the highest steps, would delete this attempt's new checkpoints and keep them
+                for step, later in _checkpoints(self.out):
+                    if step > self.state.step:
+                        logger.info("removing %s of the attempt resumed before it", later)
+                        shutil.rmtree(later)
+            acc.wait_for_everyone()
         if trackers and acc.is_main_process:
             # purge_step: readers drop the events the interrupted attempt logged after its last checkpoint.
             purge = {"purge_step": self.state.step + 1} if self.resume_from is not None else {}

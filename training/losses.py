@@ -44,7 +44,7 @@ class TimestepSampler:
 
     def from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Sigmas ``(batch,)`` on the scheduler's grid for density samples ``u`` in ``[0, 1)``."""
-        indices = (u * len(self.sigmas)).long().clamp(max=len(self.sigmas) - 1)
+        indices = (u * len(self.sigmas)).long().clamp(0, len(self.sigmas) - 1)
         return self.sigmas[indices]
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
