@@ -179,11 +179,48 @@ def _validate_generate(args: argparse.Namespace) -> None:
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise CLIError(f"--out must be a .png file, got {args.out}")
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+    _check_png_out(args.out, args.overwrite)
+    if args.weights is not None and Path(args.weights).expanduser().is_file() and args.down is None:
+        from clear_dit.weights import read_weights_config
+
+        try:
+            _, down = read_weights_config(args.weights)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+        multiple = LATENT_PATCH * (down or 1)  # the file's down factor: sizes must fit it, before the model loads
+        for name in ("height", "width"):
+            if getattr(args, name) % multiple:
+                raise CLIError(
+                    f"--{name} must be a multiple of {multiple} ({LATENT_PATCH} x the down factor {down} of "
+                    f"{args.weights}), got {getattr(args, name)}"
+                )
+
+
+def _check_png_out(out: str, overwrite: bool) -> Path:
+    """``--out`` as a path: a .png file that may be written (a folder, or a file where a folder should be, is an
+    error now, not after the generation)."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise CLIError(f"--out must be a .png file, got {out}")
+    if path.is_dir():
+        raise CLIError(f"--out {out} is a folder: name a .png file (in it)")
+    blocked = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocked is not None:
+        raise CLIError(f"--out {out}: {blocked} is a file, not a folder")
+    if path.exists() and not overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    return path
+
+
+def _save_png(image, path: Path, settings: dict) -> None:
+    """Write ``image`` as a temporary file renamed into place: an interrupted save leaves ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=_png_info(settings))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_weights_path(weights: str | None) -> None:
@@ -286,11 +323,11 @@ def _density_line(args, window: int, down: int, max_sequence_length: int, scale:
 
     grid = (args.height // scale, args.width // scale)
     density = clear_dit.attention_density(grid, max_sequence_length, window, down)
-    return (
-        f"attention density: {density:.1%} of full attention "
-        f"({grid[0]}x{grid[1]} image + {max_sequence_length} text tokens) -> "
-        f"{1 / density:.2f}x fewer attention FLOPs ({1 - density:.1%} saved)"
-    )
+    tokens = f"{grid[0]}x{grid[1]} image + {max_sequence_length} text tokens"
+    head = f"attention density: {density:.1%} of full attention ({tokens})"
+    if density >= 1:  # a window covering the grid, plus pooled keys: more than full attention
+        return f"{head} -> {density - 1:.1%} more attention FLOPs than full attention (the window covers the image)"
+    return f"{head} -> {1 / density:.2f}x fewer attention FLOPs ({1 - density:.1%} saved)"
 
 
 def _device_and_dtype(device=None):
@@ -369,9 +406,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if window is not None:
             lines.append(_density_line(args, window, down, max_sequence_length, scale))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, pnginfo=_png_info(settings))
+    out = Path(args.out).expanduser()
+    _save_png(image, out, settings)
     lines.append(f"wrote {out} ({image.width}x{image.height})")
     print("\n".join(lines))
     return 0
@@ -462,15 +498,11 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise CLIError(f"--out must be a .png file, got {args.out}")
+    out = _check_png_out(args.out, args.overwrite)
     outs = [out.with_name(f"{out.stem}-stage{i}.png") for i in range(len(args.stages) - 1)] if args.save_stages else []
-    outs.append(out)
     for path in outs:
-        if path.exists() and not args.overwrite:
-            raise CLIError(f"{path} exists; pass --overwrite to replace it")
-    return outs
+        _check_png_out(str(path), args.overwrite)
+    return [*outs, out]
 
 
 @subcommand("highres", "generate a high-resolution image by progressive upscaling with CLEAR", _highres_arguments)
@@ -527,8 +559,7 @@ def cmd_highres(args: argparse.Namespace) -> int:
     images = [stage[0] for stage in result.stage_images][-len(outs) :]
     lines = [f"{len(args.stages)} stage{'s' * (len(args.stages) > 1)} in {seconds:.2f} s"]
     for path, image in zip(outs, images, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, pnginfo=_png_info(settings))
+        _save_png(image, path, settings)
         lines.append(f"wrote {path} ({image.width}x{image.height})")
     print("\n".join(lines))
     return 0
@@ -553,7 +584,7 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_seed, help="image i uses seed SEED + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the tokenizer's limit, at most 512)")
-    p.add_argument("--overwrite", action="store_true", help="discard data in --out made with other settings")
+    p.add_argument("--overwrite", action="store_true", help="discard all data in --out and start over")
 
 
 def _given(**values) -> dict:
@@ -573,14 +604,27 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         raise CLIError(f"{', '.join(given)} applies to generated data (--prompts), not to --images")
     resolution = defaults["height"] if args.resolution is None else args.resolution  # 0 is an error, not the default
     steps = defaults["steps"] if args.steps is None else args.steps
-    for flag, value in (("--steps", steps), ("--max-sequence-length", args.max_sequence_length)):
+    for flag, value in (("--steps", steps), ("--num", args.num), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be at least 1, got {value}")
+    if resolution < LATENT_PATCH or resolution % LATENT_PATCH:
+        raise CLIError(f"--resolution must be a positive multiple of {LATENT_PATCH} px, got {resolution}")
+    from pipelines.loading import FLUX_MAX_SEQUENCE_LENGTH as LIMIT
+
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= LIMIT:
+        raise CLIError(f"--max-sequence-length must be 1 to {LIMIT} (FLUX's T5 limit), got {args.max_sequence_length}")
+    if args.guidance is not None and args.guidance < 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    out = Path(args.out).expanduser()
+    if args.images:
+        images = Path(args.images).expanduser().resolve()
+        if out.resolve() == images or out.resolve() in images.parents:
+            raise CLIError(f"--out {args.out} holds --images {args.images}: choose a data folder outside it")
     _quiet_libraries(args.verbose)
     from pipelines.loading import load_pipeline
     from training.data import DistillDataset, generate_dataset, import_images, read_prompts
 
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    prompts = read_prompts(Path(args.prompts).expanduser()) if args.prompts else None
     device, dtype = _device_and_dtype()
     pipe = load_pipeline(args.model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -593,11 +637,11 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     )
     if prompts is not None:
         out = generate_dataset(
-            pipe, prompts, args.out, num=args.num, steps=steps, **_given(guidance=args.guidance, seed=args.seed),
+            pipe, prompts, out, num=args.num, steps=steps, **_given(guidance=args.guidance, seed=args.seed),
             **common, **cfg,
         )  # fmt: skip
     else:
-        out = import_images(pipe, args.images, args.out, **common)
+        out = import_images(pipe, Path(args.images).expanduser(), out, **common)
     print(f"{out}: {len(DistillDataset(out))} items at {resolution}x{resolution} (info.json, manifest.jsonl)")
     return 0
 
@@ -735,13 +779,12 @@ def cmd_app(args: argparse.Namespace) -> int:
         raise CLIError(f"--host {args.host} is not an address or a resolvable host name: {err}") from None
     _check_weights_path(args.weights)
     if args.weights is not None and Path(args.weights).expanduser().is_file():
-        from safetensors import safe_open
+        from clear_dit.weights import read_weights_config
 
         try:  # the header only: a broken file fails here, not at the first click in the UI
-            with safe_open(str(Path(args.weights).expanduser()), framework="pt") as weights:
-                weights.keys()
-        except Exception as err:  # safetensors raises its own error types
-            raise CLIError(f"{args.weights} is not a readable safetensors file: {err}") from None
+            read_weights_config(args.weights)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     from pipelines.loading import model_source
 
     model_source(args.model)  # a missing folder fails here, before the slow imports

@@ -31,10 +31,9 @@ import gradio as gr
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
-from safetensors import safe_open
 
 import clear_dit
-from clear_dit.weights import config_from_filename
+from clear_dit.weights import config_from_filename, read_weights_config
 from pipelines.highres import HighResFluxPipeline
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from pipelines.stages import check_highres_inputs, parse_stages
@@ -430,13 +429,8 @@ def weights_config(path: str | None) -> tuple[int | None, int | None]:
     if not path or path == NO_WEIGHTS:
         return None, None
     if Path(path).is_file():
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-            if "window_size" in meta:
-                return int(meta["window_size"]), int(meta.get("down_factor", 1))
-        except Exception:  # an unreadable file gets its readable error when it is loaded
-            pass
+        with contextlib.suppress(ValueError):  # an unreadable file gets its readable error when it is loaded
+            return read_weights_config(path)
     return config_from_filename(path)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "clear_state_dict",
     "is_clear_key",
     "config_from_filename",
+    "read_weights_config",
 ]
 
 # FLUX: transformer_blocks.{i}.attn / single_transformer_blocks.{i}.attn; SD3: transformer_blocks.{i}.attn and
@@ -99,6 +100,25 @@ def _check_separate_projections(transformer: torch.nn.Module, action: str) -> No
             f"cannot {action} CLEAR weights of a model with fused QKV projections ({_first(fused)}): call "
             "unfuse_qkv_projections() first"
         )
+
+
+def read_weights_config(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """``(window_size, down_factor)`` a local weights file declares, from its header alone (no tensors read): its
+    metadata, else its name (:func:`config_from_filename`); ``None`` for what neither says.
+
+    Raises:
+        ValueError: ``path`` is not a readable safetensors file.
+    """
+    path = Path(path).expanduser()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    name_r, name_d = config_from_filename(path)
+    if "window_size" in metadata:
+        return int(metadata["window_size"]), int(metadata.get("down_factor", 1))
+    return name_r, name_d
 
 
 def config_from_filename(path: str | os.PathLike) -> tuple[int | None, int | None]:

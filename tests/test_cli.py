@@ -167,3 +167,77 @@ def test_existing_out_needs_overwrite(cli, tmp_path):
     assert out.read_bytes() == b"precious"
     _ok(cli("generate", "--prompt", "x", *FAST, "--out", str(out), "--overwrite"))
     assert _settings(out)["size"] == (128, 64)
+
+
+def test_out_paths_are_checked_before_any_work_and_saved_whole(tmp_path, monkeypatch, capsys):
+    import pipelines.loading
+    from app.cli import _check_png_out, _density_line, _save_png, main
+
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("mine")
+    for out, message in (
+        (tmp_path / "folder.png", "is a folder: name a .png file"),
+        (tmp_path / "file" / "x.png", "file is a file, not a folder"),
+    ):
+        assert main(["generate", "--prompt", "x", "--out", str(out), "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    assert _check_png_out("~/x.png", False) == home / "x.png"  # as --model and --weights, ~ is the home folder
+
+    old = tmp_path / "old.png"  # an interrupted save leaves the file that was there
+    Image.new("RGB", (8, 8), "red").save(old)
+    before = old.read_bytes()
+
+    def interrupted(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _save_png(Image.new("RGB", (8, 8)), old, {"prompt": "x"})
+    assert old.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+    args = type("Args", (), {"height": 32, "width": 32})()
+    assert "0.1% more attention FLOPs than full attention" in _density_line(args, 2, 2, 64, 16)
+
+
+def test_generate_checks_sizes_against_the_weights_files_down_factor_before_loading(tmp_path, monkeypatch, capsys):
+    import clear_dit
+    import pipelines.loading
+    from app.cli import main
+    from pipelines.loading import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    with clear_dit.patch(pipe, window_size=2, down_factor=2):
+        weights = clear_dit.save_weights(pipe, tmp_path / "student.safetensors")
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = ["generate", "--prompt", "x", "--height", "80", "--width", "64", "--weights", str(weights), "--compare"]
+    assert main([*args, "--out", str(tmp_path / "x.png")]) == 2
+    assert "--height must be a multiple of 32 (16 x the down factor 2 of" in capsys.readouterr().err
+
+
+def test_make_data_refuses_bad_settings_before_touching_its_folder(tmp_path, tiny_pipeline_path, capsys):
+    from app.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    data = tmp_path / "data"
+    base = ["make-data", "--prompts", str(prompts), "--out", str(data), "--resolution", "32", "--steps", "1"]
+    assert main(base) == 0
+    made = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    for extra, message in (
+        (["--max-sequence-length", "600"], "--max-sequence-length must be 1 to 512 (FLUX's T5 limit), got 600"),
+        (["--resolution", "0"], "--resolution must be a positive multiple of 16 px, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--num", "0"], "--num must be at least 1, got 0"),
+        (["--guidance", "-5"], "--guidance must be >= 0, got -5.0"),
+    ):
+        assert main([*base, *extra, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == made  # nothing deleted or rewritten
+    (data / "raw").mkdir()
+    assert main(["make-data", "--images", str(data / "raw"), "--out", str(data)]) == 2
+    assert "holds --images" in capsys.readouterr().err

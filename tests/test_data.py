@@ -296,8 +296,8 @@ def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys)
 
     for extra, message in (  # 0 is refused, not read as "the default"; generation options have no use on imports
         (["--steps", "0"], "--steps must be at least 1, got 0"),
-        (["--max-sequence-length", "0"], "--max-sequence-length must be at least 1, got 0"),
-        (["--resolution", "0"], "resolution must be a positive multiple of 16"),
+        (["--max-sequence-length", "0"], "--max-sequence-length must be 1 to 512 (FLUX's T5 limit), got 0"),
+        (["--resolution", "0"], "--resolution must be a positive multiple of 16"),
     ):
         assert main(["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "bad"), *extra]) != 0
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
