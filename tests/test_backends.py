@@ -215,36 +215,44 @@ def test_tiled_image_rows_any_tile_and_both_paths(tile, fused: bool) -> None:
 # --- the oracle itself -------------------------------------------------------------------------------
 
 
-def _brute_force_clear(q, k, v, grid, text_len, r, d, weight) -> torch.Tensor:
-    """DESIGN.md 1.1 read literally, one query and one key at a time (float64, no mask module)."""
-    h, w = grid
+def _brute_force_clear(q, k, v, grid, text_len, r, d, weight, text_last=False, reference=None) -> torch.Tensor:
+    """DESIGN.md 1.1 read literally, one query and one key at a time (float64, no mask module): text first or last,
+    an optional reference grid sharing the target's coordinates (FLUX Kontext), pooled keys of every grid with
+    ``w[i, j]`` read from a ``(d, d)`` weight or the published ``(1, 1, 1, d, 1, d, 1)`` one."""
+    grids = [grid] + ([reference] if reference else [])
+    n_img = sum(h * w for h, w in grids)
     t = text_len
-    batch, _, heads, dim = q.shape
-    img_k = k[:, t:].reshape(batch, h, w, heads, dim)
-    img_v = v[:, t:].reshape(batch, h, w, heads, dim)
-    keys, values = [k[:, i] for i in range(t + h * w)], [v[:, i] for i in range(t + h * w)]
-    if d > 1:
-        for py in range(h // d):
+    if weight is not None and weight.dim() == 7:
+        weight = torch.stack([torch.stack([weight[0, 0, 0, i, 0, j, 0] for j in range(d)]) for i in range(d)])
+    # (kind, y, x) of every token in sequence order: "text", or "image" at its (row, column)
+    image = [("image", y, x) for h, w in grids for y in range(h) for x in range(w)]
+    tokens = image + [("text", 0, 0)] * t if text_last else [("text", 0, 0)] * t + image
+    keys, values = [k[:, i] for i in range(len(tokens))], [v[:, i] for i in range(len(tokens))]
+    kinds = [kind for kind, _, _ in tokens]
+    first = 0 if text_last else t
+    for h, w in grids:  # pooled keys: every d x d block of each grid, weighted
+        for py in range(h // d if d > 1 else 0):
             for px in range(w // d):
-                pk = sum(weight[i, j] * img_k[:, py * d + i, px * d + j] for i in range(d) for j in range(d))
-                pv = sum(weight[i, j] * img_v[:, py * d + i, px * d + j] for i in range(d) for j in range(d))
-                keys.append(pk)
-                values.append(pv)
-    num_real = t + h * w
+                cells = [(i, j, first + (py * d + i) * w + px * d + j) for i in range(d) for j in range(d)]
+                keys.append(sum(weight[i, j] * k[:, n] for i, j, n in cells))
+                values.append(sum(weight[i, j] * v[:, n] for i, j, n in cells))
+                kinds.append("pooled")
+        first += h * w
+    assert len(tokens) == t + n_img
     out = torch.empty_like(q)
-    for qi in range(t + h * w):
+    for qi, (kind, qy, qx) in enumerate(tokens):
         allowed = []
-        for ki in range(len(keys)):
-            if qi < t:  # text query: every text and image key, no pooled key
-                ok = ki < num_real
-            elif ki < t or ki >= num_real:  # image query: every text and pooled key
+        for ki, key_kind in enumerate(kinds):
+            if kind == "text":  # text query: every text and image key, no pooled key
+                ok = key_kind != "pooled"
+            elif key_kind != "image":  # image query: every text and pooled key
                 ok = True
             else:
-                (qy, qx), (ky, kx) = divmod(qi - t, w), divmod(ki - t, w)
+                _, ky, kx = tokens[ki]
                 ok = (qy - ky) ** 2 + (qx - kx) ** 2 < r**2
             if ok:
                 allowed.append(ki)
-        scores = torch.stack([(q[:, qi] * keys[ki]).sum(-1) for ki in allowed], dim=-1) / math.sqrt(dim)
+        scores = torch.stack([(q[:, qi] * keys[ki]).sum(-1) for ki in allowed], dim=-1) / math.sqrt(q.shape[-1])
         probs = scores.softmax(dim=-1)
         out[:, qi] = sum(probs[..., j, None] * values[ki] for j, ki in enumerate(allowed))
     return out
@@ -258,6 +266,31 @@ def test_dense_oracle_equals_brute_force(grid, text_len: int, r: int, d: int) ->
     weight = torch.rand(d, d, generator=gen, dtype=torch.float64)
     expected = _brute_force_clear(q, k, v, grid, text_len, r, d, weight)
     got = _attend(layout, q, k, v, weight if d > 1 else None, "dense")
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiled"])
+@pytest.mark.parametrize(
+    "grid,text_len,r,d,text_last,reference",
+    [
+        ((4, 4), 2, 2, 2, False, (2, 4)),  # FLUX Kontext: a reference image, pooled keys of both grids
+        ((4, 6), 3, 3, 2, True, None),  # SD3: text last, pooled keys
+        ((4, 4), 0, 2, 2, True, (4, 2)),
+    ],
+)
+def test_every_layout_equals_brute_force_with_the_published_weight_shape(backend, grid, text_len, r, d, text_last,
+                                                                         reference) -> None:  # fmt: skip
+    """The pooling weight in the published (1, 1, 1, d, 1, d, 1) shape, not symmetric: a transposed reading or a
+    reference grid pooled from the target's tokens shows."""
+    layout = CLEARLayout(grid, text_len, r, d, "last" if text_last else "first", reference)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, layout.q_len, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    weight = torch.rand(1, 1, 1, d, 1, d, 1, generator=gen, dtype=torch.float64)
+    assert not torch.equal(weight[0, 0, 0, :, 0, :, 0], weight[0, 0, 0, :, 0, :, 0].T)
+    expected = _brute_force_clear(q, k, v, grid, text_len, r, d, weight, text_last, reference)
+    position = "last" if text_last else "first"
+    got = clear_attention(q, k, v, grid=grid, text_len=text_len, window_size=r, down_factor=d, spatial_weight=weight,
+                          text_position=position, reference_grid=reference, backend=backend)  # fmt: skip
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
