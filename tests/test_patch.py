@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from clear_oracle import diffusers_attention_under_mask
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from flux_models import flux_inputs, run, tiny_flux_transformer
 
@@ -33,6 +34,10 @@ def test_small_radius_equals_dense_oracle(model, backend, down_factor):
     full = run(model, inputs)
     with clear_dit.patch(model, window_size=2, down_factor=down_factor, backend="dense"):
         oracle = run(model, inputs)
+    if down_factor == 1:  # the oracle itself, against diffusers' own processors under the mask written as loops
+        with diffusers_attention_under_mask([(6, 8)], 2, text_position="first"):
+            independent = run(model, inputs)
+        torch.testing.assert_close(oracle, independent, atol=1e-5, rtol=1e-5)
     with clear_dit.patch(model, window_size=2, down_factor=down_factor, backend=backend):
         out = run(model, inputs)
     torch.testing.assert_close(out, oracle, atol=1e-4, rtol=1e-4)
