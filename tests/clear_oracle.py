@@ -41,9 +41,10 @@ def brute_force_mask(
 
 @contextmanager
 def diffusers_attention_under_mask(
-    grids: list[tuple[int, int]], window_size: int, text_position: str
+    grids: list[tuple[int, int]], window_size: int, text_position: str, scale=None
 ) -> Iterator[None]:
-    """Every unmasked SDPA call (diffusers' own FLUX/SD3 processors) gets the brute-force CLEAR mask.
+    """Every unmasked SDPA call (diffusers' own FLUX/SD3 processors) gets the brute-force CLEAR mask, and the
+    softmax scale ``scale(seq_len, head_dim)`` if given.
 
     The text length of each call is its sequence length minus the image tokens (0 in SD3.5's ``attn2``).
     """
@@ -57,6 +58,8 @@ def diffusers_attention_under_mask(
             if seq not in cache:
                 cache[seq] = brute_force_mask(seq - n_image, grids, window_size, 1, text_position)
             attn_mask = cache[seq].to(query.device)
+            if scale is not None:
+                kwargs["scale"] = scale(key.shape[-2], query.shape[-1])
         return original(query, key, value, attn_mask=attn_mask, **kwargs)
 
     F.scaled_dot_product_attention = masked

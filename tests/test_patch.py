@@ -1,6 +1,7 @@
 """clear_dit.patch / unpatch on a tiny real FluxTransformer2DModel."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -165,3 +166,25 @@ def test_a_model_with_integer_weights_takes_the_dtype_of_its_floating_ones(model
     clear_dit.patch(model, window_size=2, down_factor=down_factor)
     dtypes = {p.dtype for processor in model.attn_processors.values() for p in processor.parameters()}
     assert dtypes == ({torch.float32} if down_factor > 1 else set())
+
+
+def test_proportional_attention_scales_by_the_key_length(model, monkeypatch):
+    """sqrt(log_4608(N_k) / head_dim), N_k the keys of the layer (DESIGN.md 1.1): checked by hand values, against
+    diffusers' processors run under the mask with that scale, and with pooled keys counted in N_k."""
+    assert clear_dit.proportional_scale(4608, 64) == pytest.approx(1 / 8)  # the training length: plain 1/sqrt(d)
+    assert clear_dit.proportional_scale(4608**2, 128) == pytest.approx(1 / 8)  # log_4608 = 2
+    inputs = flux_inputs((6, 8), text_len=3)
+    with clear_dit.patch(model, window_size=2, proportional_attention=True):
+        patched = run(model, inputs)
+    by_hand = lambda keys, dim: math.sqrt(math.log(keys) / math.log(4608) / dim)  # noqa: E731
+    with diffusers_attention_under_mask([(6, 8)], 2, text_position="first", scale=by_hand):
+        expected = run(model, inputs)
+    torch.testing.assert_close(patched, expected, atol=1e-5, rtol=1e-5)
+
+    import clear_dit.processors as processors
+
+    lengths = []
+    monkeypatch.setattr(processors, "proportional_scale", lambda n, d: lengths.append(n) or by_hand(n, d))
+    with clear_dit.patch(model, window_size=2, down_factor=2, proportional_attention=True):
+        run(model, inputs)
+    assert set(lengths) == {3 + 6 * 8 + 3 * 4}  # text + image + pooled keys
