@@ -55,7 +55,21 @@ def test_official_files_load_unchanged(model, tmp_path, filename, radius, down):
     for name, value in tensors.items():
         torch.testing.assert_close(state[name], value, atol=0, rtol=0)
     assert set(clear_dit.clear_state_dict(model)) == set(tensors)
-    assert run(model, flux_inputs((4, 4))).isfinite().all()
+    # the same model built by hand: patched with the file name's radius and down factor, the tensors copied in
+    # under their published names by torch's own load_state_dict (the pooling weights too)
+    reference = tiny_flux_transformer(tmp_path / "reference")
+    clear_dit.patch(reference, window_size=radius, down_factor=down)
+    missing, unexpected = reference.load_state_dict(tensors, strict=False)
+    assert not unexpected and not set(tensors) & set(missing)
+    inputs = flux_inputs((12, 10))
+    out = run(model, inputs)
+    torch.testing.assert_close(out, run(reference, inputs), atol=0, rtol=0)
+    if down > 1:  # and the pooling weights are used: uniform ones give another output
+        with torch.no_grad():
+            for name, value in clear_dit.clear_state_dict(reference).items():
+                if name.endswith("spatial_weight"):
+                    value.fill_(1 / down**2)
+        assert (run(reference, inputs) - out).abs().max() > 1e-4
 
 
 def test_radius_argument_for_files_without_metadata_or_published_name(model, tmp_path):
