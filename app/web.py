@@ -128,8 +128,8 @@ class Comparison:
             f"{self.clear.seconds:.2f} s · **speedup {self.speedup:.2f}x**  \n"
             f"attention density {100 * self.density:.1f}% ({100 * (1 - self.density):.1f}% of attention FLOPs saved) "
             f"· mean |difference| {self.mean_abs_diff:.1f}/255 · {psnr}  \n"
-            "wall times of the whole pipeline call (text encoders, denoising, VAE decode), same seed; "
-            "the server's first run also pays one-off warm-up costs"
+            "wall times of the whole pipeline call (text encoders, denoising, VAE decode), same seed, each after "
+            "an untimed 1-step warm-up"
         )
 
 
@@ -307,7 +307,9 @@ class GenerationEngine:
         with self._session_runs(session):
             return self._generate(s, session, progress, stage or s.attention)
 
-    def _generate(self, s: GenerationSettings, session: str, progress: ProgressFn | None, stage: str) -> Generation:
+    def _generate(
+        self, s: GenerationSettings, session: str, progress: ProgressFn | None, stage: str, warmup: bool = False
+    ) -> Generation:
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
             if session in self._cancelled:
                 raise GenerationCancelled("generation cancelled")
@@ -315,6 +317,11 @@ class GenerationEngine:
                 n = pipe.num_timesteps  # of this stage: an upscale stage runs `strength` of the steps
                 where = f"stage {pipe.stage_index + 1}/{pipe.num_stages}" if s.upscale.strip() else stage
                 progress(i + 1, n, f"{where}: denoising step {i + 1}/{n}")
+            return kwargs
+
+        def cancel_only(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            if session in self._cancelled:
+                raise GenerationCancelled("generation cancelled")
             return kwargs
 
         common = dict(
@@ -330,6 +337,9 @@ class GenerationEngine:
                 image = self._run_highres(s, common)
             else:
                 self._set_attention(s)  # not timed: loading a weights file is not generation
+                if warmup:  # one-off costs (first calls, kernels compiled per size and radius) are not this side's
+                    quiet = dict(common, num_inference_steps=1, callback_on_step_end=cancel_only)
+                    self.pipe(s.prompt, width=s.width, height=s.height, **quiet)
                 generator = torch.Generator("cpu").manual_seed(s.seed)  # as the CLI: same seed, same image
                 start = time.perf_counter()
                 image = self.pipe(s.prompt, width=s.width, height=s.height, generator=generator, **common)
@@ -387,10 +397,10 @@ class GenerationEngine:
             return lambda i, n, desc: progress(offset + i, 2 * n, desc)
 
         with self._session_runs(session):  # both halves: a cancel between them stops the second
-            full = self._generate(full_s, session, stage_progress(0), "full attention")
+            full = self._generate(full_s, session, stage_progress(0), "full attention", warmup=True)
             if session in self._cancelled:
                 raise GenerationCancelled("generation cancelled")
-            clear = self._generate(clear_s, session, stage_progress(s.steps), "CLEAR")
+            clear = self._generate(clear_s, session, stage_progress(s.steps), "CLEAR", warmup=True)
         grid = (s.height // self.pixels_per_token, s.width // self.pixels_per_token)
         density = clear_dit.attention_density(grid, self.text_len, s.window_size, s.down_factor)
         heatmap, mean_diff = difference_heatmap(full.image, clear.image)

@@ -469,3 +469,16 @@ def test_browser_cancel_stops_the_generation_and_the_next_one_runs(page, engine)
     page.locator("#summary").get_by_text("512x512, 2 steps").wait_for(timeout=60_000)
     new = [p for p in pngs() if p not in before]
     assert len(new) == 1 and json.loads(read_png(new[0]).text["clear-dit"])["steps"] == 2
+
+
+def test_compare_times_each_side_after_an_untimed_one_step_warm_up(cb, engine, monkeypatch):
+    """One-off costs (first calls, kernels compiled per size and radius) would fall on whichever side runs first."""
+    calls, call = [], type(engine.pipe).__call__
+
+    def recording(pipe, *args, **kwargs):
+        calls.append(kwargs["num_inference_steps"])
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.pipe), "__call__", recording)
+    *_, summary, _, _ = cb.compare(*values(steps=2))
+    assert calls == [1, 2, 1, 2] and "each after an untimed 1-step warm-up" in summary
