@@ -100,6 +100,9 @@ def test_timesteps_and_weighting_follow_diffusers_flux_script(tiny_pipeline_path
     # train_dreambooth_flux.py: timesteps = scheduler.timesteps[indices]; the model gets timesteps / 1000
     torch.testing.assert_close(sampler.from_uniform(u), scheduler.timesteps[indices] / 1000)
     assert TimestepSampler(scheduler.sigmas, "sigma_sqrt").weighting(torch.tensor([0.5])).item() == 4.0
+    assert TimestepSampler(scheduler.sigmas, "sigma_sqrt").weighting(torch.tensor([0.2])).item() == pytest.approx(25)
+    cosmap = TimestepSampler(scheduler.sigmas, "cosmap").weighting(torch.tensor([0.2]))  # 2 / (pi (1 - 2s + 2s^2))
+    assert cosmap.item() == pytest.approx(2 / (math.pi * (1 - 0.4 + 0.08)))
     with pytest.raises(ValueError, match="unknown weighting scheme"):
         TimestepSampler(scheduler.sigmas, "uniform")
 
@@ -662,3 +665,44 @@ def test_a_lora_student_trained_in_bf16_exports_its_float32_merge(tmp_path, data
     for name, weight in trained.items():
         torch.testing.assert_close(saved[f"{name}.weight"], weight, atol=1e-6, rtol=1e-6)
     assert "the exported LoRA student is float32: in torch.bfloat16, its merged projections would lose" in caplog.text
+
+
+def test_batches_are_the_rectified_flow_inputs_of_their_items(data_dir):
+    """x_t = (1 - s) x0 + s noise, target noise - x0, timestep s (the model takes sigma), the scheme's weights:
+    rebuilt here from the same generators and FluxPipeline's own packing."""
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    ds = DistillDataset(data_dir)
+    items, sigmas = [ds[i] for i in range(3)], torch.tensor([0.2, 0.55, 0.9])
+    sampler = TimestepSampler(torch.linspace(1, 0.01, 1000), "logit_normal")
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    batch = make_batch(items, generators, sampler, ds.info, None, torch.device("cpu"), torch.float32, sigmas=sigmas)
+    x0, noise = [], []
+    for i, item in enumerate(items):  # the documented draw order: latent sample, then noise
+        g = torch.Generator().manual_seed(10 + i)
+        mean, logvar = item["latent_mean"], item["latent_logvar"]
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        x0.append((z - ds.info.vae_shift_factor) * ds.info.vae_scaling_factor)
+        noise.append(torch.randn(mean.shape, generator=g))
+    x0, noise = torch.stack(x0), torch.stack(noise)
+    b, c, h, w = x0.shape
+    pack = lambda x: FluxPipeline._pack_latents(x, b, c, h, w)  # noqa: E731
+    s = sigmas.view(-1, 1, 1, 1)
+    torch.testing.assert_close(batch.inputs["hidden_states"], pack((1 - s) * x0 + s * noise))
+    torch.testing.assert_close(batch.target, pack(noise - x0))
+    torch.testing.assert_close(batch.inputs["timestep"], sigmas)
+    torch.testing.assert_close(batch.weighting, compute_loss_weighting_for_sd3("logit_normal", sigmas=sigmas).float())
+    sqrt = make_batch(items, generators, TimestepSampler(sampler.sigmas, "sigma_sqrt"), ds.info, None,
+                      torch.device("cpu"), torch.float32, sigmas=sigmas)  # fmt: skip
+    torch.testing.assert_close(sqrt.weighting, sigmas**-2)
+
+
+def test_a_training_step_logs_the_loss_of_its_weights(tmp_path, data_dir):
+    """out and attn weights told apart (both default to 0.5): the logged total is fm + a out + b attn."""
+    cfg = config(tmp_path, data_dir, max_steps=1, num_validation=0, out_weight=0.3, attn_weight=0.7, attn_layers=[0])
+    distiller = Distiller(cfg)
+    logged = distiller.train_step()
+    expected = logged["loss_fm"] + 0.3 * logged["loss_out"] + 0.7 * logged["loss_attn"]
+    assert logged["loss_out"] != logged["loss_attn"]
+    assert logged["loss"] == pytest.approx(expected, rel=1e-5)
