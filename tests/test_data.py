@@ -391,3 +391,19 @@ def test_cli_true_cfg_errors(tmp_path, capsys, extra, message):
     assert main(["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "data"), *extra]) == 2
     assert capsys.readouterr().err == message
     assert not (tmp_path / "data").exists()
+
+
+def test_every_item_holds_the_latents_of_its_image_and_the_embeddings_of_its_prompt(made):
+    """Each item against its own PNG through the VAE ([-1, 1] pixels) and its prompt through the text encoders,
+    rows after the first included (item 1 is the second row of its shard)."""
+    pipe, out, _ = made
+    ds = DistillDataset(out)
+    assert [e["row"] for e in ds.entries] == [0, 1, 0, 0]
+    for i, entry in enumerate(ds.entries):
+        pixels = np.asarray(Image.open(out / entry["image"]).convert("RGB"), dtype=np.float32) / 255 * 2 - 1
+        with torch.no_grad():
+            mean = pipe.vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None]).latent_dist.mean[0]
+            embeds, pooled, _ = pipe.encode_prompt(entry["prompt"], None, max_sequence_length=ds.info.text_seq_len)
+        torch.testing.assert_close(ds[i]["latent_mean"], mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ds[i]["prompt_embeds"], embeds[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ds[i]["pooled_prompt_embeds"], pooled[0], atol=1e-5, rtol=1e-5)
