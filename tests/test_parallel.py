@@ -24,26 +24,39 @@ from pipelines.parallel import BandPlan, launch_local, layer_traffic, split_rows
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 128, 96  # 8 x 6 tokens
 TEXT = 16  # T5 tokens of the runs with text
-#: (ranks, window, down, text tokens, backend); r = 4 on 3 ranks (bands 3/3/2, or 4/2/2 rows for d = 2) makes
-#: the last band take halo rows from two ranks up.
+#: (ranks, window, down, text tokens, backend, variant); r = 4 on 3 ranks (bands 3/3/2, or 4/2/2 rows for d = 2)
+#: makes the last band take halo rows from two ranks up. Variants: "student" (trained-like, non-uniform pooling
+#: weights, with proportional attention), "sharp" (queries scaled up: log-sum-exps far from 0 in the text merge).
 CONFIGS = [
-    (2, 3, 1, TEXT, "auto"),
-    (2, 3, 2, 0, "tiled"),
-    (2, 3, 1, 0, "dense"),
-    (2, 3, 2, TEXT, "auto"),
-    (3, 4, 1, TEXT, "tiled"),
-    (3, 4, 2, 0, "auto"),
-    (3, 4, 1, 0, "auto"),
-    (3, 4, 2, TEXT, "dense"),
+    (2, 3, 1, TEXT, "auto", ""),
+    (2, 3, 2, 0, "tiled", ""),
+    (2, 3, 1, 0, "dense", ""),
+    (2, 3, 2, TEXT, "auto", ""),
+    (3, 4, 1, TEXT, "tiled", ""),
+    (3, 4, 2, 0, "auto", ""),
+    (3, 4, 1, 0, "auto", ""),
+    (3, 4, 2, TEXT, "dense", ""),
+    (3, 4, 2, TEXT, "auto", "student"),
+    (2, 3, 1, TEXT, "auto", "sharp"),
 ]
 
 
-def _pipe(path: str, window: int, down: int, backend: str = "auto"):
+def _pipe(path: str, window: int, down: int, backend: str = "auto", variant: str = ""):
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    clear_dit.patch(pipe, window_size=window, down_factor=down, backend=backend)
+    clear_dit.patch(pipe, window_size=window, down_factor=down, backend=backend,
+                    proportional_attention=variant == "student")  # fmt: skip
+    g = torch.Generator().manual_seed(7)  # the same on every rank and in the single-process reference
+    with torch.no_grad():
+        for name, value in clear_dit.clear_state_dict(pipe).items():
+            if variant == "student" and name.endswith("spatial_weight"):
+                value.copy_(torch.rand(value.shape, generator=g))
+        if variant == "sharp":  # queries pass an RMSNorm: its scale sets the logits' size
+            for name, param in pipe.transformer.named_parameters():
+                if name.endswith(("norm_q.weight", "norm_added_q.weight")):
+                    param.mul_(100)
     return pipe
 
 
@@ -80,18 +93,23 @@ def equivalence_worker(path: str) -> dict:
     rank = dist.get_rank()
     pair = dist.new_group([0, 1])
     latents, traffic = [], []
-    for n, window, down, text, backend in CONFIGS:
+    for n, window, down, text, backend, variant in CONFIGS:
         if rank >= n:
             latents.append(None)
             traffic.append(None)
             continue
-        out = run_parallel_pipeline(_pipe(path, window, down, backend), group=pair if n == 2 else None, **_call(text))
+        pipe = _pipe(path, window, down, backend, variant)
+        out = run_parallel_pipeline(pipe, group=pair if n == 2 else None, **_call(text))
         latents.append(out.latents)
         traffic.append(out.traffic_per_step)
     pipe = _pipe(path, 4, 1)
     bad_height = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, height=32 if rank == 2 else HEIGHT)))
     bad_seed = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, seed=int(rank == 1))))
-    return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed}
+    other_prompt = dict(_call(TEXT), prompt="a cat" if rank == 2 else "a red circle on a blue background")
+    bad_prompt = _error(lambda: run_parallel_pipeline(pipe, **other_prompt))
+    bad_guidance = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT), guidance_scale=5.0 if rank else 3.5))
+    return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed,
+            "bad_prompt": bad_prompt, "bad_guidance": bad_guidance}  # fmt: skip
 
 
 def faulty_worker(path: str, fail_rank: int) -> None:
@@ -137,10 +155,11 @@ def equivalence(tiny_pipeline_path):
     return [result.value for result in results]
 
 
-@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[f"N{n}-r{r}-d{d}-t{t}-{b}" for n, r, d, t, b in CONFIGS])
+@pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[f"N{n}-r{r}-d{d}-t{t}-{b}{v and '-' + v}"
+                                                           for n, r, d, t, b, v in CONFIGS])  # fmt: skip
 def test_parallel_latents_equal_single_process(equivalence, tiny_pipeline_path, index):
-    n, window, down, text, backend = CONFIGS[index]
-    expected = _pipe(str(tiny_pipeline_path), window, down, backend)(**_call(text)).images
+    n, window, down, text, backend, variant = CONFIGS[index]
+    expected = _pipe(str(tiny_pipeline_path), window, down, backend, variant)(**_call(text)).images
     for rank in range(n):
         latents = equivalence[rank]["latents"][index]
         assert latents.shape == expected.shape
@@ -149,7 +168,7 @@ def test_parallel_latents_equal_single_process(equivalence, tiny_pipeline_path, 
 
 @pytest.mark.parametrize("index", [3, 7])
 def test_counted_traffic_matches_the_layout_model(equivalence, index):
-    n, window, down, text, _ = CONFIGS[index]
+    n, window, down, text, *_ = CONFIGS[index]
     plan = BandPlan((HEIGHT // 16, WIDTH // 16), n, window, down)
     layers = 3  # the tiny transformer: 1 double-stream + 2 single-stream blocks
     model = layer_traffic(plan, text, heads=2, head_dim=64, element_size=4)
@@ -167,6 +186,8 @@ def test_bad_input_on_one_rank_fails_every_rank_with_its_message(equivalence):
         assert equivalence[rank]["bad_height"].startswith("RankFailedError: rank 2 failed: ValueError: " + split)
     for rank in range(3):  # different seeds: every rank refuses, naming rank 1
         assert equivalence[rank]["bad_seed"].startswith("ValueError: ranks [1] got other transformer inputs")
+        assert equivalence[rank]["bad_prompt"].startswith("ValueError: ranks [2] got other transformer inputs")
+        assert equivalence[rank]["bad_guidance"].startswith("ValueError: ranks [1, 2] got other transformer inputs")
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(tiny_pipeline_path):
