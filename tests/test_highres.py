@@ -369,3 +369,28 @@ def test_cli_checks_sizes_against_the_weights_files_down_factor_before_loading(s
     args = ["highres", "--prompt", "x", "--stages", "48x48,80x80", "--weights", str(student_file[0])]
     assert main([*args, "--out", str(tmp_path / "x.png")]) == 2  # d = 2 from the file: multiples of 32
     assert "multiples of 32" in capsys.readouterr().err
+
+
+def test_upscale_stage_runs_the_fixed_time_shift_on_the_resized_image_before_it(pipe, monkeypatch):
+    """Stage 1 (4 steps at strength 0.5: FluxImg2ImgPipeline starts at step 2 of sigmas 1, .75, .5, .25) under the
+    fixed shift 3: sigma' = 3 s / (1 + 2 s) gives timesteps 750 and 500, by hand; a dynamic shift would not.
+    Its input is stage 0's image resized to (width, height)."""
+    from diffusers import FluxImg2ImgPipeline
+
+    seen, inputs, call = [], [], FluxImg2ImgPipeline.__call__
+
+    def recording(stage_pipe, *args, **kwargs):
+        inputs.append(kwargs["image"][0].copy())
+        return call(stage_pipe, *args, **kwargs)
+
+    monkeypatch.setattr(FluxImg2ImgPipeline, "__call__", recording)
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((p.stage_index, round(float(timestep))))
+        return kwargs
+
+    out = pipe(prompt="a red circle", num_inference_steps=4, strength=0.5, stages=STAGES, seed=0, time_shift=3.0,
+               callback_on_step_end=callback)  # fmt: skip
+    assert [t for stage, t in seen if stage == 1] == [750, 500]
+    expected = out.stage_images[0][0].resize(STAGES[1], Image.Resampling.LANCZOS)
+    assert inputs[0].size == STAGES[1] and np.array_equal(np.asarray(inputs[0]), np.asarray(expected))
