@@ -53,3 +53,26 @@ def test_pil_input_and_errors():
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
     with pytest.raises(ValueError, match="at least 11 px"):
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_ssim_equals_the_formula_window_by_window():
+    """Wang et al. 2004 written out per window: Gaussian weights exp(-d^2 / (2 * 1.5^2)) over 11 x 11, weighted means,
+    variances and covariance, K1 = 0.01, K2 = 0.03, averaged over the valid positions (textured images, where the
+    contrast-structure term and the window's shape matter)."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(1, 1, 14, 13, generator=g, dtype=torch.float64)
+    b = (a + 0.2 * torch.rand(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    weights = [[math.exp(-((i - 5) ** 2 + (j - 5) ** 2) / (2 * 1.5**2)) for j in range(11)] for i in range(11)]
+    total = sum(map(sum, weights))
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for y in range(14 - 10):
+        for x in range(13 - 10):
+            cells = [(weights[i][j] / total, a[0, 0, y + i, x + j].item(), b[0, 0, y + i, x + j].item())
+                     for i in range(11) for j in range(11)]  # fmt: skip
+            mu_a, mu_b = sum(w * p for w, p, _ in cells), sum(w * q for w, _, q in cells)
+            var_a = sum(w * (p - mu_a) ** 2 for w, p, _ in cells)
+            var_b = sum(w * (q - mu_b) ** 2 for w, _, q in cells)
+            cov = sum(w * (p - mu_a) * (q - mu_b) for w, p, q in cells)
+            values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
+    assert ssim(a, b).item() == pytest.approx(sum(values) / len(values), rel=1e-9)
