@@ -173,7 +173,7 @@ def _validate_generate(args: argparse.Namespace) -> None:
             raise CLIError("--parallel runs CLEAR attention: pass --window or --weights, without --compare")
         if args.cfg:
             raise CLIError("--true-cfg is not supported with --parallel yet")
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if any(name not in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
             raise CLIError("--parallel needs a distributed launch: torchrun --nproc_per_node N -m app.cli generate ...")
     _check_weights_path(args.weights)
     from pipelines.loading import model_source

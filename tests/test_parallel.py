@@ -235,11 +235,13 @@ def test_cli_parallel_torchrun(tiny_pipe, tmp_path):
     "extra,env,message",
     [
         (["--window", "3"], {}, "--parallel needs a distributed launch"),
+        (["--window", "3"], {"RANK": "0", "WORLD_SIZE": "1"}, "--parallel needs a distributed launch"),  # no master
         ([], {"RANK": "0", "WORLD_SIZE": "1"}, "--parallel runs CLEAR attention"),
     ],
 )
 def test_cli_parallel_errors(tmp_path, extra, env, message):
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    launch = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    clean = {k: v for k, v in os.environ.items() if k not in launch}
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "generate", "--prompt", "x", "--parallel", "--out", str(tmp_path / "x.png")]
         + extra,
