@@ -266,10 +266,10 @@ class _Comm:
         everyone: list[Any] = [None] * self.world_size
         self._run("control", lambda: dist.all_gather_object(everyone, mine, group=self.control))
         self.traffic["control"] += (self.world_size - 1) * len(pickle.dumps(mine))
+        if problem is not None:  # its own error first: ranks that all refuse an input raise that ValueError
+            raise problem
         for rank, (message, _) in enumerate(everyone):
             if message is not None:
-                if rank == self.rank:
-                    raise problem
                 raise RankFailedError(f"rank {rank} failed: {message}")
         reference = everyone[0][1]
         differ = [rank for rank, (_, fp) in enumerate(everyone) if not _same_fingerprint(fp, reference)]
@@ -401,6 +401,8 @@ class BandParallel:
             )
         self.comm = _Comm(group)
         self.calls = 0
+        self.steps = 0  # denoising steps: calls with a new timestep (true CFG makes two calls a step)
+        self._last_timestep: Any = None
         self._plan: BandPlan | None = None
         self._saved: tuple[dict, Any] | None = None
 
@@ -418,8 +420,12 @@ class BandParallel:
         return dict(self.comm.traffic)
 
     def traffic_per_call(self) -> dict[str, float]:
-        """Bytes this rank sent per transformer call (one denoising step), by kind."""
+        """Bytes this rank sent per transformer call, by kind."""
         return {kind: sent / max(self.calls, 1) for kind, sent in self.comm.traffic.items()}
+
+    def traffic_per_step(self) -> dict[str, float]:
+        """Bytes this rank sent per denoising step, by kind (two transformer calls a step with true CFG)."""
+        return {kind: sent / max(self.steps, 1) for kind, sent in self.comm.traffic.items()}
 
     def __enter__(self) -> BandParallel:
         model = self.transformer
@@ -468,6 +474,10 @@ class BandParallel:
             self.comm.fail(err)
             raise
         self.calls += 1
+        timestep = torch.as_tensor(inputs.get("timestep", 0.0)).detach().cpu().clone()
+        if self._last_timestep is None or not torch.equal(timestep, self._last_timestep):
+            self.steps += 1
+        self._last_timestep = timestep
         if isinstance(out, tuple):
             return (full, *out[1:])
         out.sample = full
@@ -562,7 +572,8 @@ class ParallelOutput:
         images: the decoded images (``output_type`` of the call) on rank 0, ``None`` on the other ranks; the
             packed latents on every rank for ``output_type="latent"``.
         latents: the final packed latents ``(batch, h*w, channels)``, identical on every rank.
-        traffic_per_step: bytes every rank sent per denoising step (transformer call), by kind, in rank order.
+        traffic_per_step: bytes every rank sent per denoising step (two transformer calls with true CFG), by kind,
+            in rank order.
         rank, world_size: this rank and the number of ranks.
     """
 
@@ -595,12 +606,14 @@ def run_parallel_pipeline(
         output_type: ``"pil"``, ``"np"``, ``"pt"`` (decoded on rank 0) or ``"latent"``.
         group: the process group (default: the world).
     """
+    if "return_dict" in kwargs:
+        raise ValueError("run_parallel_pipeline returns a ParallelOutput: drop return_dict")
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
-    with BandParallel(pipe, group) as parallel:
-        latents = pipe(prompt, height=height, width=width, output_type="latent", **kwargs).images
+    with BandParallel(pipe, group) as parallel:  # prompt by name: FLUX Kontext's first parameter is its image
+        latents = pipe(prompt=prompt, height=height, width=width, output_type="latent", **kwargs).images
     traffic: list[Any] = [None] * parallel.world_size
-    dist.all_gather_object(traffic, parallel.traffic_per_call(), group=parallel.comm.control)
+    dist.all_gather_object(traffic, parallel.traffic_per_step(), group=parallel.comm.control)
     result = ParallelOutput(None, latents, traffic, parallel.rank, parallel.world_size)
     if output_type == "latent":
         result.images = latents

@@ -108,8 +108,18 @@ def equivalence_worker(path: str) -> dict:
     other_prompt = dict(_call(TEXT), prompt="a cat" if rank == 2 else "a red circle on a blue background")
     bad_prompt = _error(lambda: run_parallel_pipeline(pipe, **other_prompt))
     bad_guidance = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT), guidance_scale=5.0 if rank else 3.5))
+    all_bad = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, height=32)))  # every rank refuses it
+    plain = run_parallel_pipeline(pipe, **_call(TEXT)).traffic_per_step[rank]
+    guided = run_parallel_pipeline(pipe, **_call(TEXT), true_cfg_scale=2.0, negative_prompt="").traffic_per_step[rank]
+    from diffusers import FluxKontextPipeline
+    from PIL import Image as PILImage
+
+    kontext = FluxKontextPipeline.from_pipe(pipe)
+    reference = PILImage.new("RGB", (64, 48), "red")
+    bad_kontext = _error(lambda: run_parallel_pipeline(kontext, **_call(TEXT), image=reference, _auto_resize=False))
     return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed,
-            "bad_prompt": bad_prompt, "bad_guidance": bad_guidance}  # fmt: skip
+            "bad_prompt": bad_prompt, "bad_guidance": bad_guidance, "all_bad": all_bad, "plain": plain,
+            "guided": guided, "bad_kontext": bad_kontext}  # fmt: skip
 
 
 def faulty_worker(path: str, fail_rank: int) -> None:
@@ -188,6 +198,26 @@ def test_bad_input_on_one_rank_fails_every_rank_with_its_message(equivalence):
         assert equivalence[rank]["bad_seed"].startswith("ValueError: ranks [1] got other transformer inputs")
         assert equivalence[rank]["bad_prompt"].startswith("ValueError: ranks [2] got other transformer inputs")
         assert equivalence[rank]["bad_guidance"].startswith("ValueError: ranks [1, 2] got other transformer inputs")
+        # the same bad input everywhere: every rank raises its own ValueError (not "rank 0 failed")
+        assert equivalence[rank]["all_bad"].startswith("ValueError: cannot split 2 token rows into 3 bands")
+        assert (
+            equivalence[rank]["bad_kontext"].startswith("ValueError: ")
+            and "Kontext" in equivalence[rank]["bad_kontext"]
+        )
+
+
+def test_traffic_is_per_denoising_step_with_true_cfg_too(equivalence):
+    """True CFG runs two transformer calls a step: twice the bytes a step, not the same bytes per call."""
+    for rank in range(3):
+        plain, guided = equivalence[rank]["plain"], equivalence[rank]["guided"]
+        assert guided["halo"] == pytest.approx(2 * plain["halo"]) and plain["halo"] > 0
+
+
+def test_run_parallel_pipeline_refuses_return_dict():
+    from pipelines.parallel import run_parallel_pipeline
+
+    with pytest.raises(ValueError, match="returns a ParallelOutput: drop return_dict"):
+        run_parallel_pipeline(object(), prompt="x", return_dict=False)
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(tiny_pipeline_path):
