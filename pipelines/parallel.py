@@ -262,10 +262,12 @@ class _Comm:
     # -- failure protocol
     def agree(self, problem: BaseException | None, fingerprint: tuple) -> None:
         """Every rank's ``(problem, fingerprint)``; raise on every rank if one had a problem or inputs differ."""
-        mine = (f"{type(problem).__name__}: {problem}" if problem else None, fingerprint)
+        mine = (CALL, f"{type(problem).__name__}: {problem}" if problem else None, fingerprint)
         everyone: list[Any] = [None] * self.world_size
         self._run("control", lambda: dist.all_gather_object(everyone, mine, group=self.control))
         self.traffic["control"] += (self.world_size - 1) * len(pickle.dumps(mine))
+        check_in_step(everyone)
+        everyone = [message[1:] for message in everyone]
         if problem is not None:  # its own error first: ranks that all refuse an input raise that ValueError
             raise problem
         for rank, (message, _) in enumerate(everyone):
@@ -331,6 +333,21 @@ def _same_fingerprint(a: tuple, b: tuple) -> bool:
     if a[0] != b[0]:
         return False
     return all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-3) for x, y in zip(a[1], b[1], strict=True))
+
+
+#: Tags of the control messages: a transformer call's agreement, and the end of a run (its traffic).
+CALL, DONE = "call", "done"
+
+
+def check_in_step(messages: list[tuple]) -> None:
+    """One-line ``ValueError`` when the ranks' control messages are of different kinds: some ranks finished their
+    run while others still call the transformer (a callback interrupted one rank, or the step counts differ)."""
+    done = [rank for rank, message in enumerate(messages) if message[0] == DONE]
+    if done and len(done) < len(messages):
+        raise ValueError(
+            f"ranks {done} finished denoising while the others still ran steps: every rank must run the same steps "
+            "(a callback interrupted one rank only?)"
+        )
 
 
 def _fingerprint(inputs: dict[str, Any], grid: tuple[int, int]) -> tuple:
@@ -612,8 +629,10 @@ def run_parallel_pipeline(
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
     with BandParallel(pipe, group) as parallel:  # prompt by name: FLUX Kontext's first parameter is its image
         latents = pipe(prompt=prompt, height=height, width=width, output_type="latent", **kwargs).images
-    traffic: list[Any] = [None] * parallel.world_size
-    dist.all_gather_object(traffic, parallel.traffic_per_step(), group=parallel.comm.control)
+    ends: list[Any] = [None] * parallel.world_size
+    dist.all_gather_object(ends, (DONE, parallel.traffic_per_step()), group=parallel.comm.control)
+    check_in_step(ends)
+    traffic = [message[1] for message in ends]
     result = ParallelOutput(None, latents, traffic, parallel.rank, parallel.world_size)
     if output_type == "latent":
         result.images = latents

@@ -117,9 +117,15 @@ def equivalence_worker(path: str) -> dict:
     kontext = FluxKontextPipeline.from_pipe(pipe)
     reference = PILImage.new("RGB", (64, 48), "red")
     bad_kontext = _error(lambda: run_parallel_pipeline(kontext, **_call(TEXT), image=reference, _auto_resize=False))
+
+    def stop_rank_0(p, step, timestep, kwargs):
+        p._interrupt = rank == 0  # a callback that stops one rank only
+        return kwargs
+
+    interrupted = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT), callback_on_step_end=stop_rank_0))
     return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed,
             "bad_prompt": bad_prompt, "bad_guidance": bad_guidance, "all_bad": all_bad, "plain": plain,
-            "guided": guided, "bad_kontext": bad_kontext}  # fmt: skip
+            "guided": guided, "bad_kontext": bad_kontext, "interrupted": interrupted}  # fmt: skip
 
 
 def faulty_worker(path: str, fail_rank: int) -> None:
@@ -203,6 +209,14 @@ def test_bad_input_on_one_rank_fails_every_rank_with_its_message(equivalence):
         assert (
             equivalence[rank]["bad_kontext"].startswith("ValueError: ")
             and "Kontext" in equivalence[rank]["bad_kontext"]
+        )
+
+
+def test_a_rank_stopped_early_is_named_on_every_rank(equivalence):
+    for rank in range(3):
+        assert equivalence[rank]["interrupted"] == (
+            "ValueError: ranks [0] finished denoising while the others still ran steps: every rank must run the same "
+            "steps (a callback interrupted one rank only?)"
         )
 
 
