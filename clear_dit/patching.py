@@ -66,29 +66,29 @@ def image_grids_from_ids(img_ids: torch.Tensor) -> tuple[tuple[int, int], tuple[
     """
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
     is_target = ids[:, 0] == 0
-    rows, cols = ids[:, 1].long(), ids[:, 2].long()
-    # row-major within each group: every token starts a group at (0, 0), or follows the one before it in its row,
-    # or starts the next row at column 0 (with the counts and extents below, that is exactly a row-major grid)
-    starts = torch.cat([is_target.new_ones(1), is_target[1:] != is_target[:-1]])
-    follows = ((rows.diff() == 0) & (cols.diff() == 1)) | ((rows.diff() == 1) & (cols[1:] == 0))
-    in_order = torch.where(starts, (rows == 0) & (cols == 0), torch.cat([follows.new_ones(1), follows]))
+    first_row = ids[:, 1] == 0  # exact in any dtype (bf16 rounds ids above 256: the grid's widths come from row 0)
     stats = torch.stack(
         [
             is_target.sum(),
-            torch.diff(is_target.long()).clamp(min=0).sum() + (~in_order).sum(),  # or a target after a reference
-            torch.where(is_target, rows, -1).max(),
-            torch.where(is_target, cols, -1).max(),
-            torch.where(is_target, -1, rows).max(),
-            torch.where(is_target, -1, cols).max(),
+            torch.diff(is_target.long()).clamp(min=0).sum(),  # a target token after a reference token
+            (is_target & first_row).sum(),
+            (~is_target & first_row).sum(),
         ]
     ).tolist()
-    n_target, misplaced, h, w, hr, wr = (int(v) for v in stats)
-    h, w, hr, wr = h + 1, w + 1, hr + 1, wr + 1
+    n_target, misplaced, w, wr = (int(v) for v in stats)
     n_reference = ids.shape[0] - n_target
-    if misplaced or h * w != n_target or (n_reference and hr * wr != n_reference):
+    h, hr = (n_target // w if w else 0), (n_reference // wr if wr else 0)
+    valid = not misplaced and h * w == n_target > 0 and (not n_reference or hr * wr == n_reference)
+    if valid:  # the ids diffusers builds for those grids (arange, cast to the ids' dtype), token for token
+        grids = [(h, w)] + ([(hr, wr)] if n_reference else [])
+        expected = torch.cat(
+            [torch.stack([torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)], 1) for gh, gw in grids]
+        ).to(device=ids.device, dtype=torch.float32)
+        valid = torch.equal(ids[:, 1:], expected.to(ids.dtype))
+    if not valid:
         raise ValueError(
-            f"img_ids of {ids.shape[0]} tokens do not describe a row-major grid ending at row {h - 1}, col {w - 1}"
-            + (f" followed by a reference grid ending at row {hr - 1}, col {wr - 1}" if n_reference else "")
+            f"img_ids of {ids.shape[0]} tokens do not describe a row-major grid {h}x{w} (rows of {w} tokens)"
+            + (f" followed by a reference grid {hr}x{wr}" if n_reference else "")
         )
     return (h, w), ((hr, wr) if n_reference else None)
 

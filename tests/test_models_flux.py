@@ -90,7 +90,7 @@ def test_kontext_backends_equal_the_dense_oracle_with_pooled_tokens(transformer,
 
 def test_img_ids_that_are_not_target_then_reference_grids_are_refused():
     ids = kontext_inputs((2, 3), (2, 2))["img_ids"]
-    with pytest.raises(ValueError, match="followed by a reference grid ending at row 1, col 1"):
+    with pytest.raises(ValueError, match=r"row-major grid 2x3 \(rows of 3 tokens\) followed by a reference grid 1x2"):
         image_grids_from_ids(ids[:-1])
     with pytest.raises(ValueError, match="row-major grid"):
         image_grids_from_ids(torch.cat([ids[6:], ids[:6]]))  # reference first

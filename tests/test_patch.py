@@ -103,6 +103,11 @@ def test_grid_is_read_from_img_ids():
     swapped[[4, 5]] = swapped[[5, 4]]
     with pytest.raises(ValueError, match="row-major grid"):
         image_grid_from_ids(swapped)
+    from diffusers import FluxPipeline
+
+    for side in (260, 300, 512):  # bf16 rounds ids above 256 (as diffusers builds them): still this grid
+        wide = FluxPipeline._prepare_latent_image_ids(1, 2, side, "cpu", torch.bfloat16)
+        assert image_grid_from_ids(wide) == (2, side)
 
 
 def test_patch_rejects_unsupported_models_and_bad_arguments(model):
