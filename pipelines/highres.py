@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -121,6 +120,13 @@ def _clear_attention(
         with torch.no_grad():
             for name, value in teacher.items():
                 state[name].copy_(value)
+
+
+def _whole(value: Any) -> int:
+    """``value`` as an int if it is a whole number (2, 2.0, numpy or torch scalars), else ``ValueError``."""
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(value)
 
 
 def _per_stage(value: Any, count: int, name: str) -> list[Any]:
@@ -236,14 +242,19 @@ class HighResFluxPipeline(FluxPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass prompt or prompt_embeds (with pooled_prompt_embeds), not both")
         stages = parse_stages(stages) if isinstance(stages, str) else stages
-        if not all(isinstance(size, Sequence) and len(size) == 2 for size in stages):
-            raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {stages!r}")
-        stages = [(int(w), int(h)) for w, h in stages]
+        try:  # pairs of whole numbers: tuples, lists, numpy rows
+            stages = [(_whole(w), _whole(h)) for w, h in stages]
+        except (TypeError, ValueError):
+            raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {stages!r}") from None
         count = len(stages)
         strengths = _per_stage(strength, count - 1, "strength")
-        steps = _per_stage(num_inference_steps, count, "num_inference_steps")
-        if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in steps):
-            raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {steps}")
+        try:
+            steps = [_whole(n) for n in _per_stage(num_inference_steps, count, "num_inference_steps")]
+        except (TypeError, ValueError):
+            steps = None
+        if steps is None or min(steps) < 1:
+            given = num_inference_steps
+            raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {given}")
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if isinstance(generator, Sequence):

@@ -541,3 +541,13 @@ def test_timed_draws_follow_an_untimed_one_step_draw(monkeypatch):
     cfg = run.ProtocolConfig(work="", eval_steps=5, cfg_scale=1.0)
     images, seconds = run._draw(None, None, cfg, 64, 1, held_out_scenes(3), None, None)
     assert calls == [(1, 1), (3, 5)] and len(images) == 3 and seconds >= 0
+
+
+def test_teacher_out_may_be_a_symbolic_link_to_a_folder(tmp_path):
+    target, link = tmp_path / "disk", tmp_path / "teacher"
+    target.mkdir()
+    link.symlink_to(target)
+    assert train_teacher.main(["--out", str(link), "--smoke", "--steps", "1"]) == 0
+    assert (target / "model_index.json").is_file()
+    assert train_teacher.main(["--out", str(link), "--smoke", "--steps", "1", "--overwrite"]) == 0
+    assert link.is_symlink() and (target / "training" / "config.json").is_file()

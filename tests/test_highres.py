@@ -343,8 +343,10 @@ def test_text_encoder_lora_scale_callback_attributes_and_input_checks(pipe, monk
     embeds, pooled, _ = encode(prompt="a red circle", max_sequence_length=default_max_sequence_length(pipe))
     with pytest.raises(ValueError, match="pass prompt or prompt_embeds .*, not both"):
         pipe(**FAST, stages=STAGES[:1], prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-    with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage, got \[1.9"):
+    with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage, got 1.9"):
         pipe(**{**FAST, "num_inference_steps": 1.9}, stages=STAGES[:1])
+    same = pipe(**{**FAST, "num_inference_steps": 2.0}, stages=np.array([[64, 48]]), seed=0, output_type="np").images
+    assert same.shape == (1, 48, 64, 3)  # whole numbers of any type, stages as a numpy array
     with pytest.raises(ValueError, match=r"stages must be \(width, height\) pairs"):
         pipe(**FAST, stages=[(64, 48, 3)])
     one = pipe(**FAST, stages="64x48", seed=0, output_type="np").images  # the CLI's string form

@@ -162,8 +162,8 @@ _TRAINING_FILES = ("log.jsonl", "config.json", "eval.json", "samples.png")
 def _check_out(out: Path, overwrite: bool) -> None:
     """One-line error unless ``out`` may be written: missing, empty, or (with ``overwrite``) a teacher run's folder,
     finished or not, that holds nothing else (never a project checkout, a downloaded pipeline or one's files)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"--out {out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
     if not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -180,7 +180,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _prepare_out(out: Path, overwrite: bool) -> None:
     _check_out(out, overwrite)
     if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+        for entry in out.iterdir():  # the entries, not the folder: --out may be a symbolic link to one
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
