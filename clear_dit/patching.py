@@ -67,24 +67,26 @@ def image_grids_from_ids(img_ids: torch.Tensor) -> tuple[tuple[int, int], tuple[
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
     is_target = ids[:, 0] == 0
     first_row = ids[:, 1] == 0  # exact in any dtype (bf16 rounds ids above 256: the grid's widths come from row 0)
+    n_target, w, wr = is_target.sum(), (is_target & first_row).sum(), (~is_target & first_row).sum()
+    # the ids diffusers builds for such grids (integers cast to the ids' dtype), token for token, on the device:
+    # one sync in all (torch.compile breaks its graph once, where the grid is read)
+    index = torch.arange(ids.shape[0], device=ids.device)
+    local = torch.where(is_target, index, index - n_target)
+    width = torch.where(is_target, w, wr).clamp(min=1)
+    expected = torch.stack([local // width, local % width], dim=1).to(torch.float32).to(ids.dtype)
     stats = torch.stack(
         [
-            is_target.sum(),
+            n_target,
             torch.diff(is_target.long()).clamp(min=0).sum(),  # a target token after a reference token
-            (is_target & first_row).sum(),
-            (~is_target & first_row).sum(),
+            w,
+            wr,
+            (ids[:, 1:] != expected).any(dim=1).sum(),
         ]
     ).tolist()
-    n_target, misplaced, w, wr = (int(v) for v in stats)
+    n_target, misplaced, w, wr, wrong = (int(v) for v in stats)
     n_reference = ids.shape[0] - n_target
     h, hr = (n_target // w if w else 0), (n_reference // wr if wr else 0)
-    valid = not misplaced and h * w == n_target > 0 and (not n_reference or hr * wr == n_reference)
-    if valid:  # the ids diffusers builds for those grids (arange, cast to the ids' dtype), token for token
-        grids = [(h, w)] + ([(hr, wr)] if n_reference else [])
-        expected = torch.cat(
-            [torch.stack([torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)], 1) for gh, gw in grids]
-        ).to(device=ids.device, dtype=torch.float32)
-        valid = torch.equal(ids[:, 1:], expected.to(ids.dtype))
+    valid = not misplaced and not wrong and h * w == n_target > 0 and (not n_reference or hr * wr == n_reference)
     if not valid:
         raise ValueError(
             f"img_ids of {ids.shape[0]} tokens do not describe a row-major grid {h}x{w} (rows of {w} tokens)"
