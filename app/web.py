@@ -299,6 +299,10 @@ class GenerationEngine:
                 self._running = None
                 self._cancelled.discard(session)
 
+    def _stop_if_cancelled(self, session: str) -> None:
+        if session in self._cancelled:
+            raise GenerationCancelled("generation cancelled")
+
     def generate(
         self, s: GenerationSettings, session: str = "", progress: ProgressFn | None = None, stage: str = ""
     ) -> Generation:
@@ -310,18 +314,16 @@ class GenerationEngine:
     def _generate(
         self, s: GenerationSettings, session: str, progress: ProgressFn | None, stage: str, warmup: bool = False
     ) -> Generation:
+        def cancel_only(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            self._stop_if_cancelled(session)
+            return kwargs
+
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-            if session in self._cancelled:
-                raise GenerationCancelled("generation cancelled")
+            self._stop_if_cancelled(session)
             if progress is not None:
                 n = pipe.num_timesteps  # of this stage: an upscale stage runs `strength` of the steps
                 where = f"stage {pipe.stage_index + 1}/{pipe.num_stages}" if s.upscale.strip() else stage
                 progress(i + 1, n, f"{where}: denoising step {i + 1}/{n}")
-            return kwargs
-
-        def cancel_only(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-            if session in self._cancelled:
-                raise GenerationCancelled("generation cancelled")
             return kwargs
 
         common = dict(
@@ -398,8 +400,7 @@ class GenerationEngine:
 
         with self._session_runs(session):  # both halves: a cancel between them stops the second
             full = self._generate(full_s, session, stage_progress(0), "full attention", warmup=True)
-            if session in self._cancelled:
-                raise GenerationCancelled("generation cancelled")
+            self._stop_if_cancelled(session)
             clear = self._generate(clear_s, session, stage_progress(s.steps), "CLEAR", warmup=True)
         grid = (s.height // self.pixels_per_token, s.width // self.pixels_per_token)
         density = clear_dit.attention_density(grid, self.text_len, s.window_size, s.down_factor)

@@ -110,15 +110,16 @@ def read_weights_config(path: str | os.PathLike) -> tuple[int | None, int | None
         ValueError: ``path`` is not a readable safetensors file.
     """
     path = Path(path).expanduser()
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    _, metadata = _read_file(path, tensors=False)
+    return _declared_config(path, metadata)
+
+
+def _declared_config(path: Path, metadata: dict[str, str]) -> tuple[int | None, int | None]:
+    """``(window_size, down_factor)`` of a file's metadata, each else from its name; ``None`` where neither says."""
     name_r, name_d = config_from_filename(path)
-    if "window_size" in metadata:
-        return int(metadata["window_size"]), int(metadata.get("down_factor", 1))
-    return name_r, name_d
+    meta_r = int(metadata["window_size"]) if "window_size" in metadata else None
+    meta_d = int(metadata["down_factor"]) if "down_factor" in metadata else None
+    return meta_r or name_r, meta_d or name_d
 
 
 def config_from_filename(path: str | os.PathLike) -> tuple[int | None, int | None]:
@@ -205,11 +206,12 @@ def _resolve_path(path: str | os.PathLike) -> Path:
         ) from err
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_file(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file (``tensors=False``: the header only, no tensor read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as err:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
 
 
@@ -242,21 +244,18 @@ def read_weights(
     """
     file = _resolve_path(path)
     tensors, metadata = _read_file(file)
-    name_r, name_d = config_from_filename(file)
-    meta_r = int(metadata["window_size"]) if "window_size" in metadata else None
-    meta_d = int(metadata["down_factor"]) if "down_factor" in metadata else None
-    own_settings = (("window_size", window_size, meta_r or name_r), ("down_factor", down_factor, meta_d or name_d))
-    for name, given, own in own_settings:
+    own_r, own_d = _declared_config(file, metadata)
+    for name, given, own in (("window_size", window_size, own_r), ("down_factor", down_factor, own_d)):
         if given is not None and own is not None and given != own:  # allowed (the paper reuses radii), but said
             logger.warning("%s was made for %s %d; using it with %s %d as asked", file.name, name, own, name, given)
-    window_size = window_size or meta_r or name_r
+    window_size = window_size or own_r
     if window_size is None:
         raise ValueError(
             f"{file.name} has no CLEAR metadata and its name is not clear_local_{{r}}[_down_{{d}}]: pass window_size "
             "(clear-dit: --window)"
         )
     has_pool = any(k.endswith("processor.spatial_weight") for k in tensors)
-    down_factor = down_factor or meta_d or name_d or 1
+    down_factor = down_factor or own_d or 1
     if has_pool and down_factor == 1:
         raise ValueError(
             f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor (clear-dit: "

@@ -349,7 +349,7 @@ class HighResFluxPipeline(FluxPipeline):
                     pooled_prompt_embeds=pooled_prompt_embeds,
                     width=width,
                     height=height,
-                    num_inference_steps=int(steps[i]),
+                    num_inference_steps=steps[i],
                     guidance_scale=guidance_scale,
                     num_images_per_prompt=1,
                     generator=generators[i],

@@ -509,7 +509,8 @@ class Distiller:
         )
         self.num_train = len(self.dataset) - self.num_validation
         prompts = self.dataset.prompts
-        shared = sum(p in set(prompts[: self.num_train]) for p in prompts[self.num_train :])
+        trained_on = set(prompts[: self.num_train])
+        shared = sum(p in trained_on for p in prompts[self.num_train :])
         if shared:
             logger.warning(
                 "%d of the %d held-out items share their prompt with training items (make-data --num cycled the "

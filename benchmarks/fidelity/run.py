@@ -194,7 +194,8 @@ def _check_student_run(run_dir: Path, settings: dict[str, object], num_data: int
         if any(run_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{run_dir} holds CLEAR weights but no run.json: cannot tell how they were made")
         return
-    saved = json.loads(run_file.read_text())["config"]
+    record = json.loads(run_file.read_text())
+    saved = record["config"]
 
     def same(name: str, value: object) -> bool:
         if name in ("model", "data"):  # the same folder however it was spelt
@@ -204,7 +205,7 @@ def _check_student_run(run_dir: Path, settings: dict[str, object], num_data: int
     diffs = [
         f"{name} {saved.get(name)!r} (protocol: {value!r})" for name, value in settings.items() if not same(name, value)
     ]
-    items = json.loads(run_file.read_text()).get("data", {}).get("items")  # absent in runs before it was recorded
+    items = record.get("data", {}).get("items")  # absent in runs before it was recorded
     if items is not None and items != num_data:
         diffs.append(f"data items {items} (protocol: num_data {num_data})")
     if diffs:

@@ -181,7 +181,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     _check_out(out, overwrite)
     if out.exists() and any(out.iterdir()):
         for entry in out.iterdir():  # the entries, not the folder: --out may be a symbolic link to one
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
