@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import (
     ContextParallelConfig,
@@ -216,7 +217,9 @@ class _ModelPatch:
             hook.remove()
         for name in self.guarded:
             self.model.__dict__.pop(name, None)
-        self.model.set_attn_processor(dict(self.original_processors))
+        # layer by layer: set_attn_processor refuses a dict once a loader has added attention layers
+        for name, processor in self.original_processors.items():
+            self.model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
         delattr(self.model, _HANDLE_ATTR)
 
 
@@ -352,6 +355,8 @@ def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
     guards: dict[str, Callable[..., None]] = {
         "set_attention_backend": _refuse_attention_backend,
         "enable_parallelism": _refuse_context_parallelism,
+        # what the pipelines' load_ip_adapter() calls: it puts IP-Adapter processors (full attention) on every layer
+        "_load_ip_adapter_weights": _refuse("load_ip_adapter"),
         **{name: _refuse(name) for name in family.refused_methods},
     }
     guards = {name: fn for name, fn in guards.items() if hasattr(model, name)}
@@ -394,31 +399,44 @@ def _check_offload(model: nn.Module, down_factor: int) -> None:
         )
 
 
+def _pooling(processor: Any) -> torch.Tensor | None:
+    return getattr(processor, "spatial_weight", None)
+
+
 def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
     family = _family(model)
     previous = getattr(model, _HANDLE_ATTR, None)
+    pooling: dict[str, torch.Tensor] = {}  # a re-patch keeps trained (loaded) pooling weights of the same size
     if previous is not None:
+        pooling = {name: p.spatial_weight for name, p in model.attn_processors.items() if _pooling(p) is not None}
         previous._release(model)
     originals = dict(model.attn_processors)
     reference = _reference_parameter(model)
-    model.set_attn_processor(
-        {
-            name: make_processor(family.processor).to(device=reference.device, dtype=reference.dtype)
-            for name in originals
-        }
-    )
+    processors = {
+        name: make_processor(family.processor).to(device=reference.device, dtype=reference.dtype) for name in originals
+    }
+    with torch.no_grad():
+        for name, processor in processors.items():
+            kept = pooling.get(name)
+            if kept is not None and _pooling(processor) is not None and kept.shape == processor.spatial_weight.shape:
+                processor.spatial_weight.copy_(kept)
+    model.set_attn_processor(processors)
     attention_names = [name.removesuffix(".processor") for name in originals]
     hooks = _grid_hooks(model, family, attention_names)
     return _ModelPatch(model, originals, hooks, _install_guards(model, family))
 
 
-def check_patch_settings(window_size: int, down_factor: int = 1, backend: str = "auto") -> tuple[int, int]:
+def check_patch_settings(
+    window_size: int, down_factor: int = 1, backend: str = "auto", proportional_attention: bool = False
+) -> tuple[int, int]:
     """Raise the one-line ``ValueError`` :func:`patch` raises for these settings, without a model: for callers that
     patch later (after a long first stage) and want bad settings to fail first. Returns ``(window_size,
     down_factor)`` as Python ints."""
     window_size, down_factor = check_window_config(window_size, down_factor)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
+    if not isinstance(proportional_attention, (bool, np.bool_)):  # "false" would be truthy
+        raise ValueError(f"proportional_attention must be True or False, got {proportional_attention!r}")
     return window_size, down_factor
 
 
@@ -441,14 +459,15 @@ def patch(
 
     Returns:
         A :class:`PatchHandle`; ``with clear_dit.patch(pipe): ...`` unpatches on exit. Patching a
-        patched model first restores its original processors.
+        patched model first restores its original processors; pooling weights (``spatial_weight``, trained or
+        loaded) carry over when ``down_factor`` stays the same, so a new radius keeps loaded CLEAR weights whole.
 
     While patched, diffusers methods that would silently bring full attention back
     (``set_attention_backend`` other than ``"native"``, context-parallel ``enable_parallelism``, SD3's
     ``fuse_qkv_projections``) raise a ``ValueError`` instead.
     """
     models = patchable_models(pipe_or_transformer)
-    window_size, down_factor = check_patch_settings(window_size, down_factor, backend)
+    window_size, down_factor = check_patch_settings(window_size, down_factor, backend, proportional_attention)
     for model in models:
         _check_replaceable(model)
         _check_offload(model, down_factor)
@@ -456,7 +475,7 @@ def patch(
             logger.warning("backend %r is not available for %s/%s", backend, model.device, model.dtype)
 
     def make_processor(cls: type[CLEARAttnProcessor]) -> nn.Module:
-        return cls(window_size, down_factor, backend, proportional_attention)
+        return cls(window_size, down_factor, backend, bool(proportional_attention))
 
     patches = [_patch_model(model, make_processor) for model in models]
     handle = PatchHandle(
@@ -464,7 +483,7 @@ def patch(
         window_size=window_size,
         down_factor=down_factor,
         backend=backend,
-        proportional_attention=proportional_attention,
+        proportional_attention=bool(proportional_attention),
         num_layers=sum(len(p.original_processors) for p in patches),
         _patches=patches,
     )

@@ -73,6 +73,37 @@ def test_methods_that_would_bring_full_attention_back_are_refused(model):
     model.unfuse_qkv_projections()
 
 
+def test_ip_adapters_are_refused_while_patched_and_unpatch_survives_added_layers(model):
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    inputs = sd3_inputs((4, 4))
+    reference = run(model, inputs)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    layer = SD3IPAdapterJointAttnProcessor2_0(width, width, model.config.attention_head_dim, timesteps_emb_dim=16)
+    projection = IPAdapterTimeImageProjection(
+        embed_dim=width, output_dim=width, hidden_dim=64, heads=1, num_queries=4, timestep_in_dim=16
+    )
+    adapter = {
+        "ip_adapter": {f"{i}.{k}": v for i in range(len(model.attn_processors)) for k, v in layer.state_dict().items()},
+        "image_proj": projection.state_dict(),
+    }
+    originals = dict(model.attn_processors)
+    handle = clear_dit.patch(model, window_size=1)
+    with pytest.raises(ValueError, match=r"load_ip_adapter\(\) on the CLEAR-patched SD3Transformer2DModel"):
+        model._load_ip_adapter_weights(adapter, low_cpu_mem_usage=False)  # what pipe.load_ip_adapter() calls
+    assert all(isinstance(p, clear_dit.CLEARJointAttnProcessor) for p in model.attn_processors.values())
+    # layers added behind the guard's back (the loader adds image-projection attention) do not block unpatch
+    type(model)._load_ip_adapter_weights(model, adapter, low_cpu_mem_usage=False)
+    assert len(model.attn_processors) > len(originals)
+    handle.unpatch()
+    assert clear_dit.patch_handle(model) is None
+    assert all(model.attn_processors[name] is processor for name, processor in originals.items())
+    assert "_load_ip_adapter_weights" not in model.__dict__
+    del model.image_proj  # back to the model without an adapter
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
 def test_processors_that_do_more_than_attention_are_not_dropped(model):
     from diffusers.models.attention_processor import PAGJointAttnProcessor2_0
 

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from clear_oracle import diffusers_attention_under_mask
@@ -78,6 +79,39 @@ def test_context_manager_and_repatch(model):
     assert clear_dit.patch_handle(model) is second
     second.unpatch()
     torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_repatching_with_a_new_radius_keeps_the_pooling_weights(model):
+    inputs = flux_inputs((6, 6), text_len=2)
+    clear_dit.patch(model, window_size=1, down_factor=2)
+    with torch.no_grad():
+        for i, processor in enumerate(model.attn_processors.values()):
+            processor.spatial_weight.copy_(torch.linspace(0.1, 0.9, 4).view(1, 1, 1, 2, 1, 2, 1) * (i + 1))
+    trained = {name: p.spatial_weight.clone() for name, p in model.attn_processors.items()}
+    clear_dit.patch(model, window_size=2, down_factor=2)  # only the radius changes
+    for name, processor in model.attn_processors.items():
+        assert processor.window_size == 2
+        torch.testing.assert_close(processor.spatial_weight, trained[name], atol=0, rtol=0)
+    with_trained = run(model, inputs)
+    clear_dit.unpatch(model)
+    with clear_dit.patch(model, window_size=2, down_factor=2):  # a patch from scratch: uniform pooling
+        assert all((p.spatial_weight == 0.25).all() for p in model.attn_processors.values())
+        assert (run(model, inputs) - with_trained).abs().max() > 1e-4  # the pooling weights matter
+    clear_dit.patch(model, window_size=2, down_factor=2)
+    clear_dit.patch(model, window_size=1, down_factor=3)  # another pooling size starts uniform
+    assert all((p.spatial_weight == 1 / 9).all() for p in model.attn_processors.values())
+    clear_dit.unpatch(model)
+
+
+@pytest.mark.parametrize("value", ["false", "no", 1, None])
+def test_proportional_attention_must_be_a_bool(model, value):
+    with pytest.raises(ValueError, match=r"proportional_attention must be True or False, got "):
+        clear_dit.patch(model, window_size=2, proportional_attention=value)
+    assert clear_dit.patch_handle(model) is None
+    handle = clear_dit.patch(model, window_size=2, proportional_attention=np.bool_(True))
+    assert handle.config["proportional_attention"] is True
+    assert all(p.proportional_attention is True for p in model.attn_processors.values())
+    handle.unpatch()
 
 
 def test_one_patched_model_serves_several_resolutions(model):
