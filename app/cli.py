@@ -460,7 +460,9 @@ def _highres_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--strength", type=_finite, default=0.7, help="SDEdit strength of the upscale stages (default: 0.7)")
     p.add_argument("--ntk", type=_finite, default=10.0, help="RoPE theta factor of the upscale stages (default: 10)")
-    p.add_argument("--time-shift", type=_finite, default=3.0, help="upscale stages' fixed time shift, > 0 (default: 3)")
+    p.add_argument(
+        "--time-shift", type=_finite, default=3.0, help="upscale stages' fixed time shift, in [1e-6, 1e6] (default: 3)"
+    )
     p.add_argument("--window", type=int, help="CLEAR radius of the upscale stages (default: 16, or the weights file's)")
     p.add_argument("--down", type=int, help="CLEAR down factor d: pooled keys; stage sizes must be multiples of 16*d")
     p.add_argument("--weights", help="CLEAR weights (.safetensors file or hub 'repo_id/file') for the upscale stages")

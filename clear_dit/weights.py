@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ClearWeights",
     "apply_weights",
+    "check_weights",
     "read_weights",
     "load_weights",
     "save_weights",
@@ -264,18 +265,12 @@ def read_weights(
     return ClearWeights(tensors=tensors, window_size=window_size, down_factor=down_factor, name=file.name)
 
 
-def apply_weights(
-    pipe_or_transformer: Any, weights: ClearWeights, backend: str = "auto", proportional_attention: bool = False
-) -> PatchHandle:
-    """Patch a model with CLEAR (see :func:`clear_dit.patch`) and copy ``weights`` into it.
-
-    Raises:
-        ValueError: keys/shapes that do not match the model (the first few are named); the model is
-        left untouched then.
-    """
+def check_weights(pipe_or_transformer: Any, weights: ClearWeights) -> None:
+    """Raise the one-line ``ValueError`` :func:`apply_weights` raises when ``weights`` cannot be loaded into the
+    model (keys, shapes, fused or offloaded projections), without changing it: for callers that load later."""
     transformer = resolve_transformer(pipe_or_transformer)
-    tensors, down_factor = weights.tensors, weights.down_factor
-    expected = _expected_shapes(transformer, down_factor)
+    tensors = weights.tensors
+    expected = _expected_shapes(transformer, weights.down_factor)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -294,6 +289,20 @@ def apply_weights(
     _check_not_fused(transformer, _clear_names(transformer))
     _check_separate_projections(transformer, "load")
     check_not_offloaded(clear_state_dict(transformer), "load")
+
+
+def apply_weights(
+    pipe_or_transformer: Any, weights: ClearWeights, backend: str = "auto", proportional_attention: bool = False
+) -> PatchHandle:
+    """Patch a model with CLEAR (see :func:`clear_dit.patch`) and copy ``weights`` into it.
+
+    Raises:
+        ValueError: keys/shapes that do not match the model (the first few are named); the model is
+        left untouched then.
+    """
+    transformer = resolve_transformer(pipe_or_transformer)
+    check_weights(transformer, weights)
+    tensors, down_factor = weights.tensors, weights.down_factor
 
     # a pipeline: its ControlNets get the same attention (the paper's zero-shot transfer)
     handle = patch(

@@ -25,7 +25,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 import clear_dit
 from clear_dit.patching import check_patch_settings
-from clear_dit.weights import ClearWeights, check_not_offloaded
+from clear_dit.weights import ClearWeights, check_weights
 
 from .loading import default_max_sequence_length
 from .stages import check_highres_inputs, parse_stages
@@ -221,8 +221,8 @@ class HighResFluxPipeline(FluxPipeline):
             ntk_factor: RoPE ``theta`` multiplier of the upscale stages (1 disables NTK scaling).
             proportional_attention: softmax scale ``sqrt(log(N_k, 4608) / head_dim)`` in the CLEAR stages; at
                 FLUX's training size (1024 px, 512 text tokens) it equals the default scale.
-            time_shift: fixed flow-matching shift (> 0) of the upscale stages instead of the resolution-dependent
-                dynamic shift (``None``: the scheduler's own setting).
+            time_shift: fixed flow-matching shift (in [1e-6, 1e6]) of the upscale stages instead of the
+                resolution-dependent dynamic shift (``None``: the scheduler's own setting).
             enable_vae_tiling: tiled VAE encode/decode during the call.
             resample: PIL filter used to upscale each stage's image to the next size.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (packed latents ``(batch, h*w, 64)``).
@@ -267,8 +267,8 @@ class HighResFluxPipeline(FluxPipeline):
         check_highres_inputs(
             stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift
         )
-        if weights is not None:  # before the base stage runs, not after it (the teacher's weights are copied out)
-            check_not_offloaded(clear_dit.clear_state_dict(self.transformer), "load")
+        if weights is not None:  # before the base stage runs, not after it (keys, shapes, fused or offloaded)
+            check_weights(self.transformer, weights)
         for i, (n, s) in enumerate(zip(steps[1:], strengths, strict=True), start=1):
             if s < 1 and int(n - min(n * s, n)) == 0:  # FluxImg2ImgPipeline's start step, rounded down
                 logger.warning(

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["BASE_ATTENTIONS", "OUTPUT_TYPES", "check_highres_inputs", "parse_stages"]
+__all__ = ["BASE_ATTENTIONS", "OUTPUT_TYPES", "TIME_SHIFT_RANGE", "check_highres_inputs", "parse_stages"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 BASE_ATTENTIONS = ("full", "clear")
+TIME_SHIFT_RANGE = (1e-6, 1e6)
 
 
 def parse_stages(text: str) -> list[tuple[int, int]]:
@@ -47,8 +48,13 @@ def check_highres_inputs(
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if not ntk_factor > 0:
         raise ValueError(f"ntk_factor must be > 0, got {ntk_factor}")
-    if time_shift is not None and not time_shift > 0:  # 0 makes the shifted schedule 0/0 at sigma 1: NaN images
-        raise ValueError(f"time_shift must be > 0 (None: the scheduler's dynamic shift), got {time_shift}")
+    # the scheduler shifts sigmas as shift*s / (1 + (shift-1)*s) in float32: 0, below ~1e-7 or above ~3e38 that is
+    # 0/0 or inf/inf at s = 1 and the images come out NaN (black); beyond this range every sigma is ~0 or ~1 anyway
+    if time_shift is not None and not TIME_SHIFT_RANGE[0] <= time_shift <= TIME_SHIFT_RANGE[1]:
+        low, high = TIME_SHIFT_RANGE
+        raise ValueError(
+            f"time_shift must be in [{low:g}, {high:g}] (None: the scheduler's dynamic shift), got {time_shift}"
+        )
     for i, strength in enumerate(strengths, start=1):
         if not 0 < strength <= 1:
             raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength}")

@@ -190,8 +190,10 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], strength=[0.5, 0.5]), r"strength has 2 entries; expected one per"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
-        (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be > 0 .*, got 0.0"),
-        (dict(stages=[(64, 64), (128, 128)], time_shift=-1.0), r"time_shift must be > 0"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=-1.0), r"time_shift must be in \["),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=1e39), r"time_shift must be in .*, got 1e\+39"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=1e-20), r"time_shift must be in .*, got 1e-20"),
         (dict(stages=[(64, 64), (128, 128)], window_size=0), r"window_size must be a positive int .*, got 0"),
         (dict(stages=[(64, 64), (128, 128)], down_factor=0), r"down_factor must be a positive int .*, got 0"),
         (dict(stages=[(64, 64), (128, 128)], backend="bogus"), r"unknown backend 'bogus'"),
@@ -206,6 +208,32 @@ def test_bad_input_is_a_clear_value_error_before_any_step(pipe, kwargs, message)
 
     with pytest.raises(ValueError, match=message):
         pipe("a red circle", num_inference_steps=2, callback_on_step_end=callback, **kwargs)
+    assert steps == []  # not after a whole base stage
+
+
+def test_weights_that_do_not_fit_the_model_fail_before_any_step(pipe, student_file, tmp_path):
+    steps = []
+
+    def callback(p, step, timestep, callback_kwargs):
+        steps.append((p.stage_index, step))
+        return callback_kwargs
+
+    run = dict(stages=[(64, 64), (128, 128)], num_inference_steps=2, callback_on_step_end=callback)
+    tensors = dict(student_file[1])
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    short = tmp_path / "short.safetensors"
+    save_file(tensors, str(short), metadata={"window_size": "2", "down_factor": "2"})
+    with pytest.raises(
+        ValueError, match=rf"short.safetensors does not match FluxTransformer2DModel: missing keys: {dropped}"
+    ):
+        pipe("a red circle", clear_weights=short, **run)
+    pipe.transformer.fuse_qkv_projections()
+    try:
+        with pytest.raises(ValueError, match=r"cannot load CLEAR weights of a model with fused QKV projections"):
+            pipe("a red circle", clear_weights=student_file[0], **run)
+    finally:
+        pipe.transformer.unfuse_qkv_projections()
     assert steps == []  # not after a whole base stage
 
 
@@ -294,7 +322,10 @@ def test_cli_records_the_clear_settings_in_effect(tmp_path, capsys):
         (["--stages", "64x64,96x96", "--down", "4"], "error: stage 1 size 96x96 must be positive multiples of 64"),
         (["--stages", "64x64,128x128", "--strength", "1.5"], "error: strength of stage 1 must be in (0, 1]"),
         (["--stages", "64x64,128x128", "--ntk", "0"], "error: --ntk must be > 0"),
-        (["--stages", "64x64,128x128", "--time-shift", "0"], "error: --time-shift must be > 0, got 0.0\n"),
+        (
+            ["--stages", "64x64,128x128", "--time-shift", "0"],
+            "error: --time-shift must be in [1e-06, 1e+06], got 0.0\n",
+        ),
         (["--stages", "64"], "error: stage size '64' is not WIDTHxHEIGHT"),
         (["--stages", "64x64", "--weights", "missing.safetensors"], "error: weights file not found"),
         (["--stages", "64x64", "--out", "x.jpg"], "error: --out must be a .png file"),
