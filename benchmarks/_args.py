@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -23,8 +24,19 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """A finite float > 0 (learning rates)."""
+    """A finite float > 0 (learning rates, time budgets)."""
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def json_path(text: str) -> Path:
+    """A file to write results to: not a folder, and its folder can be made (checked before hours of timing)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {Path(text) / 'results.json'}")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot make a folder for {text}: {parent} is a file")
+    return path

@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 import torch
 import torch.nn.functional as F
 
-from benchmarks._args import non_negative_int, positive_int
+from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
 from clear_dit.backends import BACKENDS
@@ -79,15 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true", help="also measure each backend's peak extra memory")
     p.add_argument("--rows", nargs="+", help="grid:radius pairs instead of --grids x --radii; 'issue' = issue 3's")
     p.add_argument("--tiles", nargs="+", default=[], help="also time 'tiled' with these query tiles, e.g. 4x8 16x16")
-    p.add_argument("--dense-max-seq", type=int, default=20000, help="skip 'dense' (O(seq^2) mask) above this")
+    p.add_argument(
+        "--dense-max-seq", type=non_negative_int, default=20000, help="skip 'dense' (O(seq^2) mask) above this"
+    )
     p.add_argument("--repeats", type=positive_int, default=3, help="measured runs per entry (median)")
     p.add_argument("--warmup", type=non_negative_int, default=1)
     p.add_argument(
-        "--budget", type=float, default=60.0, help="no new round of a row after its rounds took this many seconds"
+        "--budget",
+        type=positive_float,
+        default=60.0,
+        help="no new round of a row after its rounds took this many seconds",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the rows to this JSON file")
+    p.add_argument("--json", type=json_path, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)
     if args.smoke:
@@ -108,6 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in args.backends if name not in known]
     if unknown:
         p.error(f"--backends: unknown {unknown}; known: {', '.join(known)}")
+    runnable = ["auto", *available_backends(args.device, DTYPES[args.dtype])]
+    runnable += ["natten"] if args.device == "cuda" and find_spec("natten") is not None else []
+    unavailable = [name for name in args.backends if name not in runnable]
+    if unavailable:
+        p.error(
+            f"--backends: {unavailable} cannot run on {args.device} with {args.dtype} here; "
+            f"available: {', '.join(runnable)}"
+        )
     args.tiles = [_parse_tile(p, text) for text in args.tiles]
     return args
 

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 
 import torch
 
-from benchmarks._args import non_negative_int, positive_float, positive_int
+from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
 from training.distill import export_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=positive_int, default=16, help="table model: attention heads of 64 channels")
     p.add_argument("--layers", type=positive_int, nargs=2, default=[4, 8], help="table model: double and single blocks")
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
-    p.add_argument("--json", type=Path, help="write the results to this JSON file")
+    p.add_argument("--json", type=json_path, help="write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one table row, in a child process
     args = p.parse_args(argv)

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 
 import torch
 
-from benchmarks._args import non_negative_int, positive_int
+from benchmarks._args import json_path, non_negative_int, positive_int
 from pipelines.parallel import BandPlan, launch_local, layer_traffic
 
 FLUX_LAYERS = 19 + 38  # FLUX.1 double- + single-stream blocks
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny-down", type=positive_int, default=2)
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps of the timing run")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed pipeline runs per rank count (median)")
-    p.add_argument("--json", type=Path, help="write the results to this JSON file")
+    p.add_argument("--json", type=json_path, help="write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)
     if args.smoke:

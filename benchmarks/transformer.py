@@ -57,7 +57,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 import clear_dit
-from benchmarks._args import non_negative_int, positive_int
+from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARFluxAttnProcessor, CLEARLayout, attention_density, clear_attention
 from clear_dit.backends import auto_backend_name
@@ -89,14 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=non_negative_int, default=1, help="warm-up rounds")
     p.add_argument(
         "--budget",
-        type=float,
+        type=positive_float,
         default=200.0,
         help="no new round of a size and block kind after this many seconds (200: three rounds at 4096 px on 2 "
         "cores; one round there is too few, single runs of its CLEAR blocks have been 1.2 s off)",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the rows to this JSON file")
+    p.add_argument("--json", type=json_path, help="write the rows to this JSON file (after each size)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     p.add_argument("--report", type=Path, help="print the Markdown tables of a result JSON (as in the README), no run")
     args = p.parse_args(argv)
@@ -115,9 +115,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from clear_dit.backends.dense import _cached_bias
 
     kept = _cached_bias.cache_info().maxsize
-    if args.backend == "dense" and len(args.radii) > kept:  # an interleaved round would rebuild masks in the blocks
-        p.error(f"--backend dense caches {kept} masks: time at most {kept} radii per run, got {len(args.radii)}")
+    for px in args.sizes:  # an interleaved round would rebuild masks inside the timed blocks
+        dense = _dense_radii(args, px)
+        if len(dense) > kept:
+            p.error(
+                f"--backend {args.backend} runs 'dense' at {px} px for radii {dense}, but 'dense' caches {kept} "
+                f"masks: time at most {kept} of them per run"
+            )
     return args
+
+
+def _dense_radii(args: argparse.Namespace, px: int) -> list[int]:
+    """The radii whose CLEAR blocks run backend "dense" at ``px`` (each with its own O(seq^2) cached mask)."""
+    if args.backend != "auto":
+        return list(args.radii) if args.backend == "dense" else []
+    grid, cpu = (px // 16, px // 16), torch.device("cpu")
+    return [
+        r
+        for r in args.radii
+        if auto_backend_name(CLEARLayout(grid, args.text_len, r), cpu, DTYPES[args.dtype]) == "dense"
+    ]
 
 
 class _NoAttentionProcessor(CLEARFluxAttnProcessor):
@@ -267,7 +284,8 @@ def measure_block(variants: Variants, kind: str, side: int, inputs: dict, args: 
     return rows
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, after_size: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Time every size and block kind; ``after_size`` gets the rows so far after each size."""
     torch.set_num_threads(args.threads)
     variants = Variants.build(args)
     rows = []
@@ -279,6 +297,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 for row in measure_block(variants, kind, side, inputs, args):
                     rows.append(row)
                     print(format_row(row), flush=True)
+            if after_size is not None:
+                after_size(rows)
     return rows
 
 
@@ -364,7 +384,11 @@ def _git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        print(format_markdown(json.loads(args.report.read_text())["rows"]))
+        try:
+            print(format_markdown(json.loads(args.report.read_text())["rows"]))
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            print(f"error: --report: {args.report} is not a result JSON of benchmarks/transformer.py", file=sys.stderr)
+            return 2
         return 0
     print(
         f"FLUX blocks, full attention vs CLEAR ({args.backend}): sizes {args.sizes} px, radii {args.radii}, "
@@ -384,11 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_start": list(os.getloadavg()),
     }
-    rows = run(args)
-    meta["load_average_end"] = list(os.getloadavg())
+
+    def write(rows: list[dict]) -> None:  # after every size, so that a long run that stops early keeps what it measured
+        if args.json:
+            meta["load_average_end"] = list(os.getloadavg())
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "meta": meta, "rows": rows}, indent=2))
+
+    run(args, write)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "meta": meta, "rows": rows}, indent=2))
         print(f"wrote {args.json}")
     return 0
 

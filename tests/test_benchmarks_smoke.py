@@ -103,8 +103,14 @@ def test_transformer_benchmark_rope_axes_and_bad_sizes(capsys) -> None:
         parse_args(["--sizes", "1024", "1000"])
     assert "--sizes must be positive multiples of 16 px" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an interleaved round would rebuild the dense masks it cannot keep
-        parse_args(["--backend", "dense", "--radii", "2", "3", "4", "5", "6"])
-    assert "--backend dense caches 4 masks: time at most 4 radii per run, got 5" in capsys.readouterr().err
+        parse_args(["--backend", "dense", "--sizes", "256", "--radii", "2", "3", "4", "5", "6"])
+    assert "--backend dense runs 'dense' at 256 px for radii [2, 3, 4, 5, 6], but 'dense' caches 4 masks" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):  # "auto" picks dense for windows that cover most of a small grid
+        parse_args(["--sizes", "512", "1024", "--radii", "12", "16", "20", "24", "28", "--text-len", "64"])
+    assert "--backend auto runs 'dense' at 512 px for radii [12, 16, 20, 24, 28]" in capsys.readouterr().err
+    parse_args(["--sizes", "512", "--radii", "8", "12", "16", "20", "24", "--text-len", "64"])  # 4 of them: fine
 
 
 def test_interleaved_medians_say_how_many_rounds_they_are_of() -> None:
@@ -172,11 +178,53 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
         ("attention", ["--repeats", "0"], "argument --repeats: must be a positive int, got 0"),
         ("transformer", ["--radii", "0"], "argument --radii: must be a positive int, got 0"),
         ("transformer", ["--report", "no-such.json"], "--report: no such result file: no-such.json"),
+        ("attention", ["--backends", "tiled", "xformers"], "--backends: ['xformers'] cannot run on cpu with fp32 here"),
+        ("attention", ["--backends", "natten"], "--backends: ['natten'] cannot run on cpu with fp32 here"),
+        ("attention", ["--budget", "nan"], "argument --budget: must be a positive number, got nan"),
+        ("attention", ["--dense-max-seq", "-5"], "argument --dense-max-seq: must be an int >= 0, got -5"),
+        ("transformer", ["--budget", "-1"], "argument --budget: must be a positive number, got -1"),
+        ("transformer", ["--json", "."], "argument --json: . is a folder; give a file name"),
+        ("attention", ["--json", "README.md/x.json"], "argument --json: cannot make a folder for README.md/x.json"),
+        ("parallel", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
+        ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
     ],
 )
-def test_timing_benchmarks_refuse_bad_arguments_as_usage_errors(capsys, module: str, argv: list[str], message: str):
+def test_timing_benchmarks_refuse_bad_arguments_as_usage_errors(
+    capsys, monkeypatch, module: str, argv: list[str], message: str
+):
     import importlib
 
+    monkeypatch.chdir(ROOT)  # the paths above are relative to the repository
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(f"benchmarks.{module}").parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_transformer_report_of_another_file_is_a_one_line_error(tmp_path, capsys):
+    from benchmarks.transformer import main
+
+    other = tmp_path / "attention.json"
+    other.write_text(json.dumps({"rows": [{"pixels": 1024}]}))  # attention.py's rows lack the block columns
+    broken = tmp_path / "broken.json"
+    broken.write_text("not json")
+    for path in (other, broken):
+        assert main(["--report", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: --report: {path} is not a result JSON of benchmarks/transformer.py\n"
+
+
+def test_transformer_json_keeps_the_sizes_measured_before_a_failure(tmp_path, monkeypatch):
+    import benchmarks.transformer as bench
+
+    measure = bench.measure_block
+
+    def stop_at_the_second_size(variants, kind, side, inputs, args):
+        if side * 16 == args.sizes[1]:
+            raise KeyboardInterrupt  # a long run stopped by hand
+        return measure(variants, kind, side, inputs, args)
+
+    monkeypatch.setattr(bench, "measure_block", stop_at_the_second_size)
+    out = tmp_path / "transformer.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--smoke", "--threads", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["pixels"] for row in rows} == {128} and len(rows) == 2 * 2  # both blocks x both radii
