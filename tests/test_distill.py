@@ -382,6 +382,38 @@ def test_resume_refuses_data_of_another_size_or_held_out_split(tmp_path, data_di
         train(config(tmp_path, smaller, max_steps=2, num_validation=1, resume="latest"))
 
 
+def test_resume_takes_the_new_lr_and_schedule_and_refuses_another_optimizer(tmp_path, data_dir):
+    settings = dict(max_steps=2, checkpoint_every=1, lr_scheduler="linear", num_validation=0, weight_decay=0.0)
+    train(config(tmp_path, data_dir, **settings))
+    # a finished run extended to 4 steps at a new rate: the linear schedule of 4 steps from step 3 on (the saved
+    # optimizer held the old schedule's last rate, 0, and the old lr)
+    train(config(tmp_path, data_dir, **{**settings, "max_steps": 4, "lr": 2e-3, "resume": "latest"}))
+    lines = (tmp_path / "run/logs/train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["lr"] for line in lines] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4])
+    state = torch.load(tmp_path / "run/checkpoint-4/optimizer.bin", weights_only=False)
+    assert [g["weight_decay"] for g in state["param_groups"]] == [0.0]
+    train(config(tmp_path, data_dir, **{**settings, "max_steps": 5, "weight_decay": 0.25, "resume": "latest"}))
+    state = torch.load(tmp_path / "run/checkpoint-5/optimizer.bin", weights_only=False)
+    assert [g["weight_decay"] for g in state["param_groups"]] == [0.25]  # the resumed run's, as run.json says
+    with pytest.raises(ValueError, match=r"optimizer: 'adamw' -> 'prodigy'"):  # its saved state fits no other optimizer
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 6, "optimizer": "prodigy", "resume": "latest"}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(weight_decay=-5.0), r"weight-decay must be >= 0, got -5.0"),
+        (dict(fm_weight=-1.0), r"fm-weight must be >= 0, got -1.0"),
+        (dict(attn_weight=float("nan")), r"attn-weight must be >= 0, got nan"),
+        (dict(down=3), r"has a 4x4 token grid, not divisible by down factor 3"),
+    ],
+)
+def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_path, data_dir, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(config(tmp_path, data_dir, **overrides))
+    assert not (tmp_path / "run").exists()  # a corrected rerun is not refused as "already holds a run"
+
+
 def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir):
     run = tmp_path / "run"
     train(config(tmp_path, data_dir, max_steps=1, num_validation=0))

@@ -73,7 +73,19 @@ TRAINABLE_FILE = "trainable.safetensors"
 VALIDATION_QUANTILES = (0.125, 0.375, 0.625, 0.875)
 DEFAULT_VALIDATION_ITEMS = 4
 #: Config fields a resumed run must share with the run it continues (the rest may change, e.g. max_steps).
-RUN_IDENTITY = ("model", "window", "down", "lora_rank", "teacher", "seed", "batch_size", "grad_accum", "attn_layers")
+#: The optimizer is one of them: its saved state (Prodigy's estimates, AdamW's moments) fits no other optimizer.
+RUN_IDENTITY = (
+    "model",
+    "window",
+    "down",
+    "lora_rank",
+    "teacher",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "attn_layers",
+    "optimizer",
+)
 
 
 @dataclass
@@ -132,6 +144,9 @@ class DistillConfig:
             raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "fm_weight", "out_weight", "attn_weight"):  # < 0 pushes away from the target
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= MAX_MODE_SCALE:
             raise ValueError(  # beyond it the 'mode' density leaves [0, 1] and timesteps wrap around
                 f"mode-scale must be in [-1, {MAX_MODE_SCALE:.2f}] for the 'mode' scheme, got {self.mode_scale}"
@@ -463,6 +478,12 @@ class Distiller:
                 f"{config.data} holds {len(self.dataset)} items: not enough for {self.num_validation} held-out "
                 "validation items plus training data (lower --num-validation or make more data)"
             )
+        _, h, w = info.latent_shape
+        if (h // 2) % config.down or (w // 2) % config.down:  # the pooled keys need whole d x d cells
+            raise ValueError(
+                f"data {config.data} has a {h // 2}x{w // 2} token grid, not divisible by down factor {config.down}: "
+                "choose a down factor that divides both sides"
+            )
         self.out = Path(config.out)
         trackers = "tensorboard" if _has_tensorboard() else None
         self.accelerator = Accelerator(
@@ -534,6 +555,7 @@ class Distiller:
         acc.register_load_state_pre_hook(self._load_hook)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
+            self._continue_schedule(optimizer)
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
             if acc.is_main_process:  # later ones are the abandoned attempt's (as its log lines below): rotation,
                 # which keeps the highest steps, would delete this attempt's new checkpoints and keep them
@@ -548,6 +570,20 @@ class Distiller:
             acc.init_trackers("distill", init_kwargs={"tensorboard": purge})
         # Log lines after the resumed step (or all, for a fresh start) belong to the interrupted attempt.
         self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else -1)
+
+    def _continue_schedule(self, optimizer: torch.optim.Optimizer) -> None:
+        """After ``load_state``: this run's lr, weight decay and schedule, at the step it resumes from.
+
+        ``load_state`` brings back the saved run's learning rate, weight decay and the scheduler's base rates;
+        a resumed run may change them (and ``max_steps``, which reshapes a decaying schedule), and run.json
+        records this run's values, so they are set here (the optimizer's moments stay the checkpoint's)."""
+        config, scheduler = self.config, self.lr_scheduler
+        lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["weight_decay"] = lr, config.weight_decay
+            group["lr"] = lr * factor(scheduler.last_epoch)  # the rate of the next step, as LambdaLR sets it
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
