@@ -69,8 +69,9 @@ def _attend(layout: CLEARLayout, q, k, v, weight, backend: str, scale: float | N
     )
 
 
-def _full_sdpa(q, k, v) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+def _full_sdpa(q, k, v, scale: float | None = None) -> torch.Tensor:
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
@@ -87,11 +88,50 @@ def test_backend_equals_dense(backend: str, case) -> None:
 
 @pytest.mark.parametrize("backend", ["dense", *BACKENDS_UNDER_TEST, "auto"])
 @pytest.mark.parametrize("grid,text_len", [((6, 4), 2), ((5, 7), 0)])
-def test_window_beyond_grid_is_full_attention(backend: str, grid, text_len: int) -> None:
+@pytest.mark.parametrize("scale", [None, 0.3])  # 0.3: a proportional-attention scale
+def test_window_beyond_grid_is_full_attention(backend: str, grid, text_len: int, scale) -> None:
     layout = CLEARLayout(grid, text_len, max(grid) + 1)
     assert layout.covers_grid
     q, k, v, _ = _inputs(layout, batch=2)
-    torch.testing.assert_close(_attend(layout, q, k, v, None, backend), _full_sdpa(q, k, v), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        _attend(layout, q, k, v, None, backend, scale), _full_sdpa(q, k, v, scale), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_a_reference_grid_beyond_the_window_is_not_full_attention() -> None:
+    """The window covers the target grid but not the taller reference grid (FLUX Kontext)."""
+    layout = CLEARLayout((4, 4), 2, 5, 1, "first", (12, 4))
+    assert not layout.covers_grid
+    q, k, v, _ = _inputs(layout, batch=1)
+    expected = clear_attention_with_layout(q, k, v, layout, backend="dense")
+    torch.testing.assert_close(
+        clear_attention_with_layout(q, k, v, layout, backend="tiled"), expected, atol=1e-5, rtol=1e-5
+    )
+    assert (expected - _full_sdpa(q, k, v)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        CLEARLayout((8, 12), 3, 3, 1, "first", (6, 12)),  # two grids merged one after the other
+        CLEARLayout((40, 8), 2, 2, 1, "first", (3, 8)),  # a reference shorter than the target's row chunks
+    ],
+    ids=["kontext", "short-reference"],
+)
+@pytest.mark.parametrize("plain", [False, True], ids=["flash-function", "plain-ops"])
+def test_tiled_reference_grids_on_both_paths_equal_dense(layout: CLEARLayout, plain: bool) -> None:
+    backend = tiled.TiledBackend()
+    if plain:
+        backend.kernels = tiled.PartKernels()  # what other devices run (and CUDA's recompute backward)
+    q, k, v, _ = _inputs(layout, batch=2, requires_grad=True)
+    scale = HEAD_DIM**-0.5
+    got, expected = backend(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(got)
+    for g, e in zip(
+        torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out), strict=True
+    ):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
 def test_tiled_on_non_contiguous_inputs_and_custom_scale() -> None:
@@ -362,9 +402,17 @@ def test_cpu_family_is_a_row_of_the_tile_table() -> None:
         tiled.tile_shape(CLEARLayout((16, 16), 8, 4), torch.float32, "arm")
 
 
-@pytest.mark.parametrize("tile", [(1, 1), (3, 5), (4, 8), (16, 16), (7, 20)])
-def test_tiled_with_a_fixed_tile_equals_dense(tile: tuple[int, int]) -> None:
-    layout = CLEARLayout((13, 20), 6, 4)
+@pytest.mark.parametrize(
+    "grid,r,tile",
+    [
+        *(((13, 20), 4, tile) for tile in [(1, 1), (3, 5), (4, 8), (16, 16), (7, 20)]),
+        # the window spans the height but not the width: rows that need the whole reach of h - 1 rows
+        ((6, 40), 7, (5, 8)),
+        ((6, 40), 7, (1, 8)),
+    ],
+)
+def test_tiled_with_a_fixed_tile_equals_dense(grid: tuple[int, int], r: int, tile: tuple[int, int]) -> None:
+    layout = CLEARLayout(grid, 6 if grid == (13, 20) else 3, r)
     q, k, v, _ = _inputs(layout, batch=2)
     scale = q.shape[-1] ** -0.5
     torch.testing.assert_close(
@@ -488,11 +536,20 @@ def test_clear_attention_rejects_mixed_devices() -> None:
         _call(k=torch.randn(1, 18, 2, 4, device="cuda"))
 
 
-def test_tiled_float64_autograd_path_is_exact() -> None:
-    """The differentiable (plain ops) path keeps float64 scores: equal to dense to float64 rounding."""
+@pytest.mark.parametrize("plain", [False, True], ids=["flash-function", "plain-ops"])
+def test_tiled_float64_is_exact_on_both_paths(plain: bool) -> None:
+    """float64 scores on both paths (the plain-ops one is what other devices run): equal to dense to float64
+    rounding, outputs and gradients."""
     layout = CLEARLayout((22, 12), 5, 3, 2)
     q, k, v, weight = _inputs(layout, batch=2, dtype=torch.float64, requires_grad=True)
-    outs = [_attend(layout, q, k, v, weight, name) for name in ("dense", "tiled")]
+    backend = tiled.TiledBackend()
+    if plain:
+        backend.kernels = tiled.PartKernels()
+    scale = HEAD_DIM**-0.5
+    outs = [
+        attend(q, *(_with_pooled(x, layout, weight) for x in (k, v)), layout, scale)
+        for attend in (BACKENDS["dense"], backend)
+    ]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12)
     grads = [torch.autograd.grad(out.sum(), (q, k, v, weight)) for out in outs]
     for got, expected in zip(grads[1], grads[0], strict=True):

@@ -51,10 +51,13 @@ def test_attention_with_lse_matches_softmax_and_merges_exactly(monkeypatch):
         ((8, 6), 2, 9, 1, (2, 4)),  # the window covers the grid
     ],
 )
-def test_band_attention_equals_the_band_rows_of_full_clear_attention(backend, grid, text_len, r, d, band):
+@pytest.mark.parametrize("scale", [None, 0.3])  # 0.3: proportional attention's scale, not head_dim**-0.5
+def test_band_attention_equals_the_band_rows_of_full_clear_attention(backend, grid, text_len, r, d, band, scale):
     h, w = grid
     q, k, v = _qkv(text_len + h * w, seed=h + r)
-    full = clear_attention(q, k, v, grid=grid, text_len=text_len, window_size=r, down_factor=d, backend="dense")
+    full = clear_attention(
+        q, k, v, grid=grid, text_len=text_len, window_size=r, down_factor=d, scale=scale, backend="dense"
+    )
     (a, b), reach = band, window_reach(r)
     lo, hi = max(0, a - reach), min(h, b + reach)
     t = text_len
@@ -70,6 +73,7 @@ def test_band_attention_equals_the_band_rows_of_full_clear_attention(backend, gr
         rows=(a - lo, b - lo),
         num_global=t + pooled_k.shape[1],
         window_size=r,
+        scale=scale,
         backend=backend,
     )
     torch.testing.assert_close(out, full[:, t + a * w : t + b * w], atol=1e-5, rtol=1e-5)
@@ -134,3 +138,9 @@ def test_tiled_band_tiles_only_the_band_and_matches_dense_gradients(grid, band, 
     th = min(th, b - a)  # band_rows' tile for a thin band
     padded = -(-(b - a) // th) * th * -(-w // tw) * tw  # the band's rows and columns, padded to tile multiples
     assert computed <= padded < h * w  # no halo rows
+
+
+def test_pool_tokens_default_weight_is_the_mean_of_each_cell():
+    x = torch.randn(1, 16, 2, 8, generator=torch.Generator().manual_seed(0))  # a 4x4 grid
+    mean = x.reshape(1, 2, 2, 2, 2, 2, 8).mean((2, 4)).reshape(1, 4, 2, 8)  # (Y, i, X, j): each 2x2 cell
+    torch.testing.assert_close(pool_tokens(x, (4, 4), 2), mean)
