@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,49 @@ def test_generate_with_true_cfg_is_the_pipelines_own(cli, tmp_path, tiny_pipe):
         assert np.abs(np.asarray(image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
 
 
+def test_generate_with_a_down_factor_into_a_new_folder(cli, tmp_path):
+    out = tmp_path / "new" / "sub" / "pooled.png"  # folders that do not exist yet are made
+    proc = _ok(cli("generate", "--prompt", "a red circle", *FAST, "--window", "4", "--down", "2", "--out", str(out)))
+    assert "CLEAR r=4 d=2" in proc.stdout
+    meta = _settings(out)
+    assert meta["size"] == (128, 64) and (meta["json"]["window"], meta["json"]["down"]) == (4, 2)
+
+
+def test_compare_times_each_side_after_an_untimed_one_step_warm_up(tmp_path, monkeypatch, capsys):
+    from diffusers import FluxPipeline
+
+    from app.cli import main
+
+    steps, call = [], FluxPipeline.__call__
+
+    def counted(self, *args, **kwargs):
+        steps.append(kwargs["num_inference_steps"])
+        if len(steps) in (2, 4):  # the timed calls, long enough for the printed 0.01 s: full clearly slower
+            time.sleep(1.0 if len(steps) == 2 else 0.5)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "__call__", counted)
+    out = tmp_path / "compare.png"
+    assert main(["generate", "--prompt", "a red circle", *FAST, "--window", "2", "--compare", "--out", str(out)]) == 0
+    assert steps == [1, 2, 1, 2]  # full: warm-up, timed; CLEAR: warm-up, timed
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    full_s, clear_s = float(lines["full attention"].split()[0]), float(lines["CLEAR r=2 (backend auto)"].split()[0])
+    speedup = float(lines["speedup"].split("x")[0])  # full / CLEAR, not the other way round
+    assert speedup > 1 and speedup == pytest.approx(full_s / clear_s, rel=0.05)
+
+
+def test_an_interrupt_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
+    import pipelines.loading
+    from app.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the model loads
+
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", interrupted)
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
 def test_generate_clear_window(cli, tmp_path):  # needs clear_dit.patch
     out = tmp_path / "clear.png"
     proc = _ok(cli("generate", "--prompt", "a red circle", *FAST, "--window", "2", "--out", str(out)))
@@ -143,6 +187,9 @@ BAD = {
     "negative prompt without true cfg": (["--negative-prompt", "blurry"], "--negative-prompt needs --true-cfg"),
     "seed beyond torch's": (["--seed", str(2**64)], "argument --seed: must be 0 to 9223372036854775807, got 1844"),
     "negative seed": (["--seed", "-1"], "argument --seed: must be 0 to 9223372036854775807, got -1"),
+    "zero height": (["--height", "0"], "--height must be a positive multiple of 16"),
+    "negative guidance": (["--guidance", "-1"], "--guidance must be >= 0, got -1.0"),
+    "parallel compare": (["--window", "2", "--compare", "--parallel"], "--parallel runs CLEAR attention"),
 }
 
 
@@ -241,3 +288,6 @@ def test_make_data_refuses_bad_settings_before_touching_its_folder(tmp_path, tin
     (data / "raw").mkdir()
     assert main(["make-data", "--images", str(data / "raw"), "--out", str(data)]) == 2
     assert "holds --images" in capsys.readouterr().err
+    assert main(["make-data", "--images", str(data / "raw"), "--out", str(data / "raw"), "--overwrite"]) == 2
+    assert "holds --images" in capsys.readouterr().err
+    assert (data / "raw").is_dir()

@@ -362,6 +362,7 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
     [
         (["--model", "/nonexistent/flux"], 1, "error: model folder not found: /nonexistent/flux"),
         (["--port", "0"], 2, "error: --port must be 1 to 65535, got 0"),
+        (["--port", "70000"], 2, "error: --port must be 1 to 65535, got 70000"),
         (["--weights", "missing.safetensors"], 2, "error: weights file not found: missing.safetensors"),
         (["--weights", "README.md"], 2, "error: README.md is not a readable safetensors file: "),
         (["--host", "999.1.1.1"], 2, "error: --host 999.1.1.1 is not an address or a resolvable host name: "),
