@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import clear_dit
-from app.web import Callbacks, GenerationEngine, build_demo, launch
+from app.web import Callbacks, GenerationEngine, GenerationSettings, build_demo, launch
 from pipelines.loading import load_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -105,6 +105,19 @@ def test_compare_same_seed_full_equals_plain_full_and_stats(cb, engine):
     assert np.array_equal(np.asarray(read_png(plain)), np.asarray(read_png(full)))
 
 
+def test_compare_statistics_are_those_of_the_two_images(engine):
+    c = engine.compare(GenerationSettings(**{**BASE, "height": 128}))
+    assert c.speedup == c.full.seconds / c.clear.seconds  # full / CLEAR: > 1 when CLEAR is faster
+    full, clear = (np.asarray(g.image, np.float64) for g in (c.full, c.clear))
+    assert c.mean_abs_diff == pytest.approx(np.abs(full - clear).mean())
+    assert c.heatmap.max() > 0  # the images differ, so does the heat map
+    hottest = np.unravel_index(np.abs(full - clear).mean(-1).argmax(), full.shape[:2])
+    assert tuple(c.heatmap[hottest]) == tuple(c.heatmap.reshape(-1, 3).max(0))  # the ramp's end where they differ most
+    summary = c.summary()
+    assert f"speedup {c.speedup:.2f}x" in summary and f"mean |difference| {c.mean_abs_diff:.1f}/255" in summary
+    assert f"({100 * (1 - c.density):.1f}% of attention FLOPs saved)" in summary
+
+
 def test_window_covering_the_grid_reproduces_full_attention(cb):
     _, _, _, heat, summary, *_ = cb.compare(*values(window_size=8))  # 4x4 grid: every token in every window
     assert "mean |difference| 0.0/255" in summary
@@ -163,17 +176,36 @@ def test_weights_after_a_pooled_zero_shot_patch_leave_full_attention_working(tmp
 
 def test_compare_times_the_generation_not_the_weights_loading(cb, tmp_path, monkeypatch):
     weights = _weights_file(tmp_path)
-    load = clear_dit.load_weights
+    load, clock, skipped = clear_dit.load_weights, time.perf_counter, [0.0]
 
-    def slow_load(*args, **kwargs):  # a large file read from disk or the hub
-        time.sleep(1.0)
+    def slow_load(*args, **kwargs):  # a large file read from disk or the hub: 1000 s on the clock the app reads
+        skipped[0] += 1000.0
         return load(*args, **kwargs)
 
     monkeypatch.setattr(clear_dit, "load_weights", slow_load)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + skipped[0])
     full, clear, *_ = cb.compare(*values(weights=str(weights)))
     records = [json.loads(read_png(path).text["clear-dit"]) for path in (full, clear)]
-    assert records[1]["seconds"] < 1.0 and records[1]["weights"] == str(weights)
+    assert skipped[0] == 1000.0 and records[1]["seconds"] < 1000.0 and records[1]["weights"] == str(weights)
     assert records[0]["weights"] is None  # the full-attention image used no weights file
+
+
+def test_an_image_is_the_pipelines_own_with_its_seed_and_negative_prompt(cb, engine):
+    """As the CLI: same seed, same image; under true CFG against the negative prompt the user wrote."""
+    changes = dict(attention="full", true_cfg=3.0, negative_prompt="a blue square")
+    path, *_ = cb.generate(*values(**changes))
+    expected = engine.pipe(
+        BASE["prompt"],
+        negative_prompt="a blue square",
+        true_cfg_scale=3.0,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        max_sequence_length=engine.text_len,
+        generator=torch.Generator().manual_seed(BASE["seed"]),
+    ).images[0]
+    assert np.array_equal(np.asarray(read_png(path)), np.asarray(expected))
 
 
 def test_true_cfg_applies_against_the_empty_negative_prompt(cb):
@@ -219,6 +251,10 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
         (dict(seed=2**64), "seed must be 0 to 9223372036854775806, got 18446744073709551616"),
         (dict(seed=float("inf")), "seed must be a finite number, got inf"),
         (dict(width="abc"), "width must be a number, got 'abc'"),
+        (dict(true_cfg=11.0), r"true CFG scale must be 1 \(off\) to 10, got 11.0"),
+        (dict(window_size=0), "window_size must be a positive int"),
+        (dict(steps=101), "steps must be 1 to 100, got 101"),
+        (dict(upscale="9000x9000"), "upscale sizes must be at most 8192 px per side, got 9000x9000"),
     ],
 )
 def test_bad_input_is_a_readable_error(cb, changes, message):
@@ -229,6 +265,14 @@ def test_bad_input_is_a_readable_error(cb, changes, message):
 def test_compare_refuses_high_resolution_mode(cb):
     with pytest.raises(gr.Error, match="compare runs single-stage generation"):
         cb.compare(*values(upscale="128x128"))
+
+
+def test_compare_checks_its_clear_half_before_the_full_one(cb, engine):
+    """With "full" selected for Generate, compare's CLEAR half still pools: its sizes are checked up front."""
+    before = set(engine.output_dir.rglob("*.png"))
+    with pytest.raises(gr.Error, match="width 80 px is not allowed: .*multiples of 32 px"):
+        cb.compare(*values(attention="full", down_factor=2, width=80))
+    assert set(engine.output_dir.rglob("*.png")) == before  # no full-attention image was made first
 
 
 def test_a_failed_weights_switch_leaves_a_working_engine(cb, engine):
@@ -243,6 +287,10 @@ def test_a_failed_weights_switch_leaves_a_working_engine(cb, engine):
 
 def test_cancel_stops_a_running_generation(cb, engine):
     assert not engine.cancel("nobody")  # cancelling a session that runs nothing does nothing
+    others = []
+    progress = lambda p, desc, unit: others.append(engine.cancel("other"))  # noqa: E731 (another tab's cancel)
+    path, *_ = cb.generate(*values(steps=3), progress=progress, request=session("c"))
+    assert others == [False] * 3 and read_png(path).size == (64, 64)  # not its job: it runs on
     progress = lambda p, desc, unit: engine.cancel("c")  # noqa: E731 (the user presses cancel after step 1)
     with pytest.raises(gr.Error, match="cancelled"):
         cb.generate(*values(steps=3), progress=progress, request=session("c"))
@@ -258,13 +306,21 @@ def test_a_cancel_between_the_halves_of_compare_stops_the_second(cb, engine):
         save(image, *args, **kwargs)
         assert engine.cancel("between")
 
+    switches, switch = [], engine._set_attention
+
+    def recorded_switch(s):
+        switches.append(s.attention)
+        return switch(s)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(Image.Image, "save", save_then_cancel)
+    mp.setattr(engine, "_set_attention", recorded_switch)
     try:
         with pytest.raises(gr.Error, match="cancelled"):
             cb.compare(*values(), request=session("between"))
     finally:
         mp.undo()
+    assert switches == ["full"]  # the CLEAR half never started: no weights loaded, no warm-up step
     assert not engine.cancel("between")  # nothing runs any more
 
 
@@ -296,6 +352,16 @@ def test_png_metadata_records_no_negative_prompt_without_true_cfg(cb):
     settings = json.loads(read_png(path).text["clear-dit"])
     assert settings["negative_prompt"] == "" and settings["true_cfg"] == 1.0
     assert "Negative prompt: \n" in read_png(path).text["parameters"]
+
+
+def test_the_apps_weights_file_is_preselected(tmp_path, engine):
+    weights = _weights_file(tmp_path, window=3)
+    own = GenerationEngine(engine.pipe, "tiny", str(weights), tmp_path / "out")
+    demo = build_demo(engine=own)
+    (dropdown,) = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and "CLEAR weights" in b.label]
+    assert dropdown.value == str(weights) and dropdown.choices[0] == (f"{weights.name} (--weights)", str(weights))
+    (window,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "window"]
+    assert window.value == 3  # the file's own radius
 
 
 def test_small_helpers():
