@@ -463,8 +463,8 @@ def patch(
         loaded) carry over when ``down_factor`` stays the same, so a new radius keeps loaded CLEAR weights whole.
 
     While patched, diffusers methods that would silently bring full attention back
-    (``set_attention_backend`` other than ``"native"``, context-parallel ``enable_parallelism``, SD3's
-    ``fuse_qkv_projections``) raise a ``ValueError`` instead.
+    (``set_attention_backend`` other than ``"native"``, context-parallel ``enable_parallelism``, the pipelines'
+    ``load_ip_adapter``, SD3's ``fuse_qkv_projections``) raise a ``ValueError`` instead.
     """
     models = patchable_models(pipe_or_transformer)
     window_size, down_factor = check_patch_settings(window_size, down_factor, backend, proportional_attention)
