@@ -173,7 +173,7 @@ BAD = {
     "size not a multiple of 16": (["--height", "100"], "multiple of 16"),
     "steps below 1": (["--steps", "0"], "--steps"),
     "window below 1": (["--window", "0"], "--window"),
-    "down without window": (["--down", "2"], "--down needs --window"),
+    "down without window": (["--down", "2"], "--down needs --window or --weights"),
     "size not a multiple of 16*d": (["--window", "4", "--down", "4", "--height", "96"], "multiple of 64"),
     "compare without window": (["--compare"], "--compare needs --window"),
     "unknown backend": (["--window", "4", "--backend", "no-such-backend"], "backend 'no-such-backend'"),
