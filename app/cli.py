@@ -126,7 +126,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     _true_cfg_arguments(p)
     p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     p.add_argument("--window", type=int, help="CLEAR window radius in tokens (e.g. 8, 16, 32); default: full attention")
-    p.add_argument("--down", type=int, help="CLEAR down factor d: adds (h/d)*(w/d) pooled keys (needs --window or --weights)")
+    p.add_argument(
+        "--down", type=int, help="CLEAR down factor d: adds (h/d)*(w/d) pooled keys (needs --window or --weights)"
+    )
     p.add_argument("--weights", help="CLEAR weights (.safetensors file or hub 'repo_id/file'); they define CLEAR")
     p.add_argument("--backend", default="auto", help="CLEAR attention backend (default: auto)")
     p.add_argument("--compare", action="store_true", help="run full attention and CLEAR; write them side by side")
