@@ -171,8 +171,10 @@ def test_interrupt_stops_remaining_stages(pipe):
         p._interrupt = True
         return kwargs
 
-    out = pipe(**FAST, stages=STAGES, seed=0, callback_on_step_end=interrupt)
+    calls = []
+    out = pipe(**FAST, stages=STAGES, seed=0, callback_on_step_end=lambda *a: calls.append(a) or interrupt(*a))
     assert len(out.stage_images) == 1 and out.images[0].size == STAGES[0]
+    assert len(calls) == 1  # the stage stops at its next step too, as FluxPipeline does
 
 
 @pytest.mark.parametrize(
@@ -369,6 +371,8 @@ def test_text_encoder_lora_scale_callback_attributes_and_input_checks(pipe, monk
 
     pipe(**FAST, stages=STAGES[:1], seed=0, joint_attention_kwargs={"scale": 0.5}, callback_on_step_end=callback)
     assert scales == [0.5]  # FluxPipeline scales its text encoders' LoRA layers by the same scale
+    pipe(**FAST, stages=STAGES[:1], joint_attention_kwargs={"scale": 0.5}, negative_prompt="", true_cfg_scale=2.0)
+    assert scales == [0.5] * 3  # the negative prompt's encoding too
     assert seen and all(s == (3.5, True, {"scale": 0.5}) for s in seen)
 
     embeds, pooled, _ = encode(prompt="a red circle", max_sequence_length=default_max_sequence_length(pipe))
@@ -402,6 +406,32 @@ def test_cli_checks_sizes_against_the_weights_files_down_factor_before_loading(s
     args = ["highres", "--prompt", "x", "--stages", "48x48,80x80", "--weights", str(student_file[0])]
     assert main([*args, "--out", str(tmp_path / "x.png")]) == 2  # d = 2 from the file: multiples of 32
     assert "multiples of 32" in capsys.readouterr().err
+
+
+def test_steps_and_strengths_per_stage_and_proportional_attention_as_given(pipe):
+    """Three stages: stage i runs its own step count at its own strength (FluxImg2ImgPipeline runs
+    int(steps * strength) of them), and CLEAR's proportional attention is what was asked, on or off."""
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        processor = next(iter(p.transformer.attn_processors.values()))
+        seen.append((p.stage_index, getattr(processor, "proportional_attention", None)))
+        return kwargs
+
+    stages = [(32, 32), (64, 48), (128, 96)]
+    for proportional in (False, True):
+        seen.clear()
+        pipe(
+            prompt="a red circle",
+            stages=stages,
+            num_inference_steps=[2, 4, 8],
+            strength=[0.5, 0.25],
+            proportional_attention=proportional,
+            seed=0,
+            output_type="latent",
+            callback_on_step_end=callback,
+        )
+        assert seen == [(0, None)] * 2 + [(1, proportional)] * 2 + [(2, proportional)] * 2
 
 
 def test_upscale_stage_runs_the_fixed_time_shift_on_the_resized_image_before_it(pipe, monkeypatch):

@@ -241,7 +241,9 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tiny_pipeline_path):
     assert results[0].error == "RuntimeError: injected fault in a transformer block"
     for result in results[1:]:
         assert result.error == "RankFailedError: rank 0 failed: RuntimeError: injected fault in a transformer block"
-    assert max(r.seconds for r in results) < group_timeout / 2  # torn down at once, not by the timeout
+    # torn down at once: a teardown by the timeout takes longer than the timeout (a tighter bound, with three
+    # processes loading a model on two busy cores, measured the machine's load)
+    assert max(r.seconds for r in results) < group_timeout
 
 
 def test_cli_parallel_torchrun(tiny_pipe, tmp_path):
@@ -339,11 +341,15 @@ def test_one_rank_run_in_process_restores_the_model(tiny_pipe):
     expected = tiny_pipe(**_call(TEXT)).images
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert not tiny_pipe.vae.use_tiling
     try:
         out = run_parallel_pipeline(tiny_pipe, **_call(TEXT))
+        decoded = run_parallel_pipeline(tiny_pipe, **{**_call(TEXT), "output_type": "np"})
     finally:
         dist.destroy_process_group()
     assert (out.latents - expected).abs().max().item() <= 1e-4
+    assert decoded.images.shape == (1, HEIGHT, WIDTH, 3)
+    assert not tiny_pipe.vae.use_tiling  # decoded with tiling, the caller's setting back afterwards
     assert "forward" not in vars(tiny_pipe.transformer)
     processors = tiny_pipe.transformer.attn_processors.values()
     assert not any(isinstance(p, ParallelCLEARFluxAttnProcessor) for p in processors)

@@ -58,8 +58,12 @@ def test_configs_match_flux_structure(tiny_pipe):
 
 
 def test_round_trip_equals_fresh_build(tiny_pipe, tmp_path):
-    """from_pretrained gives back exactly what a new build makes: the build is deterministic and lossless."""
+    """from_pretrained gives back exactly what a new build makes: the build is deterministic and lossless, and
+    the caller's random state is left as it was."""
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
     fresh = tiny.build_tiny_pipeline(tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         loaded, built = getattr(tiny_pipe, name).state_dict(), getattr(fresh, name).state_dict()
         assert loaded.keys() == built.keys(), name
@@ -67,6 +71,11 @@ def test_round_trip_equals_fresh_build(tiny_pipe, tmp_path):
             torch.testing.assert_close(loaded[key], built[key], rtol=0, atol=0, msg=f"{name}.{key}")
     for name in ("tokenizer", "tokenizer_2"):
         assert getattr(tiny_pipe, name).get_vocab() == getattr(fresh, name).get_vocab(), name
+
+
+def test_t5_config_overrides_win_over_the_defaults(tmp_path):
+    pipe = tiny.build_tiny_pipeline(tmp_path, t5_config={"num_layers": 1, "d_ff": 48})
+    assert (pipe.text_encoder_2.config.num_layers, pipe.text_encoder_2.config.d_ff) == (1, 48)
 
 
 def test_clip_tokenizer(tiny_pipe):
@@ -147,6 +156,8 @@ def test_load_pipeline_tiny_and_local_folder(tiny_pipeline_path):
 def test_load_pipeline_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         load_pipeline(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="model folder not found: no/such/folder"):  # a path, not a hub id
+        load_pipeline("no/such/folder")
     with pytest.raises(ValueError, match="model_index.json"):
         load_pipeline(str(tmp_path))
     with pytest.raises(ValueError, match="'someone/no-such-model'.*hub"):  # HF_HUB_OFFLINE=1 (conftest)
