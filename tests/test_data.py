@@ -48,6 +48,16 @@ def test_format_and_resume_skips_finished_items(made):
     assert info["latent_shape"] == [16, 8, 8]
     assert (info["text_seq_len"], info["text_dim"], info["pooled_dim"]) == (64, 32, 32)
     assert info["settings"] == {"source": "generated", "model": "tiny", "steps": 2, "guidance": 3.5, "seed": 0}
+    # the VAE's own scaling and shift: what training turns the stored latents back into model inputs with
+    assert (info["vae_scaling_factor"], info["vae_shift_factor"]) == (
+        pipe.vae.config.scaling_factor,
+        pipe.vae.config.shift_factor,
+    )
+    for change in (dict(steps=3), dict(guidance=5.0)):  # a resume with other settings would mix two data sets
+        ((name, value),) = change.items()
+        with pytest.raises(ValueError, match=rf"{name} .* \(on disk\) vs {value!r}"):
+            generate_dataset(pipe, PROMPTS, out, num=5, **{**SETTINGS, **change})
+    assert len(DistillDataset(out)) == 4
 
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [e["index"] for e in lines] == [0, 1, 2, 3]
@@ -324,7 +334,7 @@ def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeli
     # the progress bar: items done of the total, elapsed < remaining (ETA); tqdm redraws at most every 0.1 s, so
     # the kill waits for a drawn bar with an ETA as well as for two listed items
     eta_bar = re.compile(r"make-data: +\d+%\|.*\| [1-9]\d*/400 \[\d\d:\d\d<\d\d:\d\d")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a busy machine loads torch and the model slowly; it stops when ready
     while time.monotonic() < deadline and proc.poll() is None:
         listed = manifest.exists() and len(manifest.read_text().splitlines()) >= 2
         if listed and eta_bar.search((tmp_path / "stderr.txt").read_text()):

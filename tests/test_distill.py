@@ -25,7 +25,7 @@ from app.cli import main
 from app.launch import WORLD_SIZE_VARIABLES, alone_under_cpu_launch, requested_processes
 from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
-from training.distill import DistillConfig, Distiller, make_batch, train
+from training.distill import DistillConfig, Distiller, SampleStream, latest_checkpoint, make_batch, train
 from training.losses import TimestepSampler, distill_losses, weighted_mse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,10 @@ def test_only_trainable_tensors_change_and_the_teacher_stays(tmp_path, data_dir,
     inputs = held_out_inputs(distiller)
     with torch.no_grad():
         untrained = forward(student.transformer, inputs)
+    trainable = {name for name, p in student.transformer.named_parameters() if p.requires_grad}
+    assert trainable == set(student.trainable)  # the base model is frozen: no gradients kept for it
     distiller.fit()
+    assert all(p.grad is None for name, p in student.transformer.named_parameters() if name not in trainable)
 
     reference = forward(teacher_before, inputs)
     with student.teacher() as teacher:
@@ -319,6 +322,11 @@ def test_caption_dropout_swaps_in_the_datas_negative_caption(data_dir, tiny_pipe
         args = (sampler, ds.info, None, torch.device("cpu"), torch.float32)
         return make_batch(items, generators, *args, negative=negative, caption_dropout=dropout).inputs
 
+    rare = [
+        not torch.equal(a, b)
+        for a, b in zip(batch(0.0)["encoder_hidden_states"], batch(0.1)["encoder_hidden_states"], strict=True)
+    ]
+    assert 0 < sum(rare) <= len(items) // 4  # p is the fraction dropped (about 2 of 24), not kept
     plain, dropped = batch(0.0), batch(0.5)
     # the caption draw comes after latent, noise and sigma: those are the same with or without dropout
     for key in ("hidden_states", "timestep"):
@@ -414,6 +422,34 @@ def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_pa
     assert not (tmp_path / "run").exists()  # a corrected rerun is not refused as "already holds a run"
 
 
+def test_the_sample_stream_draws_training_items_only_shuffled_per_seed_and_epoch(tmp_path, data_dir):
+    distiller = Distiller(config(tmp_path, data_dir, num_validation=2))
+    assert distiller.num_train == 4 and distiller.held_out() == [4, 5]  # the last items, never trained on
+    assert {distiller.stream.item(p) for p in range(200)} == set(range(4))
+    first, second = SampleStream(64, 0), SampleStream(64, 1)
+    epochs = [[first.item(p) for p in range(e * 64, (e + 1) * 64)] for e in range(2)]
+    assert all(sorted(epoch) == list(range(64)) for epoch in epochs) and epochs[0] != epochs[1]
+    assert [second.item(p) for p in range(64)] != epochs[0]  # --seed changes the order
+    # and the draws: seed 1 at position 0 is not seed 0 at position 1
+    assert not torch.equal(torch.randn(8, generator=second.generator(0)), torch.randn(8, generator=first.generator(1)))
+
+
+def test_checkpoints_are_ordered_by_step_and_the_last_step_is_kept(tmp_path, data_dir):
+    train(config(tmp_path, data_dir, max_steps=3, checkpoint_every=2, keep_checkpoints=5, num_validation=0))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):  # another sample stream half-way through a run
+        train(config(tmp_path, data_dir, max_steps=4, seed=1, num_validation=0, resume="latest"))
+
+    distiller = Distiller(config(tmp_path, data_dir, "big", keep_checkpoints=2, num_validation=0))
+    for step in (5, 40, 300):  # names that sort otherwise as text: checkpoint-1000 < checkpoint-300
+        (tmp_path / "big" / f"checkpoint-{step}").mkdir()
+        (tmp_path / "big" / f"checkpoint-{step}" / "trainable.safetensors").write_bytes(b"")
+    distiller.state.step = 1000
+    distiller.save_checkpoint()
+    assert sorted(p.name for p in (tmp_path / "big").glob("checkpoint-*")) == ["checkpoint-1000", "checkpoint-300"]
+    assert latest_checkpoint(tmp_path / "big").name == "checkpoint-1000"
+
+
 def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir):
     run = tmp_path / "run"
     train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
@@ -449,6 +485,9 @@ def test_clear_errors(tmp_path, data_dir):
     info = json.loads((other / "info.json").read_text())
     (other / "info.json").write_text(json.dumps({**info, "text_dim": 48}))
     with pytest.raises(ValueError, match="made with another model: T5 embeddings have 48 dims, model takes 32"):
+        train(config(tmp_path, other, "run2"))
+    (other / "info.json").write_text(json.dumps({**info, "latent_shape": [8, *info["latent_shape"][1:]]}))
+    with pytest.raises(ValueError, match=r"made with another model: latents have 8 channels \(x4 packed = 32\)"):
         train(config(tmp_path, other, "run2"))
     (other / "negative.safetensors").unlink()  # data made before the file existed
     with pytest.raises(FileNotFoundError, match="has no negative.safetensors .* re-run make-data on it"):

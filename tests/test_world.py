@@ -12,12 +12,14 @@ from training.world import (
     KINDS,
     PALETTE,
     REGIONS,
+    TEXTURES,
     Scene,
     Shape,
     read_scenes,
     region_box,
     render,
     sample_scenes,
+    texture_color,
     world_corpus,
     write_scenes,
 )
@@ -159,3 +161,16 @@ def test_world_tokenizers_have_one_token_per_word(scenes, tmp_path):
         pieces = t5.convert_ids_to_tokens(t5(scene.caption).input_ids)
         assert pieces == ["▁" + w if w != "," else w for w in words] + ["</s>"]
         assert len(clip(scene.caption).input_ids) == len(words) + 2  # + start and end tokens
+
+
+@pytest.mark.parametrize("background", ["blue", "white"])
+def test_each_texture_covers_its_share_of_the_background_in_its_shade(background):
+    """What the caption says is what is drawn: no texture pixels on a plain background; dots (radius a fifth of the
+    period: pi / 25 of the area) cover far less than half-period stripes or checks."""
+    shape = Shape(kind="circle", color="red", region="top left", size="small", center=(1 / 6, 1 / 6))
+    shares = {}
+    for texture in TEXTURES:
+        pixels = np.asarray(render(Scene(shapes=(shape,), background=background, texture=texture), 256)).astype(int)
+        shares[texture] = (np.abs(pixels - np.array(texture_color(background))).max(-1) <= 2).mean()
+    assert shares["plain"] == 0
+    assert 0.08 < shares["dotted"] < 0.16 and 0.35 < shares["striped"] < 0.6 and 0.35 < shares["checkered"] < 0.6
