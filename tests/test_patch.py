@@ -114,6 +114,25 @@ def test_proportional_attention_must_be_a_bool(model, value):
     handle.unpatch()
 
 
+def test_an_attention_mask_is_refused_not_dropped(model):
+    inputs = flux_inputs((4, 4), text_len=2)
+    mask = torch.ones(1, 18, dtype=torch.bool)
+    with clear_dit.patch(model, window_size=2):
+        with pytest.raises(ValueError, match="CLEAR attention does not take an attention_mask"):
+            model(**inputs, joint_attention_kwargs={"attention_mask": mask})
+
+
+def test_a_compiled_model_patches_its_original_module(model):
+    inputs = flux_inputs((4, 6), text_len=2)
+    with clear_dit.patch(model, window_size=2):
+        expected = run(model, inputs)
+    compiled = torch.compile(model, backend="eager")
+    handle = clear_dit.patch(compiled, window_size=2)
+    assert handle.models == [model] and clear_dit.patch_handle(model) is handle
+    torch.testing.assert_close(run(compiled, inputs), expected, atol=1e-6, rtol=1e-6)
+    handle.unpatch()
+
+
 def test_one_patched_model_serves_several_resolutions(model):
     a, b = flux_inputs((6, 4)), flux_inputs((4, 10), text_len=2)
     with clear_dit.patch(model, window_size=2, backend="dense"):

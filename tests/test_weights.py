@@ -110,6 +110,32 @@ def test_save_load_round_trip_with_metadata(model, tmp_path):
     torch.testing.assert_close(run(fresh, inputs), expected, atol=0, rtol=0)
 
 
+def test_metadata_wins_over_the_file_name_and_only_the_file_name_is_read(model, tmp_path):
+    clear_dit.patch(model, window_size=3, down_factor=2)
+    renamed = clear_dit.save_weights(model, tmp_path / "clear_local_8.safetensors")  # e.g. copied as "the r8 run"
+    assert clear_dit.weights.read_weights_config(renamed) == (3, 2)
+    assert clear_dit.load_weights(model, renamed).config["window_size"] == 3
+    folder = tmp_path / "clear_local_16_runs"  # a folder's name says nothing about the files in it
+    folder.mkdir()
+    save_file(official_tensors(model, 1), str(folder / "converted.safetensors"))
+    with pytest.raises(ValueError, match=r"has no CLEAR metadata .* pass window_size"):
+        clear_dit.read_weights(folder / "converted.safetensors")
+
+
+def test_files_of_either_down_factor_load_into_a_patched_model(model, tmp_path):
+    plain = tmp_path / "clear_local_2.safetensors"
+    save_file(official_tensors(model, 1), str(plain))
+    pooled = tmp_path / "clear_local_2_down_2.safetensors"
+    save_file(official_tensors(model, 2), str(pooled))
+    assert clear_dit.load_weights(model, pooled).down_factor == 2
+    assert clear_dit.load_weights(model, plain).down_factor == 1  # its own down factor, not the patch's
+    assert not any("spatial_weight" in name for name in model.state_dict())
+    assert clear_dit.load_weights(model, pooled).down_factor == 2
+    # a down factor asked for wins over the file's: a plain file then lacks the pooling weights
+    with pytest.raises(ValueError, match=r"does not match FluxTransformer2DModel: missing keys: .*spatial_weight"):
+        clear_dit.load_weights(model, plain, down_factor=2)
+
+
 def test_save_refuses_unpatched_models_and_existing_files(model, tmp_path):
     with pytest.raises(ValueError, match="needs a CLEAR-patched model"):
         clear_dit.save_weights(model, tmp_path / "w.safetensors")
