@@ -432,10 +432,22 @@ def test_tiled_rejects_a_bad_tile(tile) -> None:
 def test_auto_runs_and_matches_dense() -> None:
     layout = CLEARLayout((12, 20), 5, 3, 2)
     q, k, v, weight = _inputs(layout, batch=1)
-    assert select_backend("auto", layout, q).name == auto_backend_name(layout, q.device)
+    assert select_backend("auto", layout, q).name == auto_backend_name(layout, q.device, q.dtype, q.shape[-1])
     torch.testing.assert_close(
         _attend(layout, q, k, v, weight, "auto"), _attend(layout, q, k, v, weight, "dense"), atol=1e-4, rtol=1e-4
     )
+
+
+def test_auto_chooses_for_the_inputs_dtype_and_head_dim(monkeypatch) -> None:
+    import clear_dit.backends
+
+    seen = []
+    choose = clear_dit.backends.auto_backend_name
+    monkeypatch.setattr(clear_dit.backends, "auto_backend_name", lambda *a: seen.append(a) or choose(*a))
+    layout = CLEARLayout((12, 20), 5, 3, 2)
+    q = torch.randn(1, layout.q_len, HEADS, 24, dtype=torch.bfloat16)
+    select_backend("auto", layout, q)
+    assert seen == [(layout, q.device, torch.bfloat16, 24)]  # bf16 and fp32 choices differ on some layouts
 
 
 def test_registry() -> None:
@@ -572,6 +584,7 @@ def _block_flags(num_blocks: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
         (CLEARLayout((16, 16), 30, 5, 1, "first", (8, 16)), False),  # Kontext reference grid
         (CLEARLayout((32, 32), 256, 40), True),  # text rows and a window covering the grid
         (CLEARLayout((48, 48), 200, 20, 4), True),  # blocks of full rows inside every window
+        (CLEARLayout((7, 55), 0, 1), False),  # a block with a single allowed entry is still visited
     ],
 )
 def test_flex_block_mask_equals_create_block_mask(

@@ -196,14 +196,34 @@ def test_triton_on_non_contiguous_inputs_and_custom_scale() -> None:
 
 
 @kernel_test
+@pytest.mark.parametrize("radius", [6, 20], ids=["boundary-tiles", "full-tiles"])
+def test_triton_on_queries_keys_and_values_of_different_layouts(radius: int) -> None:
+    """q a transposed view, k contiguous, v a slice of wider rows (as from a fused projection): each is read with
+    its own strides, in boundary and in full (unmasked) key tiles."""
+    layout = CLEARLayout((16, 16), 3, radius)
+    if radius == 20:
+        assert block_schedule(layout, choose_tiling(layout, 32, torch.float32)).full_tiles.shape[0] > 0
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, layout.q_len, 32, generator=gen).transpose(1, 2).to(KERNEL_DEVICE)
+    k = torch.randn(1, layout.q_len, 2, 32, generator=gen).to(KERNEL_DEVICE)
+    v = torch.randn(1, layout.q_len, 2, 48, generator=gen)[..., 16:].to(KERNEL_DEVICE)
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    expected = clear_attention_with_layout(q, k, v, layout, backend="dense")
+    torch.testing.assert_close(
+        clear_attention_with_layout(q, k, v, layout, backend="triton"), expected, atol=1e-5, rtol=1e-5
+    )
+
+
+@kernel_test
+@pytest.mark.parametrize("scale", [None, 0.3], ids=["default-scale", "scale-0.3"])
 @pytest.mark.parametrize("layout", [CLEARLayout((10, 6), 2, 3, 2), CLEARLayout((9, 7), 0, 2, 1, "last")], ids=str)
-def test_triton_gradients_equal_dense(layout: CLEARLayout) -> None:
+def test_triton_gradients_equal_dense(layout: CLEARLayout, scale) -> None:
     q, k, v, weight = _inputs(layout, 2, 1, 16, requires_grad=True)
     inputs = [x for x in (q, k, v, weight) if x is not None]
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
 
     def grads(name: str):
-        out = clear_attention_with_layout(q, k, v, layout, spatial_weight=weight, backend=name)
+        out = clear_attention_with_layout(q, k, v, layout, spatial_weight=weight, scale=scale, backend=name)
         return torch.autograd.grad(out, inputs, grad_out)
 
     names = ("query", "key", "value", "spatial_weight")
