@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,9 +124,37 @@ def equivalence_worker(path: str) -> dict:
         return kwargs
 
     interrupted = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT), callback_on_step_end=stop_rank_0))
+
+    def batched_ids(module, args, kwargs):  # the 3-D ids older pipelines pass
+        return args, {**kwargs, "img_ids": kwargs["img_ids"][None]}
+
+    hook = pipe.transformer.register_forward_pre_hook(batched_ids, with_kwargs=True)
+    batched = run_parallel_pipeline(pipe, **_call(TEXT)).latents
+    hook.remove()
     return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed,
             "bad_prompt": bad_prompt, "bad_guidance": bad_guidance, "all_bad": all_bad, "plain": plain,
-            "guided": guided, "bad_kontext": bad_kontext, "interrupted": interrupted}  # fmt: skip
+            "guided": guided, "bad_kontext": bad_kontext, "interrupted": interrupted,
+            "batched_ids": batched}  # fmt: skip
+
+
+def surviving_faulty_worker(path: str) -> tuple[float, str]:
+    """Rank 0 fails inside a block, catches its error and lives on (a notebook, a server): the others must not wait
+    for it to exit. Returns the seconds until this rank's error, and the error."""
+    import torch.distributed as dist
+
+    from pipelines.parallel import run_parallel_pipeline
+
+    pipe, rank = _pipe(path, 4, 2), dist.get_rank()  # (a failure tears the group down)
+    if rank == 0:
+        pipe.transformer.single_transformer_blocks[1].register_forward_pre_hook(
+            lambda module, args: (_ for _ in ()).throw(RuntimeError("injected fault in a transformer block"))
+        )
+    start = time.monotonic()
+    error = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT)))
+    seconds = time.monotonic() - start
+    if rank == 0:
+        time.sleep(15)
+    return seconds, error
 
 
 def faulty_worker(path: str, fail_rank: int) -> None:
@@ -212,6 +241,12 @@ def test_bad_input_on_one_rank_fails_every_rank_with_its_message(equivalence):
         )
 
 
+def test_batched_3d_img_ids_give_the_single_process_latents(equivalence, tiny_pipeline_path):
+    expected = _pipe(str(tiny_pipeline_path), 4, 1)(**_call(TEXT)).images
+    for rank in range(3):
+        assert (equivalence[rank]["batched_ids"] - expected).abs().max().item() <= 1e-4, f"rank {rank}"
+
+
 def test_a_rank_stopped_early_is_named_on_every_rank(equivalence):
     for rank in range(3):
         assert equivalence[rank]["interrupted"] == (
@@ -225,6 +260,48 @@ def test_traffic_is_per_denoising_step_with_true_cfg_too(equivalence):
     for rank in range(3):
         plain, guided = equivalence[rank]["plain"], equivalence[rank]["guided"]
         assert guided["halo"] == pytest.approx(2 * plain["halo"]) and plain["halo"] > 0
+
+
+def test_rank_fingerprints_tell_a_different_guidance_from_float_noise():
+    from pipelines.parallel import _fingerprint, _same_fingerprint
+
+    def fingerprint(guidance: float) -> tuple:
+        return _fingerprint({"guidance": torch.tensor([guidance])}, (8, 6))
+
+    assert not _same_fingerprint(fingerprint(3.5), fingerprint(3.6))  # other inputs: other images
+    assert _same_fingerprint(fingerprint(1.0), fingerprint(1.0 + 1e-6))  # GPUs may round differently
+
+
+def test_the_group_timeout_comes_from_the_environment(monkeypatch):
+    from pipelines.parallel import TIMEOUT_ENV, _timeout_s
+
+    monkeypatch.setenv(TIMEOUT_ENV, "5")
+    assert _timeout_s(None) == 5.0 and _timeout_s(30) == 30
+    monkeypatch.setenv(TIMEOUT_ENV, "abc")
+    with pytest.raises(ValueError, match=f"{TIMEOUT_ENV} must be a number of seconds, got 'abc'"):
+        _timeout_s(None)
+
+
+def test_init_parallel_names_each_missing_launch_variable(monkeypatch):
+    from pipelines.parallel import init_parallel
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match=r"needs a distributed launch \(MASTER_ADDR not set\)"):
+        init_parallel()
+
+
+def crashing_worker() -> None:
+    os._exit(3)  # dies without a report (killed, segfault)
+
+
+def test_launch_local_returns_at_once_when_every_rank_died():
+    start = time.monotonic()
+    results = launch_local(crashing_worker, 2, timeout_s=100, group_timeout_s=30)
+    assert time.monotonic() - start < 50  # not the whole timeout_s
+    assert [(r.exitcode, r.error) for r in results] == [(3, "no report (killed or crashed)")] * 2
 
 
 def test_run_parallel_pipeline_refuses_return_dict():
@@ -244,6 +321,15 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tiny_pipeline_path):
     # torn down at once: a teardown by the timeout takes longer than the timeout (a tighter bound, with three
     # processes loading a model on two busy cores, measured the machine's load)
     assert max(r.seconds for r in results) < group_timeout
+
+
+def test_a_failed_rank_that_lives_on_does_not_hold_the_others(tiny_pipeline_path):
+    results = launch_local(surviving_faulty_worker, 2, (str(tiny_pipeline_path),), timeout_s=200, group_timeout_s=90)
+    assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
+    (_, own), (seconds, other) = (r.value for r in results)
+    assert own == "RuntimeError: injected fault in a transformer block"
+    assert other == "RankFailedError: rank 0 failed: RuntimeError: injected fault in a transformer block"
+    assert seconds < 10  # rank 0 tore its connections down when it failed, not when it exits 15 s later
 
 
 def test_cli_parallel_torchrun(tiny_pipe, tmp_path):

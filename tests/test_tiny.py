@@ -114,6 +114,25 @@ def test_cached_folder_is_reused(tiny_pipeline_path, tiny_cache_dir, monkeypatch
     assert tiny.tiny_pipeline_path() == tiny_pipeline_path  # CLEAR_DIT_CACHE points at the session cache
 
 
+def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch):
+    """An older version's interrupted build left model_index.json without the rest (and without .complete)."""
+    target = tmp_path / tiny.TINY_NAME
+    target.mkdir()
+    (target / "model_index.json").write_text("{}")
+
+    class Copy:
+        def save_pretrained(self, folder):
+            shutil.copytree(tiny_pipeline_path, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Copy())[1])
+    assert tiny.tiny_pipeline_path(tmp_path) == target
+    assert (target / "transformer").is_dir() and (target / ".complete").is_file()
+
+
+def test_the_tiny_model_loads_in_the_dtype_asked_for():
+    assert load_pipeline("tiny", torch_dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
+
+
 def test_losing_a_build_race_is_fine(tiny_pipeline_path, tmp_path, monkeypatch):
     """Another process renames its finished build into place first: ours is dropped, theirs is used."""
     target = tmp_path / tiny.TINY_NAME
@@ -158,6 +177,11 @@ def test_load_pipeline_errors(tmp_path):
         load_pipeline(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="model folder not found: no/such/folder"):  # a path, not a hub id
         load_pipeline("no/such/folder")
+    unet = tmp_path / "sd15"  # a UNet pipeline: its model_index.json names no transformer at all
+    unet.mkdir()
+    (unet / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "x"]}')
+    with pytest.raises(ValueError, match="its model_index.json names no transformer class"):
+        load_pipeline(str(unet))
     with pytest.raises(ValueError, match="model_index.json"):
         load_pipeline(str(tmp_path))
     with pytest.raises(ValueError, match="'someone/no-such-model'.*hub"):  # HF_HUB_OFFLINE=1 (conftest)
