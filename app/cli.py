@@ -744,12 +744,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from app.launch import relaunch_lost_cpu_processes
-    from training.data import DistillDataset
-    from training.distill import DistillConfig, train
+    from training.distill import DistillConfig, check_run, train
 
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
-    config.check()  # bad settings and a missing data folder fail here once, not in each of N processes
-    DistillDataset(config.data)
+    check_run(config)  # bad settings, data or --out fail here once, not in each of N processes
     code = relaunch_lost_cpu_processes(args._argv)
     if code is not None:  # the N processes of `accelerate launch --cpu --num_processes N` ran (see app/launch.py)
         return code
@@ -817,6 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(message: str) -> None:
+    """``error: MESSAGE`` in one write: print() writes the newline apart, and lines of several ranks ran together."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -830,15 +834,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return args._run(args)
     except CLIError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _error_line(str(err))
         return 2
     except (ValueError, FileNotFoundError, OSError) as err:  # the library's messages for user errors
         if args.verbose:
             logger.exception("details")
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        _error_line(_one_line(err))
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _error_line("interrupted")
         return 130
 
 

@@ -414,6 +414,8 @@ def test_resume_takes_the_new_lr_and_schedule_and_refuses_another_optimizer(tmp_
         (dict(fm_weight=-1.0), r"fm-weight must be >= 0, got -1.0"),
         (dict(attn_weight=float("nan")), r"attn-weight must be >= 0, got nan"),
         (dict(down=3), r"has a 4x4 token grid, not divisible by down factor 3"),
+        (dict(backend="bogus"), r"unknown backend 'bogus'"),
+        (dict(attn_layers=[99]), r"attention layers \[99\] out of range: the model has 3"),
     ],
 )
 def test_settings_that_cannot_train_fail_before_the_run_folder_is_written(tmp_path, data_dir, overrides, message):
@@ -520,6 +522,12 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
     assert re.search(r"distill: 100%\|.*\| 2/2 \[\d\d:\d\d<\d\d:\d\d", ddp.stderr)  # one progress bar, rank 0's
     assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
     assert "wrote" in capsys.readouterr().out
+    # both extended by a step from their checkpoints: the two processes resume as one does
+    longer = [*common[:6], "3", *common[7:], "--resume", "latest"]  # --max-steps 3
+    resumed = subprocess.run([*launch, *longer, "--batch-size", "1", "--out", str(tmp_path / "ddp")], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert main([*longer, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
 
     assert {p.name for p in (tmp_path / "ddp/checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
@@ -532,9 +540,49 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
     for a, b in zip(*curves, strict=True):
         for key in ("loss", "loss_fm", "loss_out", "loss_attn", "grad_norm", "epoch"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert [line["step"] for line in curves[0]] == [1, 2, 3]
     a, b = (load_file(tmp_path / name / "clear_local_1.safetensors") for name in ("ddp", "one"))
     for k in a:  # Adam divides by sqrt(v): float noise in tiny gradients moves weights by up to ~1e-5
         torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
+
+
+def test_launcher_variables_the_run_does_not_follow_are_said(tmp_path, data_dir, monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")  # accelerate launch --gradient_accumulation_steps
+    with caplog.at_level("WARNING", logger="training.distill"):
+        distiller = Distiller(config(tmp_path, data_dir, grad_accum=1, num_validation=0))
+    assert distiller.accelerator.gradient_accumulation_steps == 1  # --grad-accum, as run.json records
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 (accelerate launch --gradient_accumulation_steps) is ignored" in (
+        caplog.text
+    )
+    caplog.clear()
+    from training.distill import _warn_about_the_environment
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for name, value in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level("WARNING", logger="training.distill"):
+        _warn_about_the_environment(config(tmp_path, data_dir, grad_accum=2))
+    assert "joining a group of WORLD_SIZE=2 processes at 10.0.0.1:29500 as RANK 0" in caplog.text
+
+
+def test_the_cli_checks_a_run_before_it_starts_processes(tmp_path, data_dir, monkeypatch, capsys):
+    import app.launch
+
+    monkeypatch.setattr(app.launch, "relaunch_lost_cpu_processes", lambda argv: pytest.fail("processes started"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    base = ["distill", "--data", str(data_dir), "--window", "1", "--max-steps", "1"]
+    for extra, message in (
+        (["--out", str(tmp_path / "taken")], "is not empty and holds no distillation run"),
+        (["--out", str(tmp_path / "x"), "--num-validation", "6"], "not enough for 6 held-out validation items"),
+        (["--out", str(tmp_path / "x"), "--backend", "bogus"], "unknown backend 'bogus'"),
+    ):
+        writes = []
+        monkeypatch.setattr(sys, "stderr", SimpleNamespace(write=writes.append, flush=lambda: None))
+        assert main([*base, *extra]) in (1, 2)
+        assert len(writes) == 1 and writes[0].startswith("error: ") and message in writes[0]  # one write: ranks
+        assert writes[0].endswith("\n") and writes[0].count("\n") == 1  # sharing stderr cannot split the line
+    assert not (tmp_path / "x").exists()
 
 
 def test_cpu_launch_detection_reads_the_launcher_and_refuses_what_it_cannot_start(tmp_path, data_dir, monkeypatch):

@@ -49,7 +49,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from clear_dit.mask import check_window_config
+from clear_dit.patching import check_patch_settings
 from pipelines.loading import TINY
 
 from .data import DataInfo, DistillDataset
@@ -58,7 +58,17 @@ from .student import TEACHER_MODES, Student
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Distiller", "DistillConfig", "MIXED_PRECISION", "OPTIMIZERS", "train", "export_name", "latest_checkpoint"]
+__all__ = [
+    "Distiller",
+    "DistillConfig",
+    "RunPlan",
+    "check_run",
+    "MIXED_PRECISION",
+    "OPTIMIZERS",
+    "train",
+    "export_name",
+    "latest_checkpoint",
+]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 #: diffusers' schedulers that need no argument beyond warmup and total steps (piecewise_constant needs step rules).
@@ -132,7 +142,7 @@ class DistillConfig:
 
     def check(self) -> None:
         """One-line ``ValueError`` for any setting out of range, before anything is loaded; integer types normalised."""
-        self.window, self.down = check_window_config(self.window, self.down)
+        self.window, self.down = check_patch_settings(self.window, self.down, self.backend)
         positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -457,53 +467,94 @@ def _make_optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> 
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
+@dataclass
+class RunPlan:
+    """What :func:`check_run` found: the data set, its held-out count, run.json's record, the checkpoint to resume."""
+
+    dataset: DistillDataset
+    num_validation: int
+    record: dict[str, Any]
+    resume_from: Path | None
+
+
+def check_run(config: DistillConfig) -> RunPlan:
+    """Every check of a run that needs no model, reading only: the settings, the data (its size against the held-out
+    count, its grid against the down factor) and ``--out`` against ``--resume``/``--overwrite``. The CLI runs it
+    before it starts N processes, so that a mistake is one error line, not one per process."""
+    config.check()
+    dataset = DistillDataset(config.data)
+    # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
+    num_validation = config.num_validation
+    if num_validation is None:
+        num_validation = min(DEFAULT_VALIDATION_ITEMS, len(dataset) // 4)
+    if len(dataset) <= num_validation:
+        raise ValueError(
+            f"{config.data} holds {len(dataset)} items: not enough for {num_validation} held-out "
+            "validation items plus training data (lower --num-validation or make more data)"
+        )
+    _, h, w = dataset.info.latent_shape
+    if (h // 2) % config.down or (w // 2) % config.down:  # the pooled keys need whole d x d cells
+        raise ValueError(
+            f"data {config.data} has a {h // 2}x{w // 2} token grid, not divisible by down factor {config.down}: "
+            "choose a down factor that divides both sides"
+        )
+    record = _run_record(config, dataset.info, len(dataset), num_validation)
+    return RunPlan(dataset, num_validation, record, _check_run_dir(config, record))
+
+
+def _warn_about_the_environment(config: DistillConfig) -> None:
+    """Launcher variables a run does not follow, or that make it wait: said, not silently obeyed or ignored."""
+    accumulate = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if accumulate is not None and accumulate != str(config.grad_accum):
+        logger.warning(
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=%s (accelerate launch --gradient_accumulation_steps) is ignored: "
+            "the run accumulates --grad-accum %d micro-batches (run.json records it)",
+            accumulate,
+            config.grad_accum,
+        )
+    # a plain run with RANK / WORLD_SIZE left in the environment waits for peers that never come
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        logger.warning(
+            "joining a group of WORLD_SIZE=%s processes at %s:%s as RANK %s (set in the environment, not by "
+            "torchrun): this waits until all of them start; unset these variables for a single-process run",
+            world,
+            os.environ.get("MASTER_ADDR", "?"),
+            os.environ.get("MASTER_PORT", "?"),
+            os.environ.get("RANK", "?"),
+        )
+
+
 class Distiller:
     """One distillation run: builds everything from a :class:`DistillConfig`; :meth:`run` trains and exports."""
 
     def __init__(self, config: DistillConfig) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
-        config.check()
+        plan = check_run(config)
         self.config = config
-        self.dataset = DistillDataset(config.data)
+        self.dataset = plan.dataset
         self.negative = self.dataset.negative() if config.caption_dropout > 0 else None
         info = self.dataset.info
-        # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
-        self.num_validation = config.num_validation
-        if self.num_validation is None:
-            self.num_validation = min(DEFAULT_VALIDATION_ITEMS, len(self.dataset) // 4)
-        if len(self.dataset) <= self.num_validation:
-            raise ValueError(
-                f"{config.data} holds {len(self.dataset)} items: not enough for {self.num_validation} held-out "
-                "validation items plus training data (lower --num-validation or make more data)"
-            )
-        _, h, w = info.latent_shape
-        if (h // 2) % config.down or (w // 2) % config.down:  # the pooled keys need whole d x d cells
-            raise ValueError(
-                f"data {config.data} has a {h // 2}x{w // 2} token grid, not divisible by down factor {config.down}: "
-                "choose a down factor that divides both sides"
-            )
+        self.num_validation = plan.num_validation
+        _warn_about_the_environment(config)
         self.out = Path(config.out)
         trackers = "tensorboard" if _has_tensorboard() else None
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # lets torchrun-started processes without GPUs join over gloo
-            gradient_accumulation_steps=config.grad_accum,
+            # a plugin: accelerate lets $ACCELERATE_GRADIENT_ACCUMULATION_STEPS override the plain argument
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=config.grad_accum),
             mixed_precision=config.mixed_precision,
             log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
-        record = _run_record(config, info, len(self.dataset), self.num_validation)
-        self.resume_from = _check_run_dir(config, record)  # every process checks before any writes
+        self.resume_from = plan.resume_from  # every process checked before any writes
         self.weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
 
         transformer, scheduler = load_teacher(config.model, self.weight_dtype)
         check_data_fits(info, transformer, config.data)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _write_run_dir(config, record, resuming=self.resume_from is not None)
-        acc.wait_for_everyone()
         self.scheduler_config = scheduler.config
         self.guidance = config.guidance if transformer.config.guidance_embeds else None
         transformer.to(acc.device)
@@ -521,6 +572,10 @@ class Distiller:
             trainable_dtype=torch.float32,
             seed=config.seed,
         )
+        acc.wait_for_everyone()  # run.json once the student is built: its settings (layers, backend) are valid
+        if acc.is_main_process:
+            _write_run_dir(config, plan.record, resuming=self.resume_from is not None)
+        acc.wait_for_everyone()
         self.sampler = TimestepSampler(
             scheduler.sigmas.float().cpu(),
             config.weighting_scheme,
@@ -593,7 +648,10 @@ class Distiller:
         weights.clear()  # the frozen base model is not part of a checkpoint: it is reloaded from --model
 
     def _load_hook(self, models: list, input_dir: str) -> None:
-        tensors = load_file(os.path.join(input_dir, TRAINABLE_FILE), device=str(self.accelerator.device))
+        # loaded on the CPU, then moved: safetensors refuses the "cpu:0" of a multi-process CPU run
+        tensors = {
+            k: v.to(self.accelerator.device) for k, v in load_file(os.path.join(input_dir, TRAINABLE_FILE)).items()
+        }
         self.student.load_trainable_state_dict(tensors)
         models.clear()
 
