@@ -551,3 +551,31 @@ def test_teacher_out_may_be_a_symbolic_link_to_a_folder(tmp_path):
     assert (target / "model_index.json").is_file()
     assert train_teacher.main(["--out", str(link), "--smoke", "--steps", "1", "--overwrite"]) == 0
     assert link.is_symlink() and (target / "training" / "config.json").is_file()
+
+
+def test_compare_scores_the_students_images_and_averages_psnr_per_image():
+    from benchmarks.fidelity.metrics import psnr, ssim
+
+    scenes = sample_scenes(2, 5)
+    renders = [render(scene, 64) for scene in scenes]
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in scenes]
+    out = run._compare(renders, noise, scenes)  # (student images, reference images, scenes)
+    assert out["adherence"] > 0.9  # the renders are checked, not the noise
+    assert out["ssim"] == pytest.approx(float(ssim(renders, noise).mean()))
+    mixed = run._compare(renders, [renders[0], noise[1]], scenes)  # identical images count 99 dB each
+    assert mixed["psnr"] == pytest.approx((99 + float(psnr(renders[1], noise[1])[0])) / 2)
+
+
+def test_report_rows_print_their_own_numbers():
+    common = dict(scale=1, size=64, seconds_per_image=1.0)
+    rows = [
+        {**common, "student": "teacher", "variant": "full", "window": None, "down": None, "psnr": 99.0,
+         "ssim": 1.0, "adherence": 0.5, "pass_rate": 0.25, "density": 1.0, "seconds_per_image": 2.0, "speedup": 1.0},
+        {**common, "student": "distilled", "variant": "r16_down4", "window": 1, "down": 4, "psnr": 21.5,
+         "ssim": 0.8, "adherence": 0.6, "pass_rate": 0.125, "density": 0.3, "speedup": 2.0},
+    ]  # fmt: skip
+    meta = {"smoke": False, "teacher": "t", "resolution": 64, "text_len": 40, "num_data": 1, "distill_steps": 1,
+            "distill_lr": 1e-4, "eval_steps": 1, "cfg_scale": 1.0, "scales": (1,), "eval_scenes": 2,
+            "highres_scenes": 1}  # fmt: skip
+    assert "| 1, d=4 | 21.50 | 0.8000 | 0.600 | 0.125 | 0.300 | 1.00 | 2.00 |" in run._markdown(rows, meta)

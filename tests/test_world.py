@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from benchmarks.fidelity.checker import check_scene, label_image
 from training.world import (
@@ -174,3 +174,29 @@ def test_each_texture_covers_its_share_of_the_background_in_its_shade(background
         shares[texture] = (np.abs(pixels - np.array(texture_color(background))).max(-1) <= 2).mean()
     assert shares["plain"] == 0
     assert 0.08 < shares["dotted"] < 0.16 and 0.35 < shares["striped"] < 0.6 and 0.35 < shares["checkered"] < 0.6
+
+
+def test_regions_are_row_major_with_x_first_and_hold_their_shapes_centres():
+    assert region_box("top right") == (2 / 3, 0, 1, 1 / 3)  # (x0, y0, x1, y1): right column, top row
+    square = Shape("square", "red", "top right", "large", (5 / 6, 1 / 6))
+    pixels = np.asarray(render(Scene((square,), "blue"), 96))
+    assert tuple(pixels[16, 80]) == PALETTE["red"]  # row 16 (top), column 80 (right)
+    with pytest.raises(ValueError, match="outside its region"):  # right in x, wrong in y
+        Shape("circle", "red", "top left", "small", (0.1, 0.9))
+
+
+def test_checker_fails_an_extra_shape_and_an_off_palette_colour():
+    circle = Shape("circle", "red", "top left", "large", (1 / 6, 1 / 6))
+    square = Shape("square", "yellow", "center", "large", (0.5, 0.5))
+    check = check_scene(render(Scene((circle, square), "blue"), 256), Scene((circle,), "blue"))
+    assert check.extras == 1 and not check.passed and check.score == 2 / 3  # a shape the caption does not state
+    stated = Scene((Shape("circle", "red", "center", "large", (0.5, 0.5)),), "blue")
+    image = Image.new("RGB", (256, 256), PALETTE["blue"])
+    ImageDraw.Draw(image).ellipse([92, 92, 164, 164], fill=(255, 0, 165))  # magenta: red is the nearest entry
+    assert not check_scene(image, stated).shapes[0].found
+
+
+def test_the_triangle_prototype_has_its_mass_low():
+    from benchmarks.fidelity import checker
+
+    assert checker._prototypes()["triangle", "large"].features[1] < 0.4  # the share of pixels in the top half
