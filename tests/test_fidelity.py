@@ -1,6 +1,7 @@
 """The fidelity benchmark end to end on toy sizes: teacher training (saved and reloaded as a FLUX pipeline),
 the protocol's evaluation and report, and the whole protocol once the distillation CLI exists."""
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -351,14 +352,15 @@ def test_stated_cell_weights_mark_the_tokens_of_the_captions_cells():
         return {"kind": "circle", "color": "red", "region": region, "size": "small", "center": region_center(region)}
 
     scenes = [Scene((shape("top left"),), "blue"), Scene((shape("center"), shape("bottom right")), "blue")]
-    weights = train_teacher.stated_cell_weights(scenes, 6, 5.0).view(2, 6, 6)  # 3x3 cells of 2x2 tokens
-    stated = torch.zeros(2, 6, 6, dtype=torch.bool)
-    stated[0, :2, :2] = stated[1, 2:4, 2:4] = stated[1, 4:, 4:] = True
-    for index in range(2):
+    scenes.append(Scene((shape("top right"),), "blue"))  # off the diagonal: rows are y, columns are x
+    weights = train_teacher.stated_cell_weights(scenes, 6, 5.0).view(3, 6, 6)  # 3x3 cells of 2x2 tokens
+    stated = torch.zeros(3, 6, 6, dtype=torch.bool)
+    stated[0, :2, :2] = stated[1, 2:4, 2:4] = stated[1, 4:, 4:] = stated[2, :2, 4:] = True
+    for index in range(3):
         inside, outside = weights[index][stated[index]], weights[index][~stated[index]]
         assert torch.allclose(inside, 5 * outside[0]) and torch.allclose(outside, outside[0])
-    assert torch.allclose(weights.mean(dim=(1, 2)), torch.ones(2))
-    assert torch.equal(train_teacher.stated_cell_weights(scenes, 6, 1.0), torch.ones(2, 36))
+    assert torch.allclose(weights.mean(dim=(1, 2)), torch.ones(3))
+    assert torch.equal(train_teacher.stated_cell_weights(scenes, 6, 1.0), torch.ones(3, 36))
     # 16 tokens do not split into 3 cells: a token belongs to the cell that holds its centre (5 + 6 + 5)
     top_left = train_teacher.stated_cell_weights(scenes[:1], 16, 2.0).view(16, 16)
     assert (top_left[:5, :5] > 1).all() and (top_left[5:, :] < 1).all() and (top_left[:, 5:] < 1).all()
@@ -534,13 +536,23 @@ def test_timed_draws_follow_an_untimed_one_step_draw(monkeypatch):
     calls = []
 
     def generate(pipe, prompts, seeds, resolution, steps, cfg_scale=1.0):
-        calls.append((len(prompts), steps))
+        calls.append((len(prompts), steps, seeds))
         return [Image.new("RGB", (resolution, resolution))] * len(prompts)
 
     monkeypatch.setattr(run, "generate", generate)
     cfg = run.ProtocolConfig(work="", eval_steps=5, cfg_scale=1.0)
     images, seconds = run._draw(None, None, cfg, 64, 1, held_out_scenes(3), None, None)
-    assert calls == [(1, 1), (3, 5)] and len(images) == 3 and seconds >= 0
+    assert calls == [(1, 1, [0]), (3, 5, [0, 1, 2])] and len(images) == 3 and seconds >= 0  # scene i: seed i
+
+    def highres(prompt, seed, num_inference_steps, **kwargs):  # above 1x: one highres call per scene
+        calls.append((prompt, seed, num_inference_steps))
+        return dataclasses.make_dataclass("Out", ["images"])([Image.new("RGB", (128, 128))])
+
+    calls.clear()
+    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
+    scenes = held_out_scenes(3)
+    run._draw(None, highres, cfg, 64, 2, scenes, None, None)
+    assert calls == [(scenes[0].caption, 0, 1)] + [(s.caption, i, 5) for i, s in enumerate(scenes)]
 
 
 def test_teacher_out_may_be_a_symbolic_link_to_a_folder(tmp_path):
@@ -579,3 +591,175 @@ def test_report_rows_print_their_own_numbers():
             "distill_lr": 1e-4, "eval_steps": 1, "cfg_scale": 1.0, "scales": (1,), "eval_scenes": 2,
             "highres_scenes": 1}  # fmt: skip
     assert "| 1, d=4 | 21.50 | 0.8000 | 0.600 | 0.125 | 0.300 | 1.00 | 2.00 |" in run._markdown(rows, meta)
+
+
+def test_protocol_evaluation_rows_and_grid_follow_each_variant(monkeypatch, tmp_path):
+    """Each row is its own student's: held-out scenes, speedup as teacher time over student time, the density of
+    its own down factor, 2x/4x only for --highres-variants; the grid shows the headline variant's images (the
+    drawing is faked: one plain colour per configuration, 2 s per teacher image, 0.5 s per student image)."""
+    drawn = []
+    colours = {}
+
+    def draw(pipe, highres, cfg, resolution, scale, scenes, variant, weights):
+        drawn.append((scale, [s.caption for s in scenes], variant and variant.name, weights))
+        colour = colours.setdefault((scale, variant and variant.name, weights), (len(colours) * 20, 0, 0))
+        return [Image.new("RGB", (resolution * scale,) * 2, colour)] * len(scenes), 2.0 if variant is None else 0.5
+
+    import pipelines.highres
+
+    monkeypatch.setattr(run, "_draw", draw)
+    monkeypatch.setattr(run, "student", lambda pipe, variant, weights: contextlib.nullcontext())
+    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
+    monkeypatch.setattr(pipelines.highres.HighResFluxPipeline, "from_pipe", classmethod(lambda cls, pipe: "highres"))
+    variants = [v for v in run.variants_for(64) if v.name in ("r8", "r16", "r16_down4")]
+    weights = {v.name: tmp_path / f"{v.name}.safetensors" for v in variants}
+    cfg = run.ProtocolConfig(work="", eval_scenes=3, highres_scenes=2, scales=(1, 2), highres_variants=("r16",))
+    cfg.cfg_scale = 1.0
+    rows, images = run.evaluate(None, cfg, 64, variants, weights)
+
+    held_out = [s.caption for s in held_out_scenes(3)]
+    assert all(captions == held_out[: 3 if scale == 1 else 2] for scale, captions, _, _ in drawn)
+    by_key = {(r["scale"], r["student"], r["variant"]): r for r in rows}
+    assert {(scale, name) for scale, _, name in by_key if scale == 2} == {(2, "full"), (2, "r16")}
+    for (scale, student, _), row in by_key.items():
+        assert row["speedup"] == (1.0 if student == "teacher" else 4.0)
+        if student != "teacher":
+            grid = 64 * scale // 16
+            assert row["density"] == clear_dit.attention_density((grid, grid), 16, row["window"], row["down"])
+    down4 = by_key[1, "distilled", "r16_down4"]
+    assert down4["down"] == 4 and down4["density"] != clear_dit.attention_density((4, 4), 16, down4["window"], 1)
+
+    meta = dataclasses.asdict(cfg) | {"teacher": "t", "resolution": 64, "text_len": 16}
+    grid_png = run.write_report(rows, images, meta, tmp_path / "results", "r16")[2]
+    grid = Image.open(grid_png).convert("RGB")
+    expected = [
+        colours[scale, name, path]
+        for scale in (1, 2)
+        for name, path in ((None, None), ("r16", None), ("r16", weights["r16"]))
+    ]
+    assert [grid.getpixel((j * 256 + 128, 16 + 128)) for j in range(6)] == expected
+    assert run.parse_args(["--work", "w", "--highres-variants", "r16"]).highres_variants == ("r16",)
+
+
+def test_protocol_refuses_a_student_made_on_more_data_or_another_seed(tmp_path):
+    """A student distilled on a larger set (make-data grew it, then a smaller --num-data was asked) or from
+    another seed was made with other settings than the protocol's, and would be reported as its."""
+    cfg = run.ProtocolConfig(work=str(tmp_path / "work"), cfg_scale=1.0, num_data=8)
+    variant = run.variants_for(256)[1]
+    run_dir = tmp_path / "work" / "runs" / variant.name
+    run_dir.mkdir(parents=True)
+    (run_dir / f"clear_local_{variant.window}.safetensors").write_bytes(b"weights")
+    settings = run.distill_settings(cfg, tmp_path / "teacher", tmp_path / "data", variant)
+    assert settings["seed"] == cfg.seed
+    (run_dir / "run.json").write_text(json.dumps({"config": settings, "data": {"items": 10}}))
+    with pytest.raises(FileExistsError, match=r"data items 10 \(protocol: num_data 8\)"):
+        run.distill(cfg, tmp_path / "teacher", tmp_path / "data", variant)
+    (run_dir / "run.json").write_text(json.dumps({"config": settings | {"seed": 1}, "data": {"items": 8}}))
+    with pytest.raises(FileExistsError, match=r"seed 1 \(protocol: 0\)"):
+        run.distill(cfg, tmp_path / "teacher", tmp_path / "data", variant)
+
+
+def test_protocol_resumes_an_interrupted_distillation_with_its_settings(tmp_path, monkeypatch):
+    """An interrupted student (logs, no exported weights) is resumed, not started over into the same folder;
+    every setting, the seed included, reaches the CLI."""
+    calls = []
+    cfg = run.ProtocolConfig(work=str(tmp_path / "work"), cfg_scale=1.0, seed=3)
+    variant = run.variants_for(256)[3]  # r16_down4
+    run_dir = tmp_path / "work" / "runs" / variant.name
+    exported = run_dir / f"clear_local_{variant.window}_down_4.safetensors"
+
+    def run_cli(*args):
+        calls.append(args)
+        exported.write_bytes(b"weights")
+
+    monkeypatch.setattr(run, "run_cli", run_cli)
+    (run_dir / "logs").mkdir(parents=True)
+    assert run.distill(cfg, tmp_path / "teacher", tmp_path / "data", variant) == exported
+    args = list(calls[0])
+    assert args[0] == "distill" and args[args.index("--resume") + 1] == "latest"
+    assert args[args.index("--seed") + 1] == "3" and args[args.index("--down") + 1] == "4"
+    assert args[args.index("--out") + 1] == str(run_dir)
+
+    calls.clear()
+    exported.unlink()
+    (run_dir / "logs").rmdir()
+    run.distill(cfg, tmp_path / "teacher", tmp_path / "data", variant)
+    assert "--resume" not in calls[0]  # a fresh student starts afresh
+
+
+def test_protocol_distills_on_prompts_apart_from_the_teachers_captions(tmp_path, monkeypatch):
+    """The distillation set's prompts are neither the teacher's training captions nor the held-out ones: a
+    student distilled on either would be judged on what it was fitted to."""
+    calls = []
+    monkeypatch.setattr(run, "run_cli", lambda *args: calls.append(args))
+    cfg = run.ProtocolConfig(work=str(tmp_path), num_data=16, cfg_scale=1.0)
+    assert run.make_data(cfg, tmp_path / "teacher", 64) == tmp_path / "data"
+    prompts = (tmp_path / "prompts.txt").read_text().splitlines()
+    assert len(prompts) == 16 and calls[0][0] == "make-data"
+    teacher = {s.caption for s in sample_scenes(16, cfg.seed)} | {s.caption for s in held_out_scenes(16, cfg.seed)}
+    assert len(set(prompts) & teacher) < 4  # a few short captions may recur by chance, not the whole list
+
+
+def test_encoder_swap_tells_which_encoder_the_background_follows(monkeypatch):
+    """The sample gets the T5 embeddings of the pair's first caption and the pooled CLIP vector of its second:
+    a teacher that reads the background through T5 scores "t5", one that reads it through CLIP "clip"."""
+    monkeypatch.setattr(probe, "tokenize_captions", lambda pipe, captions: (captions, captions))
+    monkeypatch.setattr(probe, "embed_ids", lambda pipe, clip, t5: (list(t5), list(clip)))  # the captions stand in
+    pairs = probe.swap_pairs(held_out_scenes(8))
+    scenes = {s.caption: s for pair in pairs for s in pair}
+
+    def teacher(reads):
+        def pipe(prompt_embeds, pooled_prompt_embeds, height, **kwargs):
+            (caption,) = prompt_embeds if reads == "t5" else pooled_prompt_embeds
+            return dataclasses.make_dataclass("Out", ["images"])([render(scenes[caption], height)])
+
+        return pipe
+
+    assert pairs and probe.encoder_swap(teacher("t5"), pairs, 64, 1, 2.0) == ["t5"] * len(pairs)
+    assert probe.encoder_swap(teacher("clip"), pairs, 64, 1, 2.0) == ["clip"] * len(pairs)
+
+
+def test_region_selectivity_compares_the_stated_cell_with_the_eight_others(monkeypatch):
+    """A teacher whose mean image is the caption's render paints its stated cell and no other: 1 and 0."""
+    monkeypatch.setattr(
+        probe,
+        "one_step_predictions",
+        lambda pipe, scenes, sigmas, resolution, seed: {1.0: [render(s, resolution) for s in scenes]},
+    )
+    result = probe.region_selectivity(None, 96)
+    assert result["captions"] == 36 and result["stated_cell"] == pytest.approx(1, abs=0.02)
+    assert result["other_cells"] == pytest.approx(0, abs=1e-9)
+    assert result["selectivity"] == pytest.approx(result["stated_cell"])
+
+
+def test_teacher_evaluation_scores_samples_and_vae_apart_on_held_out_scenes(tmp_path, monkeypatch):
+    """The pass rate is the samples', the VAE's PSNR is on [0, 1] images as every other PSNR here, and both are
+    measured on held-out scenes (a faked teacher: its samples are the renders, its VAE decodes to black)."""
+    from types import SimpleNamespace
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    import pipelines.loading
+    from benchmarks.fidelity.metrics import psnr
+
+    cfg = train_teacher.parse_args(["--out", str(tmp_path), "--smoke", "--eval-scenes", "3", "--resolution", "128"])
+    (tmp_path / "training").mkdir()
+    vae = SimpleNamespace(
+        encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)),
+        decode=lambda z: SimpleNamespace(sample=-torch.ones_like(z)),
+    )
+    pipe = SimpleNamespace(vae=vae, image_processor=VaeImageProcessor(), device=torch.device("cpu"))
+    pipe.to = lambda device: pipe
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", lambda folder: pipe)
+    scenes = {s.caption: s for s in held_out_scenes(cfg.eval_scenes, cfg.seed, cfg.max_shapes)}
+    monkeypatch.setattr(
+        train_teacher,
+        "generate",
+        lambda pipe, prompts, seeds, resolution, steps, cfg_scale: [render(scenes[p], resolution) for p in prompts],
+    )
+    summary = train_teacher.evaluate(tmp_path, cfg)
+    assert [s["caption"] for s in summary["scenes"]] == list(scenes)
+    assert summary["pass_rate"] == 1.0 and summary["vae_adherence"] < 0.5
+    renders = [render(s, cfg.resolution) for s in scenes.values()]
+    black = [Image.new("RGB", image.size) for image in renders]
+    assert summary["vae_psnr"] == pytest.approx(float(psnr(black, renders).mean()), abs=1e-6)
