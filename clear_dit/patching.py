@@ -350,13 +350,21 @@ def _refuse(method: str) -> Callable[..., None]:
     return refused
 
 
+def _refuse_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise ValueError(
+        f"load_ip_adapter() on the CLEAR-patched {type(model).__name__}: CLEAR does not run IP-Adapters (their "
+        "processors attend with full attention, and patch() refuses to drop them); use the IP-Adapter on an "
+        "unpatched model (clear_dit.unpatch(...) first)"
+    )
+
+
 def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
     """Shadow the model's methods that would silently undo CLEAR by refusing ones (instance attributes)."""
     guards: dict[str, Callable[..., None]] = {
         "set_attention_backend": _refuse_attention_backend,
         "enable_parallelism": _refuse_context_parallelism,
         # what the pipelines' load_ip_adapter() calls: it puts IP-Adapter processors (full attention) on every layer
-        "_load_ip_adapter_weights": _refuse("load_ip_adapter"),
+        "_load_ip_adapter_weights": _refuse_ip_adapter,
         **{name: _refuse(name) for name in family.refused_methods},
     }
     guards = {name: fn for name, fn in guards.items() if hasattr(model, name)}

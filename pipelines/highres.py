@@ -55,6 +55,7 @@ def resolve_clear_settings(
     down_factor: int | None,
     clear_weights: str | os.PathLike | ClearWeights | None,
     backend: str = "auto",
+    proportional_attention: bool = False,
 ) -> tuple[int, int, ClearWeights | None]:
     """``(window_size, down_factor, weights)`` of the CLEAR stages: the values given, else those of
     ``clear_weights`` (a file, hub path or :func:`clear_dit.read_weights` result: its metadata or name), else
@@ -64,7 +65,7 @@ def resolve_clear_settings(
         weights = clear_dit.read_weights(weights, window_size, down_factor)
     window = window_size if window_size is not None else weights.window_size if weights is not None else 16
     down = down_factor if down_factor is not None else weights.down_factor if weights is not None else 1
-    window, down = check_patch_settings(window, down, backend)
+    window, down = check_patch_settings(window, down, backend, proportional_attention)
     if weights is not None:
         weights = dataclasses.replace(weights, window_size=window, down_factor=down)
     return window, down, weights
@@ -263,7 +264,9 @@ class HighResFluxPipeline(FluxPipeline):
             generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
         else:
             generators = [generator] * count
-        window, down, weights = resolve_clear_settings(window_size, down_factor, clear_weights, backend)
+        window, down, weights = resolve_clear_settings(
+            window_size, down_factor, clear_weights, backend, proportional_attention
+        )
         check_highres_inputs(
             stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift
         )

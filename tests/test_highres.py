@@ -199,6 +199,7 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], window_size=0), r"window_size must be a positive int .*, got 0"),
         (dict(stages=[(64, 64), (128, 128)], down_factor=0), r"down_factor must be a positive int .*, got 0"),
         (dict(stages=[(64, 64), (128, 128)], backend="bogus"), r"unknown backend 'bogus'"),
+        (dict(stages=[(64, 64), (128, 128)], proportional_attention="false"), r"proportional_attention must be True"),
     ],
 )
 def test_bad_input_is_a_clear_value_error_before_any_step(pipe, kwargs, message):

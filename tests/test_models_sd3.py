@@ -90,7 +90,9 @@ def test_ip_adapters_are_refused_while_patched_and_unpatch_survives_added_layers
     }
     originals = dict(model.attn_processors)
     handle = clear_dit.patch(model, window_size=1)
-    with pytest.raises(ValueError, match=r"load_ip_adapter\(\) on the CLEAR-patched SD3Transformer2DModel"):
+    with pytest.raises(
+        ValueError, match=r"load_ip_adapter\(\) on the CLEAR-patched SD3Transformer2DModel: CLEAR does not"
+    ):
         model._load_ip_adapter_weights(adapter, low_cpu_mem_usage=False)  # what pipe.load_ip_adapter() calls
     assert all(isinstance(p, clear_dit.CLEARJointAttnProcessor) for p in model.attn_processors.values())
     # layers added behind the guard's back (the loader adds image-projection attention) do not block unpatch
