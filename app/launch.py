@@ -137,7 +137,30 @@ def relaunch_lost_cpu_processes(argv: Sequence[str]) -> int | None:
         rank + 1,
         machines,
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(per_machine)]
+    command = [sys.executable, "-m", "app.launch", "--nproc_per_node", str(per_machine)]
     command += ["--nnodes", str(machines), "--node_rank", str(rank)]
     command += ["--master_addr", os.environ["MASTER_ADDR"], "--master_port", os.environ.get("MASTER_PORT", "29500")]
     return subprocess.run([*command, "-m", "app.cli", *argv]).returncode
+
+
+def torchrun(argv: Sequence[str] | None = None) -> int:
+    """``torch.distributed.run`` (torchrun) with ``argv``, whose failed processes end in one line, not a traceback.
+
+    The processes print their own one-line errors; torchrun would add its ChildFailedError traceback after them.
+    Returns the first failed process's exit code (1 for a signal), or 0.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        sys.stderr.write(f"error: process {rank} failed with exit code {failure.exitcode} (its error is above)\n")
+        return code
+    return 0
+
+
+if __name__ == "__main__":  # python -m app.launch TORCHRUN_ARGS: what relaunch_lost_cpu_processes starts
+    sys.exit(torchrun())

@@ -546,6 +546,28 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
         torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
 
 
+def test_a_failure_inside_the_relaunched_processes_ends_in_one_line_each(tmp_path, data_dir):
+    """What relaunch_lost_cpu_processes starts (python -m app.launch: torchrun): the processes' own errors, then one
+    line, not torchrun's ChildFailedError traceback (40 lines)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "app.launch", "--nproc_per_node", "2", "--nnodes", "1", "--node_rank", "0"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "app.cli"]
+    args = ["distill", "--data", str(data_dir), "--window", "1", "--model", str(tmp_path / "no-model")]
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_SIZE_VARIABLES and k != "MASTER_ADDR"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert sum("no-model" in line for line in errors) == 2, proc.stderr[-3000:]  # one line from each process
+    assert re.match(r"error: process \d failed with exit code 1 \(its error is above\)$", errors[-1])
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
 def test_launcher_variables_the_run_does_not_follow_are_said(tmp_path, data_dir, monkeypatch, caplog):
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")  # accelerate launch --gradient_accumulation_steps
     with caplog.at_level("WARNING", logger="training.distill"):
