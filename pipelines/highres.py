@@ -249,13 +249,14 @@ class HighResFluxPipeline(FluxPipeline):
             raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {stages!r}") from None
         count = len(stages)
         strengths = _per_stage(strength, count - 1, "strength")
+        steps = _per_stage(num_inference_steps, count, "num_inference_steps")  # its own error for a wrong count
         try:
-            steps = [_whole(n) for n in _per_stage(num_inference_steps, count, "num_inference_steps")]
+            steps = [_whole(n) for n in steps]
+            if min(steps) < 1:
+                raise ValueError
         except (TypeError, ValueError):
-            steps = None
-        if steps is None or min(steps) < 1:
             given = num_inference_steps
-            raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {given}")
+            raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {given}") from None
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if isinstance(generator, Sequence):

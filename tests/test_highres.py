@@ -381,6 +381,8 @@ def test_text_encoder_lora_scale_callback_attributes_and_input_checks(pipe, monk
         pipe(**FAST, stages=STAGES[:1], prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage, got 1.9"):
         pipe(**{**FAST, "num_inference_steps": 1.9}, stages=STAGES[:1])
+    with pytest.raises(ValueError, match=r"num_inference_steps has 3 entries; expected one per stage \(2\)"):
+        pipe(**{**FAST, "num_inference_steps": [2, 2, 2]}, stages=STAGES)
     same = pipe(**{**FAST, "num_inference_steps": 2.0}, stages=np.array([[64, 48]]), seed=0, output_type="np").images
     assert same.shape == (1, 48, 64, 3)  # whole numbers of any type, stages as a numpy array
     with pytest.raises(ValueError, match=r"stages must be \(width, height\) pairs"):
