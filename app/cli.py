@@ -747,14 +747,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from training.distill import DistillConfig, check_run, train
 
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
-    check_run(config)  # bad settings, data or --out fail here once, not in each of N processes
+    plan = check_run(config)  # bad settings, data or --out fail here once, not in each of N processes
     code = relaunch_lost_cpu_processes(args._argv)
     if code is not None:  # the N processes of `accelerate launch --cpu --num_processes N` ran (see app/launch.py)
         return code
     _quiet_libraries(args.verbose)
     from accelerate import PartialState
 
-    path = train(config)
+    path = train(config, plan)
     if PartialState().is_main_process:
         print(f"wrote {path}")
     return 0

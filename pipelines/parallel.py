@@ -398,7 +398,7 @@ class BandParallel:
         clear_dit.patch(pipe, window_size=16)
         with BandParallel(pipe) as parallel:
             latents = pipe(prompt, output_type="latent", generator=torch.Generator().manual_seed(0)).images
-        print(parallel.traffic_per_call())
+        print(parallel.traffic_per_step())
 
     Args:
         pipe_or_transformer: a pipeline with a CLEAR-patched ``FluxTransformer2DModel``, or the model.

@@ -454,8 +454,12 @@ class _Logger:
         self.accelerator.log({f"{name}/{k}": v for k, v in values.items() if k != "step"}, step=step)
 
 
+def _learning_rate(config: DistillConfig) -> float:
+    return DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
+
+
 def _make_optimizer(config: DistillConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
+    lr = _learning_rate(config)
     if config.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
@@ -528,11 +532,13 @@ def _warn_about_the_environment(config: DistillConfig) -> None:
 class Distiller:
     """One distillation run: builds everything from a :class:`DistillConfig`; :meth:`run` trains and exports."""
 
-    def __init__(self, config: DistillConfig) -> None:
+    def __init__(self, config: DistillConfig, plan: RunPlan | None = None) -> None:
+        """``plan``: :func:`check_run`'s result for ``config``, when the caller already checked it (else checked
+        here)."""
         from accelerate import Accelerator
         from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
-        plan = check_run(config)
+        plan = plan or check_run(config)
         self.config = config
         self.dataset = plan.dataset
         self.negative = self.dataset.negative() if config.caption_dropout > 0 else None
@@ -633,7 +639,7 @@ class Distiller:
         a resumed run may change them (and ``max_steps``, which reshapes a decaying schedule), and run.json
         records this run's values, so they are set here (the optimizer's moments stay the checkpoint's)."""
         config, scheduler = self.config, self.lr_scheduler
-        lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
+        lr = _learning_rate(config)
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group["initial_lr"], group["weight_decay"] = lr, config.weight_decay
@@ -891,6 +897,7 @@ def _has_tensorboard() -> bool:
     return True
 
 
-def train(config: DistillConfig) -> Path:
-    """Distill a CLEAR student as ``config`` says; returns the exported ``clear_local_*.safetensors``."""
-    return Distiller(config).run()
+def train(config: DistillConfig, plan: RunPlan | None = None) -> Path:
+    """Distill a CLEAR student as ``config`` says (``plan``: its :func:`check_run`, if done already); returns the
+    exported ``clear_local_*.safetensors``."""
+    return Distiller(config, plan).run()
