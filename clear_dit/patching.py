@@ -358,6 +358,16 @@ def _refuse_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> None:
     )
 
 
+def _pipeline_load_ip_adapter(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load_ip_adapter`` of a pipeline patched by :func:`patch`: refused before diffusers loads (and attaches)
+    the image encoder, which the model's own guard would only refuse afterwards."""
+    model = resolve_transformer(pipe)
+    if patch_handle(model) is not None:
+        _refuse_ip_adapter(model)
+    pipe.__dict__.pop("load_ip_adapter", None)  # unpatched meanwhile (through the model): diffusers' own method
+    return pipe.load_ip_adapter(*args, **kwargs)
+
+
 def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
     """Shadow the model's methods that would silently undo CLEAR by refusing ones (instance attributes)."""
     guards: dict[str, Callable[..., None]] = {
@@ -497,6 +507,8 @@ def patch(
     )
     for model in models:
         setattr(model, _HANDLE_ATTR, handle)
+    if not isinstance(pipe_or_transformer, nn.Module) and hasattr(pipe_or_transformer, "load_ip_adapter"):
+        pipe_or_transformer.load_ip_adapter = types.MethodType(_pipeline_load_ip_adapter, pipe_or_transformer)
     logger.info(
         "patched %d attention layers of %s with CLEAR (%s)",
         handle.num_layers,
@@ -520,3 +532,5 @@ def unpatch(pipe_or_transformer: Any) -> None:
         handle = getattr(model, _HANDLE_ATTR, None)
         if handle is not None:
             handle._release(model)
+    if not isinstance(pipe_or_transformer, nn.Module):
+        vars(pipe_or_transformer).pop("load_ip_adapter", None)

@@ -131,3 +131,29 @@ def test_patched_flux_controlnet_refuses_gradient_checkpointing(tmp_path):
             net(**inputs)
         with torch.no_grad():  # inference recomputes nothing
             net(**inputs)
+
+
+def test_a_patched_pipeline_refuses_ip_adapters_before_loading_the_image_encoder(flux_pipe, tmp_path):
+    """diffusers' load_ip_adapter loads (and attaches) the image encoder before the model's own guard refuses."""
+    missing = str(tmp_path / "no-such-adapter")  # diffusers itself fails on it, only later than the guard
+    pipe = FluxPipeline.from_pipe(flux_pipe)
+    try:
+        with clear_dit.patch(pipe, window_size=2):
+            with pytest.raises(ValueError, match=r"load_ip_adapter\(\) on the CLEAR-patched FluxTransformer2DModel"):
+                pipe.load_ip_adapter(
+                    missing, weight_name="ip.safetensors", image_encoder_pretrained_model_name_or_path=missing
+                )
+            clear_dit.unpatch(pipe.transformer)  # unpatched through the model: diffusers' method runs again
+            with pytest.raises(Exception) as raised:
+                pipe.load_ip_adapter(missing, weight_name="ip.safetensors")
+            assert "CLEAR" not in str(raised.value)
+            assert "load_ip_adapter" not in vars(pipe)
+        handle = clear_dit.patch(pipe, window_size=2)
+        assert "load_ip_adapter" in vars(pipe)
+        clear_dit.unpatch(pipe)
+        assert "load_ip_adapter" not in vars(pipe) and clear_dit.patch_handle(pipe) is None and handle.models == []
+        clear_dit.patch(pipe.transformer, window_size=2)  # a patched model alone: its own guard still refuses
+        with pytest.raises(ValueError, match=r"load_ip_adapter\(\) on the CLEAR-patched FluxTransformer2DModel"):
+            pipe.transformer._load_ip_adapter_weights({}, low_cpu_mem_usage=False)
+    finally:
+        clear_dit.unpatch(pipe)  # the transformer is flux_pipe's too
