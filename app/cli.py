@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -771,6 +772,10 @@ def _app_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @subcommand("app", "start the web UI: generate and compare full vs CLEAR attention in the browser", _app_arguments)
 def cmd_app(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
@@ -792,12 +797,16 @@ def cmd_app(args: argparse.Namespace) -> int:
     model_source(args.model)  # a missing folder fails here, before the slow imports
     _quiet_libraries(args.verbose)
     try:
-        from app.web import build_demo, launch
+        from app.web import GenerationEngine, build_demo, launch
     except ModuleNotFoundError as err:
         if err.name != "gradio":
             raise
         raise CLIError("the web UI needs gradio: pip install 'clear-dit[app]'") from None
-    launch(build_demo(args.model, args.weights), host=args.host, port=args.port, share=args.share)
+    engine = GenerationEngine.load(args.model, args.weights)
+    print(f"images go to {engine.output_dir} (each browser session's until it ends, all until the server stops)")
+    # a service manager stops the server with SIGTERM: shut down as on Ctrl-C, so the temp folder goes too
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    launch(build_demo(engine=engine), host=args.host, port=args.port, share=args.share)
     return 0
 
 

@@ -18,9 +18,11 @@ import logging
 import math
 import random
 import re
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -179,7 +181,8 @@ class GenerationEngine:
         pipe: a FLUX pipeline; the engine patches and unpatches its transformer, so give it its own copy.
         model: the name it was loaded by (shown in the UI and written into the PNG metadata).
         weights: default CLEAR weights file (local path or ``owner/repo/file.safetensors``).
-        output_dir: where the PNGs go (one subfolder per browser session); default a fresh temp folder.
+        output_dir: where the PNGs go (one subfolder per browser session), kept as they are; default a fresh
+            temp folder, whose session subfolders go when their browser session ends and which goes with the engine.
     """
 
     def __init__(
@@ -192,7 +195,10 @@ class GenerationEngine:
         self.pixels_per_token = self.pipe.vae_scale_factor * 2  # VAE downsampling x FLUX's 2x2 latent packing
         self.text_len = default_max_sequence_length(pipe)  # T5 tokens in the joint sequence
         self.has_negative_prompt = "negative_prompt" in inspect.signature(self.pipe.__call__).parameters
+        self.owns_output_dir = not output_dir
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="clear-dit-webui-"))
+        if self.owns_output_dir:  # at the latest when the server exits
+            weakref.finalize(self, shutil.rmtree, self.output_dir, ignore_errors=True)
         self._lock = threading.Lock()
         self._attention: tuple | None = None  # what the transformer runs now; None: unknown, set it up
         self._base_projections: dict[str, torch.Tensor] | None = None  # originals, kept once weights are loaded
@@ -298,6 +304,13 @@ class GenerationEngine:
             finally:
                 self._running = None
                 self._cancelled.discard(session)
+
+    def end_session(self, session: str) -> None:
+        """A browser session has ended: remove its PNGs, unless they go to an ``output_dir`` the caller chose
+        (gradio keeps its own copies of what it showed). Waits for a generation running now."""
+        if self.owns_output_dir:
+            with self._lock:
+                shutil.rmtree(self.output_dir / _session_folder(session), ignore_errors=True)
 
     def _stop_if_cancelled(self, session: str) -> None:
         if session in self._cancelled:
@@ -593,6 +606,9 @@ class Callbacks:
         if self.engine.cancel(self._session(request)):
             gr.Info("cancelling at the next denoising step")
 
+    def end_session(self, request: gr.Request | None = None) -> None:
+        self.engine.end_session(self._session(request))
+
     def cancellable(self, handler: Callable[..., Any]) -> Callable[..., Any]:
         """``handler`` (``generate`` or ``compare``) as the UI's event function: run in a worker thread that the
         event may abandon, and stopped at its next denoising step when the event is cancelled in any way (the
@@ -648,7 +664,8 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
         weight_choices.insert(0, (f"{Path(weights).name} (--weights)", weights))
     r0, d0 = weights_config(weights)
 
-    with gr.Blocks(title="clear-dit") as demo:
+    # gradio's copies of the images it served: older than a day swept daily, all of them at shutdown
+    with gr.Blocks(title="clear-dit", delete_cache=(86400, 86400)) as demo:
         gr.Markdown(
             f"## clear-dit: CLEAR local attention vs full attention\nModel `{model}` on "
             f"{engine.pipe.transformer.device}. **Compare** runs both with the same seed."
@@ -752,6 +769,7 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
         preset.input(cb.apply_preset, preset, [width, height], **private)
         weights_in.change(cb.weights_selected, [weights_in, window, down], [window, down], **private)
         upload.upload(lambda path: path, upload, weights_in, **private)
+        demo.unload(cb.end_session)
     return demo
 
 

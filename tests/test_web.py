@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -417,6 +419,42 @@ def test_a_job_cancelled_through_the_api_stops_the_generation(server, engine):
     assert not [p for p in engine.output_dir.rglob(f"*-{seed}-*.png")]
 
 
+def test_pngs_in_a_chosen_output_dir_outlive_their_session(cb, engine):
+    path, *_ = cb.generate(*values(), request=session("kept"))
+    cb.end_session(request=session("kept"))
+    assert Path(path).is_file() and not engine.owns_output_dir
+
+
+def test_a_closed_browser_session_takes_its_pngs_along():
+    """Without an output_dir the PNGs go to a temp folder of the engine's: a session's subfolder goes when its
+    browser tab closes (gradio's unload event); they piled up in /tmp before."""
+    from gradio_client import Client
+
+    owned = GenerationEngine.load("tiny")
+    folder = owned.output_dir
+    demo = build_demo(engine=owned)
+    port = free_port()
+    launch(demo, port=port, block=False, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    try:
+        tab = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # what a browser tab keeps open
+        tab.request("GET", f"/gradio_api/heartbeat/{client.session_hash}")
+        assert tab.getresponse().read1(64).startswith(b"data: ALIVE")
+        other = owned.generate(GenerationSettings(**BASE), session="other-tab")
+        client.predict(prompt="a cat", width=64, height=64, steps=1, api_name="/generate")
+        pngs = list((folder / client.session_hash).glob("*.png"))
+        assert len(pngs) == 1 and read_png(pngs[0]).size == (64, 64)
+        tab.close()
+        deadline = time.monotonic() + 60
+        while (folder / client.session_hash).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (folder / client.session_hash).exists()
+        assert other.path.is_file()  # another session's images stay
+    finally:
+        client.close()
+        demo.close()
+
+
 def cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, "-m", "app.cli", "app", *args]
@@ -456,9 +494,12 @@ def test_cli_app_serves_the_named_endpoints(tiny_pipeline_path):
                 time.sleep(1)
         assert {"/generate", "/compare"} <= set(info["named_endpoints"])
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM, as a service manager stops it
         out, _ = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}" in out  # the user is told where to point the browser
+    folder = re.search(r"^images go to (\S+) ", out, re.MULTILINE)
+    assert folder and Path(folder[1]).name.startswith("clear-dit-webui-")
+    assert proc.returncode == 0 and not Path(folder[1]).exists()  # shut down as on Ctrl-C: its temp folder went
 
 
 needs_chromium = pytest.mark.skipif(
