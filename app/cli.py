@@ -8,7 +8,6 @@ with exit code 1 or 2 and one line ``error: ...`` on stderr, never a traceback (
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -245,8 +244,6 @@ def _check_backend(args: argparse.Namespace, device, dtype) -> None:
             f"unknown or unavailable backend {args.backend!r} on {device} with {dtype}; "
             f"choose one of: auto, {', '.join(available)}"
         )
-    if args.weights is not None and "backend" not in inspect.signature(clear_dit.load_weights).parameters:
-        raise CLIError("--backend cannot be combined with --weights yet; the weights use the 'auto' backend")
 
 
 def _enable_clear(pipe, args: argparse.Namespace) -> tuple[int | None, int]:
@@ -375,6 +372,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     lines = []
     if args.compare:
+        if args.weights is not None:  # weights the model cannot load fail the CLEAR half: before the full half
+            from clear_dit.weights import check_weights, read_weights
+
+            check_weights(pipe, read_weights(args.weights, args.window, args.down, tensors=False))
         full, full_s = _timed(pipe, args, max_sequence_length, "full attention", warmup=True)
         window, down = _enable_clear(pipe, args)
         label = _clear_label(window, down)

@@ -9,6 +9,7 @@ named API endpoints for ``gradio_client``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -35,7 +36,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import clear_dit
-from clear_dit.weights import config_from_filename, read_weights_config
+from clear_dit.weights import check_weights, config_from_filename, read_weights, read_weights_config
 from pipelines.highres import HighResFluxPipeline
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from pipelines.stages import check_highres_inputs, parse_stages
@@ -205,6 +206,8 @@ class GenerationEngine:
         self._weights_loaded = False
         self._highres: HighResFluxPipeline | None = None  # a view of the same components, made on first use
         self._running: str | None = None
+        self._waiting: collections.Counter[str] = collections.Counter()  # runs per session waiting for the lock
+        self._counting = threading.Lock()  # two runs of one session may wait at once
         self._cancelled: set[str] = set()
 
     @classmethod
@@ -254,8 +257,9 @@ class GenerationEngine:
             check_highres_inputs(stages, strengths, 1.0, s.attention, s.down_factor, unit=self.pixels_per_token)
 
     def cancel(self, session: str) -> bool:
-        """Stop ``session``'s running generation at its next denoising step; False when it runs none."""
-        if self._running != session:
+        """Stop ``session``'s generation at its next denoising step, or before it starts while it waits for the
+        engine (behind an abandoned one, say); False when it has none."""
+        if self._running != session and not self._waiting[session]:
             return False
         self._cancelled.add(session)
         return True
@@ -296,14 +300,20 @@ class GenerationEngine:
     @contextlib.contextmanager
     def _session_runs(self, session: str) -> Iterator[None]:
         """The engine's one run at a time, ``session``'s: a cancel pressed during it holds until it ends."""
-        with self._lock:
-            self._running = session
+        with self._counting:
+            self._waiting[session] += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._counting:
+                self._waiting[session] -= 1
+        try:
+            self._running = session  # a cancel while it waited holds: the run stops at its first check
+            yield
+        finally:
+            self._running = None
             self._cancelled.discard(session)
-            try:
-                yield
-            finally:
-                self._running = None
-                self._cancelled.discard(session)
+            self._lock.release()
 
     def end_session(self, session: str) -> None:
         """A browser session has ended: remove its PNGs, unless they go to an ``output_dir`` the caller chose
@@ -403,6 +413,9 @@ class GenerationEngine:
         """Full attention, then CLEAR, same seed; ``s.attention`` is ignored."""
         full_s, clear_s = replace(s, attention="full"), replace(s, attention="clear")
         self.validate(clear_s)
+        if clear_s.weights:  # weights the model cannot load fail the CLEAR half: before the full half, not after
+            header = read_weights(clear_s.weights, clear_s.window_size, clear_s.down_factor, tensors=False)
+            check_weights(self.pipe, header)
         if s.upscale.strip():
             raise ValueError("compare runs single-stage generation: empty 'Upscale to' (high-resolution mode) first")
 
@@ -434,6 +447,8 @@ def _as_float(name: str, value: Any) -> float:
 
 
 def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):  # as it is: a float holds 53 bits, seeds take 63
+        return value
     number = _as_float(name, value)
     if number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value}")
@@ -638,10 +653,10 @@ class Callbacks:
         return width, height
 
     @staticmethod
-    def weights_selected(path: str | None, window_size: int, down_factor: int) -> tuple[int, int]:
+    def weights_selected(path: str | None, window_size: int, down_factor: int | str) -> tuple[int, str]:
         """Set radius and down factor to what the chosen weights file was trained with (when it says)."""
         r, d = weights_config(path)
-        return r or window_size, d or down_factor
+        return r or window_size, str(d or down_factor)
 
 
 def _theme() -> gr.themes.Base:
@@ -680,8 +695,9 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                 negative = gr.Textbox("", label="Negative prompt", visible=engine.has_negative_prompt)
                 preset = gr.Dropdown(SIZE_PRESETS, label="Size preset", value=None)
                 with gr.Row():
-                    width = gr.Number(label="Width", value=size, precision=0, elem_id="width")
-                    height = gr.Number(label="Height", value=size, precision=0, elem_id="height")
+                    # no precision=0: gradio would round 64.5 (and fail on 'abc' with no message) before _as_int
+                    width = gr.Number(label="Width", value=size, elem_id="width")
+                    height = gr.Number(label="Height", value=size, elem_id="height")
                 gr.Markdown(
                     f"Limits: {engine.size_rule()}; with down factor d: multiples of {engine.pixels_per_token}·d."
                 )
@@ -697,12 +713,13 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                     visible=engine.has_negative_prompt,
                 )
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    seed = gr.Number(label="Seed", value=0)
                     dice = gr.Button("Random seed", scale=0)
                 attention = gr.Radio(["full", "clear"], value="clear", label="Attention (Generate)")
                 with gr.Row():
                     window = gr.Slider(1, 64, value=r0 or 16, step=1, label="Window radius (tokens)", elem_id="window")
-                    down = gr.Dropdown(list(DOWN_FACTORS), value=d0 or 1, label="Down factor")
+                    # strings: the API page lists a dropdown's choices as strings, so '2' must be one
+                    down = gr.Dropdown([str(d) for d in DOWN_FACTORS], value=str(d0 or 1), label="Down factor")
                 weights_in = gr.Dropdown(
                     weight_choices,
                     value=weights or NO_WEIGHTS,

@@ -111,7 +111,7 @@ def read_weights_config(path: str | os.PathLike) -> tuple[int | None, int | None
         ValueError: ``path`` is not a readable safetensors file.
     """
     path = Path(path).expanduser()
-    _, metadata = _read_file(path, tensors=False)
+    _, _, metadata = _read_file(path, tensors=False)
     return _declared_config(path, metadata)
 
 
@@ -207,11 +207,14 @@ def _resolve_path(path: str | os.PathLike) -> Path:
         ) from err
 
 
-def _read_file(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file (``tensors=False``: the header only, no tensor read)."""
+def _read_file(
+    path: Path, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]], dict[str, str]]:
+    """``(tensors, shapes, metadata)`` of a safetensors file (``tensors=False``: the header only, no tensor read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), shapes, dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
 
@@ -222,16 +225,21 @@ def _first(names: list[str], n: int = 3) -> str:
 
 @dataclass(frozen=True)
 class ClearWeights:
-    """CLEAR tensors read from a file, with the radius and down factor they are for (see :func:`read_weights`)."""
+    """CLEAR tensors read from a file, with the radius and down factor they are for (see :func:`read_weights`).
+
+    ``tensors`` is empty when the file was read with ``tensors=False`` (its header only); ``shapes`` always holds
+    every tensor's name and shape.
+    """
 
     tensors: dict[str, torch.Tensor] = field(repr=False)
     window_size: int
     down_factor: int
     name: str
+    shapes: dict[str, tuple[int, ...]] = field(repr=False)
 
 
 def read_weights(
-    path: str | os.PathLike, window_size: int | None = None, down_factor: int | None = None
+    path: str | os.PathLike, window_size: int | None = None, down_factor: int | None = None, *, tensors: bool = True
 ) -> ClearWeights:
     """Read a CLEAR checkpoint and resolve its radius and down factor, without touching any model.
 
@@ -239,12 +247,14 @@ def read_weights(
         path: a local ``.safetensors`` file, or ``"owner/repo/filename.safetensors"`` on the hub.
         window_size, down_factor: override the file's metadata; needed for files without metadata
             whose name does not follow ``clear_local_{r}[_down_{d}]``.
+        tensors: ``False`` reads the header alone (names, shapes, metadata): enough for :func:`check_weights`
+            before a long run that loads the file later.
 
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable file or unknown radius.
     """
     file = _resolve_path(path)
-    tensors, metadata = _read_file(file)
+    values, shapes, metadata = _read_file(file, tensors)
     own_r, own_d = _declared_config(file, metadata)
     for name, given, own in (("window_size", window_size, own_r), ("down_factor", down_factor, own_d)):
         if given is not None and own is not None and given != own:  # allowed (the paper reuses radii), but said
@@ -255,24 +265,24 @@ def read_weights(
             f"{file.name} has no CLEAR metadata and its name is not clear_local_{{r}}[_down_{{d}}]: pass window_size "
             "(clear-dit: --window)"
         )
-    has_pool = any(k.endswith("processor.spatial_weight") for k in tensors)
+    has_pool = any(k.endswith("processor.spatial_weight") for k in shapes)
     down_factor = down_factor or own_d or 1
     if has_pool and down_factor == 1:
         raise ValueError(
             f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor (clear-dit: "
             "--down)"
         )
-    return ClearWeights(tensors=tensors, window_size=window_size, down_factor=down_factor, name=file.name)
+    return ClearWeights(values, window_size, down_factor, file.name, shapes)
 
 
 def check_weights(pipe_or_transformer: Any, weights: ClearWeights) -> None:
     """Raise the one-line ``ValueError`` :func:`apply_weights` raises when ``weights`` cannot be loaded into the
     model (keys, shapes, fused or offloaded projections), without changing it: for callers that load later."""
     transformer = resolve_transformer(pipe_or_transformer)
-    tensors = weights.tensors
+    shapes = weights.shapes
     expected = _expected_shapes(transformer, weights.down_factor)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = [
             f"missing keys: {_first(missing)}" if missing else "",
@@ -280,9 +290,7 @@ def check_weights(pipe_or_transformer: Any, weights: ClearWeights) -> None:
         ]
         problems = "; ".join(p for p in parts if p)
         raise ValueError(f"{weights.name} does not match {type(transformer).__name__}: {problems}")
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} vs {shape}" for k, shape in expected.items() if tuple(tensors[k].shape) != shape
-    ]
+    wrong = [f"{k} {shapes[k]} vs {shape}" for k, shape in expected.items() if shapes[k] != shape]
     if wrong:
         raise ValueError(f"{weights.name} has tensors of the wrong shape: {_first(wrong)}")
 
@@ -301,6 +309,8 @@ def apply_weights(
         left untouched then.
     """
     transformer = resolve_transformer(pipe_or_transformer)
+    if weights.tensors.keys() != weights.shapes.keys():
+        raise ValueError(f"{weights.name} was read without its tensors (tensors=False): read_weights(path) to load it")
     check_weights(transformer, weights)
     tensors, down_factor = weights.tensors, weights.down_factor
 

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import clear_dit
-from app.web import Callbacks, GenerationEngine, GenerationSettings, build_demo, launch
+from app.web import Callbacks, GenerationCancelled, GenerationEngine, GenerationSettings, build_demo, launch
 from pipelines.loading import load_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -143,8 +144,8 @@ def test_weights_file_is_loaded_and_full_attention_gets_its_projections_back(cb,
     with torch.no_grad():
         other.transformer.transformer_blocks[0].attn.to_q.weight.mul_(1.5)
     weights = clear_dit.save_weights(other, tmp_path / "mine.safetensors")
-    assert Callbacks.weights_selected(str(weights), 16, 1) == (4, 1)  # the file's own radius (metadata)
-    assert Callbacks.weights_selected("Huage001/CLEAR/clear_local_8_down_4.safetensors", 16, 1) == (8, 4)
+    assert Callbacks.weights_selected(str(weights), 16, "1") == (4, "1")  # the file's own radius (metadata)
+    assert Callbacks.weights_selected("Huage001/CLEAR/clear_local_8_down_4.safetensors", 16, "1") == (8, "4")
 
     to_q = engine.pipe.transformer.transformer_blocks[0].attn.to_q.weight
     original = to_q.detach().clone()
@@ -334,6 +335,50 @@ def test_the_client_chosen_session_cannot_choose_where_files_go(cb, engine):
     assert Path(path).parent == engine.output_dir / "plain_hash-1"
 
 
+@pytest.mark.parametrize("problem", ["missing", "not safetensors", "another model's"])
+def test_compare_checks_the_weights_before_the_full_half(cb, engine, tmp_path, problem):
+    """A file the CLEAR half cannot load failed only after the full half had run (and written its PNG)."""
+    weights = {"missing": str(tmp_path / "none.safetensors"), "not safetensors": str(REPO / "README.md")}.get(problem)
+    if weights is None:
+        save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(3, 3)}, tmp_path / "clear_local_2.safetensors")
+        weights = str(tmp_path / "clear_local_2.safetensors")
+    before = set(engine.output_dir.rglob("*.png"))
+    message = {"missing": "not found", "not safetensors": "not a readable safetensors", "another model's": "match"}
+    with pytest.raises(gr.Error, match=message[problem]):
+        cb.compare(*values(weights=weights), request=session("bad-weights"))
+    assert set(engine.output_dir.rglob("*.png")) == before
+
+
+def test_a_cancel_while_waiting_for_the_engine_is_not_lost(engine):
+    """A cancelled event's thread cannot be stopped, only abandoned; the next run waits for it to let go of the
+    engine, and its own cancel then found nothing running, so it ran all its steps for nobody."""
+    outcome = []
+
+    def run():
+        try:
+            engine.generate(GenerationSettings(**BASE), "waiting")
+            outcome.append("ran")
+        except GenerationCancelled:
+            outcome.append("cancelled")
+
+    with engine._lock:  # the abandoned run
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not engine._waiting["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.cancel("waiting")
+    thread.join(60)
+    assert outcome == ["cancelled"] and not engine.cancel("waiting")
+
+
+@pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 100])
+def test_large_seeds_are_used_exactly(cb, seed):
+    """Seeds went through a float (53 bits): 2**53 + 1 became another seed, 2**63 - 100 was refused."""
+    path, summary, *_ = cb.generate(*values(seed=seed), request=session("seeds"))
+    assert json.loads(read_png(path).text["clear-dit"])["seed"] == seed and f"seed {seed}" in summary
+
+
 def test_rewritten_weights_file_is_loaded_again(cb, engine, tmp_path):
     weights = tmp_path / "clear_local_2.safetensors"
     with clear_dit.patch(engine.pipe, window_size=2):
@@ -369,7 +414,7 @@ def test_the_apps_weights_file_is_preselected(tmp_path, engine):
 def test_small_helpers():
     assert Callbacks.apply_preset("1536 x 1024") == (1536, 1024)
     assert 0 <= Callbacks.random_seed() < 2**32
-    assert Callbacks.weights_selected(None, 16, 2) == (16, 2)
+    assert Callbacks.weights_selected(None, 16, "2") == (16, "2")
 
 
 def free_port() -> int:
@@ -396,6 +441,36 @@ def test_gradio_client_named_endpoint_returns_an_image(server):
     path, summary, files = client.predict(prompt="a cat", width=80, height=64, steps=2, seed=3, api_name="/generate")
     assert read_png(path).size == (80, 64) and "CLEAR" in summary and files == [path]
     assert json.loads(read_png(path).text["clear-dit"])["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(width="abc"), "width must be a number, got 'abc'"),
+        (dict(seed="abc"), "seed must be a number, got 'abc'"),
+        (dict(seed=1.5), "seed must be a whole number, got 1.5"),
+        (dict(height=64.5), "height must be a whole number, got 64.5"),
+        (dict(down_factor="3"), "3"),
+    ],
+)
+def test_bad_input_through_the_api_is_a_readable_error(server, changes, message):
+    """gradio's own number handling ran first: 'abc' failed with no message and 1.5 was rounded to seed 2."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    kwargs = {**dict(prompt="a cat", width=64, height=64, steps=1, seed=1, window_size=2), **changes}
+    with pytest.raises(AppError, match=re.escape(message)):
+        Client(server, verbose=False).predict(**kwargs, api_name="/generate")
+
+
+def test_the_down_factor_is_taken_as_the_api_page_lists_it(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    assert "Literal['1', '2', '4']" in str(client.view_api(print_info=False, return_format="str"))
+    kwargs = dict(prompt="a cat", width=64, height=64, steps=1, window_size=2, down_factor="2")
+    _, summary, _ = client.predict(**kwargs, api_name="/generate")
+    assert "CLEAR r=2 d=2" in summary
 
 
 def test_a_job_cancelled_through_the_api_stops_the_generation(server, engine):
