@@ -329,10 +329,12 @@ def _gloo_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
 
 
 def _same_fingerprint(a: tuple, b: tuple) -> bool:
-    """Same shapes exactly, same values up to float noise (ranks may run on different GPUs)."""
+    """Same shapes exactly, same values up to float noise (ranks may run on different GPUs); NaN latents (an fp16
+    overflow, say) agree with NaN, else they would be reported as other inputs."""
     if a[0] != b[0]:
         return False
-    return all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-3) for x, y in zip(a[1], b[1], strict=True))
+    pairs = zip(a[1], b[1], strict=True)
+    return all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-3) or math.isnan(x) and math.isnan(y) for x, y in pairs)
 
 
 #: Tags of the control messages: a transformer call's agreement, and the end of a run (its traffic).

@@ -640,6 +640,44 @@ def test_cpu_launch_detection_reads_the_launcher_and_refuses_what_it_cannot_star
     assert launch.relaunch_lost_cpu_processes(["distill"]) is None  # one process asked, one running
 
 
+def test_ranks_of_any_launcher_are_not_relaunched():
+    """Intel MPI and MVAPICH set PMI_SIZE / MV2_COMM_WORLD_SIZE, not WORLD_SIZE: each of N ranks would start N more."""
+    lone = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert {"WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"} <= set(WORLD_SIZE_VARIABLES)
+    for name in WORLD_SIZE_VARIABLES:
+        assert not alone_under_cpu_launch({**lone, name: "2"}), name
+
+
+def test_the_relaunch_keeps_the_launchs_port_and_returns_its_exit_code(monkeypatch):
+    """A failed run exited 0 for scripts and CI, or ignored --main_process_port."""
+    for name in WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in dict(ACCELERATE_USE_CPU="True", MASTER_ADDR="127.0.0.1", MASTER_PORT="12345").items():
+        monkeypatch.setenv(name, value)
+    commands = []
+    monkeypatch.setattr(
+        launch.subprocess, "run", lambda command: commands.append(command) or SimpleNamespace(returncode=3)
+    )
+    monkeypatch.setattr(
+        launch, "_parent_argv", lambda: ["accelerate", "launch", "--cpu", "--num_processes", "2", "x.py"]
+    )
+    assert launch.relaunch_lost_cpu_processes(["distill"]) == 3
+    assert "--master_port 12345" in " ".join(commands[-1])
+
+
+def test_a_process_killed_by_a_signal_is_a_failure(monkeypatch, capsys):
+    """The OOM killer's SIGKILL (exit code -9) made python -m app.launch exit 0."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def killed(args):
+        raise ChildFailedError("app.cli", {1: ProcessFailure(local_rank=1, pid=1, exitcode=-9, error_file="/none")})
+
+    monkeypatch.setattr(torch.distributed.run, "run", killed)
+    assert launch.torchrun(["--nproc_per_node", "2", "x.py"]) == 1
+    assert "process 1 failed with exit code -9" in capsys.readouterr().err
+
+
 def test_cpu_launch_reads_accelerates_default_config_and_spreads_over_machines(tmp_path, monkeypatch):
     import accelerate.commands.config as accelerate_config
 

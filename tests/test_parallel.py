@@ -7,7 +7,9 @@ on a sub-group of a 3-rank world), because starting a process and importing diff
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import clear_dit
-from pipelines.parallel import BandPlan, launch_local, layer_traffic, split_rows
+from pipelines.parallel import BandParallel, BandPlan, launch_local, layer_traffic, split_rows
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 128, 96  # 8 x 6 tokens
@@ -270,6 +273,9 @@ def test_rank_fingerprints_tell_a_different_guidance_from_float_noise():
 
     assert not _same_fingerprint(fingerprint(3.5), fingerprint(3.6))  # other inputs: other images
     assert _same_fingerprint(fingerprint(1.0), fingerprint(1.0 + 1e-6))  # GPUs may round differently
+    # NaN latents on every rank (an fp16 overflow) are the same inputs, not "other transformer inputs"
+    assert _same_fingerprint(fingerprint(math.nan), fingerprint(math.nan))
+    assert not _same_fingerprint(fingerprint(math.nan), fingerprint(1.0))
 
 
 def test_the_group_timeout_comes_from_the_environment(monkeypatch):
@@ -302,6 +308,47 @@ def test_launch_local_returns_at_once_when_every_rank_died():
     results = launch_local(crashing_worker, 2, timeout_s=100, group_timeout_s=30)
     assert time.monotonic() - start < 50  # not the whole timeout_s
     assert [(r.exitcode, r.error) for r in results] == [(3, "no report (killed or crashed)")] * 2
+
+
+def hanging_worker() -> None:
+    time.sleep(300)
+
+
+def test_launch_local_kills_ranks_past_the_timeout():
+    start = time.monotonic()
+    results = launch_local(hanging_worker, 2, timeout_s=10, group_timeout_s=5)
+    assert time.monotonic() - start < 100  # not the worker's 300 s
+    assert [(r.exitcode, r.error) for r in results] == [(-9, "no report (killed or crashed)")] * 2
+
+
+def test_init_parallel_waits_for_peers_as_long_as_it_is_told(monkeypatch):
+    """The timeout reaches the group itself, not only _timeout_s: a dead peer otherwise holds the others 600 s."""
+    import torch.distributed as dist
+
+    from pipelines.parallel import TIMEOUT_ENV, init_parallel
+
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(TIMEOUT_ENV, "7")
+    timeouts = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout, **kwargs: timeouts.append(timeout))
+    init_parallel("gloo")
+    init_parallel("gloo", timeout_s=3)
+    assert timeouts == [datetime.timedelta(seconds=7), datetime.timedelta(seconds=3)]
+
+
+def test_the_runner_refuses_controlnet_residuals(tiny_pipe):
+    """Residuals of the whole image added to one band: a wrong image or a shape error deep in a block."""
+    clear_dit.patch(tiny_pipe, window_size=3)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        runner = BandParallel(tiny_pipe)
+        inputs = {"joint_attention_kwargs": {"clear_grid": (8, 6)}, "controlnet_block_samples": [torch.zeros(1)]}
+        with pytest.raises(ValueError, match="ControlNet"):
+            runner._check_call(inputs)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_run_parallel_pipeline_refuses_return_dict():
