@@ -20,6 +20,7 @@ or unreferenced files, which the next run drops before it resumes.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -54,6 +55,7 @@ __all__ = [
 DATA_FORMAT = "clear-dit-distill-data"
 INFO_FILE = "info.json"
 MANIFEST_FILE = "manifest.jsonl"
+LOCK_FILE = ".lock"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SHARD_KEYS = ("latent_mean", "latent_logvar", "prompt_embeds", "pooled_prompt_embeds")
 NEGATIVE_FILE = "negative.safetensors"
@@ -139,7 +141,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    # utf-8-sig: Notepad's BOM would otherwise stick to the first line (a '# comment' then became a prompt)
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line expected)")
@@ -171,6 +174,23 @@ class _Item:
     source: str | None = None  # the imported image
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """The files a data set keeps in ``images/`` and ``shards/`` (what a user put in subfolders there is left)."""
+    return [f for sub in ("images", "shards") for f in (folder / sub).glob("*") if f.is_file()]
+
+
+def _lock_folder(folder: Path) -> Any:
+    """An exclusive lock on ``folder`` held while the returned file stays open: two runs on one folder both made
+    every item, appended both to the manifest, and each deleted the other's unfinished files."""
+    handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 (held open for the writer's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FileExistsError(f"another make-data run is writing {folder}; wait for it or use another --out") from None
+    return handle
+
+
 class _Writer:
     """Appends finished batches to a data folder and knows which items are done (the manifest)."""
 
@@ -178,18 +198,21 @@ class _Writer:
         self.folder = folder
         self.info = info
         manifest = folder / MANIFEST_FILE
-        if folder.exists() and any(folder.iterdir()) and not (folder / INFO_FILE).exists():
+        if folder.exists() and {p.name for p in folder.iterdir()} - {LOCK_FILE} and not (folder / INFO_FILE).exists():
             # --overwrite discards data this tool made, never a folder of someone else's files
             raise FileExistsError(
                 f"{folder} is not empty and holds no clear-dit data (no {INFO_FILE}); use another --out"
             )
-        if (folder / INFO_FILE).exists() and not overwrite:
-            DataInfo.read(folder).check_matches(info, folder)
-        elif overwrite and folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_folder(folder)
+        if (folder / INFO_FILE).exists():
+            on_disk = DataInfo.read(folder)  # an info.json of another tool's is refused, --overwrite or not
+            if not overwrite:
+                on_disk.check_matches(info, folder)
+        if overwrite:
             manifest.unlink(missing_ok=True)  # first: a kill below then leaves unreferenced files, dropped next run
-            for sub in ("images", "shards"):
-                for f in (folder / sub).glob("*"):
-                    f.unlink()
+            for f in _data_files(folder):
+                f.unlink()
         for sub in ("images", "shards"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         info.write(folder)
@@ -203,10 +226,9 @@ class _Writer:
     def _drop_unreferenced(self) -> None:
         """Files of a batch that never reached the manifest (a killed run): not part of the data set."""
         used = {e["image"] for e in self.entries} | {e["shard"] for e in self.entries}
-        for sub in ("images", "shards"):
-            for f in (self.folder / sub).iterdir():
-                if f"{sub}/{f.name}" not in used:
-                    f.unlink()
+        for f in _data_files(self.folder):
+            if f"{f.parent.name}/{f.name}" not in used:
+                f.unlink()
 
     def write(
         self,
@@ -221,7 +243,7 @@ class _Writer:
         for item, image in zip(items, images, strict=True):
             name = f"images/{item.index:06d}.png"
             meta = PngImagePlugin.PngInfo()
-            meta.add_text("parameters", json.dumps({"prompt": item.prompt, "seed": item.seed, **png_settings}))
+            meta.add_text("parameters", json.dumps({**png_settings, "prompt": item.prompt, "seed": item.seed}))
             png = io.BytesIO()
             image.save(png, format="PNG", pnginfo=meta)
             _atomic_write_bytes(self.folder / name, png.getvalue())  # fsynced: durable before the manifest
@@ -266,7 +288,7 @@ def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(len(complete))
-    entries = []
+    entries, lines = [], {}
     for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
         try:
             entry = json.loads(line)
@@ -274,6 +296,12 @@ def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
                 entry[key]  # noqa: B018 - presence check
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path} line {number} is not a valid manifest entry ({err!r}): {line[:80]}") from err
+        if entry["index"] in lines:  # training would see the item twice
+            raise ValueError(
+                f"{path} lists item {entry['index']} twice (lines {lines[entry['index']]} and {number}: two runs "
+                "wrote the folder at once?); make the data again with --overwrite"
+            )
+        lines[entry["index"]] = number
         entries.append(entry)
     return entries
 
