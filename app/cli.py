@@ -265,10 +265,12 @@ def _quiet_libraries(verbose: bool) -> None:
     if verbose:
         return
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # its download retries: 5 warnings (twice, through the root handler)
 
 
 def _clear_label(window: int | None, down: int) -> str:
@@ -622,6 +624,8 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     if args.guidance is not None and args.guidance < 0:
         raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
     out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out} is a file, not a data folder")
     if args.images:
         images = Path(args.images).expanduser().resolve()
         if out.resolve() == images or out.resolve() in images.parents:
@@ -782,9 +786,17 @@ def cmd_app(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be 1 to 65535, got {args.port}")
     try:  # else the server reports it as 'cannot find empty port'
-        socket.getaddrinfo(args.host, args.port)
+        family, kind, _, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as err:
         raise CLIError(f"--host {args.host} is not an address or a resolvable host name: {err}") from None
+    with socket.socket(family, kind) as probe:  # before the model loads; gradio's own error names launch()'s args
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise CLIError(
+                f"--port {args.port} on {args.host} is not free ({err.strerror}): choose another --port"
+            ) from None
     _check_weights_path(args.weights)
     if args.weights is not None and Path(args.weights).expanduser().is_file():
         from clear_dit.weights import read_weights_config

@@ -193,6 +193,8 @@ def _resolve_path(path: str | os.PathLike) -> Path:
     if local.is_file():
         return local
     text = str(path)
+    if local.is_dir():
+        raise IsADirectoryError(f"{text} is a folder, not a CLEAR weights file (.safetensors)")
     if local.exists() or text.startswith((".", "/", "~")) or not _HUB_PATH.match(text):  # hub owners start otherwise
         raise FileNotFoundError(f"CLEAR weights file not found: {text}")
     owner, repo, filename = text.split("/", 2)

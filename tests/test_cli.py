@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -179,6 +180,7 @@ BAD = {
     "unknown backend": (["--window", "4", "--backend", "no-such-backend"], "backend 'no-such-backend'"),
     "missing model folder": (["--model", "{tmp}/no-such-folder"], "model folder not found"),
     "missing weights file": (["--weights", "{tmp}/no-such.safetensors"], "weights file not found"),
+    "weights folder": (["--weights", "{tmp}"], "is a folder, not a CLEAR weights file (.safetensors)"),
     "hub id offline": (["--model", "someone/no-such-model"], "'someone/no-such-model'"),
     "not an int": (["--steps", "many"], "invalid int value"),
     "true cfg below 1": (["--true-cfg", "0"], "--true-cfg must be >= 1 (1: off), got 0.0"),
@@ -330,3 +332,20 @@ def test_compare_refuses_weights_the_model_cannot_load_before_the_full_half(tmp_
     assert last.startswith("error: ") and ("wrong shape" if problem == "shapes" else "does not match") in last
     assert "Traceback" not in err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_the_hubs_download_retries_are_quiet_unless_verbose():
+    """A hub --weights path that cannot be fetched printed 24 lines of retries before its one error line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    from app.cli import _quiet_libraries
+
+    before = hub_logging.get_verbosity()
+    try:
+        hub_logging.set_verbosity_warning()  # the library's default (in-process CLI tests before may have quieted it)
+        _quiet_libraries(True)
+        assert logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING)
+        _quiet_libraries(False)
+        assert not logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING)
+    finally:
+        hub_logging.set_verbosity(before)

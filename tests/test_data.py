@@ -301,6 +301,14 @@ def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys)
 
     assert main(["make-data", "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err == f"error: prompt file not found: {tmp_path / 'nope.txt'}\n"
+    assert main(["make-data", "--prompts", str(tmp_path), "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path} is a folder, not a prompt file (one prompt per line)\n"
+    (tmp_path / "afile").write_text("mine")
+    assert main([*args[:-2], "--out", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'afile'} is a file, not a data folder\n"
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a data folder"):
+        data._Writer(tmp_path / "afile", DistillDataset(tmp_path / "data").info, overwrite=True)
+    assert (tmp_path / "afile").read_text() == "mine"
     assert main(["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--window", "0"]) == 1
     assert capsys.readouterr().err.startswith("error: window_size must be a positive int")
 

@@ -500,6 +500,18 @@ def test_clear_errors(tmp_path, data_dir):
     assert len(DistillDataset(data_dir)) == 6
 
 
+def test_model_and_out_paths_are_named_for_what_they_are(tmp_path, data_dir):
+    """A missing local --model was reported as a failed hub download; --out a file as '[Errno 17] File exists'."""
+    with pytest.raises(FileNotFoundError, match=f"model folder not found: {re.escape(str(tmp_path))}/nope"):
+        train(config(tmp_path, data_dir, model=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="is not a diffusers pipeline folder"):
+        train(config(tmp_path, data_dir, model=str(data_dir)))
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="afile is a file, not a run folder; choose another --out"):
+        train(config(tmp_path, data_dir, "afile"))
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, capsys):
     """`accelerate launch --num_processes 2 --cpu` as the issue writes it: accelerate starts one process, which
     starts the two (app/launch.py); they train as one process with the same global batch does."""

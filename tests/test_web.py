@@ -553,6 +553,18 @@ def test_cli_app_rejects_bad_arguments_in_one_line(args, code, message):
     assert proc.returncode == code and err.count("\n") == 1 and err.startswith(message), err
 
 
+def test_cli_app_on_a_port_in_use_says_so_before_loading_the_model():
+    """gradio said 'Cannot find empty port ... pass server_port to launch()', after the model had loaded."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("--port", str(port))
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --port {port} on 127.0.0.1 is not free (") and "images go to" not in out
+
+
 def test_cli_app_serves_the_named_endpoints(tiny_pipeline_path):
     port = free_port()
     proc = cli("--port", str(port))

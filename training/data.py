@@ -139,6 +139,8 @@ class DataInfo:
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file, one per line (blank lines and lines starting with ``#`` skipped)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a prompt file (one prompt per line)")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     # utf-8-sig: Notepad's BOM would otherwise stick to the first line (a '# comment' then became a prompt)
@@ -198,6 +200,8 @@ class _Writer:
         self.folder = folder
         self.info = info
         manifest = folder / MANIFEST_FILE
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a data folder")
         if folder.exists() and {p.name for p in folder.iterdir()} - {LOCK_FILE} and not (folder / INFO_FILE).exists():
             # --overwrite discards data this tool made, never a folder of someone else's files
             raise FileExistsError(

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from clear_dit.patching import check_patch_settings
-from pipelines.loading import TINY
+from pipelines.loading import TINY, model_source
 
 from .data import DataInfo, DistillDataset
 from .losses import WEIGHTING_SCHEMES, TimestepSampler, distill_losses
@@ -367,6 +367,8 @@ def make_batch(
 def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None:
     """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a run folder; choose another --out")
     run_file = out / RUN_FILE
     if out.is_dir() and any(out.iterdir()) and not run_file.is_file():  # --overwrite and --resume act on runs only
         raise FileExistsError(f"{out} is not empty and holds no distillation run (no {RUN_FILE}); choose another --out")
@@ -486,6 +488,7 @@ def check_run(config: DistillConfig) -> RunPlan:
     count, its grid against the down factor) and ``--out`` against ``--resume``/``--overwrite``. The CLI runs it
     before it starts N processes, so that a mistake is one error line, not one per process."""
     config.check()
+    model_source(config.model)  # a missing or non-pipeline folder: said as such, not as a hub error
     dataset = DistillDataset(config.data)
     # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
     num_validation = config.num_validation
