@@ -151,14 +151,27 @@ def _columns(args: argparse.Namespace) -> list[str]:
     return [*args.backends, *tiles, *(["flex-compiled"] if args.flex_compiled else [])]
 
 
+def _forget_backend_caches() -> None:
+    """Empty the backends' per-layout caches (dense's seq^2 mask, flex's block mask, tiled's schedules)."""
+    import clear_dit.backends as backends
+
+    for module in [m for name, m in sys.modules.items() if name.startswith(backends.__name__ + ".")]:
+        for value in vars(module).values():
+            if hasattr(value, "cache_clear"):
+                value.cache_clear()
+
+
 def peak_extra_bytes(fn) -> tuple[int, torch.Tensor]:
     """``(peak bytes held by torch's CPU allocator during fn() beyond what it returns, the result)``.
 
     From the profiler's memory events (every allocation and free, in order): the running sum's maximum,
-    minus the bytes of the returned tensor. Allocations made before the call (inputs, caches) do not count.
+    minus the bytes of the returned tensor. The inputs (allocated before) do not count; the backends' caches are
+    emptied first, so that what a backend builds and keeps for a size (dense's seq^2 mask) counts, as on the first
+    call at that size: measured warm, dense looked the leanest backend.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    _forget_backend_caches()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = sorted(
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}; "
         f"median of up to {args.repeats} interleaved rounds (column 'n': how many ran within --budget "
         f"{args.budget:g} s) after {args.warmup} warm-up; (x) = full / backend, "
-        "[mem] = peak extra memory / (q + k + v)"
+        "[mem] = peak extra memory of a first call at the size (cached masks included) / (q + k + v)"
     )
     print(format_header(_columns(args)))
     run(args)
