@@ -561,3 +561,11 @@ def test_a_manifest_listing_an_item_twice_is_refused(made, tmp_path):
         f.write((made[1] / "manifest.jsonl").read_text().splitlines()[1] + "\n")
     with pytest.raises(ValueError, match=r"lists item 1 twice \(lines 2 and 5: two runs wrote the folder at once\?\)"):
         DistillDataset(out)
+
+
+def test_asking_for_fewer_items_than_the_folder_holds_says_so(made, tmp_path, caplog):
+    pipe, out, _ = made
+    with caplog.at_level("WARNING", logger="training.data"):
+        generate_dataset(pipe, PROMPTS, out, num=2, **SETTINGS)
+    assert f"{out} holds 2 items beyond the 2 asked for; they stay in the data set" in caplog.text
+    assert len(DistillDataset(out)) == 4

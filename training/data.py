@@ -399,6 +399,9 @@ def _run(
                 "the prompt list or image folder changed: use another --out, or --overwrite"
             )
     todo = [item for item in items if item.index not in done]
+    beyond = len(set(done) - {item.index for item in items})
+    if beyond:  # the set is not cut down to what was asked: training would take all of it
+        logger.warning("%s holds %d items beyond the %d asked for; they stay in the data set", out, beyond, len(items))
     if len(todo) < len(items):
         logger.info("%s: %d of %d items already done, resuming", out, len(items) - len(todo), len(items))
     png_settings = {k: v for k, v in settings.items() if k != "source"}
