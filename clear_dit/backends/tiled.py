@@ -217,8 +217,8 @@ def _plain_attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in plain differentiable ops, scores materialised; ``lse`` in fp32 or wider."""
-    scores = torch.matmul(query, key.transpose(-1, -2))
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    accumulate = torch.promote_types(query.dtype, torch.float32)  # bf16 scores would be rounded to 8 mantissa bits
+    scores = torch.matmul(query.to(accumulate), key.to(accumulate).transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias
     lse = scores.logsumexp(dim=-1)

@@ -1,0 +1,200 @@
+"""The tiled backend where a first round of tests left gaps: large logits, custom scales in the backward, fp16/bf16
+precision and tiles, the cost model "auto" reads, thin grids with images and heads of different content."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clear_dit import CLEARLayout
+from clear_dit.attention import _with_pooled, clear_attention_with_layout
+from clear_dit.backends import BACKENDS, tiled
+from clear_dit.bands import attention_with_lse
+
+HEADS, DIM = 3, 8
+
+
+def _qkv(layout, batch=2, dtype=torch.float32, q_gain=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, layout.q_len, HEADS, DIM)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    return (q * q_gain).to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["flash-function", "plain-ops"])
+def test_tiled_large_logits_equal_dense(plain):
+    """q scaled by 30: logits of a few hundred; every log-sum-exp must subtract its max (outputs and grads)."""
+    layout = CLEARLayout((12, 20), 5, 3, 2, "first", (6, 20))
+    q, k, v = (x.requires_grad_() for x in _qkv(layout, q_gain=30.0))
+    backend = tiled.TiledBackend()
+    if plain:
+        backend.kernels = tiled.PartKernels()
+    scale = DIM**-0.5
+
+    def run(impl):
+        return impl(q, *(_with_pooled(x, layout, None) for x in (k, v)), layout, scale)
+
+    got, expected = run(backend), run(BACKENDS["dense"])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    grad_out = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-3)
+
+
+def test_attention_with_lse_large_logits_chunked(monkeypatch):
+    layout = CLEARLayout((4, 3), 0, 1)
+    q, k, v = _qkv(layout, q_gain=30.0)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * DIM**-0.5
+    monkeypatch.setattr("clear_dit.bands._MAX_SCORES", 40)  # key chunks merged by their lse
+    out, lse = attention_with_lse(q, k, v)
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1).transpose(1, 2), atol=1e-4, rtol=1e-5)
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_with_lse_bfloat16_chunks_accumulate_in_float32(monkeypatch):
+    layout = CLEARLayout((8, 8), 0, 1)
+    q, k, v = _qkv(layout, batch=1, dtype=torch.bfloat16)
+    monkeypatch.setattr("clear_dit.bands._MAX_SCORES", 3 * 64)  # one key per chunk: 64 bf16 merges
+    out, _ = attention_with_lse(q, k, v)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * DIM**-0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_plain_ops_reduced_precision_equals_dense(dtype):
+    """The plain-ops path (other devices) in bf16/fp16 at moderately large logits: scores and lse in fp32."""
+    layout = CLEARLayout((12, 20), 5, 3, 2)
+    q, k, v = _qkv(layout, dtype=dtype, q_gain=8.0)
+    keys, values = (_with_pooled(x, layout, None) for x in (k, v))
+    backend = tiled.TiledBackend()
+    backend.kernels = tiled.PartKernels()
+    got = backend(q, keys, values, layout, DIM**-0.5)
+    expected = BACKENDS["dense"](*(x.double() for x in (q, keys, values)), layout, DIM**-0.5)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_tiled_float16_fused_equals_dense():
+    layout = CLEARLayout((13, 9), 4, 3, 2 if False else 1)
+    q, k, v = _qkv(layout, dtype=torch.float16)
+    got = clear_attention_with_layout(q, k, v, layout, backend="tiled")
+    expected = clear_attention_with_layout(q.double(), k.double(), v.double(), layout, backend="dense")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), expected, atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("family", ["intel", "amd"])
+def test_reduced_precision_dtypes_share_their_tiles(family):
+    for r in (4, 8, 16, 32):
+        layout = CLEARLayout((128, 128), 512, r)
+        assert tiled.tile_shape(layout, torch.float16, family) == tiled.tile_shape(layout, torch.bfloat16, family)
+        assert tiled.tile_shape(layout, torch.float64, family) == tiled.tile_shape(layout, torch.float32, family)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_uses_the_tile_of_its_dtype(monkeypatch, dtype):
+    """The tile the backend runs is tile_shape(layout, dtype) for the input's dtype (the table differs by dtype)."""
+    layout = CLEARLayout((24, 24), 3, 8)
+    monkeypatch.setattr(tiled, "CPU_FAMILY", "intel")  # intel: fp32 r8 16x16, bf16 r8 8x8
+    assert tiled.tile_shape(layout, torch.float32) != tiled.tile_shape(layout, torch.bfloat16)
+    seen = []
+    query_tiles = tiled._query_tiles
+    monkeypatch.setattr(tiled, "_query_tiles", lambda q, geo, grid: seen.append(geo.tile) or query_tiles(q, geo, grid))
+    q, k, v = _qkv(layout, batch=1, dtype=dtype)
+    clear_attention_with_layout(q, k, v, layout, backend="tiled")
+    assert seen == [tiled.tile_shape(layout, dtype)]
+
+
+def test_cached_schedules_of_layouts_differing_only_in_one_field():
+    """Layouts equal but for one field must not share cached tilings / window biases."""
+    variants = [
+        CLEARLayout((10, 14), 3, 3),
+        CLEARLayout((10, 14), 3, 4),  # window
+        CLEARLayout((10, 14), 3, 2),
+        CLEARLayout((10, 14), 3, 3, 1, "first", (10, 7)),  # reference grid
+        CLEARLayout((10, 14), 3, 3, 1, "first", (12, 14)),
+        CLEARLayout((10, 14), 3, 3, 2),  # down factor
+        CLEARLayout((10, 14), 3, 3, 1, "last"),  # text position
+    ]
+    for layout in variants + variants[::-1]:
+        q, k, v = _qkv(layout, batch=1)
+        torch.testing.assert_close(
+            clear_attention_with_layout(q, k, v, layout, backend="tiled"),
+            clear_attention_with_layout(q, k, v, layout, backend="dense"),
+            atol=1e-5,
+            rtol=1e-5,
+            msg=lambda m, layout=layout: f"{layout}: {m}",
+        )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [CLEARLayout((12, 20), 5, 3, 2), CLEARLayout((10, 18), 3, 3, 2, "first", (12, 6)), CLEARLayout((9, 17), 0, 2)],
+    ids=["flux", "kontext", "no-text"],
+)
+def test_computed_scores_counts_the_scores_the_backend_computes(monkeypatch, layout):
+    """The cost model of auto: tiled.computed_scores against the scores the flash calls actually compute
+    (its (b) part counts the real image queries only, the run computes the padded ones too)."""
+    counted = []
+    flash = tiled._flash
+
+    def spy(query, key, value, scale, bias=None):
+        counted.append(query.shape[:-1].numel() * key.shape[-2])
+        return flash(query, key, value, scale, bias)
+
+    monkeypatch.setattr(tiled, "_flash", spy)
+    q, k, v = _qkv(layout, batch=1)
+    clear_attention_with_layout(q, k, v, layout, backend="tiled")
+    t, n = layout.text_len, layout.num_image
+    counted_total = t * (t + n) + sum(counted) // HEADS
+    tile = tiled.tile_shape(layout, torch.float32)
+    padded = sum(
+        tiled._geometry(layout, g, tile).padded_grid[0] * tiled._geometry(layout, g, tile).padded_grid[1]
+        for g in layout.image_grids
+    )
+    global_slack = (padded - n) * (t + layout.num_pooled)
+    assert counted_total - global_slack == tiled.computed_scores(layout)
+
+
+@pytest.mark.parametrize(
+    "lay", [CLEARLayout((11, 13), 4, 3, 1, "first"), CLEARLayout((12, 14), 4, 3, 2)], ids=["d1", "d2"]
+)
+def test_tiled_non_contiguous_inputs_gradients_and_custom_scale(lay):
+    """diffusers passes transposed views; gradients (q, k, v, pooling weight) at a custom scale."""
+    g = torch.Generator().manual_seed(7)
+    base = [torch.randn(2, HEADS, lay.q_len, DIM, generator=g, requires_grad=True) for _ in range(3)]
+    q, k, v = (x.transpose(1, 2) for x in base)
+    assert not q.is_contiguous()
+    weight = torch.rand(2, 2, generator=g, requires_grad=True) if lay.down_factor > 1 else None
+    leaves = base + ([weight] if weight is not None else [])
+    grad_out = torch.randn(2, lay.q_len, HEADS, DIM, generator=g)
+
+    def run(backend):
+        out = clear_attention_with_layout(q, k, v, lay, spatial_weight=weight, scale=0.55, backend=backend)
+        return out, torch.autograd.grad(out, leaves, grad_out)
+
+    (o1, g1), (o2, g2) = run("tiled"), run("dense")
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid,text_len,r,d", [((1, 19), 2, 3, 1), ((2, 30), 0, 4, 2), ((3, 3), 1, 2, 1)])
+def test_tiled_thin_grids_batches_and_heads_differ(grid, text_len, r, d):
+    """1-row / 2-row grids, grids smaller than a tile, 3 images x 3 heads of different content, gradients."""
+    layout = CLEARLayout(grid, text_len, r, d)
+    q, k, v = (x.requires_grad_() for x in _qkv(layout, batch=3))
+    weight = torch.rand(d, d, generator=torch.Generator().manual_seed(3), requires_grad=True) if d > 1 else None
+    leaves = [q, k, v] + ([weight] if weight is not None else [])
+    grad_out = torch.randn_like(q)
+    res = {}
+    for backend in ("tiled", "dense"):
+        out = clear_attention_with_layout(q, k, v, layout, spatial_weight=weight, backend=backend)
+        res[backend] = (out, torch.autograd.grad(out, leaves, grad_out))
+    torch.testing.assert_close(res["tiled"][0], res["dense"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(res["tiled"][1], res["dense"][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
