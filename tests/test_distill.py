@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from PIL import Image
+from pipeline_models import transformer_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -27,6 +28,7 @@ from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
 from training.distill import DistillConfig, Distiller, SampleStream, latest_checkpoint, make_batch, train
 from training.losses import TimestepSampler, distill_losses, weighted_mse
+from training.student import Student
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,8 +184,6 @@ def test_only_trainable_tensors_change_and_the_teacher_stays(tmp_path, data_dir,
 
 
 def test_lora_initialisation_is_a_function_of_the_seed(fresh_transformer):
-    from training.student import Student
-
     def lora_a(seed: int) -> torch.Tensor:
         transformer = fresh_transformer()
         torch.manual_seed(1000 + seed * 7)  # whatever state the global generator is in
@@ -897,3 +897,76 @@ def test_a_training_step_logs_the_loss_of_its_weights(tmp_path, data_dir):
     expected = logged["loss_fm"] + 0.3 * logged["loss_out"] + 0.7 * logged["loss_attn"]
     assert logged["loss_out"] != logged["loss_attn"]
     assert logged["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scheme, kw",
+    [("logit_normal", dict(logit_mean=1.0, logit_std=0.5)), ("mode", dict(mode_scale=0.8)), ("none", {})],
+)
+def test_timestep_density_is_the_schemes_with_its_parameters(scheme, kw):
+    """sample() draws u from the scheme's density (diffusers' compute_density_for_timestep_sampling), with
+    the caller's logit_mean/logit_std/mode_scale, then maps it onto the sigma grid."""
+    sigmas = torch.linspace(1, 0.001, 1000)
+    sampler = TimestepSampler(sigmas, scheme, **kw)
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = torch.cat([sampler.sample(g) for _ in range(50)])
+    us = []
+    for _ in range(50):  # hand-written densities, same draws
+        if scheme == "logit_normal":
+            u = torch.sigmoid(torch.normal(mean=1.0, std=0.5, size=(1,), generator=ref))
+        else:
+            u = torch.rand(size=(1,), generator=ref)
+            if scheme == "mode":
+                u = 1 - u - 0.8 * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        us.append(u)
+    expected = sigmas[(torch.cat(us) * 1000).long().clamp(0, 999)]
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_weighted_mse_accumulates_in_float32_for_bf16_inputs():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 64, 8, generator=g).bfloat16()
+    target = (0.37 * torch.randn(4, 64, 8, generator=g)).bfloat16()
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    expected = ((pred.double() - target.double()) ** 2).mean((1, 2)) * w.double()
+    got = weighted_mse(pred, target, w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_no_gradient_reaches_the_teacher_targets():
+    g = torch.Generator().manual_seed(0)
+    s_v = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    t_v = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    target = torch.randn(2, 3, 4, generator=g)
+    s_a = [torch.randn(2, 5, 6, generator=g, requires_grad=True)]
+    t_a = [torch.randn(2, 5, 6, generator=g, requires_grad=True)]
+    distill_losses(s_v, t_v, target, s_a, t_a, torch.ones(2)).total.backward()
+    assert s_v.grad is not None and s_a[0].grad is not None
+    assert t_v.grad is None and t_a[0].grad is None  # stop-gradient on the teacher's velocity and attention
+
+
+@pytest.mark.parametrize("mode", ["copy", "shared"])
+def test_the_teacher_is_the_full_attention_model_and_builds_no_graph(fresh_transformer, mode):
+    reference_model = fresh_transformer()
+    inputs = transformer_inputs(reference_model, (4, 4), text_len=8)
+    with torch.no_grad():
+        reference = reference_model(**inputs)[0]
+    student = Student(fresh_transformer(), window_size=1, teacher=mode)
+    with student.teacher() as teacher:
+        out = teacher(**inputs)[0]
+    assert not out.requires_grad  # no autograd graph kept through the (shared) trainable parameters
+    torch.testing.assert_close(out, reference, atol=0, rtol=0)
+    with torch.no_grad():  # and the student is CLEAR (window 1 on a 4x4 grid is not full attention)
+        assert not torch.equal(student.transformer(**inputs)[0], reference)
+
+
+def test_lora_adapts_exactly_the_attention_projections(fresh_transformer):
+    pytest.importorskip("peft")
+    base = fresh_transformer()
+    projections = {
+        n.removesuffix(".weight") for n, _ in base.named_parameters() if is_clear_key(n) and n.endswith(".weight")
+    }
+    student = Student(fresh_transformer(), window_size=1, lora_rank=2)
+    adapted = {n.split(".lora_A.")[0] for n in student.trainable if ".lora_A." in n}
+    assert adapted == projections
