@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from importlib.util import find_spec
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
+from benchmarks._results import run_meta, write_results
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
 from clear_dit.backends import BACKENDS
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(args.seed)
     pairs = args.rows or [(side, r) for side in args.grids for r in args.radii]
-    rows, tensors = [], {}
+    rows, tensors, meta = [], {}, run_meta()
     for side, r in pairs:
         grid, seq = (side, side), args.text_len + side * side
         if side not in tensors:  # one set of inputs per grid, shared by its radii
@@ -322,7 +322,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
         print(format_row(row, _columns(args)), flush=True)
         if args.json:  # after every row, so that a long run that stops early keeps what it measured
-            write_json(args, rows)
+            write_results(args.json, args, meta, rows=rows)
     return rows
 
 
@@ -362,15 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return 0
-
-
-def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "rows": rows}, indent=2))
-
-
-def _jsonable(values: dict) -> dict:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 import torch
 
 from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
+from benchmarks._results import run_meta, write_results
 from training.distill import export_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     torch.set_num_threads(args.threads)
+    meta = run_meta()
     work = args.work or Path(tempfile.mkdtemp(prefix="clear-dit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -322,15 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(report(args, gaps, rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {
-            "args": _jsonable(vars(args)),
-            "make_data_s": data_s,
-            "acceptance": verdict(gaps),
-            "gap": gaps,
-            "table": rows,
-        }
-        args.json.write_text(json.dumps(result, indent=2))
+        write_results(args.json, args, meta, make_data_s=data_s, acceptance=verdict(gaps), gap=gaps, table=rows)
         print(f"wrote {args.json}")
     return 0 if args.smoke or verdict(gaps) == "pass" else 1
 
@@ -339,10 +333,6 @@ def verdict(gaps: list[dict]) -> str:
     """Issue 6's check on the ``--fm-weight 0`` run: the gap falls by REQUIRED_REDUCTION, the export is the student."""
     (run,) = (g for g in gaps if g["fm_weight"] == 0.0)
     return "pass" if run["reduction"] >= REQUIRED_REDUCTION and run["export_reproduces_student"] else "FAIL"
-
-
-def _jsonable(values: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 import torch
 
 from benchmarks._args import json_path, non_negative_int, positive_int
+from benchmarks._results import run_meta, write_results
 from pipelines.parallel import BandPlan, launch_local, layer_traffic
 
 FLUX_LAYERS = 19 + 38  # FLUX.1 double- + single-stream blocks
@@ -187,6 +187,7 @@ def print_report(args: argparse.Namespace, rows: list[dict], run: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    meta = run_meta()
     try:
         rows = layout_rows(args)
         BandPlan((args.tiny_size[0] // 16, args.tiny_size[1] // 16), 2, args.tiny_window, args.tiny_down)
@@ -196,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     run = measured(args)
     print_report(args, rows, run)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"config": config, "rows": rows, "measured": run}, indent=2))
+        write_results(args.json, args, meta, rows=rows, measured=run)
     return 0 if run["traffic_matches"] else 1
 
 

@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,11 +55,11 @@ from torch import nn
 
 import clear_dit
 from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
+from benchmarks._results import run_meta, write_results
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARFluxAttnProcessor, CLEARLayout, attention_density, clear_attention
 from clear_dit.backends import auto_backend_name
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BLOCKS = ("double", "single")
 
@@ -369,18 +366,6 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n\n".join(tables)
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted changes), so a result file says what it measured."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
@@ -400,29 +385,16 @@ def main(argv: list[str] | None = None) -> int:
         "ideal free = full / no-attn, ideal dens = full / (no-attn + density * full attention)"
     )
     print(format_header())
-    meta = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "cpu_count": os.cpu_count(),
-        "load_average_start": list(os.getloadavg()),
-    }
+    meta = run_meta(diffusers=diffusers.__version__)
 
     def write(rows: list[dict]) -> None:  # after every size, so that a long run that stops early keeps what it measured
         if args.json:
-            meta["load_average_end"] = list(os.getloadavg())
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"args": _jsonable(vars(args)), "meta": meta, "rows": rows}, indent=2))
+            write_results(args.json, args, meta, rows=rows)
 
     run(args, write)
     if args.json:
         print(f"wrote {args.json}")
     return 0
-
-
-def _jsonable(values: dict) -> dict:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,13 @@ def test_attention_benchmark_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "(x) = full / backend" in proc.stdout
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [(r["grid"], r["window_size"]) for r in rows] == [([8, 8], 2), ([8, 8], 4), ([16, 16], 2), ([16, 16], 4)]
+    # the run a README figure is quoted from: its date, commit and versions (the attention JSON had none)
+    meta = result["meta"]
+    assert "commit" in meta and meta["torch"] == torch.__version__ and meta["date_utc"].startswith("20")
+    assert result["args"]["json"] == str(out)
     for row in rows:
         assert row["seq"] == row["text_len"] + row["grid"][0] * row["grid"][1]
         assert 0 < row["density"] <= 1 and abs(row["ideal_speedup"] * row["density"] - 1) < 1e-9
