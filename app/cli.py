@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -777,10 +778,6 @@ def _app_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @subcommand("app", "start the web UI: generate and compare full vs CLEAR attention in the browser", _app_arguments)
 def cmd_app(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
@@ -816,10 +813,23 @@ def cmd_app(args: argparse.Namespace) -> int:
             raise
         raise CLIError("the web UI needs gradio: pip install 'clear-dit[app]'") from None
     engine = GenerationEngine.load(args.model, args.weights)
-    print(f"images go to {engine.output_dir} (each browser session's until it ends, all until the server stops)")
-    # a service manager stops the server with SIGTERM: shut down as on Ctrl-C, so the temp folder goes too
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    launch(build_demo(engine=engine), host=args.host, port=args.port, share=args.share)
+    print(
+        f"images go to {engine.output_dir} (each browser session's until it ends, all until the server stops)",
+        flush=True,
+    )
+    # A service manager stops the server with SIGTERM: shut down as on Ctrl-C, so that the temp folder goes too. A
+    # flag, not an exception: one raised while a finalizer runs (as during the server's start) is dropped.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    demo = build_demo(engine=engine)
+    launch(demo, host=args.host, port=args.port, share=args.share, block=False)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:  # Ctrl-C: how a server is stopped, not an error
+        pass
+    finally:
+        demo.close()
     return 0
 
 

@@ -9,7 +9,6 @@ named API endpoints for ``gradio_client``.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import hashlib
@@ -205,10 +204,11 @@ class GenerationEngine:
         self._base_projections: dict[str, torch.Tensor] | None = None  # originals, kept once weights are loaded
         self._weights_loaded = False
         self._highres: HighResFluxPipeline | None = None  # a view of the same components, made on first use
-        self._running: str | None = None
-        self._waiting: collections.Counter[str] = collections.Counter()  # runs per session waiting for the lock
-        self._counting = threading.Lock()  # two runs of one session may wait at once
-        self._cancelled: set[str] = set()
+        self._running: str | None = None  # the session whose run holds the engine
+        self._run: object | None = None  # that run's token
+        self._runs: dict[str, set[object]] = {}  # each session's runs, running or waiting for the engine
+        self._runs_lock = threading.Lock()
+        self._cancelled: set[object] = set()  # tokens of cancelled runs
 
     @classmethod
     def load(
@@ -259,10 +259,12 @@ class GenerationEngine:
     def cancel(self, session: str) -> bool:
         """Stop ``session``'s generation at its next denoising step, or before it starts while it waits for the
         engine (behind an abandoned one, say); False when it has none."""
-        if self._running != session and not self._waiting[session]:
-            return False
-        self._cancelled.add(session)
-        return True
+        with self._runs_lock:
+            runs = self._runs.get(session)
+            if not runs:
+                return False
+            self._cancelled |= runs  # per run: a run of the session that ends cannot clear another's cancel
+            return True
 
     def _restore_base_projections(self) -> None:
         if self._weights_loaded:
@@ -300,20 +302,22 @@ class GenerationEngine:
     @contextlib.contextmanager
     def _session_runs(self, session: str) -> Iterator[None]:
         """The engine's one run at a time, ``session``'s: a cancel pressed during it holds until it ends."""
-        with self._counting:
-            self._waiting[session] += 1
+        token = object()
+        with self._runs_lock:
+            self._runs.setdefault(session, set()).add(token)
         try:
-            self._lock.acquire()
+            with self._lock:  # a cancel while it waited holds: the run stops at its first check
+                self._running, self._run = session, token
+                try:
+                    yield
+                finally:
+                    self._running = self._run = None
         finally:
-            with self._counting:
-                self._waiting[session] -= 1
-        try:
-            self._running = session  # a cancel while it waited holds: the run stops at its first check
-            yield
-        finally:
-            self._running = None
-            self._cancelled.discard(session)
-            self._lock.release()
+            with self._runs_lock:
+                self._runs[session].discard(token)
+                if not self._runs[session]:
+                    del self._runs[session]
+                self._cancelled.discard(token)
 
     def end_session(self, session: str) -> None:
         """A browser session has ended: remove its PNGs, unless they go to an ``output_dir`` the caller chose
@@ -322,8 +326,8 @@ class GenerationEngine:
             with self._lock:
                 shutil.rmtree(self.output_dir / _session_folder(session), ignore_errors=True)
 
-    def _stop_if_cancelled(self, session: str) -> None:
-        if session in self._cancelled:
+    def _stop_if_cancelled(self) -> None:
+        if self._run in self._cancelled:
             raise GenerationCancelled("generation cancelled")
 
     def generate(
@@ -338,11 +342,11 @@ class GenerationEngine:
         self, s: GenerationSettings, session: str, progress: ProgressFn | None, stage: str, warmup: bool = False
     ) -> Generation:
         def cancel_only(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-            self._stop_if_cancelled(session)
+            self._stop_if_cancelled()
             return kwargs
 
         def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-            self._stop_if_cancelled(session)
+            self._stop_if_cancelled()
             if progress is not None:
                 n = pipe.num_timesteps  # of this stage: an upscale stage runs `strength` of the steps
                 where = f"stage {pipe.stage_index + 1}/{pipe.num_stages}" if s.upscale.strip() else stage
@@ -426,7 +430,7 @@ class GenerationEngine:
 
         with self._session_runs(session):  # both halves: a cancel between them stops the second
             full = self._generate(full_s, session, stage_progress(0), "full attention", warmup=True)
-            self._stop_if_cancelled(session)
+            self._stop_if_cancelled()
             clear = self._generate(clear_s, session, stage_progress(s.steps), "CLEAR", warmup=True)
         grid = (s.height // self.pixels_per_token, s.width // self.pixels_per_token)
         density = clear_dit.attention_density(grid, self.text_len, s.window_size, s.down_factor)
@@ -718,8 +722,11 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                 attention = gr.Radio(["full", "clear"], value="clear", label="Attention (Generate)")
                 with gr.Row():
                     window = gr.Slider(1, 64, value=r0 or 16, step=1, label="Window radius (tokens)", elem_id="window")
-                    # strings: the API page lists a dropdown's choices as strings, so '2' must be one
-                    down = gr.Dropdown([str(d) for d in DOWN_FACTORS], value=str(d0 or 1), label="Down factor")
+                    # strings: the API page lists a dropdown's choices as strings, so '2' must be one; custom values
+                    # let the ints API clients passed before through to validate(), which names the allowed ones
+                    down = gr.Dropdown(
+                        [str(d) for d in DOWN_FACTORS], value=str(d0 or 1), label="Down factor", allow_custom_value=True
+                    )
                 weights_in = gr.Dropdown(
                     weight_choices,
                     value=weights or NO_WEIGHTS,

@@ -229,15 +229,24 @@ def _first(names: list[str], n: int = 3) -> str:
 class ClearWeights:
     """CLEAR tensors read from a file, with the radius and down factor they are for (see :func:`read_weights`).
 
-    ``tensors`` is empty when the file was read with ``tensors=False`` (its header only); ``shapes`` always holds
-    every tensor's name and shape.
+    ``tensors`` is empty when the file was read with ``tensors=False`` (its header only); ``shapes`` holds every
+    tensor's name and shape (taken from ``tensors`` when not given).
     """
 
     tensors: dict[str, torch.Tensor] = field(repr=False)
     window_size: int
     down_factor: int
     name: str
-    shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    shapes: dict[str, tuple[int, ...]] = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.shapes is None:  # built from tensors (a state dict in memory), as before shapes existed
+            object.__setattr__(self, "shapes", {k: tuple(v.shape) for k, v in self.tensors.items()})
+
+    def check_loadable(self) -> None:
+        """Raise unless the tensors were read (not the header alone): what loads them into a model calls this."""
+        if self.tensors.keys() != self.shapes.keys():
+            raise ValueError(f"{self.name} was read without its tensors (tensors=False): read_weights(path) to load it")
 
 
 def read_weights(
@@ -311,8 +320,7 @@ def apply_weights(
         left untouched then.
     """
     transformer = resolve_transformer(pipe_or_transformer)
-    if weights.tensors.keys() != weights.shapes.keys():
-        raise ValueError(f"{weights.name} was read without its tensors (tensors=False): read_weights(path) to load it")
+    weights.check_loadable()
     check_weights(transformer, weights)
     tensors, down_factor = weights.tensors, weights.down_factor
 

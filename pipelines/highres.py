@@ -67,6 +67,7 @@ def resolve_clear_settings(
     down = down_factor if down_factor is not None else weights.down_factor if weights is not None else 1
     window, down = check_patch_settings(window, down, backend, proportional_attention)
     if weights is not None:
+        weights.check_loadable()  # the upscale stages load it: not after the base stage
         weights = dataclasses.replace(weights, window_size=window, down_factor=down)
     return window, down, weights
 

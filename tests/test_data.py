@@ -508,10 +508,23 @@ def test_overwrite_never_deletes_a_folder_of_someone_elses_files(made, tmp_path)
     (mine / "images").mkdir(parents=True)
     (mine / "info.json").write_text('{"name": "my project"}')
     (mine / "images" / "holiday.png").write_bytes(b"mine")
-    with pytest.raises(ValueError, match="not a valid clear-dit data info file"):
+    with pytest.raises(
+        FileExistsError, match="info.json is not clear-dit's .*: --overwrite replaces clear-dit data only"
+    ):
         generate_dataset(pipe, PROMPTS, mine, num=1, overwrite=True, **SETTINGS)
     assert (mine / "images" / "holiday.png").read_bytes() == b"mine"
     assert json.loads((mine / "info.json").read_text()) == {"name": "my project"}
+
+
+def test_overwrite_replaces_our_data_of_another_version(made, tmp_path):
+    """An info.json of ours with a field this version does not know (a newer clear-dit's) is still ours to replace."""
+    pipe, _, _ = made
+    out = generate_dataset(pipe, PROMPTS[:1], tmp_path / "d", **SETTINGS)
+    info = json.loads((out / "info.json").read_text())
+    (out / "info.json").write_text(json.dumps({**info, "captioner": "a newer field"}))
+    with pytest.raises(ValueError):  # a resume must understand it
+        generate_dataset(pipe, PROMPTS[:1], out, **SETTINGS)
+    assert len(DistillDataset(generate_dataset(pipe, PROMPTS[:2], out, overwrite=True, **SETTINGS))) == 2
 
 
 def test_overwrite_and_resume_leave_subfolders_a_user_put_there(made, tmp_path):
@@ -531,8 +544,19 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_writes(made,
     first = data._Writer(out, data.DataInfo.read(made[1]), overwrite=False)  # a run that is writing
     with pytest.raises(FileExistsError, match=f"another make-data run is writing {re.escape(str(out))}"):
         generate_dataset(pipe, PROMPTS[:1], out, **SETTINGS)
-    del first
+    first.close()
     assert len(DistillDataset(generate_dataset(pipe, PROMPTS[:1], tmp_path / "d2", **SETTINGS))) == 1
+
+
+def test_a_failed_run_does_not_keep_the_folder_locked(made, tmp_path):
+    """The lock lived as long as the writer, which a kept traceback (sys.last_exc in a REPL or notebook) kept alive:
+    the corrected run in the same process was refused as 'another make-data run'."""
+    pipe, _, _ = made
+    out = generate_dataset(pipe, PROMPTS[:1], tmp_path / "d", **SETTINGS)
+    with pytest.raises(ValueError, match="the prompt list or image folder changed") as kept:
+        generate_dataset(pipe, ["another prompt"], out, **SETTINGS)
+    assert kept.value.__traceback__ is not None  # the failed run's frames are still referenced
+    assert len(DistillDataset(generate_dataset(pipe, PROMPTS[:2], out, **SETTINGS))) == 2
 
 
 def test_a_manifest_listing_an_item_twice_is_refused(made, tmp_path):
@@ -552,3 +576,10 @@ def test_asking_for_fewer_items_than_the_folder_holds_says_so(made, tmp_path, ca
         generate_dataset(pipe, PROMPTS, out, num=2, **SETTINGS)
     assert f"{out} holds 2 items beyond the 2 asked for; they stay in the data set" in caplog.text
     assert len(DistillDataset(out)) == 4
+
+
+def test_where_fcntl_is_missing_runs_are_not_locked(made, tmp_path, monkeypatch):
+    """Windows has no fcntl: make-data (and distill, which imports this module) run there, unlocked."""
+    monkeypatch.setattr(data, "fcntl", None)
+    out = generate_dataset(made[0], PROMPTS[:1], tmp_path / "d", **SETTINGS)
+    assert len(DistillDataset(out)) == 1 and not (out / data.LOCK_FILE).exists()

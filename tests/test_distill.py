@@ -26,7 +26,15 @@ from app.cli import main
 from app.launch import WORLD_SIZE_VARIABLES, alone_under_cpu_launch, requested_processes
 from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
-from training.distill import DistillConfig, Distiller, SampleStream, latest_checkpoint, make_batch, train
+from training.distill import (
+    DistillConfig,
+    Distiller,
+    SampleStream,
+    check_run,
+    latest_checkpoint,
+    make_batch,
+    train,
+)
 from training.losses import TimestepSampler, distill_losses, weighted_mse
 from training.student import Student
 
@@ -501,11 +509,18 @@ def test_clear_errors(tmp_path, data_dir):
 
 
 def test_model_and_out_paths_are_named_for_what_they_are(tmp_path, data_dir):
+    from pipelines.tiny import tiny_pipeline_path
+
     """A missing local --model was reported as a failed hub download; --out a file as '[Errno 17] File exists'."""
     with pytest.raises(FileNotFoundError, match=f"model folder not found: {re.escape(str(tmp_path))}/nope"):
         train(config(tmp_path, data_dir, model=str(tmp_path / "nope")))
-    with pytest.raises(ValueError, match="is not a diffusers pipeline folder"):
-        train(config(tmp_path, data_dir, model=str(data_dir)))
+    with pytest.raises(FileNotFoundError, match="cannot load a FLUX transformer and scheduler from"):
+        train(config(tmp_path, data_dir, "run-data", model=str(data_dir)))
+    # what distillation needs of a model: the transformer, scheduler and VAE, without the text encoders' gigabytes
+    partial = tmp_path / "flux-partial"
+    for sub in ("transformer", "scheduler", "vae"):
+        shutil.copytree(Path(tiny_pipeline_path()) / sub, partial / sub)
+    check_run(config(tmp_path, data_dir, "run-partial", model=str(partial)))
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(FileExistsError, match="afile is a file, not a run folder; choose another --out"):
         train(config(tmp_path, data_dir, "afile"))

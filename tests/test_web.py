@@ -365,11 +365,52 @@ def test_a_cancel_while_waiting_for_the_engine_is_not_lost(engine):
         thread = threading.Thread(target=run)
         thread.start()
         deadline = time.monotonic() + 30
-        while not engine._waiting["waiting"] and time.monotonic() < deadline:
+        while not engine._runs.get("waiting") and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.cancel("waiting")
     thread.join(60)
     assert outcome == ["cancelled"] and not engine.cancel("waiting")
+
+
+def test_a_cancel_of_a_run_waiting_behind_its_own_sessions_abandoned_run_holds(engine, monkeypatch):
+    """Cancels were kept per session: the abandoned run, ending, cleared the cancel of the run waiting behind it."""
+    outcome, first_step = {}, threading.Event()
+    release = threading.Event()
+    steps = engine.pipe.__class__.__call__
+
+    def paused(self, *args, **kwargs):  # the first run waits at its first step until released
+        callback = kwargs["callback_on_step_end"]
+
+        def hold(pipe, i, t, state):
+            if threading.current_thread().name == "A":
+                first_step.set()
+                release.wait(30)
+            return callback(pipe, i, t, state)
+
+        return steps(self, *args, **{**kwargs, "callback_on_step_end": hold})
+
+    monkeypatch.setattr(engine.pipe.__class__, "__call__", paused)
+
+    def run(name):
+        try:
+            engine.generate(GenerationSettings(**BASE), "same-tab")
+            outcome[name] = "ran"
+        except GenerationCancelled:
+            outcome[name] = "cancelled"
+
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    assert first_step.wait(30) and engine.cancel("same-tab")  # A: cancelled, stops at its next step
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    deadline = time.monotonic() + 30
+    while len(engine._runs.get("same-tab", ())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.cancel("same-tab")  # B, waiting behind A
+    release.set()
+    a.join(60)
+    b.join(60)
+    assert outcome == {"A": "cancelled", "B": "cancelled"}
 
 
 @pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 100])
@@ -450,7 +491,7 @@ def test_gradio_client_named_endpoint_returns_an_image(server):
         (dict(seed="abc"), "seed must be a number, got 'abc'"),
         (dict(seed=1.5), "seed must be a whole number, got 1.5"),
         (dict(height=64.5), "height must be a whole number, got 64.5"),
-        (dict(down_factor="3"), "3"),
+        (dict(down_factor="3"), "down factor must be one of (1, 2, 4), got 3"),
     ],
 )
 def test_bad_input_through_the_api_is_a_readable_error(server, changes, message):
@@ -468,9 +509,10 @@ def test_the_down_factor_is_taken_as_the_api_page_lists_it(server):
 
     client = Client(server, verbose=False)
     assert "Literal['1', '2', '4']" in str(client.view_api(print_info=False, return_format="str"))
-    kwargs = dict(prompt="a cat", width=64, height=64, steps=1, window_size=2, down_factor="2")
-    _, summary, _ = client.predict(**kwargs, api_name="/generate")
-    assert "CLEAR r=2 d=2" in summary
+    for down in ("2", 2):  # as listed, and as API clients passed it before
+        kwargs = dict(prompt="a cat", width=64, height=64, steps=1, window_size=2, down_factor=down)
+        _, summary, _ = client.predict(**kwargs, api_name="/generate")
+        assert "CLEAR r=2 d=2" in summary
 
 
 def test_a_job_cancelled_through_the_api_stops_the_generation(server, engine):
@@ -563,6 +605,23 @@ def test_cli_app_on_a_port_in_use_says_so_before_loading_the_model():
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: --port {port} on 127.0.0.1 is not free (") and "images go to" not in out
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.6])
+def test_cli_app_stopped_while_it_starts_stops_and_takes_its_folder_along(tiny_pipeline_path, delay):
+    """SIGTERM raised KeyboardInterrupt wherever the main thread was: inside a finalizer during the server's start it
+    was dropped, and the server ran on (a service manager then waits and SIGKILLs it, leaving the folder)."""
+    proc = cli("--port", str(free_port()))
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("images go to "), first + proc.stderr.read()
+        time.sleep(delay)
+        proc.terminate()
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    folder = Path(first.split()[3])
+    assert proc.returncode == 0 and not folder.exists(), err[-2000:]
 
 
 def test_cli_app_serves_the_named_endpoints(tiny_pipeline_path):

@@ -213,3 +213,27 @@ def test_weights_refused_on_fused_qkv_projections(model, tmp_path):
             clear_dit.save_weights(model, tmp_path / "saved.safetensors")
     model.unfuse_qkv_projections()
     assert clear_dit.load_weights(model, path).window_size == 2
+
+
+def test_weights_built_in_memory_and_header_only_reads(model, tmp_path):
+    """ClearWeights from a state dict in memory (its constructor before shapes existed) loads as before; a
+    header-only read checks a model but is refused where weights are loaded, highres included, before any stage."""
+    from pipelines.highres import resolve_clear_settings
+
+    tensors = official_tensors(model, 1)
+    in_memory = clear_dit.ClearWeights(tensors=tensors, window_size=2, down_factor=1, name="student")
+    assert in_memory.shapes == {k: tuple(v.shape) for k, v in tensors.items()}
+    clear_dit.apply_weights(model, in_memory)
+    torch.testing.assert_close(clear_dit.clear_state_dict(model), tensors, atol=0, rtol=0)
+    clear_dit.unpatch(model)
+
+    save_file(tensors, str(tmp_path / "clear_local_2.safetensors"))
+    header = clear_dit.read_weights(tmp_path / "clear_local_2.safetensors", tensors=False)
+    assert header.tensors == {} and header.shapes == in_memory.shapes
+    clear_dit.weights.check_weights(model, header)
+    for load in (lambda: clear_dit.apply_weights(model, header), lambda: resolve_clear_settings(None, None, header)):
+        with pytest.raises(
+            ValueError, match=r"clear_local_2.safetensors was read without its tensors \(tensors=False\)"
+        ):
+            load()
+    assert clear_dit.patch_handle(model) is None

@@ -20,7 +20,6 @@ or unreferenced files, which the next run drops before it resumes.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import logging
@@ -39,6 +38,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pipelines.loading import default_max_sequence_length
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs on one folder are not locked against each other
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +185,21 @@ def _data_files(folder: Path) -> list[Path]:
     return [f for sub in ("images", "shards") for f in (folder / sub).glob("*") if f.is_file()]
 
 
+def _made_by_us(folder: Path) -> bool:
+    """Whether ``folder``'s info file says clear-dit wrote it (read loosely: a damaged or newer one may be ours)."""
+    try:
+        raw = json.loads((folder / INFO_FILE).read_text())
+    except (ValueError, OSError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == DATA_FORMAT
+
+
 def _lock_folder(folder: Path) -> Any:
     """An exclusive lock on ``folder`` held while the returned file stays open: two runs on one folder both made
-    every item, appended both to the manifest, and each deleted the other's unfinished files."""
+    every item, appended both to the manifest, and each deleted the other's unfinished files. ``None`` (no lock)
+    where ``fcntl`` does not exist (Windows)."""
+    if fcntl is None:
+        return None
     handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 (held open for the writer's lifetime)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,10 +225,22 @@ class _Writer:
             )
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_folder(folder)
+        try:
+            self._prepare(manifest, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, manifest: Path, overwrite: bool) -> None:
+        folder, info = self.folder, self.info
         if (folder / INFO_FILE).exists():
-            on_disk = DataInfo.read(folder)  # an info.json of another tool's is refused, --overwrite or not
             if not overwrite:
-                on_disk.check_matches(info, folder)
+                DataInfo.read(folder).check_matches(info, folder)
+            elif not _made_by_us(folder):  # --overwrite replaces our data (of any version), not another tool's
+                raise FileExistsError(
+                    f"{folder / INFO_FILE} is not clear-dit's (no 'format': {DATA_FORMAT!r}): --overwrite replaces "
+                    "clear-dit data only; delete the folder yourself or use another --out"
+                )
         if overwrite:
             manifest.unlink(missing_ok=True)  # first: a kill below then leaves unreferenced files, dropped next run
             for f in _data_files(folder):
@@ -222,6 +250,11 @@ class _Writer:
         info.write(folder)
         self.entries = _read_manifest(folder, repair=True)
         self._drop_unreferenced()
+
+    def close(self) -> None:
+        """Release the folder (its lock)."""
+        if self._lock is not None:
+            self._lock.close()
 
     @property
     def done(self) -> dict[int, dict[str, Any]]:
@@ -382,36 +415,41 @@ def _run(
     probe = _encode_text(pipe, [items[0].prompt], max_sequence_length)
     info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe)
     writer = _Writer(out, info, overwrite)
-    negative = _encode_text(pipe, [negative_prompt], max_sequence_length)
-    names = ("prompt_embeds", "pooled_prompt_embeds")
-    tensors = {k: v.contiguous().cpu() for k, v in zip(names, negative, strict=True)}
-    _atomic_write_bytes(out / NEGATIVE_FILE, safetensors_save(tensors))
-    done = writer.done
-    for item in items:
-        made = done.get(item.index)
-        if made is not None and (made["prompt"], made.get("source")) != (item.prompt, item.source):
-            was, now = made.get("source") or made["prompt"], item.source or item.prompt
-            change = f"was made from {was!r}, not {now!r}"
-            if was == now:  # the same image, captioned anew
-                change = f"({was}) was captioned {made['prompt']!r}, now {item.prompt!r}"
-            raise ValueError(
-                f"{out}: item {item.index} {change}; "
-                "the prompt list or image folder changed: use another --out, or --overwrite"
+    try:
+        negative = _encode_text(pipe, [negative_prompt], max_sequence_length)
+        names = ("prompt_embeds", "pooled_prompt_embeds")
+        tensors = {k: v.contiguous().cpu() for k, v in zip(names, negative, strict=True)}
+        _atomic_write_bytes(out / NEGATIVE_FILE, safetensors_save(tensors))
+        done = writer.done
+        for item in items:
+            made = done.get(item.index)
+            if made is not None and (made["prompt"], made.get("source")) != (item.prompt, item.source):
+                was, now = made.get("source") or made["prompt"], item.source or item.prompt
+                change = f"was made from {was!r}, not {now!r}"
+                if was == now:  # the same image, captioned anew
+                    change = f"({was}) was captioned {made['prompt']!r}, now {item.prompt!r}"
+                raise ValueError(
+                    f"{out}: item {item.index} {change}; "
+                    "the prompt list or image folder changed: use another --out, or --overwrite"
+                )
+        todo = [item for item in items if item.index not in done]
+        beyond = len(set(done) - {item.index for item in items})
+        if beyond:  # the set is not cut down to what was asked: training would take all of it
+            logger.warning(
+                "%s holds %d items beyond the %d asked for; they stay in the data set", out, beyond, len(items)
             )
-    todo = [item for item in items if item.index not in done]
-    beyond = len(set(done) - {item.index for item in items})
-    if beyond:  # the set is not cut down to what was asked: training would take all of it
-        logger.warning("%s holds %d items beyond the %d asked for; they stay in the data set", out, beyond, len(items))
-    if len(todo) < len(items):
-        logger.info("%s: %d of %d items already done, resuming", out, len(items) - len(todo), len(items))
-    png_settings = {k: v for k, v in settings.items() if k != "source"}
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="make-data") as bar:
-        for batch in _batches(todo, batch_size):
-            prompts = [item.prompt for item in batch]
-            prompt_embeds, pooled = _encode_text(pipe, prompts, max_sequence_length)
-            images = make_images(batch, prompt_embeds, pooled, negative)
-            writer.write(batch, images, _encode_images(pipe.vae, images), prompt_embeds, pooled, png_settings)
-            bar.update(len(batch))
+        if len(todo) < len(items):
+            logger.info("%s: %d of %d items already done, resuming", out, len(items) - len(todo), len(items))
+        png_settings = {k: v for k, v in settings.items() if k != "source"}
+        with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="make-data") as bar:
+            for batch in _batches(todo, batch_size):
+                prompts = [item.prompt for item in batch]
+                prompt_embeds, pooled = _encode_text(pipe, prompts, max_sequence_length)
+                images = make_images(batch, prompt_embeds, pooled, negative)
+                writer.write(batch, images, _encode_images(pipe.vae, images), prompt_embeds, pooled, png_settings)
+                bar.update(len(batch))
+    finally:
+        writer.close()  # the folder's lock: not held on by a traceback that keeps this frame
     return out
 
 

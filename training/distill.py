@@ -488,7 +488,8 @@ def check_run(config: DistillConfig) -> RunPlan:
     count, its grid against the down factor) and ``--out`` against ``--resume``/``--overwrite``. The CLI runs it
     before it starts N processes, so that a mistake is one error line, not one per process."""
     config.check()
-    model_source(config.model)  # a missing or non-pipeline folder: said as such, not as a hub error
+    if not Path(config.model).expanduser().exists():  # a missing folder said as such, not as a hub error
+        model_source(config.model)
     dataset = DistillDataset(config.data)
     # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
     num_validation = config.num_validation
