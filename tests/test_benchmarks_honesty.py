@@ -195,9 +195,8 @@ def test_memory_counts_the_mask_a_backend_builds_and_keeps():
     """Measured after the timing rounds had cached it, dense's seq^2 mask was left out: dense looked leanest."""
     import benchmarks.attention as bench
     from clear_dit import CLEARLayout
-    from clear_dit.backends.dense import _cached_bias
-
     from clear_dit.backends import flex
+    from clear_dit.backends.dense import _cached_bias
 
     compiled = flex._compiled_flex_attention()
     args = bench.parse_args(["--smoke", "--threads", "1", "--rows", "16:2", "--backends", "tiled", "dense", "--memory"])
