@@ -820,16 +820,20 @@ def cmd_app(args: argparse.Namespace) -> int:
     # A service manager stops the server with SIGTERM: shut down as on Ctrl-C, so that the temp folder goes too. A
     # flag, not an exception: one raised while a finalizer runs (as during the server's start) is dropped.
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    demo = build_demo(engine=engine)
-    launch(demo, host=args.host, port=args.port, share=args.share, block=False)
+    # Ctrl-C too: its KeyboardInterrupt is dropped the same way during the start. Restored after: main() may run
+    # inside a longer-lived process (a notebook, a test), whose SIGTERM must not stay a no-op.
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:  # Ctrl-C: how a server is stopped, not an error
-        pass
+        demo = build_demo(engine=engine)
+        launch(demo, host=args.host, port=args.port, share=args.share, block=False)
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            demo.close()
     finally:
-        demo.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

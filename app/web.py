@@ -10,6 +10,7 @@ named API endpoints for ``gradio_client``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -174,6 +175,9 @@ def _png_metadata(settings: GenerationSettings, model: str, seconds: float) -> P
     return info
 
 
+_abandoned: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("_abandoned", default=None)
+
+
 class GenerationEngine:
     """Owns the loaded pipeline; one generation at a time (a lock), attention switched by re-patching.
 
@@ -305,10 +309,14 @@ class GenerationEngine:
         token = object()
         with self._runs_lock:
             self._runs.setdefault(session, set()).add(token)
+            abandoned = _abandoned.get()
+            if abandoned is not None and abandoned.is_set():  # its event was cancelled before the run got here
+                self._cancelled.add(token)
         try:
             with self._lock:  # a cancel while it waited holds: the run stops at its first check
                 self._running, self._run = session, token
                 try:
+                    self._stop_if_cancelled()  # cancelled while it waited: not one step, nor a weights load
                     yield
                 finally:
                     self._running = self._run = None
@@ -639,9 +647,12 @@ class Callbacks:
         async def run(*args: Any, **kwargs: Any) -> Any:
             request = signature.bind_partial(*args, **kwargs).arguments.get("request")
             work = functools.partial(handler, *args, **kwargs)
+            abandoned = threading.Event()
+            _abandoned.set(abandoned)  # the worker thread runs in a copy of this context
             try:
                 return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
             except anyio.get_cancelled_exc_class():
+                abandoned.set()  # before cancel(): a run registering in between sees one or the other
                 self.engine.cancel(self._session(request))
                 raise
 

@@ -556,6 +556,9 @@ def test_a_failed_run_does_not_keep_the_folder_locked(made, tmp_path):
     with pytest.raises(ValueError, match="the prompt list or image folder changed") as kept:
         generate_dataset(pipe, ["another prompt"], out, **SETTINGS)
     assert kept.value.__traceback__ is not None  # the failed run's frames are still referenced
+    with pytest.raises(ValueError, match="holds data made with other settings") as kept_too:  # refused while opening
+        generate_dataset(pipe, PROMPTS[:1], out, **{**SETTINGS, "steps": 3})
+    assert kept_too.value.__traceback__ is not None
     assert len(DistillDataset(generate_dataset(pipe, PROMPTS[:2], out, **SETTINGS))) == 2
 
 

@@ -514,8 +514,8 @@ def test_model_and_out_paths_are_named_for_what_they_are(tmp_path, data_dir):
     """A missing local --model was reported as a failed hub download; --out a file as '[Errno 17] File exists'."""
     with pytest.raises(FileNotFoundError, match=f"model folder not found: {re.escape(str(tmp_path))}/nope"):
         train(config(tmp_path, data_dir, model=str(tmp_path / "nope")))
-    with pytest.raises(FileNotFoundError, match="cannot load a FLUX transformer and scheduler from"):
-        train(config(tmp_path, data_dir, "run-data", model=str(data_dir)))
+    with pytest.raises(FileNotFoundError, match="cannot load a FLUX transformer and scheduler from .* it has no"):
+        check_run(config(tmp_path, data_dir, "run-data", model=str(data_dir)))  # once, before N processes start
     # what distillation needs of a model: the transformer, scheduler and VAE, without the text encoders' gigabytes
     partial = tmp_path / "flux-partial"
     for sub in ("transformer", "scheduler", "vae"):

@@ -413,6 +413,60 @@ def test_a_cancel_of_a_run_waiting_behind_its_own_sessions_abandoned_run_holds(e
     assert outcome == {"A": "cancelled", "B": "cancelled"}
 
 
+def test_an_event_cancelled_before_its_run_registers_does_not_run(engine, monkeypatch):
+    """The Stop button (or a closed tab) while the worker thread is still before engine.generate (parsing, the
+    weights header): engine.cancel found no run, and the abandoned run then ran to its end for nobody."""
+    import anyio
+
+    validate, ran, finished = engine.validate, [], threading.Event()
+
+    def slow_validate(s):
+        time.sleep(0.5)
+        validate(s)
+
+    monkeypatch.setattr(engine, "validate", slow_validate)
+
+    def handler(request=None):
+        try:
+            ran.append(engine.generate(GenerationSettings(**BASE), "early"))
+        finally:
+            finished.set()
+
+    wrapped = Callbacks(engine).cancellable(handler)
+
+    async def cancelled_early():
+        with anyio.move_on_after(0.1):
+            await wrapped(request=session("early"))
+
+    anyio.run(cancelled_early)
+    assert finished.wait(60) and ran == []
+
+
+def test_a_run_cancelled_while_it_waits_makes_no_step(engine, monkeypatch):
+    """'before it starts': not one denoising step (nor a weights switch) once it gets the engine."""
+    calls, pipeline_call = [], engine.pipe.__class__.__call__
+    monkeypatch.setattr(
+        engine.pipe.__class__, "__call__", lambda self, *a, **k: calls.append(1) or pipeline_call(self, *a, **k)
+    )
+    outcome = []
+
+    def run():
+        try:
+            engine.generate(GenerationSettings(**BASE), "queued")
+        except GenerationCancelled:
+            outcome.append("cancelled")
+
+    with engine._lock:
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not engine._runs.get("queued") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.cancel("queued")
+    thread.join(60)
+    assert outcome == ["cancelled"] and calls == []
+
+
 @pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 100])
 def test_large_seeds_are_used_exactly(cb, seed):
     """Seeds went through a float (53 bits): 2**53 + 1 became another seed, 2**63 - 100 was refused."""
@@ -608,20 +662,40 @@ def test_cli_app_on_a_port_in_use_says_so_before_loading_the_model():
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 0.6])
-def test_cli_app_stopped_while_it_starts_stops_and_takes_its_folder_along(tiny_pipeline_path, delay):
-    """SIGTERM raised KeyboardInterrupt wherever the main thread was: inside a finalizer during the server's start it
-    was dropped, and the server ran on (a service manager then waits and SIGKILLs it, leaving the folder)."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_cli_app_stopped_while_it_starts_stops_and_takes_its_folder_along(tiny_pipeline_path, sig, delay):
+    """SIGTERM (and Ctrl-C's KeyboardInterrupt) raised wherever the main thread was: inside a finalizer during the
+    server's start it was dropped, and the server ran on (a service manager then SIGKILLs it, leaving the folder)."""
+    import signal
+
     proc = cli("--port", str(free_port()))
     try:
         first = proc.stdout.readline()
         assert first.startswith("images go to "), first + proc.stderr.read()
         time.sleep(delay)
-        proc.terminate()
+        proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=90)
     finally:
         proc.kill()
     folder = Path(first.split()[3])
     assert proc.returncode == 0 and not folder.exists(), err[-2000:]
+
+
+def test_cli_app_leaves_the_signal_handlers_as_it_found_them(monkeypatch, capsys):
+    """main() may run in a longer-lived process (a notebook, a test): its SIGTERM must not stay a no-op."""
+    import signal
+
+    import app.web
+    from app.cli import main
+
+    def refused(*args, **kwargs):
+        raise OSError("Cannot find empty port")
+
+    monkeypatch.setattr(app.web, "launch", refused)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    assert main(["app", "--port", str(free_port())]) == 1
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert capsys.readouterr().err.endswith("error: Cannot find empty port\n")
 
 
 def test_cli_app_serves_the_named_endpoints(tiny_pipeline_path):
