@@ -813,17 +813,17 @@ def cmd_app(args: argparse.Namespace) -> int:
             raise
         raise CLIError("the web UI needs gradio: pip install 'clear-dit[app]'") from None
     engine = GenerationEngine.load(args.model, args.weights)
-    print(
-        f"images go to {engine.output_dir} (each browser session's until it ends, all until the server stops)",
-        flush=True,
-    )
     # A service manager stops the server with SIGTERM: shut down as on Ctrl-C, so that the temp folder goes too. A
-    # flag, not an exception: one raised while a finalizer runs (as during the server's start) is dropped.
+    # flag, not an exception: one raised while a finalizer runs (as during the server's start) is dropped; Ctrl-C's
+    # KeyboardInterrupt the same way. Restored after: main() may run inside a longer-lived process (a notebook, a
+    # test), whose SIGTERM must not stay a no-op. Set before the first line, which tells a supervisor it started.
     stop = threading.Event()
-    # Ctrl-C too: its KeyboardInterrupt is dropped the same way during the start. Restored after: main() may run
-    # inside a longer-lived process (a notebook, a test), whose SIGTERM must not stay a no-op.
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        print(
+            f"images go to {engine.output_dir} (each browser session's until it ends, all until the server stops)",
+            flush=True,
+        )
         demo = build_demo(engine=engine)
         launch(demo, host=args.host, port=args.port, share=args.share, block=False)
         try:
