@@ -1,0 +1,147 @@
+"""The CLI passes on and records what it was given: the density line's numbers, PNG metadata (a weights file's down
+factor, the backend, highres's strength/guidance/CFG/seed), --overwrite of stage PNGs and data folders, --parallel's
+checks, one-line library errors, the relaunch's argv, the port's upper bound."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+import clear_dit
+from app.cli import main
+
+
+def _meta(path):
+    with Image.open(path) as image:
+        image.load()
+        return dict(image.text), json.loads(image.text["clear-dit"])
+
+
+def test_density_line_numbers_are_attention_densitys():
+    from app.cli import _density_line
+
+    args = type("Args", (), {"height": 64, "width": 128})()
+    d = clear_dit.attention_density((4, 8), 64, 1, 1)
+    line = _density_line(args, 1, 1, 64, 16)
+    assert line == (
+        f"attention density: {d:.1%} of full attention (4x8 image + 64 text tokens) -> "
+        f"{1 / d:.2f}x fewer attention FLOPs ({1 - d:.1%} saved)"
+    )
+    square = type("Args", (), {"height": 32, "width": 32})()  # a window covering the grid: exactly full attention
+    assert clear_dit.attention_density((2, 2), 64, 8, 1) == 1.0
+    assert "0.0% more attention FLOPs than full attention" in _density_line(square, 8, 1, 64, 16)
+
+
+def test_png_metadata_skips_unset_values_and_names_the_software(tmp_path):
+    from app.cli import _save_png
+
+    out = tmp_path / "x.png"
+    _save_png(Image.new("RGB", (8, 8)), out, {"prompt": "x", "weights": None})
+    text, settings = _meta(out)
+    assert "weights" not in text and settings == {"prompt": "x", "weights": None}
+    assert text["Software"] == f"clear-dit {clear_dit.__version__}"
+
+
+def test_generate_records_the_weights_files_down_factor_and_backend(tmp_path, capsys):
+    from pipelines.loading import load_pipeline
+
+    with clear_dit.patch(load_pipeline("tiny"), window_size=2, down_factor=2) as handle:
+        weights = clear_dit.save_weights(handle.transformer, tmp_path / "student.safetensors")
+    out = tmp_path / "w.png"
+    args = ["generate", "--prompt", "x", "--height", "64", "--width", "64", "--steps", "1"]
+    assert main([*args, "--weights", str(weights), "--backend", "dense", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    _, settings = _meta(out)
+    assert (settings["window"], settings["down"], settings["backend"]) == (2, 2, "dense")
+    assert "CLEAR r=2 d=2 (backend dense)" in printed
+    assert f"attention density: {clear_dit.attention_density((4, 4), 64, 2, 2):.1%}" in printed
+
+
+def test_highres_runs_and_records_what_it_was_given_and_keeps_stage_files(tmp_path, monkeypatch, capsys):
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipelines.highres import HighResFluxPipeline
+
+    seen, call = [], HighResFluxPipeline.__call__
+    monkeypatch.setattr(HighResFluxPipeline, "__call__", lambda self, *a, **k: seen.append(k) or call(self, *a, **k))
+    out = tmp_path / "big.png"
+    args = ["highres", "--prompt", "x", "--stages", "32x32,64x64", "--steps", "2", "--strength", "0.5"]
+    args += ["--guidance", "2", "--true-cfg", "2", "--negative-prompt", "blurry", "--seed", "5", "--window", "1"]
+    args += ["--backend", "dense", "--save-stages", "--out", str(out)]
+    stage0 = tmp_path / "big-stage0.png"
+    stage0.write_bytes(b"mine")
+    assert main(args) == 2  # an existing stage file needs --overwrite as the final one does
+    assert "exists; pass --overwrite" in capsys.readouterr().err and stage0.read_bytes() == b"mine"
+    prior = diffusers_logging.get_verbosity()
+    try:
+        diffusers_logging.set_verbosity_warning()
+        assert main([*args, "--overwrite"]) == 0
+        assert diffusers_logging.get_verbosity() == logging.ERROR  # quieted without -v
+    finally:
+        diffusers_logging.set_verbosity(prior)
+    (kwargs,) = seen
+    assert (kwargs["strength"], kwargs["guidance_scale"], kwargs["seed"]) == (0.5, 2.0, 5)
+    assert (kwargs["true_cfg_scale"], kwargs["negative_prompt"]) == (2.0, "blurry")
+    for path in (stage0, out):
+        _, settings = _meta(path)
+        assert settings["strength"] == 0.5 and settings["guidance"] == 2.0 and settings["seed"] == 5
+        assert settings["true_cfg_scale"] == 2.0 and settings["negative_prompt"] == "blurry"
+        assert settings["backend"] == "dense"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--parallel needs a distributed launch"),
+        (["--true-cfg", "2"], "--true-cfg is not supported with --parallel yet"),
+    ],
+)
+def test_parallel_checks(tmp_path, monkeypatch, capsys, extra, message):
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # one variable missing is no launch
+    args = ["generate", "--prompt", "x", "--window", "2", "--parallel", *extra, "--out", str(tmp_path / "p.png")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_multi_line_library_error_is_one_line(tmp_path, monkeypatch, capsys):
+    import pipelines.loading
+
+    def broken(model):
+        raise ValueError("first line\n  second line")
+
+    monkeypatch.setattr(pipelines.loading, "model_source", broken)
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err == "error: first line second line\n"
+
+
+def test_distill_passes_its_own_argv_to_the_relaunch(tmp_path, monkeypatch):
+    import app.launch
+    import training.distill
+
+    seen = []
+    monkeypatch.setattr(training.distill, "check_run", lambda config: None)
+    monkeypatch.setattr(app.launch, "relaunch_lost_cpu_processes", lambda argv: seen.append(argv) or 7)
+    argv = ["distill", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--window", "2"]
+    assert main(argv) == 7 and seen == [argv]
+
+
+def test_make_data_overwrite_starts_over(tmp_path, tiny_pipeline_path, capsys):
+    from training.data import DistillDataset
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    base = ["make-data", "--prompts", str(prompts), "--out", str(tmp_path / "data"), "--resolution", "32"]
+    assert main([*base, "--steps", "1"]) == 0
+    prompts.write_text("a blue square\n")
+    assert main([*base, "--steps", "2", "--overwrite"]) == 0
+    assert DistillDataset(tmp_path / "data").prompts == ["a blue square"]
+
+
+def test_app_refuses_port_65536(capsys):
+    assert main(["app", "--port", "65536"]) == 2
+    assert "--port must be 1 to 65535, got 65536" in capsys.readouterr().err
