@@ -349,14 +349,13 @@ def test_compare_checks_the_weights_before_the_full_half(cb, engine, tmp_path, p
     assert set(engine.output_dir.rglob("*.png")) == before
 
 
-def test_a_cancel_while_waiting_for_the_engine_is_not_lost(engine):
-    """A cancelled event's thread cannot be stopped, only abandoned; the next run waits for it to let go of the
-    engine, and its own cancel then found nothing running, so it ran all its steps for nobody."""
+def _cancelled_while_waiting(engine, session: str) -> list[str]:
+    """A generation of ``session`` waiting behind a held engine (an abandoned run), cancelled there: its outcome."""
     outcome = []
 
     def run():
         try:
-            engine.generate(GenerationSettings(**BASE), "waiting")
+            engine.generate(GenerationSettings(**BASE), session)
             outcome.append("ran")
         except GenerationCancelled:
             outcome.append("cancelled")
@@ -365,11 +364,17 @@ def test_a_cancel_while_waiting_for_the_engine_is_not_lost(engine):
         thread = threading.Thread(target=run)
         thread.start()
         deadline = time.monotonic() + 30
-        while not engine._runs.get("waiting") and time.monotonic() < deadline:
+        while not engine._runs.get(session) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.cancel("waiting")
+        assert engine.cancel(session)
     thread.join(60)
-    assert outcome == ["cancelled"] and not engine.cancel("waiting")
+    return outcome
+
+
+def test_a_cancel_while_waiting_for_the_engine_is_not_lost(engine):
+    """A cancelled event's thread cannot be stopped, only abandoned; the next run waits for it to let go of the
+    engine, and its own cancel then found nothing running, so it ran all its steps for nobody."""
+    assert _cancelled_while_waiting(engine, "waiting") == ["cancelled"] and not engine.cancel("waiting")
 
 
 def test_a_cancel_of_a_run_waiting_behind_its_own_sessions_abandoned_run_holds(engine, monkeypatch):
@@ -448,23 +453,7 @@ def test_a_run_cancelled_while_it_waits_makes_no_step(engine, monkeypatch):
     monkeypatch.setattr(
         engine.pipe.__class__, "__call__", lambda self, *a, **k: calls.append(1) or pipeline_call(self, *a, **k)
     )
-    outcome = []
-
-    def run():
-        try:
-            engine.generate(GenerationSettings(**BASE), "queued")
-        except GenerationCancelled:
-            outcome.append("cancelled")
-
-    with engine._lock:
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not engine._runs.get("queued") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.cancel("queued")
-    thread.join(60)
-    assert outcome == ["cancelled"] and calls == []
+    assert _cancelled_while_waiting(engine, "queued") == ["cancelled"] and calls == []
 
 
 @pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 100])
