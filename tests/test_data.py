@@ -586,3 +586,22 @@ def test_where_fcntl_is_missing_runs_are_not_locked(made, tmp_path, monkeypatch)
     monkeypatch.setattr(data, "fcntl", None)
     out = generate_dataset(made[0], PROMPTS[:1], tmp_path / "d", **SETTINGS)
     assert len(DistillDataset(out)) == 1 and not (out / data.LOCK_FILE).exists()
+
+
+def test_a_resume_makes_the_items_of_damaged_files_again(made, tmp_path, caplog):
+    """A truncated shard (a damaged disk) or a deleted image: the resume reported every item done, and distill failed
+    on them mid-training."""
+    pipe, reference, _ = made
+    out = generate_dataset(pipe, PROMPTS, tmp_path / "d", num=4, **SETTINGS)
+    shard = out / "shards" / "000002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    (out / "images" / "000000.png").unlink()
+    with caplog.at_level("WARNING", logger="training.data"):
+        generate_dataset(pipe, PROMPTS, out, num=4, **SETTINGS)
+    assert "4 items in damaged or missing files (shards/000000.safetensors, shards/000002.safetensors)" in caplog.text
+    dataset = DistillDataset(out)
+    assert sorted(e["index"] for e in dataset.entries) == [0, 1, 2, 3]
+    for i in range(4):  # every item readable again, and the same as the reference set's
+        assert dataset[i]["latent_mean"].shape == (16, 8, 8)
+        a, b = (np.asarray(Image.open(folder / f"images/{i:06d}.png"), dtype=int) for folder in (out, reference))
+        assert np.abs(a - b).max() <= 1

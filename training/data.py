@@ -249,7 +249,29 @@ class _Writer:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         info.write(folder)
         self.entries = _read_manifest(folder, repair=True)
+        self._forget_damaged()
         self._drop_unreferenced()
+
+    def _forget_damaged(self) -> None:
+        """Items whose shard no longer opens or whose image is gone (a damaged disk, a file deleted by hand) leave
+        the manifest, so that this run makes them again: distill would fail on them mid-training."""
+        damaged = {e["shard"] for e in self.entries if not (self.folder / e["image"]).is_file()}
+        for shard in {e["shard"] for e in self.entries} - damaged:
+            try:
+                with safe_open(str(self.folder / shard), framework="pt"):  # checks the header and the file's length
+                    pass
+            except Exception:  # safetensors raises its own error types; a missing file too
+                damaged.add(shard)
+        if damaged:
+            kept = [e for e in self.entries if e["shard"] not in damaged]
+            logger.warning(
+                "%s: %d items in damaged or missing files (%s); making them again",
+                self.folder,
+                len(self.entries) - len(kept),
+                ", ".join(sorted(damaged)),
+            )
+            _atomic_write_bytes(self.folder / MANIFEST_FILE, _manifest_lines(kept).encode())
+            self.entries = kept
 
     def close(self) -> None:
         """Release the folder (its lock)."""
@@ -305,10 +327,14 @@ class _Writer:
         self.entries.extend(entries)
 
 
+def _manifest_lines(entries: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+
+
 def _append_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
     """One write of whole lines, flushed and fsynced: after it returns, the items are durable."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        f.write(_manifest_lines(entries))
         f.flush()
         os.fsync(f.fileno())
 
