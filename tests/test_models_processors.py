@@ -3,12 +3,10 @@ all ones (diffusers initialises them to 1, so swapped norms looked right), poole
 independent of our processors), proportional attention's key count with Kontext reference tokens and on SD3."""
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.nn.functional as F
-from clear_oracle import brute_force_mask
+from clear_oracle import diffusers_attention_under_mask
 from dit_models import TINY_SD35_CONFIG, sd3_inputs, tiny_sd3_transformer
 from flux_models import flux_inputs, run, tiny_flux_transformer
 
@@ -41,37 +39,13 @@ def test_sd35_qk_norms_with_trained_weights_match_diffusers(tmp_path):
         torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=1e-5)
 
 
-@contextmanager
-def _diffusers_attention_with_pooled_keys(grid, window_size, d, weight):
-    """diffusers' own FluxAttnProcessor; its SDPA call gets the CLEAR mask and pooled keys/values built from the
-    keys SDPA receives, i.e. after qk-norm and RoPE (DESIGN.md 1.1)."""
-    original = F.scaled_dot_product_attention
-    h, w = grid
-
-    def pool(x, t):  # x: (B, H, S, D); image tokens follow the t text tokens
-        img = x[:, :, t:].unflatten(2, (h // d, d, w // d, d))
-        return torch.einsum("bhyixjc,ij->bhyxc", img, weight).flatten(2, 3)
-
-    def masked(query, key, value, attn_mask=None, **kwargs):
-        t = query.shape[-2] - h * w
-        mask = brute_force_mask(t, [grid], window_size, d, "first")
-        key = torch.cat([key, pool(key, t)], dim=2)
-        value = torch.cat([value, pool(value, t)], dim=2)
-        return original(query, key, value, attn_mask=mask, **kwargs)
-
-    F.scaled_dot_product_attention = masked
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
 def test_flux_pooled_keys_are_pooled_after_rope(tmp_path):
     model = tiny_flux_transformer(tmp_path / "t")
     grid, r, d = (6, 8), 2, 2
     inputs = flux_inputs(grid, text_len=3, batch=2)
     weight = torch.tensor([[0.7, 0.1], [0.15, 0.05]])  # not symmetric
-    with _diffusers_attention_with_pooled_keys(grid, r, d, weight):
+    # diffusers' own processor: pooled from the keys its SDPA call receives, i.e. after qk-norm and RoPE (DESIGN 1.1)
+    with diffusers_attention_under_mask([grid], r, "first", down_factor=d, spatial_weight=weight):
         oracle = run(model, inputs)
     with clear_dit.patch(model, window_size=r, down_factor=d):
         for p in model.attn_processors.values():
@@ -85,7 +59,6 @@ def _by_hand(keys, dim):  # sqrt(log_4608(N_k) / head_dim), DESIGN.md 1.1
 
 
 def test_kontext_proportional_attention_counts_the_reference_keys(tmp_path):
-    from clear_oracle import diffusers_attention_under_mask
     from dit_models import kontext_inputs
 
     model = tiny_flux_transformer(tmp_path / "t")
@@ -100,7 +73,6 @@ def test_kontext_proportional_attention_counts_the_reference_keys(tmp_path):
 
 @pytest.mark.parametrize("config", ["sd3", "sd3.5"])
 def test_sd3_proportional_attention_matches_diffusers_under_the_mask(tmp_path, config):
-    from clear_oracle import diffusers_attention_under_mask
     from dit_models import TINY_SD3_CONFIG
 
     model = tiny_sd3_transformer(tmp_path / "t", TINY_SD3_CONFIG if config == "sd3" else TINY_SD35_CONFIG)
