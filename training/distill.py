@@ -489,14 +489,14 @@ def check_run(config: DistillConfig) -> RunPlan:
     before it starts N processes, so that a mistake is one error line, not one per process."""
     config.check()
     folder = Path(config.model).expanduser()
-    if config.model != TINY and not folder.exists():  # a missing folder said as such, not as a hub error
-        model_source(config.model)
-    elif config.model != TINY and not (
-        (folder / "transformer/config.json").is_file() and (folder / "scheduler").is_dir()
-    ):
-        raise FileNotFoundError(  # what load_teacher reads (a folder without model_index.json or text encoders is fine)
-            f"cannot load a FLUX transformer and scheduler from {config.model!r}: it has no transformer/ and scheduler/"
-        )
+    if config.model != TINY:
+        if not folder.exists():  # a missing folder said as such, not as a hub error
+            model_source(config.model)
+        elif not ((folder / "transformer/config.json").is_file() and (folder / "scheduler").is_dir()):
+            raise FileNotFoundError(  # what load_teacher reads (no model_index.json or text encoders needed)
+                f"cannot load a FLUX transformer and scheduler from {config.model!r}: it has no transformer/ and "
+                "scheduler/"
+            )
     dataset = DistillDataset(config.data)
     # Held out: the last items of the data set; by default 4, or a quarter of a smaller set.
     num_validation = config.num_validation
