@@ -140,9 +140,9 @@ def equivalence_worker(path: str) -> dict:
             "batched_ids": batched}  # fmt: skip
 
 
-def surviving_faulty_worker(path: str) -> tuple[float, str]:
+def surviving_faulty_worker(path: str) -> tuple[float, str, bool]:
     """Rank 0 fails inside a block, catches its error and lives on (a notebook, a server): the others must not wait
-    for it to exit. Returns the seconds until this rank's error, and the error."""
+    for it to exit. Returns the seconds until this rank's error, the error, and whether its group is still up."""
     import torch.distributed as dist
 
     from pipelines.parallel import run_parallel_pipeline
@@ -157,7 +157,7 @@ def surviving_faulty_worker(path: str) -> tuple[float, str]:
     seconds = time.monotonic() - start
     if rank == 0:
         time.sleep(15)
-    return seconds, error
+    return seconds, error, dist.is_initialized()
 
 
 def faulty_worker(path: str, fail_rank: int) -> None:
@@ -377,10 +377,12 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tiny_pipeline_path):
 def test_a_failed_rank_that_lives_on_does_not_hold_the_others(tiny_pipeline_path):
     results = launch_local(surviving_faulty_worker, 2, (str(tiny_pipeline_path),), timeout_s=200, group_timeout_s=90)
     assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
-    (_, own), (seconds, other) = (r.value for r in results)
+    (_, own, own_up), (seconds, other, other_up) = (r.value for r in results)
     assert own == "RuntimeError: injected fault in a transformer block"
     assert other == "RankFailedError: rank 0 failed: RuntimeError: injected fault in a transformer block"
     assert seconds < 10  # rank 0 tore its connections down when it failed, not when it exits 15 s later
+    # both tore their group down, the peer too: nothing of a larger group stays blocked on its connections
+    assert not own_up and not other_up
 
 
 def test_cli_parallel_torchrun(tiny_pipe, tmp_path):
