@@ -27,6 +27,8 @@ from app.launch import WORLD_SIZE_VARIABLES, alone_under_cpu_launch, requested_p
 from clear_dit.weights import is_clear_key
 from training.data import DistillDataset, generate_dataset
 from training.distill import (
+    RUN_FILE,
+    TRAINABLE_FILE,
     DistillConfig,
     Distiller,
     SampleStream,
@@ -834,6 +836,82 @@ def test_held_out_items_whose_prompts_are_also_trained_on_are_named(tmp_path, da
     assert "1 of the 1 held-out items" in caplog.text
 
 
+@pytest.mark.parametrize("change", [{"batch_size": 1}, {"grad_accum": 2}, {"attn_layers": [0]}, {"teacher": "copy"}])
+def test_resume_refuses_another_sample_stream_or_teacher(tmp_path, data_dir, change):
+    """The saved position counts samples of one batch size and accumulation; the targets come from one teacher."""
+    settings = dict(max_steps=1, checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"{key}: "):
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 2, "resume": "latest", **change}))
+
+
+def test_a_checkpoint_of_another_folder_is_checked_against_the_run_that_wrote_it(tmp_path, data_dir):
+    train(config(tmp_path, data_dir, "a", max_steps=2, checkpoint_every=2, num_validation=0))
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    with pytest.raises(ValueError, match=rf"cannot resume from {re.escape(str(checkpoint))}: .*batch_size: 2 -> 3"):
+        train(config(tmp_path, data_dir, "b", max_steps=3, batch_size=3, num_validation=0, resume=str(checkpoint)))
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_refused_resume_leaves_the_out_folder_as_it_was(tmp_path, data_dir):
+    """Refused by the checkpoint's contents, or by its step: a run.json written before would refuse every rerun."""
+    train(config(tmp_path, data_dir, "a", max_steps=2, checkpoint_every=2, down=2, num_validation=0))
+    (tmp_path / "a" / RUN_FILE).unlink()  # a checkpoint copied out of its run folder
+    checkpoint = str(tmp_path / "a" / "checkpoint-2")
+    with pytest.raises(ValueError, match="trainable state does not match"):
+        train(config(tmp_path, data_dir, "b", max_steps=3, num_validation=0, resume=checkpoint))
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"its checkpoint is at step 2, past --max-steps 1; pass --max-steps 2 or"):
+        train(config(tmp_path, data_dir, "b", max_steps=1, down=2, num_validation=0, resume=checkpoint))
+    assert not (tmp_path / "b").exists()
+    train(config(tmp_path, data_dir, "b", max_steps=3, down=2, num_validation=0, resume=checkpoint))
+    assert json.loads((tmp_path / "b" / RUN_FILE).read_text())["config"]["max_steps"] == 3
+
+
+def test_a_resume_names_the_settings_it_changes(tmp_path, data_dir, caplog):
+    settings = dict(max_steps=1, checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    with caplog.at_level("WARNING", logger="training.distill"):
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 2, "fm_weight": 0.5, "resume": "latest"}))
+    assert f"resuming {tmp_path / 'run'} with changed settings: max_steps: 1 -> 2; fm_weight: 1.0 -> 0.5" in caplog.text
+
+
+def test_a_batch_larger_than_the_training_items_is_said(tmp_path, data_dir, caplog):
+    with caplog.at_level("WARNING", logger="training.distill"):
+        Distiller(config(tmp_path, data_dir, batch_size=5, num_validation=2))
+    assert "a step takes 5 samples (batch size 5 x 1 processes) of 4 training items: each step repeats" in caplog.text
+
+
+def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from(tmp_path, data_dir):
+    """Until it writes a newer one, it is the only way back if this attempt is killed too."""
+    settings = dict(checkpoint_every=2, keep_checkpoints=3, num_validation=0)
+    train(config(tmp_path, data_dir, max_steps=2, **settings))
+    train(config(tmp_path, data_dir, max_steps=3, resume="latest", **settings))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_accumulated_steps_log_the_mean_loss_of_their_samples(tmp_path, data_dir):
+    """batch 1 x accumulation 2 sees the samples and weights of one batch of 2: the same logged losses."""
+    one = Distiller(config(tmp_path, data_dir, "one", max_steps=1, num_validation=0, batch_size=2)).train_step()
+    acc = Distiller(config(tmp_path, data_dir, "acc", max_steps=1, num_validation=0, batch_size=1,
+                           grad_accum=2)).train_step()  # fmt: skip
+    for key in ("loss", "loss_fm", "loss_out", "loss_attn"):
+        assert acc[key] == pytest.approx(one[key], rel=1e-5), key
+
+
+def test_only_the_main_process_writes_the_export_and_the_trainable_checkpoint(tmp_path, data_dir, monkeypatch):
+    distiller = Distiller(config(tmp_path, data_dir, max_steps=1, num_validation=0))
+    calls = []
+    monkeypatch.setattr(distiller.student, "export", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(distiller, "accelerator", SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: None,
+                                                                  end_training=lambda: None))  # fmt: skip
+    distiller.export()
+    weights = ["the model's state"]
+    distiller._save_hook([], weights, str(tmp_path))
+    assert calls == [] and weights == [] and not (tmp_path / TRAINABLE_FILE).exists()
+
+
 def test_resume_latest_without_a_checkpoint_says_it_starts_a_new_run(tmp_path, data_dir, caplog):
     from training.distill import _check_run_dir
 
@@ -905,11 +983,12 @@ def test_batches_are_the_rectified_flow_inputs_of_their_items(data_dir):
 
 
 def test_a_training_step_logs_the_loss_of_its_weights(tmp_path, data_dir):
-    """out and attn weights told apart (both default to 0.5): the logged total is fm + a out + b attn."""
-    cfg = config(tmp_path, data_dir, max_steps=1, num_validation=0, out_weight=0.3, attn_weight=0.7, attn_layers=[0])
+    """out and attn weights told apart (both default to 0.5): the logged total is w fm + a out + b attn."""
+    cfg = config(tmp_path, data_dir, max_steps=1, num_validation=0, fm_weight=0.2, out_weight=0.3, attn_weight=0.7,
+                 attn_layers=[0])  # fmt: skip
     distiller = Distiller(cfg)
     logged = distiller.train_step()
-    expected = logged["loss_fm"] + 0.3 * logged["loss_out"] + 0.7 * logged["loss_attn"]
+    expected = 0.2 * logged["loss_fm"] + 0.3 * logged["loss_out"] + 0.7 * logged["loss_attn"]
     assert logged["loss_out"] != logged["loss_attn"]
     assert logged["loss"] == pytest.approx(expected, rel=1e-5)
 

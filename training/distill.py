@@ -377,7 +377,10 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         if run_file.is_file():
-            _check_same_run(json.loads(run_file.read_text()), record, out)
+            _check_same_run(json.loads(run_file.read_text()), record, str(out))
+        origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
+        if origin != run_file and origin.is_file():  # a checkpoint of another folder: its run's settings count
+            _check_same_run(json.loads(origin.read_text()), record, f"from {checkpoint}")
         if checkpoint is None:
             logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
@@ -411,7 +414,9 @@ def _identity_config(config: DistillConfig) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("resume", "overwrite", "out")}
 
 
-def _check_same_run(saved: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any], what: str) -> None:
+    """Refuse to resume ``what`` (a run folder, or "from CHECKPOINT") with other RUN_IDENTITY settings or data;
+    say which of the other settings change."""
     diffs = [
         f"{k}: {saved['config'].get(k)!r} -> {now['config'].get(k)!r}"
         for k in RUN_IDENTITY
@@ -424,8 +429,15 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], out: Path) -> No
     ]
     if diffs:
         raise ValueError(
-            f"cannot resume {out}: it holds a different run ({'; '.join(diffs)}); use --overwrite or another --out"
+            f"cannot resume {what}: it holds a different run ({'; '.join(diffs)}); use --overwrite or another --out"
         )
+    changed = [
+        f"{k}: {v!r} -> {now['config'][k]!r}"
+        for k, v in saved["config"].items()
+        if k not in RUN_IDENTITY and k in now["config"] and v != now["config"][k]
+    ]
+    if changed:
+        logger.warning("resuming %s with changed settings: %s", what, "; ".join(changed))
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -589,10 +601,6 @@ class Distiller:
             trainable_dtype=torch.float32,
             seed=config.seed,
         )
-        acc.wait_for_everyone()  # run.json once the student is built: its settings (layers, backend) are valid
-        if acc.is_main_process:
-            _write_run_dir(config, plan.record, resuming=self.resume_from is not None)
-        acc.wait_for_everyone()
         self.sampler = TimestepSampler(
             scheduler.sigmas.float().cpu(),
             config.weighting_scheme,
@@ -611,6 +619,14 @@ class Distiller:
                 shared,
                 self.num_validation,
             )
+        if config.batch_size * acc.num_processes > self.num_train:
+            logger.warning(
+                "a step takes %d samples (batch size %d x %d processes) of %d training items: each step repeats items",
+                config.batch_size * acc.num_processes,
+                config.batch_size,
+                acc.num_processes,
+                self.num_train,
+            )
         self.stream = SampleStream(self.num_train, config.seed)
         params = list(self.student.trainable.values())
         optimizer = _make_optimizer(config, params)
@@ -627,6 +643,11 @@ class Distiller:
         acc.register_load_state_pre_hook(self._load_hook)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
+            if self.state.step > config.max_steps:
+                raise ValueError(
+                    f"--resume {config.resume}: its checkpoint is at step {self.state.step}, past --max-steps "
+                    f"{config.max_steps}; pass --max-steps {self.state.step} or more"
+                )
             self._continue_schedule(optimizer)
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
             if acc.is_main_process:  # later ones are the abandoned attempt's (as its log lines below): rotation,
@@ -635,7 +656,11 @@ class Distiller:
                     if step > self.state.step:
                         logger.info("removing %s of the attempt resumed before it", later)
                         shutil.rmtree(later)
-            acc.wait_for_everyone()
+        # run.json once the student is built and its checkpoint loaded: a refused resume leaves --out as it was
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_run_dir(config, plan.record, resuming=self.resume_from is not None)
+        acc.wait_for_everyone()
         if trackers and acc.is_main_process:
             # purge_step: readers drop the events the interrupted attempt logged after its last checkpoint.
             purge = {"purge_step": self.state.step + 1} if self.resume_from is not None else {}
