@@ -269,7 +269,7 @@ def read_weights(
     own_r, own_d = _declared_config(file, metadata)
     for name, given, own in (("window_size", window_size, own_r), ("down_factor", down_factor, own_d)):
         if given is not None and own is not None and given != own:  # allowed (the paper reuses radii), but said
-            logger.warning("%s was made for %s %d; using it with %s %d as asked", file.name, name, own, name, given)
+            logger.warning("%s was made for %s %s; using it with %s %s as asked", file.name, name, own, name, given)
     window_size = window_size or own_r
     if window_size is None:
         raise ValueError(

@@ -253,7 +253,7 @@ class HighResFluxPipeline(FluxPipeline):
         steps = _per_stage(num_inference_steps, count, "num_inference_steps")  # its own error for a wrong count
         try:
             steps = [_whole(n) for n in steps]
-            if min(steps) < 1:
+            if any(n < 1 for n in steps):  # none for no stages: check_highres_inputs says that
                 raise ValueError
         except (TypeError, ValueError):
             given = num_inference_steps

@@ -5,6 +5,7 @@ The CLI runs these before it loads anything, so a bad ``--stages`` fails in a fr
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 __all__ = ["BASE_ATTENTIONS", "OUTPUT_TYPES", "TIME_SHIFT_RANGE", "check_highres_inputs", "parse_stages"]
@@ -24,6 +25,11 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"stage size {part.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
         stages.append((width, height))
     return stages
+
+
+def _real(value: object) -> bool:
+    """A real number (numpy's too), not a bool or a string that would compare or format as one."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_highres_inputs(
@@ -46,18 +52,18 @@ def check_highres_inputs(
         raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not ntk_factor > 0:
-        raise ValueError(f"ntk_factor must be > 0, got {ntk_factor}")
+    if not _real(ntk_factor) or not ntk_factor > 0:
+        raise ValueError(f"ntk_factor must be > 0, got {ntk_factor!r}")
     # the scheduler shifts sigmas as shift*s / (1 + (shift-1)*s) in float32: 0, below ~1e-7 or above ~3e38 that is
     # 0/0 or inf/inf at s = 1 and the images come out NaN (black); beyond this range every sigma is ~0 or ~1 anyway
-    if time_shift is not None and not TIME_SHIFT_RANGE[0] <= time_shift <= TIME_SHIFT_RANGE[1]:
+    if time_shift is not None and not (_real(time_shift) and TIME_SHIFT_RANGE[0] <= time_shift <= TIME_SHIFT_RANGE[1]):
         low, high = TIME_SHIFT_RANGE
         raise ValueError(
-            f"time_shift must be in [{low:g}, {high:g}] (None: the scheduler's dynamic shift), got {time_shift}"
+            f"time_shift must be in [{low:g}, {high:g}] (None: the scheduler's dynamic shift), got {time_shift!r}"
         )
     for i, strength in enumerate(strengths, start=1):
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength}")
+        if not _real(strength) or not 0 < strength <= 1:
+            raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength!r}")
     for i, (width, height) in enumerate(stages):
         clear = i > 0 or base_attention == "clear"
         multiple = unit * (down_factor if clear else 1)

@@ -16,6 +16,7 @@ import clear_dit
 from app.cli import main
 from pipelines.highres import HighResFluxPipeline, parse_stages
 from pipelines.loading import default_max_sequence_length
+from pipelines.stages import check_highres_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,10 +124,52 @@ def test_clear_ntk_tiling_only_while_upscaling_and_callback_per_step(pipe):
 
     pipe.vae.enable_tiling()  # the caller's own setting survives too
     try:
-        pipe(**FAST, stages=STAGES[:1], seed=0, enable_vae_tiling=False, output_type="latent")
+        tiling = []
+        pipe(**FAST, stages=STAGES[:1], seed=0, enable_vae_tiling=False, output_type="latent",
+             callback_on_step_end=lambda p, step, t, kwargs: tiling.append(p.vae.use_tiling) or kwargs)  # fmt: skip
+        assert tiling == [False, False]
         assert pipe.vae.use_tiling
     finally:
         pipe.vae.disable_tiling()
+
+
+def test_a_clear_base_stage_and_ntk_scaled_once_over_three_stages(pipe):
+    """base_attention='clear' (the web UI's CLEAR mode) patches stage 0 too; NTK scales theta once, not per stage."""
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        processor = next(iter(p.transformer.attn_processors.values()))
+        seen.append((p.stage_index, getattr(processor, "down_factor", None), p.transformer.pos_embed.theta))
+        return kwargs
+
+    theta = pipe.transformer.pos_embed.theta
+    pipe("a red circle", stages=[(32, 32), (64, 64), (128, 128)], num_inference_steps=[1, 1, 1], strength=0.5,
+         base_attention="clear", window_size=2, down_factor=2, ntk_factor=4.0, seed=0, output_type="latent",
+         callback_on_step_end=callback)  # fmt: skip
+    assert seen == [(0, 2, theta), (1, 2, 4 * theta), (2, 2, 4 * theta)]
+    assert pipe.transformer.pos_embed.theta == theta and clear_dit.patch_handle(pipe) is None
+
+
+def test_the_base_stage_image_is_the_one_stage_image(pipe):
+    """What stage 0 hands on (and returns) is the plain image of its own run, not a converted copy."""
+    run = dict(prompt="a red circle", num_inference_steps=2, seed=0)
+    alone = pipe(**run, stages=STAGES[:1]).images[0]
+    staged = pipe(**run, stages=STAGES, strength=0.5).stage_images[0][0]
+    assert alone.mode == staged.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(staged))
+
+
+def test_stage_checks_at_their_edges():
+    check_highres_inputs([(64, 64), (128, 128)], [1.0])
+    check_highres_inputs([(48, 48), (128, 128)], [0.5], down_factor=4)  # a full-attention base stage: 16 px
+    with pytest.raises(ValueError, match=r"stage 0 size 48x48 must be positive multiples of 64"):
+        check_highres_inputs([(48, 48), (128, 128)], [0.5], base_attention="clear", down_factor=4)
+    with pytest.raises(ValueError, match=r"stage sizes must increase: stage 1 \(48x128\)"):
+        check_highres_inputs([(64, 64), (48, 128)], [0.5])
+    with pytest.raises(ValueError, match=r"stage 0 size 0x64 must be positive multiples of 16"):
+        check_highres_inputs([(0, 64)], [])
+    with pytest.raises(ValueError, match=r"ntk_factor must be > 0, got 0"):
+        check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=0)
 
 
 def test_student_weights_only_in_clear_stages(pipe, student_file):
@@ -190,6 +233,11 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], strength=0.0), r"strength of stage 1 must be in \(0, 1\], got 0.0"),
         (dict(stages=[(64, 64), (128, 128)], strength=1.5), r"strength of stage 1 must be in \(0, 1\]"),
         (dict(stages=[(64, 64), (128, 128)], strength=[0.5, 0.5]), r"strength has 2 entries; expected one per"),
+        (dict(stages=[(64, 64), (128, 128)], strength="0.7"), r"strength of stage 1 must be in \(0, 1\], got '0.7'"),
+        (dict(stages=[(64, 64), (128, 128)], strength=None), r"strength of stage 1 must be in \(0, 1\], got None"),
+        (dict(stages=[(64, 64), (128, 128)], ntk_factor="2"), r"ntk_factor must be > 0, got '2'"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift="3"), r"time_shift must be in .*, got '3'"),
+        (dict(stages=[]), r"stages is empty; give at least one \(width, height\)"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
