@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
+from .mask import check_window_config
 from .patching import PatchHandle, patch, patch_handle, resolve_transformer
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,17 @@ def read_weights_config(path: str | os.PathLike) -> tuple[int | None, int | None
 def _declared_config(path: Path, metadata: dict[str, str]) -> tuple[int | None, int | None]:
     """``(window_size, down_factor)`` of a file's metadata, each else from its name; ``None`` where neither says."""
     name_r, name_d = config_from_filename(path)
-    meta_r = int(metadata["window_size"]) if "window_size" in metadata else None
-    meta_d = int(metadata["down_factor"]) if "down_factor" in metadata else None
+    meta_r, meta_d = (_metadata_int(path, metadata, key) for key in ("window_size", "down_factor"))
     return meta_r or name_r, meta_d or name_d
+
+
+def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int | None:
+    if key not in metadata:
+        return None
+    value = metadata[key]
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{path.name}: its metadata {key}={value!r} is not a positive whole number")
+    return int(value)
 
 
 def config_from_filename(path: str | os.PathLike) -> tuple[int | None, int | None]:
@@ -204,8 +213,8 @@ def _resolve_path(path: str | os.PathLike) -> Path:
         return Path(hf_hub_download(f"{owner}/{repo}", filename))
     except Exception as err:  # the hub client raises many types; they all mean the same to the caller
         raise ValueError(
-            f"could not fetch {filename!r} from hub repo {owner}/{repo} ({type(err).__name__}); "
-            "check the name and your connection, or pass a local file"
+            f"{text} is no local file, and fetching {filename!r} from hub repo {owner}/{repo} failed "
+            f"({type(err).__name__}); check the path, the name or your connection"
         ) from err
 
 
@@ -218,7 +227,9 @@ def _read_file(
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), shapes, dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        convert = "; CLEAR weights are .safetensors files (convert a .pt/.bin state dict with safetensors' save_file)"
+        hint = "" if path.suffix == ".safetensors" else convert
+        raise ValueError(f"{path} is not a readable safetensors file: {err}{hint}") from err
 
 
 def _first(names: list[str], n: int = 3) -> str:
@@ -264,20 +275,24 @@ def read_weights(
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable file or unknown radius.
     """
+    if window_size is not None:  # 0 is refused, not taken for "not given"
+        window_size = check_window_config(window_size)[0]
+    if down_factor is not None:
+        down_factor = check_window_config(1, down_factor)[1]
     file = _resolve_path(path)
     values, shapes, metadata = _read_file(file, tensors)
     own_r, own_d = _declared_config(file, metadata)
     for name, given, own in (("window_size", window_size, own_r), ("down_factor", down_factor, own_d)):
         if given is not None and own is not None and given != own:  # allowed (the paper reuses radii), but said
             logger.warning("%s was made for %s %s; using it with %s %s as asked", file.name, name, own, name, given)
-    window_size = window_size or own_r
+    window_size = own_r if window_size is None else window_size
     if window_size is None:
         raise ValueError(
             f"{file.name} has no CLEAR metadata and its name is not clear_local_{{r}}[_down_{{d}}]: pass window_size "
             "(clear-dit: --window)"
         )
     has_pool = any(k.endswith("processor.spatial_weight") for k in shapes)
-    down_factor = down_factor or own_d or 1
+    down_factor = down_factor or own_d or 1  # given ones are >= 1
     if has_pool and down_factor == 1:
         raise ValueError(
             f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor (clear-dit: "

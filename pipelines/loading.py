@@ -38,6 +38,8 @@ def model_source(model: str) -> Literal["tiny", "folder", "hub"]:
     if model == TINY:
         return "tiny"
     path = Path(model).expanduser()
+    if path.is_file():
+        raise ValueError(f"{model!r} is a file, not a diffusers pipeline folder (one with a model_index.json)")
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{model!r} is not a diffusers pipeline folder (it has no model_index.json)")

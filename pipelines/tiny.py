@@ -138,8 +138,18 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "clear-dit"
 
 
+def _manifest(path: Path) -> str:
+    """What ``.complete`` holds: every file of the saved pipeline with its size, so that damage shows."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != ".complete")
+    return TINY_NAME + "\n" + "".join(f"{f.relative_to(path).as_posix()} {f.stat().st_size}\n" for f in files)
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / "model_index.json").is_file() and (path / ".complete").is_file()
+    """A finished build that nothing has deleted or cut short since (else it is built again)."""
+    try:
+        return (path / ".complete").read_text() == _manifest(path)
+    except OSError:
+        return False
 
 
 #: Age after which a temporary build folder is a killed build's leftover (a build takes seconds).
@@ -167,8 +177,10 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
         pipe = build_tiny_pipeline(tmp / "_tokenizers")
         pipe.save_pretrained(tmp)
         shutil.rmtree(tmp / "_tokenizers")
-        (tmp / ".complete").write_text(TINY_NAME + "\n")
-        if path.exists() and not _is_complete(path):  # a leftover of an interrupted build of an older version
+        (tmp / ".complete").write_text(_manifest(tmp))
+        tmp.chmod(root.stat().st_mode & 0o777)  # mkdtemp's 0700 would keep a shared cache from its other users
+        if path.exists() and not _is_complete(path):  # damaged, or left by a build killed before its rename
+            logger.warning("the tiny pipeline in %s is incomplete or damaged: replacing it", path)
             shutil.rmtree(path, ignore_errors=True)
         try:
             os.rename(tmp, path)

@@ -129,6 +129,47 @@ def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path
     assert (target / "transformer").is_dir() and (target / ".complete").is_file()
 
 
+def _copy_instead_of_building(monkeypatch, source):
+    class Copy:
+        def save_pretrained(self, folder):
+            shutil.copytree(source, folder, dirs_exist_ok=True)
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Copy())[1])
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short", "tokenizer deleted"])
+def test_a_damaged_cache_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch, caplog, damage):
+    """Each damage failed every later run with an error about a missing .bin, or (without the T5 tokenizer's
+    tokenizer.json) loaded a 4-token tokenizer that turned every prompt into unknown tokens."""
+    target = tmp_path / tiny.TINY_NAME
+    shutil.copytree(tiny_pipeline_path, target)
+    weights = target / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    elif damage == "cut short":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (target / "tokenizer_2" / "tokenizer.json").unlink()
+    _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
+    assert tiny.tiny_pipeline_path(tmp_path) == target
+    assert f"the tiny pipeline in {target} is incomplete or damaged: replacing it" in caplog.text
+    pipe = tiny.load_tiny_pipeline(cache_dir=tmp_path)
+    assert len(pipe.tokenizer_2) == len(tiny.load_tiny_pipeline().tokenizer_2) > 100
+
+
+def test_a_cache_under_home_is_expanded_and_readable_by_whoever_can_read_its_folder(
+    tiny_pipeline_path, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").chmod(0o755)
+    _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
+    assert tiny.tiny_pipeline_path("~/cache") == tmp_path / "cache" / tiny.TINY_NAME
+    assert not (tmp_path / "~").exists()
+    assert (tmp_path / "cache" / tiny.TINY_NAME).stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
 def test_the_tiny_model_loads_in_the_dtype_asked_for():
     assert load_pipeline("tiny", torch_dtype=torch.bfloat16).transformer.dtype == torch.bfloat16
 
@@ -186,6 +227,27 @@ def test_load_pipeline_errors(tmp_path):
         load_pipeline(str(tmp_path))
     with pytest.raises(ValueError, match="'someone/no-such-model'.*hub"):  # HF_HUB_OFFLINE=1 (conftest)
         load_pipeline("someone/no-such-model")
+    with pytest.raises(ValueError, match=r"could not load model 'my model': it is no local folder"):  # no valid id
+        load_pipeline("my model")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"model.safetensors' is a file, not a diffusers pipeline folder"):
+        load_pipeline(str(tmp_path / "model.safetensors"))
+
+
+def test_a_model_folder_under_home_loads(tiny_pipeline_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_pipeline_path, tmp_path / "flux")
+    assert load_pipeline("~/flux").transformer.config.attention_head_dim == 64
+
+
+def test_the_sequence_length_is_the_tokenizers_limit_at_most_512():
+    from types import SimpleNamespace
+
+    def pipe(limit):
+        return SimpleNamespace(tokenizer_2=SimpleNamespace(model_max_length=limit))
+
+    assert default_max_sequence_length(pipe(64)) == 64
+    assert default_max_sequence_length(pipe(int(1e30))) == 512  # transformers' "no limit" of a tokenizer saved so
 
 
 def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tmp_path, capsys):

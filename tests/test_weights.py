@@ -195,9 +195,63 @@ def test_missing_files_and_unreachable_hub(model, tmp_path, monkeypatch):
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         clear_dit.load_weights(model, tmp_path / "garbage.safetensors", window_size=4)
+    torch.save({}, tmp_path / "clear_local_2.pt")
+    with pytest.raises(ValueError, match=r"clear_local_2.pt is not a readable safetensors file: .*; CLEAR weights are "
+                                         r"\.safetensors files \(convert a \.pt/\.bin state dict"):  # fmt: skip
+        clear_dit.load_weights(model, tmp_path / "clear_local_2.pt")
+    monkeypatch.chdir(tmp_path)
+    for name in ("clear_local_2.safetensors", "runs/clear_local_2.safetensors"):  # no owner/repo/file: no hub id
+        with pytest.raises(FileNotFoundError, match=f"CLEAR weights file not found: {name}"):
+            clear_dit.read_weights(name)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ValueError, match=r"could not fetch 'clear_local_16.safetensors' from hub repo Huage001/CLEAR"):
+    hub = r"Huage001/CLEAR/clear_local_16.safetensors is no local file, and fetching 'clear_local_16.safetensors' from"
+    with pytest.raises(ValueError, match=hub + " hub repo Huage001/CLEAR failed"):
         clear_dit.load_weights(model, "Huage001/CLEAR/clear_local_16.safetensors")
+
+
+def test_radius_and_down_factor_of_zero_or_bad_metadata_are_refused(model, tmp_path, caplog):
+    """0 is not "not given" (the file's own values were used after a warning that said 0 was)."""
+    path = tmp_path / "clear_local_2.safetensors"
+    save_file(official_tensors(model, 1), str(path))
+    for kwargs, message in [
+        (dict(window_size=0), "window_size must be a positive int .*, got 0"),
+        (dict(window_size=-3), "window_size must be a positive int .*, got -3"),
+        (dict(window_size=2.5), "window_size must be a positive int .*, got 2.5"),
+        (dict(down_factor=0), "down_factor must be a positive int .*, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            clear_dit.read_weights(path, **kwargs)
+    assert "as asked" not in caplog.text
+    save_file(official_tensors(model, 1), str(path), metadata={"window_size": "4.0"})
+    with pytest.raises(ValueError, match=r"clear_local_2.safetensors: its metadata window_size='4.0' is not a posi"):
+        clear_dit.read_weights(path)
+
+
+def test_read_weights_config_reads_the_header_alone(model, tmp_path, monkeypatch):
+    """The CLI checks a file before loading the model: reading its tensors there would cost a whole read."""
+    clear_dit.patch(model, window_size=3, down_factor=2)
+    path = clear_dit.save_weights(model, tmp_path / "w.safetensors")
+    opened = []
+
+    class HeaderOnly:
+        def __init__(self, *args, **kwargs):
+            self.file = safe_open(*args, **kwargs)
+            opened.append(self)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            if name == "get_tensor":
+                raise AssertionError("a header-only read loaded a tensor")
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(clear_dit.weights, "safe_open", HeaderOnly)
+    assert clear_dit.weights.read_weights_config(path) == (3, 2) and opened
 
 
 def test_weights_refused_on_fused_qkv_projections(model, tmp_path):
