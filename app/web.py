@@ -102,12 +102,27 @@ class GenerationSettings:
         return [(self.width, self.height), *(parse_stages(self.upscale) if self.upscale.strip() else [])]
 
 
+@contextlib.contextmanager
+def _warnings_of(name: str) -> Iterator[list[str]]:
+    """The messages logger ``name`` warns of inside the block (still logged as well)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+
+
 @dataclass
 class Generation:
     image: Image.Image
     path: Path
     seconds: float
     settings: GenerationSettings
+    warnings: tuple[str, ...] = ()  # what the pipeline warned of in this run (shown to the user, not just logged)
 
 
 @dataclass
@@ -328,8 +343,11 @@ class GenerationEngine:
                 self._cancelled.discard(token)
 
     def end_session(self, session: str) -> None:
-        """A browser session has ended: remove its PNGs, unless they go to an ``output_dir`` the caller chose
-        (gradio keeps its own copies of what it showed). Waits for a generation running now."""
+        """A browser session has ended (its tab closed or reloaded): stop its runs at their next denoising step
+        (gradio does not cancel a running event of a closed tab: it ran on, for nobody, and every other tab queued
+        behind it), then remove its PNGs, unless they go to an ``output_dir`` the caller chose (gradio keeps its
+        own copies of what it showed)."""
+        self.cancel(session)
         if self.owns_output_dir:
             with self._lock:
                 shutil.rmtree(self.output_dir / _session_folder(session), ignore_errors=True)
@@ -368,10 +386,12 @@ class GenerationEngine:
             callback_on_step_end=on_step_end,
         )
         common.update(self._true_cfg(s))
+        warnings: list[str] = []
         try:
             if s.upscale.strip():
                 start = time.perf_counter()  # the high-resolution pipeline loads its weights per call: timed too
-                image = self._run_highres(s, common)
+                with _warnings_of("pipelines.highres") as warnings:  # an upscale stage that ignores its image
+                    image = self._run_highres(s, common)
             else:
                 self._set_attention(s)  # not timed: loading a weights file is not generation
                 if warmup:  # one-off costs (first calls, kernels compiled per size and radius) are not this side's
@@ -394,7 +414,7 @@ class GenerationEngine:
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{s.seed}-{stage.replace(' ', '_')}-{time.time_ns()}.png"
         image.save(path, pnginfo=_png_metadata(s, self.model, seconds))
         logger.info("generated %s in %.2f s", path, seconds)
-        return Generation(image=image, path=path, seconds=seconds, settings=s)
+        return Generation(image=image, path=path, seconds=seconds, settings=s, warnings=tuple(warnings))
 
     def _true_cfg(self, s: GenerationSettings) -> dict:
         """True CFG against the negative prompt (empty by default) above scale 1, as ``clear-dit --true-cfg``."""
@@ -585,6 +605,9 @@ class Callbacks:
                 label = f"high resolution {sizes} (base: {s.attention}, upscaling: {clear})"
             size = "x".join(map(str, s.stages[-1]))
             summary = f"**{label}** {g.seconds:.2f} s · {size}, {s.steps} steps, seed {s.seed}"
+            for warning in g.warnings:
+                gr.Warning(warning)
+                summary += f"\n\nwarning: {warning}"
             return str(g.path), summary, [str(g.path)], [*(gallery or []), (str(g.path), f"{label}, seed {s.seed}")]
 
         return self._run(work)
@@ -728,7 +751,11 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                     visible=engine.has_negative_prompt,
                 )
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0)
+                    seed = gr.Number(
+                        label="Seed",
+                        value=0,
+                        info="a browser keeps 15-16 digits: a longer seed is rounded (the summary shows the one used)",
+                    )
                     dice = gr.Button("Random seed", scale=0)
                 attention = gr.Radio(["full", "clear"], value="clear", label="Attention (Generate)")
                 with gr.Row():

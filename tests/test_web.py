@@ -232,6 +232,10 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
     assert clear_dit.patch_handle(engine.pipe) is None  # the shared model is as before: same full-attention image
     after, *_ = cb.generate(*values(attention="full"))
     assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
+    assert "warning" not in summary
+    # 2 steps at strength 0.7 start stage 2 from pure noise: a "high resolution" image that is a new one, said
+    _, summary, *_ = cb.generate(*values(upscale="128x96", strength=0.7))
+    assert "warning: upscale stage 1: strength 0.7 of 2 steps starts from pure noise" in summary
 
 
 @pytest.mark.parametrize(
@@ -583,6 +587,26 @@ def test_pngs_in_a_chosen_output_dir_outlive_their_session(cb, engine):
     path, *_ = cb.generate(*values(), request=session("kept"))
     cb.end_session(request=session("kept"))
     assert Path(path).is_file() and not engine.owns_output_dir
+
+
+def test_a_closed_tab_stops_its_running_generation(engine):
+    """gradio's unload event reaches end_session while the tab's generation runs: it must stop there."""
+    started, outcome = threading.Event(), []
+
+    def run():
+        settings = GenerationSettings(**{**BASE, "width": 256, "height": 256, "steps": 100})
+        try:
+            engine.generate(settings, "closing-tab", lambda i, n, desc: started.set())
+            outcome.append("ran to the end")
+        except GenerationCancelled:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(120)
+    engine.end_session("closing-tab")
+    thread.join(120)
+    assert outcome == ["cancelled"]
 
 
 def test_a_closed_browser_session_takes_its_pngs_along():
