@@ -203,24 +203,54 @@ def resolve_transformer(pipe_or_transformer: Any) -> nn.Module:
     return model
 
 
-@dataclass
+@dataclass(eq=False)
 class _ModelPatch:
-    """The state one patched model needs to be restored exactly."""
+    """One patch of one model: what it installs, and what to bring back when it ends.
+
+    A patch of a patched model covers the one ``below`` it, which resumes when this one ends (nested ``with``
+    blocks) unless its handle has ended meanwhile; ``original_processors`` are the model's from before any patch.
+    """
 
     model: nn.Module
+    family: ModelFamily
     original_processors: dict[str, Any]
-    hooks: list[torch.utils.hooks.RemovableHandle]
-    guarded: tuple[str, ...]
+    processors: dict[str, nn.Module]
+    below: tuple[PatchHandle, _ModelPatch] | None = None
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    guarded: tuple[str, ...] = ()
 
-    def restore(self) -> None:
+    def install(self) -> None:
+        """Put this patch's processors, grid hooks and guards on the model."""
+        self._set_processors(self.processors)
+        attention_names = [name.removesuffix(".processor") for name in self.processors]
+        self.hooks = _grid_hooks(self.model, self.family, attention_names)
+        self.guarded = _install_guards(self.model, self.family)
+
+    def suspend(self) -> None:
+        """Take this patch's hooks and guards off (a patch above it takes over the model)."""
         for hook in self.hooks:
             hook.remove()
         for name in self.guarded:
             self.model.__dict__.pop(name, None)
-        # layer by layer: set_attn_processor refuses a dict once a loader has added attention layers
-        for name, processor in self.original_processors.items():
-            self.model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+        self.hooks, self.guarded = [], ()
+
+    def restore(self) -> None:
+        """End this patch: the nearest patch below that its handle still holds resumes, else the originals."""
+        self.suspend()
+        below = self.below
+        while below is not None and not any(p is below[1] for p in below[0]._patches):
+            below = below[1].below
+        if below is not None:
+            below[1].install()
+            setattr(self.model, _HANDLE_ATTR, below[0])
+            return
+        self._set_processors(self.original_processors)
         delattr(self.model, _HANDLE_ATTR)
+
+    def _set_processors(self, processors: dict[str, Any]) -> None:
+        # layer by layer: set_attn_processor refuses a dict once a loader has added attention layers
+        for name, processor in processors.items():
+            self.model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
 
 
 @dataclass
@@ -258,7 +288,7 @@ class PatchHandle:
         return dict(self.transformer.attn_processors)
 
     def _release(self, model: nn.Module) -> None:
-        """Restore one model of this handle (it is being re-patched or unpatched on its own)."""
+        """End this handle's patch of one model (unpatched on its own)."""
         for p in list(self._patches):
             if p.model is model:
                 p.restore()
@@ -312,7 +342,7 @@ def _grid_hooks(model: nn.Module, family: ModelFamily, attention_names: list[str
 
 def _refuse_attention_backend(model: nn.Module, backend: str) -> None:
     """``set_attention_backend`` of a patched model: only ``"native"`` (a no-op for CLEAR) is accepted."""
-    if str(backend).lower() == "native":
+    if str(getattr(backend, "value", backend)).lower() == "native":  # diffusers' AttentionBackendName too
         type(model).set_attention_backend(model, backend)
         return
     raise ValueError(
@@ -424,11 +454,14 @@ def _pooling(processor: Any) -> torch.Tensor | None:
 def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProcessor]], nn.Module]) -> _ModelPatch:
     family = _family(model)
     previous = getattr(model, _HANDLE_ATTR, None)
+    below = None
+    originals = dict(model.attn_processors)
     pooling: dict[str, torch.Tensor] = {}  # a re-patch keeps trained (loaded) pooling weights of the same size
     if previous is not None:
-        pooling = {name: p.spatial_weight for name, p in model.attn_processors.items() if _pooling(p) is not None}
-        previous._release(model)
-    originals = dict(model.attn_processors)
+        record = next(p for p in previous._patches if p.model is model)
+        pooling = {name: p.spatial_weight for name, p in originals.items() if _pooling(p) is not None}
+        record.suspend()
+        below, originals = (previous, record), record.original_processors
     reference = _reference_parameter(model)
     processors = {
         name: make_processor(family.processor).to(device=reference.device, dtype=reference.dtype) for name in originals
@@ -438,10 +471,9 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
             kept = pooling.get(name)
             if kept is not None and _pooling(processor) is not None and kept.shape == processor.spatial_weight.shape:
                 processor.spatial_weight.copy_(kept)
-    model.set_attn_processor(processors)
-    attention_names = [name.removesuffix(".processor") for name in originals]
-    hooks = _grid_hooks(model, family, attention_names)
-    return _ModelPatch(model, originals, hooks, _install_guards(model, family))
+    patched = _ModelPatch(model, family, originals, processors, below)
+    patched.install()
+    return patched
 
 
 def check_patch_settings(
@@ -451,7 +483,7 @@ def check_patch_settings(
     patch later (after a long first stage) and want bad settings to fail first. Returns ``(window_size,
     down_factor)`` as Python ints."""
     window_size, down_factor = check_window_config(window_size, down_factor)
-    if backend != "auto" and backend not in BACKENDS:
+    if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; known backends: 'auto', {', '.join(map(repr, BACKENDS))}")
     if not isinstance(proportional_attention, (bool, np.bool_)):  # "false" would be truthy
         raise ValueError(f"proportional_attention must be True or False, got {proportional_attention!r}")
@@ -477,8 +509,9 @@ def patch(
 
     Returns:
         A :class:`PatchHandle`; ``with clear_dit.patch(pipe): ...`` unpatches on exit. Patching a
-        patched model first restores its original processors; pooling weights (``spatial_weight``, trained or
-        loaded) carry over when ``down_factor`` stays the same, so a new radius keeps loaded CLEAR weights whole.
+        patched model covers the patch in place, which comes back when the new one ends (nested ``with`` blocks;
+        :func:`unpatch` ends both); pooling weights (``spatial_weight``, trained or loaded) carry over to the new
+        patch when ``down_factor`` stays the same, so a new radius keeps loaded CLEAR weights whole.
 
     While patched, diffusers methods that would silently bring full attention back
     (``set_attention_backend`` other than ``"native"``, context-parallel ``enable_parallelism``, the pipelines'
@@ -524,13 +557,13 @@ def patch_handle(pipe_or_transformer: Any) -> PatchHandle | None:
 
 
 def unpatch(pipe_or_transformer: Any) -> None:
-    """Restore the processors the model(s) had before :func:`patch`; a no-op on unpatched models.
+    """Restore the processors the model(s) had before :func:`patch` (ending every patch on them, a patch covered
+    by a newer one too); a no-op on unpatched models.
 
     For a pipeline this restores its transformer and ControlNet(s); for a model, just that model.
     """
     for model in patchable_models(pipe_or_transformer):
-        handle = getattr(model, _HANDLE_ATTR, None)
-        if handle is not None:
+        while (handle := getattr(model, _HANDLE_ATTR, None)) is not None:
             handle._release(model)
     if not isinstance(pipe_or_transformer, nn.Module):
         vars(pipe_or_transformer).pop("load_ip_adapter", None)

@@ -2,12 +2,14 @@
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
 import torch
 from clear_oracle import diffusers_attention_under_mask
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from dit_models import sd3_inputs, tiny_flux_controlnet, tiny_sd3_transformer
 from flux_models import flux_inputs, run, tiny_flux_transformer
 
 import clear_dit
@@ -79,6 +81,47 @@ def test_context_manager_and_repatch(model):
     assert clear_dit.patch_handle(model) is second
     second.unpatch()
     torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_nested_patches_come_back_in_order(model):
+    """The inner block of nested ``with`` blocks ended with the model on full attention, loaded pooling weights
+    gone, and the outer block patched nothing."""
+    inputs = flux_inputs((6, 6), text_len=2)
+    reference = run(model, inputs)
+    with clear_dit.patch(model, window_size=1, down_factor=2) as outer:
+        with torch.no_grad():
+            for processor in model.attn_processors.values():
+                processor.spatial_weight.copy_(torch.linspace(0.1, 0.9, 4).view(1, 1, 1, 2, 1, 2, 1))
+        outer_processors, outer_out = dict(model.attn_processors), run(model, inputs)
+        with clear_dit.patch(model, window_size=2, down_factor=2) as inner:
+            assert clear_dit.patch_handle(model) is inner
+            assert (run(model, inputs) - outer_out).abs().max() > 1e-4
+        assert clear_dit.patch_handle(model) is outer
+        assert all(model.attn_processors[k] is v for k, v in outer_processors.items())
+        torch.testing.assert_close(run(model, inputs), outer_out, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="would compute full attention"):  # its guards are back too
+            model.set_attention_backend("flash")
+    assert clear_dit.patch_handle(model) is None and "set_attention_backend" not in vars(model)
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_a_patch_whose_handle_ended_beneath_another_is_skipped_and_unpatch_ends_all(model):
+    inputs = flux_inputs((4, 4))
+    reference = run(model, inputs)
+    first = clear_dit.patch(model, window_size=1)
+    first_out = run(model, inputs)
+    middle = clear_dit.patch(model, window_size=2)
+    top = clear_dit.patch(model, window_size=3)
+    middle.unpatch()  # covered: nothing changes now, and it does not come back
+    assert clear_dit.patch_handle(model) is top
+    top.unpatch()
+    assert clear_dit.patch_handle(model) is first
+    torch.testing.assert_close(run(model, inputs), first_out, atol=0, rtol=0)
+    clear_dit.patch(model, window_size=2)
+    clear_dit.unpatch(model)  # every patch of the model ends
+    assert clear_dit.patch_handle(model) is None
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+    assert all(isinstance(p, FluxAttnProcessor) for p in model.attn_processors.values())
 
 
 def test_repatching_with_a_new_radius_keeps_the_pooling_weights(model):
@@ -172,7 +215,75 @@ def test_patch_rejects_unsupported_models_and_bad_arguments(model):
         clear_dit.patch(model, window_size=4, down_factor=0)
     with pytest.raises(ValueError, match="unknown backend 'nope'; known backends: 'auto', 'dense'"):
         clear_dit.patch(model, window_size=4, backend="nope")
+    with pytest.raises(ValueError, match=r"unknown backend \['dense'\]; known backends"):  # was: unhashable type
+        clear_dit.patch(model, window_size=4, backend=["dense"])
     assert clear_dit.patch_handle(model) is None
+
+
+def test_the_native_attention_backend_is_allowed_by_name_or_enum(model):
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    with clear_dit.patch(model, window_size=1):
+        model.set_attention_backend("native")
+        model.set_attention_backend(AttentionBackendName.NATIVE)  # str() of it is 'AttentionBackendName.NATIVE'
+
+
+def test_positional_arguments_reach_the_patched_forward(model, tmp_path):
+    """transformer(latents, text, ...) as diffusers' own tests call it: the grid hook reads them too."""
+    sd3 = tiny_sd3_transformer(tmp_path / "sd3")
+    for m, inputs in ((model, flux_inputs((4, 4), text_len=2)), (sd3, sd3_inputs((4, 4)))):
+        with clear_dit.patch(m, window_size=1):
+            expected = run(m, inputs)
+            rest = dict(inputs)
+            hidden, text = rest.pop("hidden_states"), rest.pop("encoder_hidden_states")
+            with torch.no_grad():
+                torch.testing.assert_close(m(hidden, text, **rest)[0], expected, atol=0, rtol=0)
+
+
+def test_the_callers_joint_attention_kwargs_are_not_mutated(model):
+    kwargs = {"scale": 1.0}
+    with clear_dit.patch(model, window_size=1), torch.no_grad():
+        model(**flux_inputs((4, 4)), joint_attention_kwargs=kwargs)
+    assert kwargs == {"scale": 1.0}
+
+
+def test_tensor_parallel_enable_parallelism_reaches_diffusers(model, monkeypatch):
+    from diffusers import FluxTransformer2DModel, ParallelConfig
+
+    calls = []
+
+    def enable_parallelism(self, *, config, cp_plan=None):
+        calls.append(config)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "enable_parallelism", enable_parallelism)
+    config = ParallelConfig()  # no context-parallel part (head sharding): passed on
+    with clear_dit.patch(model, window_size=1):
+        model.enable_parallelism(config=config)
+    assert calls == [config]
+
+
+def test_processors_take_the_models_floating_dtype(model):
+    model.to(torch.bfloat16)
+    with clear_dit.patch(model, window_size=1, down_factor=2):
+        assert {p.dtype for proc in model.attn_processors.values() for p in proc.parameters()} == {torch.bfloat16}
+
+
+def test_a_controlnet_with_a_custom_processor_is_refused_and_the_handle_names_the_transformer(model, tmp_path):
+    net = tiny_flux_controlnet(tmp_path / "net")
+    pipe = types.SimpleNamespace(transformer=model, controlnet=net)
+    with clear_dit.patch(pipe, window_size=1) as handle:
+        assert handle.transformer is model and handle.models == [model, net]
+        assert set(handle.processors) == set(model.attn_processors)
+    name = next(iter(net.attn_processors))
+
+    class Custom:  # does more than attention
+        def __call__(self, attn, *args, **kwargs):
+            raise AssertionError
+
+    net.get_submodule(name.removesuffix(".processor")).set_processor(Custom())
+    with pytest.raises(ValueError, match="would drop the Custom of FluxControlNetModel"):
+        clear_dit.patch(pipe, window_size=1)
+    assert clear_dit.patch_handle(model) is None and clear_dit.patch_handle(net) is None
 
 
 def test_patch_takes_numpy_integer_settings_as_ints(model):
