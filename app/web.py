@@ -308,8 +308,8 @@ class GenerationEngine:
             if s.attention == "clear":
                 clear_dit.patch(self.pipe, window_size=s.window_size, down_factor=s.down_factor)
         else:
+            clear_dit.unpatch(self.pipe)  # load_weights would cover the patch in place: one more per switch
             if self._base_projections is None:  # full attention needs the original projections back later
-                clear_dit.unpatch(self.pipe)  # a zero-shot patch's pooling weights are no projections to restore
                 self._base_projections = {k: v.detach().cpu().clone() for k, v in self._clear_params().items()}
             self._weights_loaded = True
             clear_dit.load_weights(self.pipe, s.weights, window_size=s.window_size, down_factor=s.down_factor)

@@ -245,7 +245,7 @@ class _ModelPatch:
             setattr(self.model, _HANDLE_ATTR, below[0])
             return
         self._set_processors(self.original_processors)
-        delattr(self.model, _HANDLE_ATTR)
+        vars(self.model).pop(_HANDLE_ATTR, None)  # not set yet when a patch fails half-way
 
     def _set_processors(self, processors: dict[str, Any]) -> None:
         # layer by layer: set_attn_processor refuses a dict once a loader has added attention layers
@@ -280,12 +280,13 @@ class PatchHandle:
 
     @property
     def models(self) -> list[nn.Module]:
-        """The models this handle still holds patched."""
+        """The models this handle patched and has not ended (a newer patch may cover them for now)."""
         return [p.model for p in self._patches]
 
     @property
     def processors(self) -> dict[str, CLEARAttnProcessor]:
-        return dict(self.transformer.attn_processors)
+        """This handle's processors of ``transformer`` (empty once the handle has ended)."""
+        return next((dict(p.processors) for p in self._patches if p.model is self.transformer), {})
 
     def _release(self, model: nn.Module) -> None:
         """End this handle's patch of one model (unpatched on its own)."""
@@ -472,7 +473,11 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
             if kept is not None and _pooling(processor) is not None and kept.shape == processor.spatial_weight.shape:
                 processor.spatial_weight.copy_(kept)
     patched = _ModelPatch(model, family, originals, processors, below)
-    patched.install()
+    try:
+        patched.install()
+    except BaseException:
+        patched.restore()
+        raise
     return patched
 
 
@@ -528,7 +533,14 @@ def patch(
     def make_processor(cls: type[CLEARAttnProcessor]) -> nn.Module:
         return cls(window_size, down_factor, backend, bool(proportional_attention))
 
-    patches = [_patch_model(model, make_processor) for model in models]
+    patches: list[_ModelPatch] = []
+    try:
+        for model in models:
+            patches.append(_patch_model(model, make_processor))
+    except BaseException:  # the models patched so far go back to what they ran
+        for patched in reversed(patches):
+            patched.restore()
+        raise
     handle = PatchHandle(
         transformer=models[0],
         window_size=window_size,

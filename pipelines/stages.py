@@ -28,8 +28,11 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
 
 
 def _real(value: object) -> bool:
-    """A real number (numpy's too), not a bool or a string that would compare or format as one."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A real number: Python's, numpy's or a 0-d tensor's; not a bool, complex number or string."""
+    kind = str(getattr(value, "dtype", ""))
+    if isinstance(value, (bool, str, bytes)) or "bool" in kind or "complex" in kind:
+        return False
+    return isinstance(value, numbers.Real) or (getattr(value, "ndim", None) == 0 and hasattr(value, "__float__"))
 
 
 def check_highres_inputs(

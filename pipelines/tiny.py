@@ -178,7 +178,8 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
         pipe.save_pretrained(tmp)
         shutil.rmtree(tmp / "_tokenizers")
         (tmp / ".complete").write_text(_manifest(tmp))
-        tmp.chmod(root.stat().st_mode & 0o777)  # mkdtemp's 0700 would keep a shared cache from its other users
+        # mkdtemp's 0700 would keep a shared cache from its other users: the mode save_pretrained's folders got
+        tmp.chmod((tmp / "transformer").stat().st_mode & 0o777)
         if path.exists() and not _is_complete(path):  # damaged, or left by a build killed before its rename
             logger.warning("the tiny pipeline in %s is incomplete or damaged: replacing it", path)
             shutil.rmtree(path, ignore_errors=True)

@@ -869,12 +869,15 @@ def test_a_refused_resume_leaves_the_out_folder_as_it_was(tmp_path, data_dir):
     assert json.loads((tmp_path / "b" / RUN_FILE).read_text())["config"]["max_steps"] == 3
 
 
-def test_a_resume_names_the_settings_it_changes(tmp_path, data_dir, caplog):
+def test_a_resume_names_the_settings_it_changes_once(tmp_path, data_dir, caplog, monkeypatch):
     settings = dict(max_steps=1, checkpoint_every=1, num_validation=0)
     train(config(tmp_path, data_dir, **settings))
+    monkeypatch.chdir(tmp_path)  # --out relative, --resume absolute: one run folder, checked once
+    resume = dict(out="run", resume=str(tmp_path / "run" / "checkpoint-1"), max_steps=2, fm_weight=0.5)
     with caplog.at_level("WARNING", logger="training.distill"):
-        train(config(tmp_path, data_dir, **{**settings, "max_steps": 2, "fm_weight": 0.5, "resume": "latest"}))
-    assert f"resuming {tmp_path / 'run'} with changed settings: max_steps: 1 -> 2; fm_weight: 1.0 -> 0.5" in caplog.text
+        train(dataclasses.replace(config(tmp_path, data_dir, **settings), **resume))
+    assert caplog.text.count("with changed settings: max_steps: 1 -> 2; fm_weight: 1.0 -> 0.5") == 1
+    assert "resuming run with changed settings" in caplog.text
 
 
 def test_a_batch_larger_than_the_training_items_is_said(tmp_path, data_dir, caplog):

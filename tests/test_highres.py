@@ -161,6 +161,9 @@ def test_the_base_stage_image_is_the_one_stage_image(pipe):
 
 def test_stage_checks_at_their_edges():
     check_highres_inputs([(64, 64), (128, 128)], [1.0])
+    check_highres_inputs([(64, 64), (128, 128)], [torch.tensor(0.5)], ntk_factor=np.float32(2))  # 0-d numbers
+    with pytest.raises(ValueError, match=r"strength of stage 1 must be in \(0, 1\], got tensor\(True\)"):
+        check_highres_inputs([(64, 64), (128, 128)], [torch.tensor(True)])
     check_highres_inputs([(48, 48), (128, 128)], [0.5], down_factor=4)  # a full-attention base stage: 16 px
     with pytest.raises(ValueError, match=r"stage 0 size 48x48 must be positive multiples of 64"):
         check_highres_inputs([(48, 48), (128, 128)], [0.5], base_attention="clear", down_factor=4)

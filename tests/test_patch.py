@@ -95,6 +95,7 @@ def test_nested_patches_come_back_in_order(model):
         outer_processors, outer_out = dict(model.attn_processors), run(model, inputs)
         with clear_dit.patch(model, window_size=2, down_factor=2) as inner:
             assert clear_dit.patch_handle(model) is inner
+            assert outer.processors == outer_processors  # its own, not the ones covering them
             assert (run(model, inputs) - outer_out).abs().max() > 1e-4
         assert clear_dit.patch_handle(model) is outer
         assert all(model.attn_processors[k] is v for k, v in outer_processors.items())
@@ -122,6 +123,33 @@ def test_a_patch_whose_handle_ended_beneath_another_is_skipped_and_unpatch_ends_
     assert clear_dit.patch_handle(model) is None
     torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
     assert all(isinstance(p, FluxAttnProcessor) for p in model.attn_processors.values())
+
+
+def test_a_patch_failing_half_way_leaves_every_model_as_it_was(model, tmp_path, monkeypatch):
+    net = tiny_flux_controlnet(tmp_path / "net")
+    pipe = types.SimpleNamespace(transformer=model, controlnet=net)
+    inputs = flux_inputs((4, 4))
+    reference = run(model, inputs)
+    make_hooks = clear_dit.patching._grid_hooks
+
+    def fail_on_the_controlnet(m, *args):
+        if m is net:
+            raise RuntimeError("injected")
+        return make_hooks(m, *args)
+
+    monkeypatch.setattr(clear_dit.patching, "_grid_hooks", fail_on_the_controlnet)
+    with pytest.raises(RuntimeError, match="injected"):
+        clear_dit.patch(pipe, window_size=1)
+    for m in (model, net):
+        assert clear_dit.patch_handle(m) is None and not m._forward_pre_hooks and "set_attention_backend" not in vars(m)
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+    first = clear_dit.patch(model, window_size=1)
+    first_out = run(model, inputs)
+    with pytest.raises(RuntimeError, match="injected"):  # over a patch: that patch stays in place
+        clear_dit.patch(pipe, window_size=2)
+    assert clear_dit.patch_handle(model) is first and clear_dit.patch_handle(net) is None
+    assert len(model._forward_pre_hooks) == 1
+    torch.testing.assert_close(run(model, inputs), first_out, atol=0, rtol=0)
 
 
 def test_repatching_with_a_new_radius_keeps_the_pooling_weights(model):

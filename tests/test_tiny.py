@@ -157,17 +157,20 @@ def test_a_damaged_cache_is_built_again(tiny_pipeline_path, tmp_path, monkeypatc
     assert len(pipe.tokenizer_2) == len(tiny.load_tiny_pipeline().tokenizer_2) > 100
 
 
-def test_a_cache_under_home_is_expanded_and_readable_by_whoever_can_read_its_folder(
-    tiny_pipeline_path, tmp_path, monkeypatch
-):
+def test_a_cache_under_home_is_expanded_and_takes_the_mode_of_new_folders(tiny_pipeline_path, tmp_path, monkeypatch):
+    """Not mkdtemp's 0700 (other users of a shared cache could not read it), nor a sticky /tmp-like root's 0777."""
+    import os
+
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache").chmod(0o755)
+    (tmp_path / "cache").chmod(0o1777)
+    umask = os.umask(0o022)
+    os.umask(umask)
     _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
     assert tiny.tiny_pipeline_path("~/cache") == tmp_path / "cache" / tiny.TINY_NAME
     assert not (tmp_path / "~").exists()
-    assert (tmp_path / "cache" / tiny.TINY_NAME).stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert (tmp_path / "cache" / tiny.TINY_NAME).stat().st_mode & 0o7777 == 0o777 & ~umask
 
 
 def test_the_tiny_model_loads_in_the_dtype_asked_for():

@@ -177,6 +177,18 @@ def test_weights_after_a_pooled_zero_shot_patch_leave_full_attention_working(tmp
         assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
 
 
+def test_switching_a_weights_files_radius_replaces_the_patch(tmp_path):
+    """load_weights on a patched model covers the patch in place: one more kept alive per switch, unwound only
+    when full attention came back."""
+    engine = GenerationEngine.load("tiny", output_dir=tmp_path / "out")
+    weights = _weights_file(tmp_path)
+    for window in (2, 3, 4, 2):
+        engine._set_attention(GenerationSettings(**{**BASE, "window_size": window, "weights": str(weights)}))
+    handle = clear_dit.patch_handle(engine.pipe)
+    (record,) = handle._patches
+    assert handle.window_size == 2 and record.below is None
+
+
 def test_compare_times_the_generation_not_the_weights_loading(cb, tmp_path, monkeypatch):
     weights = _weights_file(tmp_path)
     load, clock, skipped = clear_dit.load_weights, time.perf_counter, [0.0]

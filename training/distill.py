@@ -378,8 +378,9 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         if run_file.is_file():
             _check_same_run(json.loads(run_file.read_text()), record, str(out))
+        # a checkpoint of another folder: the run that wrote it must match too
         origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
-        if origin != run_file and origin.is_file():  # a checkpoint of another folder: its run's settings count
+        if origin.resolve() != run_file.resolve() and origin.is_file():
             _check_same_run(json.loads(origin.read_text()), record, f"from {checkpoint}")
         if checkpoint is None:
             logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
