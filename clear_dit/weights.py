@@ -165,8 +165,11 @@ def check_not_offloaded(tensors: dict[str, torch.Tensor], action: str) -> None:
         )
 
 
-def save_weights(pipe_or_transformer: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the CLEAR parameters of a patched model to ``path`` (safetensors, with metadata).
+def save_weights(
+    pipe_or_transformer: Any, path: str | os.PathLike, overwrite: bool = False, base_model: str | None = None
+) -> Path:
+    """Write the CLEAR parameters of a patched model to ``path`` (safetensors, with metadata: radius, down factor,
+    ``base_model``, e.g. ``"black-forest-labs/FLUX.1-dev"``, else the model's class, and ``model_class``).
 
     Raises:
         ValueError: the model is not patched, or is under sequential CPU offload.
@@ -187,7 +190,8 @@ def save_weights(pipe_or_transformer: Any, path: str | os.PathLike, overwrite: b
         "format": "clear-dit",
         "window_size": str(handle.window_size),
         "down_factor": str(handle.down_factor),
-        "base_model": type(transformer).__name__,
+        "base_model": base_model or type(transformer).__name__,
+        "model_class": type(transformer).__name__,
         "clear_dit_version": __version__,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ TINY = "tiny"
 SUPPORTED = "FLUX.1 text-to-image pipelines (a FluxTransformer2DModel on 4 x the VAE's latent channels)"
 #: FLUX.1's T5 limit; FluxPipeline rejects a longer ``max_sequence_length``.
 FLUX_MAX_SEQUENCE_LENGTH = 512
+SCHNELL_MAX_SEQUENCE_LENGTH = 256
 
 
 def _looks_like_path(model: str) -> bool:
@@ -112,10 +113,20 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
 
 
 def default_max_sequence_length(pipe) -> int:
-    """The T5 length to run ``pipe`` with: its tokenizer's limit (64 for the tiny model), at most FLUX's 512."""
+    """The T5 length to run ``pipe`` with: its tokenizer's limit (64 for the tiny model), at most FLUX's 512, or
+    256 for a transformer without guidance embedding (FLUX.1-schnell's: trained with 256 text tokens)."""
     tokenizer = getattr(pipe, "tokenizer_2", None)
     limit = getattr(tokenizer, "model_max_length", FLUX_MAX_SEQUENCE_LENGTH) or FLUX_MAX_SEQUENCE_LENGTH
-    return int(min(limit, FLUX_MAX_SEQUENCE_LENGTH))
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    schnell = getattr(config, "guidance_embeds", True) is False
+    return int(min(limit, SCHNELL_MAX_SEQUENCE_LENGTH if schnell else FLUX_MAX_SEQUENCE_LENGTH))
 
 
-__all__ = ["FLUX_MAX_SEQUENCE_LENGTH", "TINY", "default_max_sequence_length", "load_pipeline", "model_source"]
+__all__ = [
+    "FLUX_MAX_SEQUENCE_LENGTH",
+    "SCHNELL_MAX_SEQUENCE_LENGTH",
+    "TINY",
+    "default_max_sequence_length",
+    "load_pipeline",
+    "model_source",
+]

@@ -173,6 +173,7 @@ def test_only_trainable_tensors_change_and_the_teacher_stays(tmp_path, data_dir,
     assert set(spatial.values()) == ({(1, 1, 1, 2, 1, 2, 1)} if down > 1 else set())
     assert len(spatial) == (3 if down > 1 else 0)  # one per attention layer of the tiny model
     assert (metadata["window_size"], metadata["down_factor"]) == ("1", str(down))
+    assert metadata["base_model"] == "tiny"  # the teacher it was distilled from (--model), not just its class
     exported = forward(student.transformer, inputs)
     torch.testing.assert_close(exported, trained, atol=1e-5, rtol=1e-5)
     fresh = fresh_transformer()

@@ -251,6 +251,9 @@ def test_the_sequence_length_is_the_tokenizers_limit_at_most_512():
 
     assert default_max_sequence_length(pipe(64)) == 64
     assert default_max_sequence_length(pipe(int(1e30))) == 512  # transformers' "no limit" of a tokenizer saved so
+    schnell = SimpleNamespace(tokenizer_2=SimpleNamespace(model_max_length=512),
+                              transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=False)))  # fmt: skip
+    assert default_max_sequence_length(schnell) == 256  # FLUX.1-schnell: no guidance embedding, 256 T5 tokens
 
 
 def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tmp_path, capsys):

@@ -102,7 +102,11 @@ def test_save_load_round_trip_with_metadata(model, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["window_size"] == "3" and meta["down_factor"] == "2"
-    assert meta["base_model"] == "FluxTransformer2DModel"
+    assert meta["base_model"] == meta["model_class"] == "FluxTransformer2DModel"  # no base model named
+    named = clear_dit.save_weights(model, tmp_path / "named.safetensors", base_model="black-forest-labs/FLUX.1-dev")
+    with safe_open(str(named), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["base_model"] == "black-forest-labs/FLUX.1-dev" and meta["model_class"] == "FluxTransformer2DModel"
 
     fresh = tiny_flux_transformer(tmp_path / "fresh")
     handle = clear_dit.load_weights(fresh, path, backend="dense")

@@ -914,7 +914,7 @@ class Distiller:
         """Write RUN_DIR/clear_local_{R}[_down_{D}].safetensors (a LoRA is merged: call it last)."""
         path = self.out / export_name(self.config.window, self.config.down)
         if self.accelerator.is_main_process:
-            self.student.export(path, overwrite=True)
+            self.student.export(path, overwrite=True, base_model=self.config.model)
             logger.info("exported the CLEAR student to %s", path)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

@@ -241,7 +241,7 @@ class Student:
                 model.enable_adapters()
             model.set_attn_processor(dict(self._clear_processors))
 
-    def export(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    def export(self, path: str | os.PathLike, overwrite: bool = False, base_model: str | None = None) -> Path:
         """Write the student's CLEAR weights with :func:`clear_dit.save_weights` (published key layout).
 
         A LoRA adapter is merged into the projections for good first, so call this last: afterwards the model
@@ -250,7 +250,7 @@ class Student:
         if self.lora_rank is not None and getattr(self.transformer, "_hf_peft_config_loaded", False):
             self._merge_lora_in_float32()
             self._teacher_tensors = {}
-        return clear_dit.save_weights(self.transformer, path, overwrite=overwrite)
+        return clear_dit.save_weights(self.transformer, path, overwrite=overwrite, base_model=base_model)
 
     def _merge_lora_in_float32(self) -> None:
         """Merge the adapter into float32 projections, which the export then holds: merged in bf16, the small
