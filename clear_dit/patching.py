@@ -217,14 +217,16 @@ class _ModelPatch:
     processors: dict[str, nn.Module]
     below: tuple[PatchHandle, _ModelPatch] | None = None
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
-    guarded: tuple[str, ...] = ()
+    guarded: list[str] = field(default_factory=list)
 
     def install(self) -> None:
-        """Put this patch's processors, grid hooks and guards on the model."""
+        """Put this patch's processors, grid hooks and guards on the model (each recorded as it goes on, so that
+        :meth:`suspend` takes off what a failure half-way put on)."""
         self._set_processors(self.processors)
         attention_names = [name.removesuffix(".processor") for name in self.processors]
-        self.hooks = _grid_hooks(self.model, self.family, attention_names)
-        self.guarded = _install_guards(self.model, self.family)
+        self.hooks, self.guarded = [], []
+        _add_grid_hooks(self.model, self.family, attention_names, self.hooks)
+        _add_guards(self.model, self.family, self.guarded)
 
     def suspend(self) -> None:
         """Take this patch's hooks and guards off (a patch above it takes over the model)."""
@@ -232,7 +234,7 @@ class _ModelPatch:
             hook.remove()
         for name in self.guarded:
             self.model.__dict__.pop(name, None)
-        self.hooks, self.guarded = [], ()
+        self.hooks, self.guarded = [], []
 
     def restore(self) -> None:
         """End this patch: the nearest patch below that its handle still holds resumes, else the originals."""
@@ -308,8 +310,11 @@ class PatchHandle:
         self.unpatch()
 
 
-def _grid_hooks(model: nn.Module, family: ModelFamily, attention_names: list[str]) -> list[RemovableHandle]:
-    """A forward pre-hook on ``model`` that reads the grid of each call and brings it to every CLEAR processor."""
+def _add_grid_hooks(
+    model: nn.Module, family: ModelFamily, attention_names: list[str], hooks: list[RemovableHandle]
+) -> None:
+    """Add to ``hooks`` a forward pre-hook on ``model`` that reads the grid of each call and brings it to every CLEAR
+    processor (and, for models that do not pass it on, one per attention layer)."""
     forward_params = list(inspect.signature(model.forward).parameters)
     current: dict[str, Any] = {}  # grid kwargs of the model's current call, for models that do not forward them
 
@@ -333,12 +338,10 @@ def _grid_hooks(model: nn.Module, family: ModelFamily, attention_names: list[str
     def add_grid(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, {**kwargs, **current}
 
-    hooks = [model.register_forward_pre_hook(read_grid, with_kwargs=True)]
+    hooks.append(model.register_forward_pre_hook(read_grid, with_kwargs=True))
     if not family.forwards_attention_kwargs:
-        hooks += [
-            model.get_submodule(name).register_forward_pre_hook(add_grid, with_kwargs=True) for name in attention_names
-        ]
-    return hooks
+        for name in attention_names:
+            hooks.append(model.get_submodule(name).register_forward_pre_hook(add_grid, with_kwargs=True))
 
 
 def _refuse_attention_backend(model: nn.Module, backend: str) -> None:
@@ -399,8 +402,9 @@ def _pipeline_load_ip_adapter(pipe: Any, *args: Any, **kwargs: Any) -> Any:
     return pipe.load_ip_adapter(*args, **kwargs)
 
 
-def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
-    """Shadow the model's methods that would silently undo CLEAR by refusing ones (instance attributes)."""
+def _add_guards(model: nn.Module, family: ModelFamily, guarded: list[str]) -> None:
+    """Shadow the model's methods that would silently undo CLEAR by refusing ones (instance attributes), each
+    named in ``guarded`` before it is set."""
     guards: dict[str, Callable[..., None]] = {
         "set_attention_backend": _refuse_attention_backend,
         "enable_parallelism": _refuse_context_parallelism,
@@ -408,10 +412,10 @@ def _install_guards(model: nn.Module, family: ModelFamily) -> tuple[str, ...]:
         "_load_ip_adapter_weights": _refuse_ip_adapter,
         **{name: _refuse(name) for name in family.refused_methods},
     }
-    guards = {name: fn for name, fn in guards.items() if hasattr(model, name)}
     for name, fn in guards.items():
-        setattr(model, name, types.MethodType(fn, model))
-    return tuple(guards)
+        if hasattr(model, name):
+            guarded.append(name)
+            setattr(model, name, types.MethodType(fn, model))
 
 
 def _check_replaceable(model: nn.Module) -> None:
@@ -461,7 +465,6 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
     if previous is not None:
         record = next(p for p in previous._patches if p.model is model)
         pooling = {name: p.spatial_weight for name, p in originals.items() if _pooling(p) is not None}
-        record.suspend()
         below, originals = (previous, record), record.original_processors
     reference = _reference_parameter(model)
     processors = {
@@ -474,6 +477,8 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
                 processor.spatial_weight.copy_(kept)
     patched = _ModelPatch(model, family, originals, processors, below)
     try:
+        if below is not None:
+            below[1].suspend()  # only now: a failure building the processors (out of memory) leaves it in place
         patched.install()
     except BaseException:
         patched.restore()

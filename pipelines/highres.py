@@ -272,6 +272,9 @@ class HighResFluxPipeline(FluxPipeline):
         check_highres_inputs(
             stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift
         )
+        # plain floats from here on: diffusers' scheduler fails on a 0-d tensor's shift, a bf16 one rounds theta
+        strengths, ntk_factor = [float(v) for v in strengths], float(ntk_factor)
+        time_shift = None if time_shift is None else float(time_shift)
         if weights is not None:  # before the base stage runs, not after it (keys, shapes, fused or offloaded)
             check_weights(self.transformer, weights)
         for i, (n, s) in enumerate(zip(steps[1:], strengths, strict=True), start=1):

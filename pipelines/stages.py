@@ -5,6 +5,7 @@ The CLI runs these before it loads anything, so a bad ``--stages`` fails in a fr
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -28,9 +29,10 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
 
 
 def _real(value: object) -> bool:
-    """A real number: Python's, numpy's or a 0-d tensor's; not a bool, complex number or string."""
+    """A real number: Python's, numpy's or a 0-d tensor's of an int or float dtype; not a bool, complex number,
+    string or date."""
     kind = str(getattr(value, "dtype", ""))
-    if isinstance(value, (bool, str, bytes)) or "bool" in kind or "complex" in kind:
+    if isinstance(value, (bool, str, bytes)) or (kind and "float" not in kind and "int" not in kind):
         return False
     return isinstance(value, numbers.Real) or (getattr(value, "ndim", None) == 0 and hasattr(value, "__float__"))
 
@@ -55,8 +57,8 @@ def check_highres_inputs(
         raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not _real(ntk_factor) or not ntk_factor > 0:
-        raise ValueError(f"ntk_factor must be > 0, got {ntk_factor!r}")
+    if not _real(ntk_factor) or not 0 < ntk_factor < math.inf:
+        raise ValueError(f"ntk_factor must be > 0 and finite, got {ntk_factor!r}")
     # the scheduler shifts sigmas as shift*s / (1 + (shift-1)*s) in float32: 0, below ~1e-7 or above ~3e38 that is
     # 0/0 or inf/inf at s = 1 and the images come out NaN (black); beyond this range every sigma is ~0 or ~1 anyway
     if time_shift is not None and not (_real(time_shift) and TIME_SHIFT_RANGE[0] <= time_shift <= TIME_SHIFT_RANGE[1]):

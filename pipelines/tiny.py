@@ -178,8 +178,13 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
         pipe.save_pretrained(tmp)
         shutil.rmtree(tmp / "_tokenizers")
         (tmp / ".complete").write_text(_manifest(tmp))
-        # mkdtemp's 0700 would keep a shared cache from its other users: the mode save_pretrained's folders got
-        tmp.chmod((tmp / "transformer").stat().st_mode & 0o777)
+        # mkdtemp's 0700 (and safetensors' 0600 files, whatever the umask) would keep a shared cache from its other
+        # users: the modes new folders and files get
+        mode = (tmp / "transformer").stat().st_mode & 0o777
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                file.chmod(mode & 0o666)
+        tmp.chmod(mode)
         if path.exists() and not _is_complete(path):  # damaged, or left by a build killed before its rename
             logger.warning("the tiny pipeline in %s is incomplete or damaged: replacing it", path)
             shutil.rmtree(path, ignore_errors=True)

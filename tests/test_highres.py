@@ -1,6 +1,7 @@
 """High-resolution pipeline on the tiny FLUX model: stages, seeds, CLEAR only where asked, the model left as found."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -159,11 +160,23 @@ def test_the_base_stage_image_is_the_one_stage_image(pipe):
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(staged))
 
 
+def test_0d_tensors_and_arrays_run_as_their_floats(pipe):
+    """A 0-d time_shift failed in diffusers' scheduler after the base stage; a bf16 ntk_factor rounded theta."""
+    run = dict(prompt="a red circle", num_inference_steps=2, stages=STAGES, seed=3, output_type="np")
+    reference = pipe(**run, time_shift=3.0, ntk_factor=2.5).images
+    for number in (torch.tensor, np.array, lambda v: torch.tensor(v, dtype=torch.bfloat16)):
+        np.testing.assert_array_equal(pipe(**run, time_shift=number(3.0), ntk_factor=number(2.5)).images, reference)
+
+
 def test_stage_checks_at_their_edges():
     check_highres_inputs([(64, 64), (128, 128)], [1.0])
     check_highres_inputs([(64, 64), (128, 128)], [torch.tensor(0.5)], ntk_factor=np.float32(2))  # 0-d numbers
     with pytest.raises(ValueError, match=r"strength of stage 1 must be in \(0, 1\], got tensor\(True\)"):
         check_highres_inputs([(64, 64), (128, 128)], [torch.tensor(True)])
+    with pytest.raises(ValueError, match=r"strength of stage 1 must be in \(0, 1\], got array\('0.5'"):
+        check_highres_inputs([(64, 64), (128, 128)], [np.array("0.5")])
+    with pytest.raises(ValueError, match=r"ntk_factor must be > 0 and finite, got inf"):
+        check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=math.inf)
     check_highres_inputs([(48, 48), (128, 128)], [0.5], down_factor=4)  # a full-attention base stage: 16 px
     with pytest.raises(ValueError, match=r"stage 0 size 48x48 must be positive multiples of 64"):
         check_highres_inputs([(48, 48), (128, 128)], [0.5], base_attention="clear", down_factor=4)
@@ -171,7 +184,7 @@ def test_stage_checks_at_their_edges():
         check_highres_inputs([(64, 64), (48, 128)], [0.5])
     with pytest.raises(ValueError, match=r"stage 0 size 0x64 must be positive multiples of 16"):
         check_highres_inputs([(0, 64)], [])
-    with pytest.raises(ValueError, match=r"ntk_factor must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"ntk_factor must be > 0 and finite, got 0"):
         check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=0)
 
 
@@ -238,7 +251,7 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], strength=[0.5, 0.5]), r"strength has 2 entries; expected one per"),
         (dict(stages=[(64, 64), (128, 128)], strength="0.7"), r"strength of stage 1 must be in \(0, 1\], got '0.7'"),
         (dict(stages=[(64, 64), (128, 128)], strength=None), r"strength of stage 1 must be in \(0, 1\], got None"),
-        (dict(stages=[(64, 64), (128, 128)], ntk_factor="2"), r"ntk_factor must be > 0, got '2'"),
+        (dict(stages=[(64, 64), (128, 128)], ntk_factor="2"), r"ntk_factor must be > 0 and finite, got '2'"),
         (dict(stages=[(64, 64), (128, 128)], time_shift="3"), r"time_shift must be in .*, got '3'"),
         (dict(stages=[]), r"stages is empty; give at least one \(width, height\)"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),

@@ -130,14 +130,14 @@ def test_a_patch_failing_half_way_leaves_every_model_as_it_was(model, tmp_path, 
     pipe = types.SimpleNamespace(transformer=model, controlnet=net)
     inputs = flux_inputs((4, 4))
     reference = run(model, inputs)
-    make_hooks = clear_dit.patching._grid_hooks
+    add_hooks = clear_dit.patching._add_grid_hooks
 
     def fail_on_the_controlnet(m, *args):
         if m is net:
             raise RuntimeError("injected")
-        return make_hooks(m, *args)
+        add_hooks(m, *args)
 
-    monkeypatch.setattr(clear_dit.patching, "_grid_hooks", fail_on_the_controlnet)
+    monkeypatch.setattr(clear_dit.patching, "_add_grid_hooks", fail_on_the_controlnet)
     with pytest.raises(RuntimeError, match="injected"):
         clear_dit.patch(pipe, window_size=1)
     for m in (model, net):
@@ -150,6 +150,56 @@ def test_a_patch_failing_half_way_leaves_every_model_as_it_was(model, tmp_path, 
     assert clear_dit.patch_handle(model) is first and clear_dit.patch_handle(net) is None
     assert len(model._forward_pre_hooks) == 1
     torch.testing.assert_close(run(model, inputs), first_out, atol=0, rtol=0)
+
+
+def test_a_patch_failing_before_it_installs_leaves_the_patch_beneath_working(model, monkeypatch):
+    """Building the new processors failed (out of memory on a GPU) after the patch beneath had lost its hooks and
+    guards: every later call said "CLEAR processor called without clear_grid"."""
+    inputs = flux_inputs((4, 4))
+    clear_dit.patch(model, window_size=1)
+    reference = run(model, inputs)
+    guards = {k for k in vars(model) if k in ("set_attention_backend", "enable_parallelism")}
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(clear_dit.CLEARFluxAttnProcessor, "__init__", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        clear_dit.patch(model, window_size=2)
+    monkeypatch.undo()
+    assert len(model._forward_pre_hooks) == 1 and guards == {"set_attention_backend", "enable_parallelism"}
+    assert {k for k in vars(model) if k in guards} == guards
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_hooks_and_guards_put_on_before_a_failure_are_taken_off(tmp_path, monkeypatch):
+    net = tiny_flux_controlnet(tmp_path / "net")  # a read_grid hook, then one add_grid hook per attention layer
+    register, calls = torch.nn.Module.register_forward_pre_hook, []
+
+    def the_second_fails(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return register(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_pre_hook", the_second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        clear_dit.patch(net, window_size=1)
+    monkeypatch.undo()
+    assert [m for m in net.modules() if m._forward_pre_hooks] == [] and clear_dit.patch_handle(net) is None
+    set_attribute = torch.nn.Module.__setattr__
+
+    def the_second_guard_fails(module, name, value):  # set_attention_backend is on by then
+        if name == "enable_parallelism":
+            raise KeyboardInterrupt
+        set_attribute(module, name, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", the_second_guard_fails)
+    with pytest.raises(KeyboardInterrupt):
+        clear_dit.patch(net, window_size=1)
+    monkeypatch.undo()
+    assert not {"set_attention_backend", "enable_parallelism", "_load_ip_adapter_weights"} & set(vars(net))
+    assert [m for m in net.modules() if m._forward_pre_hooks] == [] and clear_dit.patch_handle(net) is None
 
 
 def test_repatching_with_a_new_radius_keeps_the_pooling_weights(model):

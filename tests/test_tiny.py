@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,8 @@ def _copy_instead_of_building(monkeypatch, source):
     class Copy:
         def save_pretrained(self, folder):
             shutil.copytree(source, folder, dirs_exist_ok=True)
+            for weights in Path(folder).rglob("*.safetensors"):
+                weights.chmod(0o600)  # as safetensors writes them
 
     monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Copy())[1])
 
@@ -170,7 +173,10 @@ def test_a_cache_under_home_is_expanded_and_takes_the_mode_of_new_folders(tiny_p
     _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
     assert tiny.tiny_pipeline_path("~/cache") == tmp_path / "cache" / tiny.TINY_NAME
     assert not (tmp_path / "~").exists()
-    assert (tmp_path / "cache" / tiny.TINY_NAME).stat().st_mode & 0o7777 == 0o777 & ~umask
+    folder = tmp_path / "cache" / tiny.TINY_NAME
+    assert folder.stat().st_mode & 0o7777 == 0o777 & ~umask
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"  # safetensors writes 0600 files
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_the_tiny_model_loads_in_the_dtype_asked_for():
