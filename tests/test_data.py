@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import training.data as data
 from training.data import DistillDataset, generate_dataset, import_images
@@ -487,7 +488,7 @@ def test_import_crops_the_center_of_a_wide_image(made, tmp_path):
     assert np.abs(pixels - np.array([255, 0, 0])).max() <= 2
 
 
-def test_png_records_the_items_own_seed(made, tmp_path):  # fails today: the base seed overrides the item's
+def test_png_records_the_items_own_seed(made, tmp_path):
     pipe, _, _ = made
     out = generate_dataset(pipe, PROMPTS[:2], tmp_path / "d", seed=5, **SETTINGS)
     for i in range(2):
@@ -605,3 +606,78 @@ def test_a_resume_makes_the_items_of_damaged_files_again(made, tmp_path, caplog)
         assert dataset[i]["latent_mean"].shape == (16, 8, 8)
         a, b = (np.asarray(Image.open(folder / f"images/{i:06d}.png"), dtype=int) for folder in (out, reference))
         assert np.abs(a - b).max() <= 1
+
+
+def test_prompt_lines_are_stripped_and_blank_or_indented_comment_lines_skipped(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("  a red circle  \n   \n\t# indented comment\na blue square\t\n")
+    assert data.read_prompts(path) == ["a red circle", "a blue square"]
+    path.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts.txt is not UTF-8 text \(.*\); save it as UTF-8"):
+        data.read_prompts(path)
+
+
+def test_a_folder_left_holding_only_its_lock_file_is_reused(made, tmp_path):
+    pipe = made[0]
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / data.LOCK_FILE).touch()  # what `rm -r d/*` leaves of a data set: the glob skips the dotfile
+    assert len(DistillDataset(generate_dataset(pipe, PROMPTS[:1], out, **SETTINGS))) == 1
+
+
+def test_the_folders_are_fsynced_before_the_manifest_names_their_files(made, tmp_path, monkeypatch):
+    pipe = made[0]
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out = generate_dataset(pipe, PROMPTS[:1], tmp_path / "data", **SETTINGS)
+    manifest = synced.index(str(out / "manifest.jsonl"))
+    for sub in ("images", "shards"):  # the renames into place are durable first
+        assert str(out / sub) in synced[:manifest], sub
+
+
+def test_reading_a_manifest_with_a_torn_line_leaves_the_file_alone(made, tmp_path):
+    pipe = made[0]
+    out = generate_dataset(pipe, PROMPTS[:1], tmp_path / "d", **SETTINGS)
+    with open(out / "manifest.jsonl", "a") as f:  # a make-data run mid-append (or killed there)
+        f.write('{"index": 1, "prompt": "a ca')
+    before = (out / "manifest.jsonl").read_bytes()
+    assert len(DistillDataset(out)) == 1
+    assert (out / "manifest.jsonl").read_bytes() == before  # readers never write; only the next writer repairs
+
+
+def test_a_manifest_line_without_its_row_is_refused_when_opened(made, tmp_path):
+    pipe = made[0]
+    out = generate_dataset(pipe, PROMPTS[:1], tmp_path / "d", **SETTINGS)
+    entry = json.loads((out / "manifest.jsonl").read_text())
+    del entry["row"]
+    (out / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not a valid manifest entry"):
+        DistillDataset(out)
+
+
+def test_items_are_read_in_index_order_after_a_resume_remade_some(made, tmp_path):
+    pipe = made[0]
+    out = generate_dataset(pipe, PROMPTS, tmp_path / "d", num=4, **SETTINGS)  # shards 000000 (0, 1), 000002 (2, 3)
+    (out / "images" / "000000.png").unlink()
+    generate_dataset(pipe, PROMPTS, out, num=4, **SETTINGS)  # remakes items 0 and 1: listed after 2 and 3
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [2, 3, 0, 1]
+    ds = DistillDataset(out)
+    assert [ds[i]["index"] for i in range(4)] == [0, 1, 2, 3]
+    assert ds.prompts == [*PROMPTS, PROMPTS[0]]
+
+
+def test_a_row_of_another_shape_than_info_says_is_refused(made, tmp_path):
+    pipe = made[0]
+    out = generate_dataset(pipe, PROMPTS[:1], tmp_path / "d", **SETTINGS)
+    shard = out / "shards" / "000000.safetensors"
+    tensors = load_file(shard)
+    tensors["latent_mean"] = tensors["latent_mean"][:, :, :4].contiguous()
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"latent_mean of row 0 has shape \(16, 4, 8\), info.json says \(16, 8, 8\)"):
+        DistillDataset(out)[0]

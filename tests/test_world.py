@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+import training.world as world
 from benchmarks.fidelity.checker import check_scene, label_image
 from training.world import (
     KINDS,
@@ -19,6 +21,7 @@ from training.world import (
     region_box,
     render,
     sample_scenes,
+    shape_polygon,
     texture_color,
     world_corpus,
     write_scenes,
@@ -200,3 +203,50 @@ def test_the_triangle_prototype_has_its_mass_low():
     from benchmarks.fidelity import checker
 
     assert checker._prototypes()["triangle", "large"].features[1] < 0.4  # the share of pixels in the top half
+
+
+def test_sampled_shapes_keep_the_margin_to_their_cell_edges():
+    for scene in sample_scenes(300, seed=0):
+        for s in scene.shapes:
+            x0, y0, x1, y1 = region_box(s.region)
+            (cx, cy), r = s.center, s.radius
+            assert min(cx - r - x0, x1 - cx - r, cy - r - y0, y1 - cy - r) >= world._MARGIN - 1e-9
+
+
+def test_polygon_geometry():  # what stored scene files and the checker's prototypes are drawn with
+    c, r = (0.5, 0.5), 0.1
+    np.testing.assert_allclose(shape_polygon("square", c, r), [(0.42, 0.42), (0.58, 0.42), (0.58, 0.58), (0.42, 0.58)])
+    star = shape_polygon("star", c, r)
+    np.testing.assert_allclose(star[0], (0.5, 0.4), atol=1e-12)  # a point up (y grows downwards)
+    dists = [math.hypot(x - 0.5, y - 0.5) for x, y in star]
+    assert dists[0::2] == pytest.approx([r] * 5) and dists[1::2] == pytest.approx([0.4 * r] * 5)
+
+
+def test_a_circle_is_drawn_round_and_anti_aliased():
+    circle = Shape("circle", "red", "center", "large", (0.5, 0.5))
+    pixels = np.asarray(render(Scene((circle,), "blue"), 256)).astype(int)
+    red = np.abs(pixels - PALETTE["red"]).max(-1) <= 2
+    blue = np.abs(pixels - PALETTE["blue"]).max(-1) <= 2
+    ys, xs = np.nonzero(red)
+    assert ys.max() - ys.min() == xs.max() - xs.min()
+    assert abs(ys.max() - ys.min() + 1 - 2 * 0.14 * 256) <= 3
+    assert (~red & ~blue).sum() > 2 * math.pi * 0.14 * 256 / 2  # a ring of blended edge pixels
+
+
+def test_checkered_alternates_along_rows_and_columns():  # not stripes
+    shape = Shape("circle", "red", "bottom right", "small", (5 / 6, 5 / 6))
+    pixels = np.asarray(render(Scene((shape,), "blue", "checkered"), 256)).astype(int)
+    shade = np.abs(pixels - np.array(texture_color("blue"))).max(-1) <= 2
+    cell = 1.5 * 256 / 12
+    for i in range(4):
+        for j in range(4):
+            x, y = int((i + 0.5) * cell), int((j + 0.5) * cell)
+            assert shade[y, x] == bool((i + j) % 2), (i, j)
+
+
+def test_a_scene_file_may_hold_blank_lines(tmp_path):
+    scenes = sample_scenes(3, seed=0)
+    path = tmp_path / "scenes.jsonl"
+    write_scenes(scenes, path)
+    path.write_text(path.read_text().replace("\n", "\n\n") + "  \n")
+    assert read_scenes(path) == scenes

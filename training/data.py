@@ -148,7 +148,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     # utf-8-sig: Notepad's BOM would otherwise stick to the first line (a '# comment' then became a prompt)
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line expected)")
