@@ -592,7 +592,11 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     _true_cfg_arguments(p)
     p.add_argument("--seed", type=_seed, help="image i uses seed SEED + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
-    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the tokenizer's limit, at most 512)")
+    p.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="T5 tokens (default: the tokenizer's limit, at most 512; 256 for FLUX.1-schnell)",
+    )
     p.add_argument("--overwrite", action="store_true", help="discard all data in --out and start over")
 
 

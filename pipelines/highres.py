@@ -231,7 +231,8 @@ class HighResFluxPipeline(FluxPipeline):
             callback_on_step_end: called as ``callback(self, step, timestep, callback_kwargs)`` at every step of
                 every stage; ``self.stage_index`` tells the stage; setting ``self._interrupt = True`` stops the
                 remaining steps and stages.
-            max_sequence_length: T5 length; by default the tokenizer's limit, at most 512.
+            max_sequence_length: T5 length; by default the tokenizer's limit, at most 512 (256 for a transformer
+                without guidance embedding, such as FLUX.1-schnell's).
 
         Returns:
             :class:`HighResFluxPipelineOutput` (or ``(images, stage_images)`` with ``return_dict=False``).

@@ -50,6 +50,18 @@ def model_source(model: str) -> Literal["tiny", "folder", "hub"]:
     return "hub"
 
 
+def published_model_name(model: str) -> str:
+    """What files made from ``model`` may say they were made from: a hub id as is, a local folder by its name (a
+    hub cache snapshot by its repo id), never its path (a user's home folder in a file they publish)."""
+    folder = Path(model).expanduser()
+    if model == TINY or not folder.exists():
+        return model
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return folder.name
+
+
 def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
     """Load a ``FluxPipeline``.
 
@@ -129,4 +141,5 @@ __all__ = [
     "default_max_sequence_length",
     "load_pipeline",
     "model_source",
+    "published_model_name",
 ]

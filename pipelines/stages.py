@@ -37,6 +37,14 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) or (getattr(value, "ndim", None) == 0 and hasattr(value, "__float__"))
 
 
+def _finite(value: object) -> bool:
+    """Finite as a float too (an int of 400 digits is not)."""
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:
+        return False
+
+
 def check_highres_inputs(
     stages: Sequence[tuple[int, int]],
     strengths: Sequence[float],
@@ -57,7 +65,7 @@ def check_highres_inputs(
         raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not _real(ntk_factor) or not 0 < ntk_factor < math.inf:
+    if not _real(ntk_factor) or not _finite(ntk_factor) or not ntk_factor > 0:
         raise ValueError(f"ntk_factor must be > 0 and finite, got {ntk_factor!r}")
     # the scheduler shifts sigmas as shift*s / (1 + (shift-1)*s) in float32: 0, below ~1e-7 or above ~3e38 that is
     # 0/0 or inf/inf at s = 1 and the images come out NaN (black); beyond this range every sigma is ~0 or ~1 anyway

@@ -148,6 +148,9 @@ def test_resume_refuses_data_of_another_dtype_or_vae_scaling(made, tmp_path):
         ((name, value),) = change.items()
         with pytest.raises(ValueError, match=f"{name} .* \\(on disk\\) vs {value!r}"):
             data._Writer(reference, dataclasses.replace(on_disk, **change), overwrite=False)
+    length = on_disk.text_seq_len  # a data set of a default that changed since: the flag that resumes it is named
+    with pytest.raises(ValueError, match=f"text_seq_len {length} .*; --max-sequence-length {length} resumes it\\)"):
+        data._Writer(reference, dataclasses.replace(on_disk, text_seq_len=length + 1), overwrite=False)
     assert data.DataInfo.read(reference) == on_disk  # info.json not rewritten
 
 
@@ -219,6 +222,13 @@ def test_import_folder_with_captions(made, tmp_path):
     Image.new("RGB", (32, 32)).save(src / "c.png")
     with pytest.raises(FileNotFoundError, match="no caption for .*c.png"):
         import_images(pipe, src, tmp_path / "data2", resolution=32)
+    (src / "c.txt").write_text("\ufeffa black picture", encoding="utf-8")  # Notepad's BOM is no part of it
+    caption = (src / "sub" / "b.json").read_bytes()
+    (src / "sub" / "b.json").write_bytes(json.dumps({"prompt": "caf\xe9"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"b.json is not UTF-8 text \(.*\); save it as UTF-8"):
+        import_images(pipe, src, tmp_path / "data3", resolution=32)
+    assert data._caption(src / "c.png") == "a black picture"
+    (src / "sub" / "b.json").write_bytes(caption)
 
     # resuming matches items by their source image, not their index alone; an --out inside the folder is skipped
     (src / "c.txt").write_text("a dark picture\n")

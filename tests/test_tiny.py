@@ -243,6 +243,18 @@ def test_load_pipeline_errors(tmp_path):
         load_pipeline(str(tmp_path / "model.safetensors"))
 
 
+def test_files_name_a_model_folder_by_its_name_not_its_path(tmp_path):
+    from pipelines.loading import published_model_name
+
+    (tmp_path / "my-flux").mkdir()
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert published_model_name(str(tmp_path / "my-flux")) == "my-flux"
+    assert published_model_name(str(snapshot)) == "black-forest-labs/FLUX.1-schnell"
+    assert published_model_name("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"  # a hub id
+    assert published_model_name("tiny") == "tiny"
+
+
 def test_a_model_folder_under_home_loads(tiny_pipeline_path, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(tiny_pipeline_path, tmp_path / "flux")

@@ -134,10 +134,22 @@ class DataInfo:
             for k in sorted(mine | theirs)
             if mine.get(k) != theirs.get(k)
         ]
+        length = mine.get("text_seq_len")
+        if length != theirs.get("text_seq_len"):  # schnell-like models' default became 256: data made with 512
+            diffs.append(f"--max-sequence-length {length} resumes it")
         if diffs:
             raise ValueError(
                 f"{folder} holds data made with other settings ({'; '.join(diffs)}); use another --out, or --overwrite"
             )
+
+
+def _read_text(path: Path) -> str:
+    """A user's text file: UTF-8, with or without the BOM Notepad writes (it stuck to the first line: a prompt
+    file's '# comment' became a prompt), or a one-line error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from None
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -147,12 +159,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         raise IsADirectoryError(f"{path} is a folder, not a prompt file (one prompt per line)")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    # utf-8-sig: Notepad's BOM would otherwise stick to the first line (a '# comment' then became a prompt)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line.strip() for line in _read_text(path).splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line expected)")
@@ -512,7 +519,8 @@ def generate_dataset(
         steps, guidance: the pipeline's ``num_inference_steps`` and ``guidance_scale``.
         true_cfg_scale, negative_prompt: true classifier-free guidance, as in ``FluxPipeline`` (two transformer
             passes per step; the negative prompt, empty by default, is encoded once); 1 disables it.
-        max_sequence_length: T5 tokens (default: the tokenizer's limit, at most FLUX's 512).
+        max_sequence_length: T5 tokens (default: the tokenizer's limit, at most FLUX's 512; 256 for a
+            transformer without guidance embedding, such as FLUX.1-schnell's).
         model_name: recorded in ``info.json``.
 
     Returns:
@@ -563,10 +571,11 @@ def generate_dataset(
 def _caption(image_path: Path) -> str:
     txt, js = image_path.with_suffix(".txt"), image_path.with_suffix(".json")
     if txt.is_file():
-        caption = txt.read_text(encoding="utf-8").strip()
+        caption = _read_text(txt).strip()
     elif js.is_file():
+        text = _read_text(js)
         try:
-            meta = json.loads(js.read_text(encoding="utf-8"))
+            meta = json.loads(text)
             caption = next(meta[k] for k in ("prompt", "caption", "text") if k in meta)
             if not isinstance(caption, str):
                 raise TypeError(f"its caption is a JSON {type(caption).__name__}")

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from clear_dit.patching import check_patch_settings
-from pipelines.loading import TINY, model_source
+from pipelines.loading import TINY, model_source, published_model_name
 
 from .data import DataInfo, DistillDataset
 from .losses import WEIGHTING_SCHEMES, TimestepSampler, distill_losses
@@ -914,7 +914,7 @@ class Distiller:
         """Write RUN_DIR/clear_local_{R}[_down_{D}].safetensors (a LoRA is merged: call it last)."""
         path = self.out / export_name(self.config.window, self.config.down)
         if self.accelerator.is_main_process:
-            self.student.export(path, overwrite=True, base_model=self.config.model)
+            self.student.export(path, overwrite=True, base_model=published_model_name(self.config.model))
             logger.info("exported the CLEAR student to %s", path)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
