@@ -37,12 +37,13 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) or (getattr(value, "ndim", None) == 0 and hasattr(value, "__float__"))
 
 
-def _finite(value: object) -> bool:
-    """Finite as a float too (an int of 400 digits is not)."""
+def _positive_finite(value: object) -> bool:
+    """Positive and finite as the float it is used as (an int of 400 digits is not finite, 1/10**400 is 0.0)."""
     try:
-        return math.isfinite(float(value))  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]
     except OverflowError:
         return False
+    return math.isfinite(number) and number > 0
 
 
 def check_highres_inputs(
@@ -65,8 +66,10 @@ def check_highres_inputs(
         raise ValueError(f"base_attention must be one of {BASE_ATTENTIONS}, got {base_attention!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not _real(ntk_factor) or not _finite(ntk_factor) or not ntk_factor > 0:
-        raise ValueError(f"ntk_factor must be > 0 and finite, got {ntk_factor!r}")
+    if not _real(ntk_factor) or not _positive_finite(ntk_factor):
+        huge = isinstance(ntk_factor, int) and ntk_factor.bit_length() > 1024  # its repr may exceed Python's limit
+        shown = "an int too large for a float" if huge else repr(ntk_factor)
+        raise ValueError(f"ntk_factor must be > 0 and finite, got {shown}")
     # the scheduler shifts sigmas as shift*s / (1 + (shift-1)*s) in float32: 0, below ~1e-7 or above ~3e38 that is
     # 0/0 or inf/inf at s = 1 and the images come out NaN (black); beyond this range every sigma is ~0 or ~1 anyway
     if time_shift is not None and not (_real(time_shift) and TIME_SHIFT_RANGE[0] <= time_shift <= TIME_SHIFT_RANGE[1]):

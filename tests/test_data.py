@@ -151,6 +151,9 @@ def test_resume_refuses_data_of_another_dtype_or_vae_scaling(made, tmp_path):
     length = on_disk.text_seq_len  # a data set of a default that changed since: the flag that resumes it is named
     with pytest.raises(ValueError, match=f"text_seq_len {length} .*; --max-sequence-length {length} resumes it\\)"):
         data._Writer(reference, dataclasses.replace(on_disk, text_seq_len=length + 1), overwrite=False)
+    with pytest.raises(ValueError, match="vae_scaling_factor") as refused:  # the flag alone would not resume it
+        data._Writer(reference, dataclasses.replace(on_disk, text_seq_len=length + 1, vae_scaling_factor=0.5), False)
+    assert "resumes it" not in str(refused.value)
     assert data.DataInfo.read(reference) == on_disk  # info.json not rewritten
 
 
@@ -251,6 +254,22 @@ def test_import_folder_with_captions(made, tmp_path):
         import_images(pipe, src / "sub", mine, resolution=32, overwrite=True)
     assert [p.name for p in mine.rglob("*")] == ["images", "holiday.jpg"]
     assert (mine / "images" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_an_import_captioned_with_notepads_bom_before_resumes(made, tmp_path):
+    """Captions were read with their BOM then: the manifest holds '\\ufeffa red picture' for today's caption."""
+    pipe, _, _ = made
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.new("RGB", (32, 32), "red").save(src / "a.png")
+    (src / "a.txt").write_text("\ufeffa red picture", encoding="utf-8")
+    out = import_images(pipe, src, tmp_path / "data", resolution=32)
+    manifest = out / "manifest.jsonl"
+    entry = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**entry, "prompt": "\ufeff" + entry["prompt"]}) + "\n")
+    Image.new("RGB", (32, 32), "blue").save(src / "b.png")
+    (src / "b.txt").write_text("a blue picture")
+    assert len(DistillDataset(import_images(pipe, src, out, resolution=32))) == 2
 
 
 def test_import_turns_photos_upright_and_names_recaptioned_and_oversized_images(made, tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ class DataInfo:
             if mine.get(k) != theirs.get(k)
         ]
         length = mine.get("text_seq_len")
-        if length != theirs.get("text_seq_len"):  # schnell-like models' default became 256: data made with 512
+        if len(diffs) == 1 and length != theirs.get("text_seq_len"):  # schnell-like models' default became 256
             diffs.append(f"--max-sequence-length {length} resumes it")
         if diffs:
             raise ValueError(
@@ -460,7 +460,9 @@ def _run(
         done = writer.done
         for item in items:
             made = done.get(item.index)
-            if made is not None and (made["prompt"], made.get("source")) != (item.prompt, item.source):
+            # removeprefix: captions were read with Notepad's BOM before they were read as prompt files are
+            was_made = (made["prompt"].removeprefix("\ufeff"), made.get("source")) if made is not None else None
+            if made is not None and was_made != (item.prompt, item.source):
                 was, now = made.get("source") or made["prompt"], item.source or item.prompt
                 change = f"was made from {was!r}, not {now!r}"
                 if was == now:  # the same image, captioned anew
