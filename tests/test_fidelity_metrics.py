@@ -76,3 +76,13 @@ def test_ssim_equals_the_formula_window_by_window():
             cov = sum(w * (p - mu_a) * (q - mu_b) for w, p, q in cells)
             values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)))
     assert ssim(a, b).item() == pytest.approx(sum(values) / len(values), rel=1e-9)
+
+
+def test_ssim_is_the_mean_over_channels():
+    """Every other SSIM test has one channel or symmetric inputs: the worst channel passed them too."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 32, 32, generator=g, dtype=torch.float64)
+    b = a.clone()
+    b[:, 0] = (b[:, 0] + 0.3 * torch.rand(1, 32, 32, generator=g, dtype=torch.float64)).clamp(0, 1)
+    per_channel = [ssim(a[:, c : c + 1], b[:, c : c + 1]).item() for c in range(3)]
+    assert ssim(a, b).item() == pytest.approx(sum(per_channel) / 3)

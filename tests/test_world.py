@@ -250,3 +250,21 @@ def test_a_scene_file_may_hold_blank_lines(tmp_path):
     write_scenes(scenes, path)
     path.write_text(path.read_text().replace("\n", "\n\n") + "  \n")
     assert read_scenes(path) == scenes
+
+
+def test_the_checker_fails_a_shape_stated_in_the_wrong_row():
+    shape = Shape(kind="circle", color="red", region="top left", size="large", center=(1 / 6, 1 / 6))
+    image = render(Scene(shapes=(shape,), background="blue"), 128)
+    moved = dataclasses.replace(shape, region="bottom left", center=(1 / 6, 5 / 6))  # same column, other row
+    assert check_scene(image, Scene(shapes=(shape,), background="blue")).shapes[0].ok
+    assert not check_scene(image, Scene(shapes=(moved,), background="blue")).shapes[0].found
+
+
+def test_the_checker_judges_the_largest_component_of_the_stated_colour_in_the_region():
+    """Not a stray fragment of that colour: its kind and size would be judged on the fragment."""
+    shape = Shape(kind="circle", color="red", region="center", size="small", center=(0.5, 0.5))
+    scene = Scene(shapes=(shape,), background="blue")
+    image = render(scene, 128)
+    ImageDraw.Draw(image).rectangle((44, 44, 49, 49), fill=PALETTE["red"])
+    check = check_scene(image, scene)
+    assert check.shapes[0].ok, check

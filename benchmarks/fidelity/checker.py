@@ -22,7 +22,7 @@ from PIL import Image
 
 from training.world import KINDS, PALETTE, SIZES, Scene, Shape, region_box, render, texture_color
 
-__all__ = ["CHECK_SIZE", "SceneCheck", "ShapeCheck", "adherence", "check_scene", "label_image"]
+__all__ = ["CHECK_SIZE", "SceneCheck", "ShapeCheck", "check_scene", "label_image"]
 
 CHECK_SIZE = 128
 _COLORS = list(PALETTE)
@@ -246,15 +246,3 @@ def check_scene(image: Image.Image | np.ndarray, scene: Scene) -> SceneCheck:
     return SceneCheck(
         shapes=tuple(checks), background=background, background_ok=background == scene.background, extras=extras
     )
-
-
-def adherence(images: list[Image.Image], scenes: list[Scene]) -> dict:
-    """Mean score and pass rate of ``check_scene`` over paired images and scenes."""
-    if len(images) != len(scenes) or not images:
-        raise ValueError(f"need as many images as scenes (at least one), got {len(images)} and {len(scenes)}")
-    checks = [check_scene(image, scene) for image, scene in zip(images, scenes, strict=True)]
-    return {
-        "score": float(np.mean([c.score for c in checks])),
-        "pass_rate": float(np.mean([c.passed for c in checks])),
-        "num": len(checks),
-    }
