@@ -302,13 +302,12 @@ class GenerationEngine:
         if wanted == self._attention:
             return
         self._attention = None  # unknown until the switch below completes (it may fail half-way)
+        clear_dit.unpatch(self.pipe)  # a patch (or load_weights) on a patched model would cover, not replace, it
         if s.attention == "full" or s.weights is None:
-            clear_dit.unpatch(self.pipe)
             self._restore_base_projections()
             if s.attention == "clear":
                 clear_dit.patch(self.pipe, window_size=s.window_size, down_factor=s.down_factor)
         else:
-            clear_dit.unpatch(self.pipe)  # load_weights would cover the patch in place: one more per switch
             if self._base_projections is None:  # full attention needs the original projections back later
                 self._base_projections = {k: v.detach().cpu().clone() for k, v in self._clear_params().items()}
             self._weights_loaded = True

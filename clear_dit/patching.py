@@ -240,7 +240,7 @@ class _ModelPatch:
         """End this patch: the nearest patch below that its handle still holds resumes, else the originals."""
         self.suspend()
         below = self.below
-        while below is not None and not any(p is below[1] for p in below[0]._patches):
+        while below is not None and below[0]._record(self.model) is not below[1]:  # its handle has ended it
             below = below[1].below
         if below is not None:
             below[1].install()
@@ -288,14 +288,19 @@ class PatchHandle:
     @property
     def processors(self) -> dict[str, CLEARAttnProcessor]:
         """This handle's processors of ``transformer`` (empty once the handle has ended)."""
-        return next((dict(p.processors) for p in self._patches if p.model is self.transformer), {})
+        record = self._record(self.transformer)
+        return dict(record.processors) if record is not None else {}
+
+    def _record(self, model: nn.Module) -> _ModelPatch | None:
+        """This handle's patch of ``model``; ``None`` when it did not patch it or has ended that patch."""
+        return next((p for p in self._patches if p.model is model), None)
 
     def _release(self, model: nn.Module) -> None:
         """End this handle's patch of one model (unpatched on its own)."""
-        for p in list(self._patches):
-            if p.model is model:
-                p.restore()
-                self._patches.remove(p)
+        record = self._record(model)
+        if record is not None:
+            record.restore()
+            self._patches.remove(record)
 
     def unpatch(self) -> None:
         for p in self._patches:
@@ -424,8 +429,8 @@ def _check_replaceable(model: nn.Module) -> None:
     if _is_context_parallel(getattr(model, "_parallel_config", None)):
         raise _context_parallel_error(model)
     handle = getattr(model, _HANDLE_ATTR, None)
-    records = [p for p in handle._patches if p.model is model] if handle is not None else []
-    processors = records[0].original_processors if records else model.attn_processors
+    record = handle._record(model) if handle is not None else None
+    processors = record.original_processors if record is not None else model.attn_processors
     for name, processor in processors.items():
         if not isinstance(processor, family.replaces):
             raise ValueError(
@@ -463,7 +468,7 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
     originals = dict(model.attn_processors)
     pooling: dict[str, torch.Tensor] = {}  # a re-patch keeps trained (loaded) pooling weights of the same size
     if previous is not None:
-        record = next(p for p in previous._patches if p.model is model)
+        record = previous._record(model)
         pooling = {name: p.spatial_weight for name, p in originals.items() if _pooling(p) is not None}
         below, originals = (previous, record), record.original_processors
     reference = _reference_parameter(model)

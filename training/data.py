@@ -460,9 +460,10 @@ def _run(
         done = writer.done
         for item in items:
             made = done.get(item.index)
+            if made is None:
+                continue
             # removeprefix: captions were read with Notepad's BOM before they were read as prompt files are
-            was_made = (made["prompt"].removeprefix("\ufeff"), made.get("source")) if made is not None else None
-            if made is not None and was_made != (item.prompt, item.source):
+            if (made["prompt"].removeprefix("\ufeff"), made.get("source")) != (item.prompt, item.source):
                 was, now = made.get("source") or made["prompt"], item.source or item.prompt
                 change = f"was made from {was!r}, not {now!r}"
                 if was == now:  # the same image, captioned anew
