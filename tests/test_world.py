@@ -268,3 +268,14 @@ def test_the_checker_judges_the_largest_component_of_the_stated_colour_in_the_re
     ImageDraw.Draw(image).rectangle((44, 44, 49, 49), fill=PALETTE["red"])
     check = check_scene(image, scene)
     assert check.shapes[0].ok, check
+
+
+def test_a_stated_shape_is_found_only_from_a_share_of_the_smallest_shape_at_its_size():
+    """A 10x10 blob (100 px) is a third of no large shape (the smallest, a star, has 382 px): stated large it is
+    not found and counts as an extra; stated small (smallest 115 px) it is found."""
+    image = Image.new("RGB", (128, 128), PALETTE["blue"])
+    ImageDraw.Draw(image).rectangle((59, 59, 68, 68), fill=PALETTE["red"])
+    for size, found in (("large", False), ("small", True)):
+        shape = Shape(kind="square", color="red", region="center", size=size, center=(0.5, 0.5))
+        check = check_scene(image, Scene(shapes=(shape,), background="blue"))
+        assert check.shapes[0].found is found and check.extras == int(not found), (size, check)
