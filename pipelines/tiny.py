@@ -152,6 +152,17 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
+def _fault(path: Path) -> str:
+    """Why the folder at ``path`` is not a complete build, for the warning that it is replaced."""
+    try:
+        manifest = (path / ".complete").read_text()
+    except OSError:
+        return "is incomplete (a build was interrupted)"
+    if manifest == TINY_NAME + "\n":  # what earlier builds wrote: the name alone
+        return "was built by an older clear-dit that kept no list of its files"
+    return "is damaged (a file was deleted or changed since it was built)"
+
+
 #: Age after which a temporary build folder is a killed build's leftover (a build takes seconds).
 STALE_BUILD_S = 3600
 
@@ -185,8 +196,8 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
             if file.is_file():
                 file.chmod(mode & 0o666)
         tmp.chmod(mode)
-        if path.exists() and not _is_complete(path):  # damaged, or left by a build killed before its rename
-            logger.warning("the tiny pipeline in %s is incomplete or damaged: replacing it", path)
+        if path.exists() and not _is_complete(path):
+            logger.warning("the tiny pipeline in %s %s: replacing it", path, _fault(path))
             shutil.rmtree(path, ignore_errors=True)
         try:
             os.rename(tmp, path)

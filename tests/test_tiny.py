@@ -115,11 +115,21 @@ def test_cached_folder_is_reused(tiny_pipeline_path, tiny_cache_dir, monkeypatch
     assert tiny.tiny_pipeline_path() == tiny_pipeline_path  # CLEAR_DIT_CACHE points at the session cache
 
 
-def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch):
-    """An older version's interrupted build left model_index.json without the rest (and without .complete)."""
+@pytest.mark.parametrize(
+    ("complete", "fault"),
+    [
+        (None, "is incomplete (a build was interrupted)"),
+        (tiny.TINY_NAME + "\n", "was built by an older clear-dit that kept no list of its files"),
+    ],
+)
+def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch, caplog, complete, fault):
+    """An interrupted build left model_index.json without the rest (and without .complete); an earlier version's
+    .complete held the name alone, so damage to its files did not show."""
     target = tmp_path / tiny.TINY_NAME
     target.mkdir()
     (target / "model_index.json").write_text("{}")
+    if complete is not None:
+        (target / ".complete").write_text(complete)
 
     class Copy:
         def save_pretrained(self, folder):
@@ -128,6 +138,7 @@ def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path
     monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Copy())[1])
     assert tiny.tiny_pipeline_path(tmp_path) == target
     assert (target / "transformer").is_dir() and (target / ".complete").is_file()
+    assert f"the tiny pipeline in {target} {fault}: replacing it" in caplog.text
 
 
 def _copy_instead_of_building(monkeypatch, source):
@@ -155,7 +166,7 @@ def test_a_damaged_cache_is_built_again(tiny_pipeline_path, tmp_path, monkeypatc
         (target / "tokenizer_2" / "tokenizer.json").unlink()
     _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
     assert tiny.tiny_pipeline_path(tmp_path) == target
-    assert f"the tiny pipeline in {target} is incomplete or damaged: replacing it" in caplog.text
+    assert f"the tiny pipeline in {target} is damaged (a file was deleted or changed since it was built)" in caplog.text
     pipe = tiny.load_tiny_pipeline(cache_dir=tmp_path)
     assert len(pipe.tokenizer_2) == len(tiny.load_tiny_pipeline().tokenizer_2) > 100
 
