@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
 
 
@@ -32,11 +33,18 @@ def positive_float(text: str) -> float:
 
 
 def json_path(text: str) -> Path:
-    """A file to write results to: not a folder, and its folder can be made (checked before hours of timing)."""
+    """A file to write results to: not a folder, its folder can be made and written (checked before hours of timing)."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {Path(text) / 'results.json'}")
     parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot make a folder for {text}: {parent} is a file")
+    try:  # a probe that neither truncates the file nor leaves one behind
+        if path.exists():
+            path.open("a").close()
+        else:
+            tempfile.TemporaryFile(dir=parent).close()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {err.strerror}") from None
     return path

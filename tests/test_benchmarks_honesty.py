@@ -229,3 +229,54 @@ def test_the_parallel_timing_run_times_calls_after_an_untimed_warm_up(monkeypatc
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     result = bench.tiny_run(str(tiny_pipeline_path), 64, 64, 2, 1, 2, 1)
     assert (result["seconds_1"], result["seconds_2"], result["traffic"]) == (1.0, 1.0, {"halo": 1.0})
+
+
+def test_attention_column_n_is_the_rounds_that_ran_not_repeats():
+    import benchmarks.attention as bench
+
+    argv = "--rows 8:2 --text-len 16 --heads 2 --head-dim 16 --backends tiled --threads 1".split()
+    argv += "--repeats 3 --warmup 0 --budget 1e-9".split()
+    (row,) = bench.run(bench.parse_args(argv))
+    assert row["rounds"] == 1  # the budget stopped after one round
+
+
+def test_attention_table_prints_density_and_ideal_of_the_row(monkeypatch, capsys):
+    import benchmarks.attention as bench
+
+    monkeypatch.setattr(bench, "interleaved_medians", _fake_medians(lambda n: 0.004 if n == "full" else 0.002, {}))
+    (row,) = bench.run(bench.parse_args(["--smoke", "--threads", "1", "--rows", "8:2", "--backends", "tiled"]))
+    cols = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert cols[4] == f"{row['density']:.4f}" and cols[5] == f"{1 / row['density']:.1f}x"
+
+
+def test_transformer_each_radius_times_its_own_block_and_attention(monkeypatch):
+    import benchmarks.transformer as bench
+    from clear_dit import clear_attention
+
+    outputs = {}
+    monkeypatch.setattr(bench, "interleaved_medians", _fake_medians(lambda n: 0.001, outputs))
+    argv = "--sizes 128 --radii 2 4 --text-len 8 --heads 2 --head-dim 16 --threads 1 --repeats 5".split()
+    args = bench.parse_args(argv)
+    variants = bench.Variants.build(args)
+    with torch.no_grad():
+        rows = bench.measure_block(variants, "single", 8, bench.block_inputs(variants.full, 8, args), args)
+        q, k, v = bench._block(variants.no_attention, "single").attn.processor.last_qkv
+        for r in (2, 4):  # each radius's own attention, and its own block
+            want = clear_attention(q, k, v, grid=(8, 8), text_len=8, window_size=r)
+            assert torch.allclose(outputs[f"clear_attention_{r}"], want, atol=1e-6)
+    assert not torch.allclose(_flat(outputs["clear_block_2"]), _flat(outputs["clear_block_4"]), atol=1e-5)
+    assert [row["rounds"] for row in rows] == [1, 1]  # what interleaved_medians ran, not --repeats
+
+
+def test_peak_extra_bytes_follows_allocation_order():
+    from benchmarks.attention import peak_extra_bytes
+
+    def fn():
+        out = torch.ones(16)
+        for _ in range(3):  # three temporaries, one alive at a time
+            x = torch.ones(1 << 16)
+            del x
+        return out
+
+    extra, _ = peak_extra_bytes(fn)
+    assert extra == 4 * (1 << 16)  # one temporary, not the sum of all allocations

@@ -191,6 +191,7 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
         ("transformer", ["--budget", "-1"], "argument --budget: must be a positive number, got -1"),
         ("transformer", ["--json", "."], "argument --json: . is a folder; give a file name"),
         ("attention", ["--json", "README.md/x.json"], "argument --json: cannot make a folder for README.md/x.json"),
+        ("transformer", ["--json", "/proc/x.json"], "argument --json: cannot write /proc/x.json: "),  # not at the end
         ("parallel", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
         ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
     ],
