@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _text(text: str) -> str:
+    """argparse type of prompts: bytes that are not UTF-8 arrive as surrogates, which the tokenizers reject."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text: {text.encode('utf-8', 'backslashreplace').decode()!r}"
+        ) from None
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage block
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
@@ -98,7 +110,7 @@ def _true_cfg_arguments(p: argparse.ArgumentParser) -> None:
         help="true classifier-free guidance scale against --negative-prompt, two transformer passes per step "
         "(default: 1, off; for teachers without a guidance embedding)",
     )
-    p.add_argument("--negative-prompt", default="", help="negative prompt of --true-cfg (default: empty)")
+    p.add_argument("--negative-prompt", type=_text, default="", help="negative prompt of --true-cfg (default: empty)")
 
 
 def _check_true_cfg(args: argparse.Namespace) -> dict:
@@ -113,7 +125,7 @@ def _check_true_cfg(args: argparse.Namespace) -> dict:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--prompt", type=_text, required=True, help="text prompt")
     p.add_argument(
         "--model",
         default="tiny",
@@ -212,6 +224,11 @@ def _check_png_out(out: str, overwrite: bool) -> Path:
         raise CLIError(f"--out {out}: {blocked} is a file, not a folder")
     if path.exists() and not overwrite:
         raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    folder = next(parent for parent in path.parents if parent.exists())  # _save_png makes the missing ones
+    try:  # the save's temp file, now: not after the generation
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise CLIError(f"--out {out}: cannot write in {folder} ({err.strerror})") from None
     return path
 
 
@@ -460,7 +477,7 @@ def _side_by_side(left, right):
 
 
 def _highres_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--prompt", type=_text, required=True, help="text prompt")
     p.add_argument("--model", default="tiny", help="'tiny' (default), a local pipeline folder, or a hub id")
     p.add_argument(
         "--stages", required=True, help="WIDTHxHEIGHT per stage, increasing, e.g. 1024x1024,2048x2048 (stage 0 first)"
@@ -851,7 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in SUBCOMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
-        sub.set_defaults(_run=command.run)
+        sub.set_defaults(_run=command.run, _parser=sub)
     return parser
 
 
@@ -865,9 +882,18 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """numpy's ``MemoryError``, or torch's CPU allocator failure or CUDA ``OutOfMemoryError`` (RuntimeErrors)."""
+    return isinstance(err, MemoryError) or any(text in str(err) for text in ("out of memory", "can't allocate memory"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # after the command: its parser's error, which names its --help, not the top-level one
+        after = argv.index(unknown[0]) > argv.index(args.command)
+        (args._parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args._argv = argv  # a command that relaunches itself (distill under `accelerate launch --cpu`) passes it on
     try:
         level = logging.INFO if args.verbose else logging.WARNING
@@ -880,6 +906,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             logger.exception("details")
         _error_line(_one_line(err))
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        if args.verbose:
+            logger.exception("details")
+        _error_line(f"out of memory ({_one_line(err)[:200]}): try a smaller size or fewer steps")
         return 1
     except KeyboardInterrupt:
         _error_line("interrupted")

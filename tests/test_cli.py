@@ -349,3 +349,109 @@ def test_the_hubs_download_retries_are_quiet_unless_verbose():
         assert not logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING)
     finally:
         hub_logging.set_verbosity(before)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "2", "--down", "0"], "--down must be at least 1, got 0"),
+        (["--backend", "dense"], "--backend applies to CLEAR attention"),
+        (["--weights", "no-such-dir/w.safetensors"], "weights file not found: no-such-dir/w.safetensors"),
+        (["--out", "x.jpg"], "--out must be a .png file"),
+        (["--out", "/proc/x.png"], "--out /proc/x.png: cannot write in /proc"),  # found before the generation
+    ],
+)
+def test_bad_input_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, args, message):
+    import pipelines.loading
+    from app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["generate", "--prompt", "x", "--out", "x.png", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(cli, tmp_path):
+    """Such bytes reach Python as surrogates, which the tokenizers refused with a TypeError."""
+    proc = cli("generate", "--prompt", "caf\udce9", *FAST, "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: argument --prompt: not UTF-8 text: 'caf\\\\udce9'"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError("Unable to allocate 74.5 GiB"), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
+)
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, error):
+    import pipelines.loading
+    from app.cli import main
+
+    raised = [error, RuntimeError("a bug")]
+
+    def load(*args, **kwargs):
+        raise raised.pop(0)
+
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", load)
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and err.endswith("try a smaller size or fewer steps\n")
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")])
+
+
+def _fake_call(calls: list[dict]):
+    """``FluxPipeline.__call__`` that records its seed and attention, and draws full attention red, CLEAR blue."""
+
+    def call(self, prompt, **kwargs):
+        clear = any(type(p).__name__.startswith("CLEAR") for p in self.transformer.attn_processors.values())
+        calls.append({**kwargs, "seed": kwargs["generator"].initial_seed(), "clear": clear})
+        image = Image.new("RGB", (kwargs["width"], kwargs["height"]), "blue" if clear else "red")
+        return type("Output", (), {"images": [image]})()
+
+    return call
+
+
+def test_compare_is_full_then_clear_with_one_seed_and_full_on_the_left(tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    from app.cli import main
+
+    calls = []
+    monkeypatch.setattr(FluxPipeline, "__call__", _fake_call(calls))
+    out = tmp_path / "c.png"
+    args = ["--prompt", "x", "--height", "32", "--width", "48", "--steps", "2", "--seed", "9"]
+    assert main(["generate", *args, "--window", "1", "--compare", "--out", str(out)]) == 0
+    assert [(c["seed"], c["clear"]) for c in calls] == [(9, False), (9, False), (9, True), (9, True)]
+    with Image.open(out) as image:
+        assert image.size == (96, 32)
+        assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((48, 0)) == (0, 0, 255)
+
+
+def test_the_tiny_models_defaults_are_the_documented_ones(tmp_path, monkeypatch):
+    """256 px, 4 steps, guidance 3.5 (README, --help); guidance 0 (FLUX.1-schnell's) is allowed."""
+    from diffusers import FluxPipeline
+
+    from app.cli import main
+
+    calls = []
+    monkeypatch.setattr(FluxPipeline, "__call__", _fake_call(calls))
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "d.png")]) == 0
+    assert main(["generate", "--prompt", "x", "--guidance", "0", "--out", str(tmp_path / "g.png")]) == 0
+    assert [(c["height"], c["width"], c["num_inference_steps"], c["guidance_scale"]) for c in calls] == [
+        (256, 256, 4, 3.5),
+        (256, 256, 4, 0.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, help_of",
+    [(["generate", "--prompt", "x", "--port", "3"], "clear-dit generate"), (["--port=3", "app"], "clear-dit")],
+)
+def test_an_unknown_option_names_the_help_of_the_parser_it_follows(capsys, argv, help_of):
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    unknown = " ".join(argv[3:] or argv[:1])
+    assert capsys.readouterr().err == f"error: unrecognized arguments: {unknown} (see '{help_of} --help')\n"
