@@ -343,7 +343,7 @@ def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys)
         data._Writer(tmp_path / "afile", DistillDataset(tmp_path / "data").info, overwrite=True)
     assert (tmp_path / "afile").read_text() == "mine"
     assert main(["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "--window", "0"]) == 1
-    assert capsys.readouterr().err.startswith("error: window_size must be a positive int")
+    assert capsys.readouterr().err.startswith("error: --window must be a positive int")
 
     for extra, message in (  # 0 is refused, not read as "the default"; generation options have no use on imports
         (["--steps", "0"], "--steps must be at least 1, got 0"),

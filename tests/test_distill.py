@@ -369,14 +369,14 @@ def test_a_folder_that_holds_no_run_is_never_written_to(tmp_path, data_dir, flag
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(max_grad_norm=0.0), "max-grad-norm must be > 0, got 0.0"),
-        (dict(max_grad_norm=-1.0), "max-grad-norm must be > 0, got -1.0"),
-        (dict(weighting_scheme="logit_normal", logit_std=-1.0), "logit-std must be > 0, got -1.0"),
-        (dict(lr_scheduler="piecewise_constant"), "lr-scheduler 'piecewise_constant' is not one of"),
-        (dict(mixed_precision="fp16"), "mixed-precision fp16 needs a CUDA device"),
+        (dict(max_grad_norm=0.0), "--max-grad-norm must be > 0, got 0.0"),
+        (dict(max_grad_norm=-1.0), "--max-grad-norm must be > 0, got -1.0"),
+        (dict(weighting_scheme="logit_normal", logit_std=-1.0), "--logit-std must be > 0, got -1.0"),
+        (dict(lr_scheduler="piecewise_constant"), "--lr-scheduler 'piecewise_constant' is not one of"),
+        (dict(mixed_precision="fp16"), "--mixed-precision fp16 needs a CUDA device"),
         (dict(resume="latest", overwrite=True), "pass one of them"),
-        (dict(weighting_scheme="mode", mode_scale=10.0), "mode-scale must be in [-1, 1.75] for the 'mode' scheme"),
-        (dict(lr_warmup_steps=2), "lr-scheduler constant has no warmup (diffusers ignores it)"),
+        (dict(weighting_scheme="mode", mode_scale=10.0), "--mode-scale must be in [-1, 1.75] for the 'mode' scheme"),
+        (dict(lr_warmup_steps=2), "--lr-scheduler constant has no warmup (diffusers ignores it)"),
     ],
 )
 def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, data_dir, monkeypatch, overrides, message):
@@ -421,9 +421,9 @@ def test_resume_takes_the_new_lr_and_schedule_and_refuses_another_optimizer(tmp_
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(weight_decay=-5.0), r"weight-decay must be >= 0, got -5.0"),
-        (dict(fm_weight=-1.0), r"fm-weight must be >= 0, got -1.0"),
-        (dict(attn_weight=float("nan")), r"attn-weight must be >= 0, got nan"),
+        (dict(weight_decay=-5.0), r"--weight-decay must be >= 0, got -5.0"),
+        (dict(fm_weight=-1.0), r"--fm-weight must be >= 0, got -1.0"),
+        (dict(attn_weight=float("nan")), r"--attn-weight must be >= 0, got nan"),
         (dict(down=3), r"has a 4x4 token grid, not divisible by down factor 3"),
         (dict(backend="bogus"), r"unknown backend 'bogus'"),
         (dict(attn_layers=[99]), r"attention layers \[99\] out of range: the model has 3"),
@@ -474,13 +474,13 @@ def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir)
 
 
 def test_clear_errors(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="window_size must be a positive int"):
+    with pytest.raises(ValueError, match="--window must be a positive int"):
         train(config(tmp_path, data_dir, window=0))
     with pytest.raises(ValueError, match="not enough"):
         train(config(tmp_path, data_dir, num_validation=6))
     with pytest.raises(FileNotFoundError, match="no info.json"):
         train(config(tmp_path, tmp_path))
-    with pytest.raises(ValueError, match=re.escape("caption-dropout must be in [0, 1), got 1.0")):
+    with pytest.raises(ValueError, match=re.escape("--caption-dropout must be in [0, 1), got 1.0")):
         train(config(tmp_path, data_dir, caption_dropout=1.0))
 
     train(config(tmp_path, data_dir, max_steps=1, num_validation=0))

@@ -142,39 +142,42 @@ class DistillConfig:
 
     def check(self) -> None:
         """One-line ``ValueError`` for any setting out of range, before anything is loaded; integer types normalised."""
-        self.window, self.down = check_patch_settings(self.window, self.down, self.backend)
+        try:
+            self.window, self.down = check_patch_settings(self.window, self.down, self.backend)
+        except ValueError as err:  # named as the flags of `clear-dit distill`, which these settings are
+            raise ValueError(str(err).replace("window_size", "--window").replace("down_factor", "--down")) from None
         positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive int, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(self, name)}")
         for name in ("checkpoint_every", "validate_every", "num_validation", "lr_warmup_steps"):
             if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lora_rank is not None and self.lora_rank <= 0:
-            raise ValueError(f"lora-rank must be a positive int, got {self.lora_rank}")
+            raise ValueError(f"--lora-rank must be a positive int, got {self.lora_rank}")
         if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"--lr must be positive, got {self.lr}")
         for name in ("weight_decay", "fm_weight", "out_weight", "attn_weight"):  # < 0 pushes away from the target
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= MAX_MODE_SCALE:
             raise ValueError(  # beyond it the 'mode' density leaves [0, 1] and timesteps wrap around
-                f"mode-scale must be in [-1, {MAX_MODE_SCALE:.2f}] for the 'mode' scheme, got {self.mode_scale}"
+                f"--mode-scale must be in [-1, {MAX_MODE_SCALE:.2f}] for the 'mode' scheme, got {self.mode_scale}"
             )
         if self.lr_warmup_steps and self.lr_scheduler == "constant":
             raise ValueError(
-                "lr-scheduler constant has no warmup (diffusers ignores it): use constant_with_warmup, or no "
+                "--lr-scheduler constant has no warmup (diffusers ignores it): use constant_with_warmup, or no "
                 "--lr-warmup-steps"
             )
         for name in ("max_grad_norm", "logit_std"):  # a clip norm <= 0 zeroes or flips every gradient
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("mixed-precision fp16 needs a CUDA device (CPU autocast runs bf16): use bf16 or no")
+            raise ValueError("--mixed-precision fp16 needs a CUDA device (CPU autocast runs bf16): use bf16 or no")
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume continues a run and --overwrite discards it: pass one of them")
         if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"caption-dropout must be in [0, 1), got {self.caption_dropout}")
+            raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         choices = {
             "mixed_precision": MIXED_PRECISION,
             "optimizer": OPTIMIZERS,
@@ -184,7 +187,9 @@ class DistillConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
 
 
 #: The largest ``--mode-scale`` whose SD3 'mode' density stays in [0, 1]: ``2 / (pi - 2)``.
