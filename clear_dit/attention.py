@@ -57,6 +57,16 @@ def pool_tokens(
     return pooled.reshape(b, (h // d) * (w // d), heads, dim)
 
 
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """``scale`` as a float, ``1/sqrt(head_dim)`` if None; a one-line ``ValueError`` unless positive and finite
+    (the tiled backend drops padding keys by a huge negative score times the scale: 0 or less gives them weight)."""
+    if scale is None:
+        return head_dim**-0.5
+    if not 0 < float(scale) < math.inf:
+        raise ValueError(f"scale must be a positive finite number (default 1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
 def check_dims(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """One-line ``ValueError`` unless all three are ``(batch, seq, heads, head_dim)``."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -118,7 +128,7 @@ def clear_attention(
         window_size: radius ``r``; an image query sees image keys with ``dy^2 + dx^2 < r^2``.
         down_factor: ``d > 1`` appends ``(h/d)*(w/d)`` pooled keys/values per grid that every image query sees.
         spatial_weight: pooling weight, ``(d, d)`` or ``(1, 1, 1, d, 1, d, 1)``; ``None`` is uniform.
-        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        scale: softmax scale, positive and finite; default ``1/sqrt(head_dim)``.
         backend: one of :func:`available_backends` or ``"auto"``.
         text_position: ``"first"`` (FLUX: ``[text] + [image]``) or ``"last"`` (SD3: ``[image] + [text]``);
             the sequence is used as it comes, never reordered.
@@ -149,8 +159,7 @@ def clear_attention_with_layout(
     _check_inputs(query, key, value, layout)
     if spatial_weight is not None and layout.down_factor == 1:  # a checkpoint's pooling weight, d forgotten
         raise ValueError("spatial_weight pools keys: it needs down_factor > 1 (the d it was trained with)")
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
+    scale = softmax_scale(scale, query.shape[-1])
     if layout.down_factor > 1:
         key = _with_pooled(key, layout, spatial_weight)
         value = _with_pooled(value, layout, spatial_weight)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import check_dims
+from .attention import check_dims, softmax_scale
 from .backends import auto_backend_name
 from .backends.tiled import _attention_with_lse, band_rows
 from .mask import CLEARLayout, mask_predicate, window_row_extents
@@ -41,7 +41,7 @@ def attention_with_lse(
     Args:
         query: ``(batch, q_len, heads, head_dim)``.
         key, value: ``(batch, kv_len, heads, head_dim)``, ``kv_len >= 1``.
-        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        scale: softmax scale, positive and finite; default ``1/sqrt(head_dim)``.
 
     Returns:
         ``out`` ``(batch, q_len, heads, head_dim)`` in the query's dtype and ``lse`` float32
@@ -50,8 +50,7 @@ def attention_with_lse(
     """
     if key.shape[1] == 0:
         raise ValueError("attention_with_lse needs at least one key")
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
+    scale = softmax_scale(scale, query.shape[-1])
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     chunk = max(1, _MAX_SCORES // max(1, q.shape[0] * q.shape[1] * q.shape[2]))
     parts = [
@@ -117,7 +116,7 @@ def band_attention(
         rows: ``(start, stop)``, the query rows within the key grid.
         num_global: number of leading global keys (0 allowed).
         window_size: radius ``r``.
-        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        scale: softmax scale, positive and finite; default ``1/sqrt(head_dim)``.
         backend: ``"dense"`` (the mask rows from :func:`~clear_dit.mask.mask_predicate`, one SDPA call),
             ``"tiled"`` (the tiled backend's tiles over the band's rows only, their key blocks cut from the
             halo-extended key grid; linear memory), ``"auto"`` (the choice of
@@ -129,8 +128,7 @@ def band_attention(
     """
     _check_band(query, key, value, key_grid, rows, num_global)
     layout = CLEARLayout(tuple(key_grid), num_global, window_size)
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
+    scale = softmax_scale(scale, query.shape[-1])
     if backend == "auto":
         backend = auto_backend_name(layout, query.device, query.dtype)
     (r0, r1), w = rows, key_grid[1]

@@ -496,6 +496,11 @@ def _call(q=None, k=None, v=None, **overrides):
         (dict(grid=(True, 16)), "grid must be two positive ints"),
         (dict(text_len=True), "text_len must be a non-negative int, got True"),
         (dict(window_size=True), "window_size must be a positive int"),
+        (dict(scale=0.0), r"scale must be a positive finite number \(default 1/sqrt\(head_dim\)\), got 0.0"),
+        (dict(scale=-0.3, backend="dense"), "scale must be a positive finite number"),
+        (dict(scale=math.nan), "scale must be a positive finite number"),
+        (dict(grid=(4, 6), text_len=-6, down_factor=4), "grid 4x6 is not divisible by down_factor 4"),
+        (dict(reference_grid=(4, 5), text_len=-18, down_factor=2), "reference_grid 4x5 is not divisible by down_fa"),
     ],
 )
 def test_clear_attention_value_errors(kwargs, match: str) -> None:
@@ -604,3 +609,38 @@ def test_flex_block_mask_equals_create_block_mask(
         flags = _block_flags(getattr(got, num), getattr(got, idx))
         assert torch.equal(flags, _block_flags(getattr(expected, num), getattr(expected, idx))), num
     assert _block_flags(got.full_kv_num_blocks, got.full_kv_indices).any() == has_full_blocks
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (1, 5), (5, 1), (3, 7), (6, 2)])
+@pytest.mark.parametrize("reference_grid", [None, (2, 6)])
+def test_a_layout_covers_its_grid_exactly_when_its_mask_is_all_true(grid, reference_grid) -> None:
+    """``covers_grid`` lets tiled and auto run unmasked SDPA: one key out of a window makes that wrong."""
+    for r in range(1, 9):
+        layout = CLEARLayout(grid, 2, r, reference_grid=reference_grid)
+        assert layout.covers_grid == bool(dense_mask(layout).all()), (grid, reference_grid, r)
+
+
+def test_tiled_at_the_radius_just_short_of_covering_the_grid() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2 + 16, 2, 8, dtype=torch.float64) for _ in range(3))
+    kwargs = dict(grid=(4, 4), text_len=2, window_size=4)  # the corners, 3 rows and 3 columns apart: 18 >= 16
+    tiled_out = clear_attention(q, k, v, backend="tiled", **kwargs)
+    torch.testing.assert_close(tiled_out, clear_attention(q, k, v, backend="dense", **kwargs))
+
+
+def test_flex_block_with_a_single_masked_entry_is_partial() -> None:
+    """Query block 0 holds the text query and 127 image queries; key block 9 holds 127 image keys and the first
+    pooled key: one masked pair (the text query and the pooled key). A block taken as full skips mask_mod in
+    compiled flex (CUDA); CPU flex applies it everywhere, so only the block mask shows the difference."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from clear_dit.backends import flex
+    from clear_dit.mask import mask_predicate
+
+    layout = CLEARLayout((3, 426), 1, 426, 3)
+    assert layout.q_len % 128 == 127
+    allowed = mask_predicate(layout)
+    expected = create_block_mask(lambda b, h, q, k: allowed(q, k), None, None, layout.q_len, layout.kv_len, "cpu")
+    got = flex._block_mask.__wrapped__(layout, torch.device("cpu"))
+    for name in ("full_kv_num_blocks", "kv_num_blocks"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name

@@ -198,3 +198,19 @@ def test_tiled_thin_grids_batches_and_heads_differ(grid, text_len, r, d):
     torch.testing.assert_close(res["tiled"][0], res["dense"][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(res["tiled"][1], res["dense"][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["flash-function", "plain-ops"])
+def test_tiled_padding_keys_lose_to_real_keys_with_very_negative_scores(plain):
+    """Anti-aligned queries and keys (about -2e4 x scale per score): the padding keys' score must lie below any
+    real one, not merely below zero (fp64: dense itself is 5e-3 off in fp32 at these magnitudes)."""
+    backend = tiled.TiledBackend()
+    if plain:
+        backend.kernels = tiled.PartKernels()
+    layout = CLEARLayout((12, 20), 0, 3)
+    g = torch.Generator().manual_seed(0)
+    q = 100 + torch.rand(1, 240, 2, 8, generator=g, dtype=torch.float64)
+    k = -100 - torch.rand(1, 240, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 240, 2, 8, generator=g, dtype=torch.float64)
+    scale = 8**-0.5
+    torch.testing.assert_close(backend(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale))

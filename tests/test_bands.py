@@ -81,8 +81,11 @@ def test_band_attention_equals_the_band_rows_of_full_clear_attention(backend, gr
 
 def test_band_attention_rejects_inconsistent_shapes():
     q, k, v = _qkv(2 + 4 * 3)
-    with pytest.raises(ValueError, match="rows must satisfy"):
-        band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(3, 5), num_global=2, window_size=2)
+    for rows in ((3, 5), (2, 2), (3, 2), (-1, 1)):  # past the grid, empty, reversed, before it
+        with pytest.raises(ValueError, match=r"rows must satisfy 0 <= start < stop <= 4 \(the key grid's rows\)"):
+            band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=rows, num_global=2, window_size=2)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 2), num_global=2, window_size=2, scale=0.0)
     with pytest.raises(ValueError, match="query has 6 tokens"):
         band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 1), num_global=2, window_size=2)
     with pytest.raises(ValueError, match="key/value must both be"):
