@@ -128,6 +128,8 @@ def relaunch_lost_cpu_processes(argv: Sequence[str]) -> int | None:
             f"accelerate launch asked for {n} processes on {machines} machines: --num_processes counts the "
             "processes of all machines and must be a multiple of --num_machines"
         )
+    if not 0 <= rank < machines:  # torchrun would wait for a rendezvous that never completes
+        raise ValueError(f"accelerate launch --machine_rank {rank} is not one of 0..{machines - 1} (--num_machines)")
     per_machine = n // machines
     logger.warning(
         "accelerate launch --cpu started 1 process for --num_processes %d (it needs mpirun for more): "

@@ -638,7 +638,7 @@ def test_the_cli_checks_a_run_before_it_starts_processes(tmp_path, data_dir, mon
 
 
 def test_cpu_launch_detection_reads_the_launcher_and_refuses_what_it_cannot_start(tmp_path, data_dir, monkeypatch):
-    script = ["-m", "app.cli", "distill", "--num_processes", "7"]  # the script's own args are not the launcher's
+    script = ["-m", "app.cli", "distill", "--num_processes", "7", "--out", "launch"]  # the script's, not the launcher's
     assert requested_processes(["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "3", *script]) == 3
     module = ["python", "-m", "accelerate.commands.launch"]
     assert requested_processes([*module, "--num-processes=2", "--cpu", "x.py"]) == 2
@@ -734,6 +734,16 @@ def test_cpu_launch_reads_accelerates_default_config_and_spreads_over_machines(t
     monkeypatch.setattr(launch, "_parent_argv", lambda: [*machines[:2], "--num_processes", "3", *machines[2:]])
     with pytest.raises(ValueError, match="3 processes on 2 machines: .* a multiple of --num_machines"):
         launch.relaunch_lost_cpu_processes(["distill"])
+    zero = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "0", "x.py"]
+    monkeypatch.setattr(launch, "_parent_argv", lambda: zero)
+    with pytest.raises(ValueError, match="2 processes on 0 machines"):  # a ZeroDivisionError before
+        launch.relaunch_lost_cpu_processes(["distill"])
+    for rank in ("2", "-1"):  # torchrun waited for a machine 3 of 2 forever
+        beyond = [*machines[:2], "--num_processes", "4", *machines[2:]]
+        beyond[beyond.index("--machine_rank") + 1] = rank
+        monkeypatch.setattr(launch, "_parent_argv", lambda beyond=beyond: beyond)
+        with pytest.raises(ValueError, match=rf"--machine_rank {rank} is not one of 0\.\.1 \(--num_machines\)"):
+            launch.relaunch_lost_cpu_processes(["distill"])
 
 
 def test_bad_distill_arguments_fail_before_a_cpu_launch_starts_processes(tmp_path, monkeypatch, capsys):
@@ -1068,3 +1078,18 @@ def test_lora_adapts_exactly_the_attention_projections(fresh_transformer):
     student = Student(fresh_transformer(), window_size=1, lora_rank=2)
     adapted = {n.split(".lora_A.")[0] for n in student.trainable if ".lora_A." in n}
     assert adapted == projections
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in student.transformer.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.scaling == {"default": 1.0} for m in layers)  # B @ A unscaled: --lr means it for any rank
+
+
+def test_a_trainable_state_is_loaded_only_whole(fresh_transformer):
+    student = Student(fresh_transformer(), window_size=1, attn_layers=[-3])  # -len(layers): the first layer
+    assert student.capture.names == ["transformer_blocks.0.attn"]
+    state = dict(student.trainable_state_dict())
+    first = next(iter(state))
+    with pytest.raises(ValueError, match=r"1 missing \(e\.g\. \['.*'\]\), 0 unexpected .* another --window"):
+        student.load_trainable_state_dict({k: v for k, v in state.items() if k != first})  # a KeyError before
+    with pytest.raises(ValueError, match=r"0 missing \(e\.g\. \[\]\), 1 unexpected \(e\.g\. \['extra'\]\)"):
+        student.load_trainable_state_dict({**state, "extra": state[first]})
