@@ -868,6 +868,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in SUBCOMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
+        # -v after the command too; SUPPRESS: without it, the command's default would undo a -v given before it
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.set_defaults(_run=command.run, _parser=sub)
     return parser
 
@@ -882,9 +884,14 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+#: What torch's RuntimeErrors say when an allocation fails: CUDA's OutOfMemoryError, the CPU allocator (Linux,
+#: Windows), cuBLAS's workspace.
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "ALLOC_FAILED")
+
+
 def _out_of_memory(err: BaseException) -> bool:
-    """numpy's ``MemoryError``, or torch's CPU allocator failure or CUDA ``OutOfMemoryError`` (RuntimeErrors)."""
-    return isinstance(err, MemoryError) or any(text in str(err) for text in ("out of memory", "can't allocate memory"))
+    """numpy's ``MemoryError``, or a RuntimeError of torch's that says an allocation failed."""
+    return isinstance(err, MemoryError) or any(text in str(err) for text in _OUT_OF_MEMORY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -892,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # after the command: its parser's error, which names its --help, not the top-level one
-        after = argv.index(unknown[0]) > argv.index(args.command)
+        after = argv.index(unknown[0]) >= argv.index(args.command)  # >=: the command's name given twice
         (args._parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args._argv = argv  # a command that relaunches itself (distill under `accelerate launch --cpu`) passes it on
     try:

@@ -499,6 +499,7 @@ def _call(q=None, k=None, v=None, **overrides):
         (dict(scale=0.0), r"scale must be a positive finite number \(default 1/sqrt\(head_dim\)\), got 0.0"),
         (dict(scale=-0.3, backend="dense"), "scale must be a positive finite number"),
         (dict(scale=math.nan), "scale must be a positive finite number"),
+        (dict(scale=math.inf, backend="dense"), "scale must be a positive finite number"),
         (dict(grid=(4, 6), text_len=-6, down_factor=4), "grid 4x6 is not divisible by down_factor 4"),
         (dict(reference_grid=(4, 5), text_len=-18, down_factor=2), "reference_grid 4x5 is not divisible by down_fa"),
     ],

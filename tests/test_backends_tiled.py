@@ -214,3 +214,13 @@ def test_tiled_padding_keys_lose_to_real_keys_with_very_negative_scores(plain):
     v = torch.randn(1, 240, 2, 8, generator=g, dtype=torch.float64)
     scale = 8**-0.5
     torch.testing.assert_close(backend(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale))
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float16, 0.01), (torch.float32, 1e-40)])
+def test_tiled_refuses_a_scale_too_small_to_drop_its_padding_keys(dtype, scale):
+    """fp16's padding score is -32752: times 0.01 it is a score like any other (0.3 off, silently)."""
+    q = torch.randn(1, 4 + 64, 2, 8, dtype=dtype)
+    with pytest.raises(ValueError, match=f"scale {scale:g} is too small for the tiled backend in {dtype}"):
+        clear_attention_with_layout(q, q, q, CLEARLayout((8, 8), 4, 3), scale=scale, backend="tiled")
+    dense = clear_attention_with_layout(q, q, q, CLEARLayout((8, 8), 4, 3), scale=scale, backend="dense")
+    assert torch.isfinite(dense).all()  # dense runs it

@@ -86,6 +86,8 @@ def test_band_attention_rejects_inconsistent_shapes():
             band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=rows, num_global=2, window_size=2)
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
         band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 2), num_global=2, window_size=2, scale=0.0)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        attention_with_lse(q, k, v, scale=-1.0)
     with pytest.raises(ValueError, match="query has 6 tokens"):
         band_attention(q[:, :6], k, v, key_grid=(4, 3), rows=(0, 1), num_global=2, window_size=2)
     with pytest.raises(ValueError, match="key/value must both be"):

@@ -235,3 +235,23 @@ def test_transformer_json_keeps_the_sizes_measured_before_a_failure(tmp_path, mo
         bench.main(["--smoke", "--threads", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {row["pixels"] for row in rows} == {128} and len(rows) == 2 * 2  # both blocks x both radii
+
+
+def test_a_json_path_is_probed_without_harm_and_a_broken_link_is_refused(tmp_path):
+    import argparse
+    import os
+
+    from benchmarks._args import json_path
+
+    old = tmp_path / "r.json"
+    old.write_text('{"rows": [1]}')
+    assert json_path(str(old)) == old and old.read_text() == '{"rows": [1]}'  # not emptied before the timing
+    assert json_path(str(tmp_path / "new" / "r.json")) == tmp_path / "new" / "r.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no probe or folder left behind
+    (tmp_path / "link.json").symlink_to(tmp_path / "gone" / "x.json")
+    with pytest.raises(argparse.ArgumentTypeError, match="link.json is a link to .*x.json, which does not exist"):
+        json_path(str(tmp_path / "link.json"))
+    if os.geteuid() != 0:  # root writes read-only files
+        old.chmod(0o444)
+        with pytest.raises(argparse.ArgumentTypeError, match="cannot write .*r.json: Permission denied"):
+            json_path(str(old))

@@ -376,13 +376,21 @@ def test_a_prompt_that_is_not_utf8_is_a_usage_error(cli, tmp_path):
     proc = cli("generate", "--prompt", "caf\udce9", *FAST, "--out", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: argument --prompt: not UTF-8 text: 'caf\\\\udce9'"), proc.stderr
+    negative = cli("generate", "--prompt", "x", "--true-cfg", "2", "--negative-prompt", "caf\udce9")
+    assert negative.returncode == 2 and "argument --negative-prompt: not UTF-8 text" in negative.stderr
 
 
 @pytest.mark.parametrize(
     "error",
-    [MemoryError("Unable to allocate 74.5 GiB"), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
+    [
+        MemoryError("Unable to allocate 74.5 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1024 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
 )
-def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, error):
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, caplog, error):
     import pipelines.loading
     from app.cli import main
 
@@ -397,6 +405,10 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys, error)
     assert err.startswith("error: out of memory (") and err.endswith("try a smaller size or fewer steps\n")
     with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
         main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    raised.append(error)
+    with caplog.at_level(logging.ERROR):  # and -v shows the traceback of this one
+        assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "-v"]) == 1
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [error]
 
 
 def _fake_call(calls: list[dict]):
@@ -445,13 +457,22 @@ def test_the_tiny_models_defaults_are_the_documented_ones(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize(
     "argv, help_of",
-    [(["generate", "--prompt", "x", "--port", "3"], "clear-dit generate"), (["--port=3", "app"], "clear-dit")],
+    [
+        (["generate", "--prompt", "x", "--port", "3"], "clear-dit generate"),
+        (["--port=3", "app"], "clear-dit"),
+        (["generate", "--prompt", "x", "generate"], "clear-dit generate"),  # the command's name, given twice
+    ],
 )
 def test_an_unknown_option_names_the_help_of_the_parser_it_follows(capsys, argv, help_of):
-    from app.cli import main
+    from app.cli import build_parser, main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     unknown = " ".join(argv[3:] or argv[:1])
+    assert [build_parser().parse_known_args(a)[0].verbose for a in (["-v", *argv], [*argv, "-v"], argv)] == [
+        True,
+        True,
+        False,
+    ]  # -v before or after the command
     assert capsys.readouterr().err == f"error: unrecognized arguments: {unknown} (see '{help_of} --help')\n"

@@ -474,8 +474,10 @@ def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir)
 
 
 def test_clear_errors(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="--window must be a positive int"):
+    with pytest.raises(ValueError, match="^--window must be a positive int"):
         train(config(tmp_path, data_dir, window=0))
+    with pytest.raises(ValueError, match="^--down must be a positive int"):
+        train(config(tmp_path, data_dir, down=0))
     with pytest.raises(ValueError, match="not enough"):
         train(config(tmp_path, data_dir, num_validation=6))
     with pytest.raises(FileNotFoundError, match="no info.json"):

@@ -196,6 +196,19 @@ def _padding_key_score(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
+#: Padding keys' score (times the scale) must stay below this for exp() to drop them beside real scores near 0.
+_MAX_PADDING_SCORE = -1000.0
+
+
+def _check_scale(scale: float, dtype: torch.dtype) -> None:
+    """One-line ``ValueError`` for a scale so small that padding keys would take softmax weight (fp16's range)."""
+    if _padding_key_score(dtype) * scale > _MAX_PADDING_SCORE:
+        raise ValueError(
+            f"scale {scale:g} is too small for the tiled backend in {dtype}: its padding keys would take softmax "
+            "weight; use backend='dense'"
+        )
+
+
 def _uses_fused_cpu_kernel(*tensors: torch.Tensor) -> bool:
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return tensors[0].device.type == "cpu" and not grad
@@ -617,6 +630,7 @@ def _grid_rows(
     ``key``/``value`` are the layout's whole sequences (their global keys), ``grid_kv`` the keys/values of each
     of ``key_grids``.
     """
+    _check_scale(scale, query.dtype)
     dim = query.shape[-1]
     plan = _RowsPlan(geo, key_grids, scale)
     tiles = _query_tiles(query, geo, grid)  # (ntx, B, H, nty, th*tw, D + 1)
