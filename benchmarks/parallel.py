@@ -57,10 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=json_path, help="write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)
+    if min(args.ranks) < 2:
+        p.error(f"argument --ranks: patch parallelism needs at least 2 ranks, got {min(args.ranks)}")
     if args.smoke:
         args.sizes, args.ranks, args.tiny_size, args.steps, args.repeats = [2048], [2], [128, 96], 1, 1
         args.tiny_window = 3
     return args
+
+
+def _ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.1f}x"
 
 
 def layout_rows(args: argparse.Namespace) -> list[dict]:
@@ -82,7 +88,7 @@ def layout_rows(args: argparse.Namespace) -> list[dict]:
                     **{f"{k}_mb": max(r[k] for r in per_rank) / 1e6 for k in KINDS},
                     "halo_scheme_mb": halo_scheme / 1e6,
                     "kv_allgather_mb": gather / 1e6,
-                    "ratio": gather / halo_scheme,
+                    "ratio": gather / halo_scheme if halo_scheme else None,  # r = 1 without text: nothing to send
                     "halo_scheme_step_gb": FLUX_LAYERS * halo_scheme / 1e9,
                     "kv_allgather_step_gb": FLUX_LAYERS * gather / 1e9,
                 }
@@ -168,7 +174,7 @@ def print_report(args: argparse.Namespace, rows: list[dict], run: dict) -> None:
         print(
             f"{r['size']:>6} {r['grid'][0]:>4}x{r['grid'][1]:<4} {r['ranks']:>5} {r['band_rows']:>5} "
             f"{r['halo_mb']:>9.1f} {r['pooled_mb']:>8.2f} {r['text_mb']:>7.2f} {r['halo_scheme_mb']:>10.1f} "
-            f"{r['kv_allgather_mb']:>10.1f} {r['ratio']:>6.1f}x {r['halo_scheme_step_gb']:>10.2f} "
+            f"{r['kv_allgather_mb']:>10.1f} {_ratio(r['ratio']):>7} {r['halo_scheme_step_gb']:>10.2f} "
             f"{r['kv_allgather_step_gb']:>9.2f}"
         )
     tiny = run["tiny"]

@@ -56,6 +56,7 @@ from clear_dit import CLEARFluxAttnProcessor, pool_tokens, proportional_scale
 from clear_dit.bands import attention_with_lse, band_attention, window_reach
 from clear_dit.mask import CLEARLayout
 from clear_dit.patching import patch_handle, resolve_transformer
+from clear_dit.processors import CLEARAttnProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,11 @@ class _Comm:
         """Every rank's ``(problem, fingerprint)``; raise on every rank if one had a problem or inputs differ."""
         mine = (CALL, f"{type(problem).__name__}: {problem}" if problem else None, fingerprint)
         everyone: list[Any] = [None] * self.world_size
-        self._run("control", lambda: dist.all_gather_object(everyone, mine, group=self.control))
+        try:
+            self._run("control", lambda: dist.all_gather_object(everyone, mine, group=self.control))
+        except RankFailedError:  # a peer died before its call (its model failed to load?): as inside a call
+            self.teardown()
+            raise
         self.traffic["control"] += (self.world_size - 1) * len(pickle.dumps(mine))
         check_in_step(everyone)
         everyone = [message[1:] for message in everyone]
@@ -450,6 +455,8 @@ class BandParallel:
         model = self.transformer
         processors = dict(model.attn_processors)
         if not all(isinstance(p, CLEARFluxAttnProcessor) for p in processors.values()):
+            if all(isinstance(p, CLEARAttnProcessor) for p in processors.values()):  # patched, but not FLUX
+                raise ValueError(f"patch-parallel CLEAR runs FLUX transformers only, not {type(model).__name__}")
             raise ValueError("BandParallel needs CLEAR processors on every attention layer of the transformer")
         instance_forward = model.__dict__.get("forward")  # set by accelerate hooks, if any
         self._saved = (processors, instance_forward)

@@ -193,6 +193,7 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
         ("attention", ["--json", "README.md/x.json"], "argument --json: cannot make a folder for README.md/x.json"),
         ("transformer", ["--json", "/proc/x.json"], "argument --json: cannot write /proc/x.json: "),  # not at the end
         ("parallel", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
+        ("parallel", ["--ranks", "2", "1"], "argument --ranks: patch parallelism needs at least 2 ranks, got 1"),
         ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
     ],
 )

@@ -88,24 +88,31 @@ def _error(fn) -> str | None:
 # ------------------------------------------------------------------------------------ rank workers (spawned)
 
 
+def _members(n: int) -> tuple[int, ...]:
+    """World ranks of an N-rank config: N = 2 runs on ranks 1-2, whose ranks in their group are not the world's."""
+    return (0, 1, 2) if n == 3 else (1, 2)
+
+
 def equivalence_worker(path: str) -> dict:
-    """Every config of CONFIGS (N = 2 on ranks 0-1), then two bad inputs on one rank."""
+    """Every config of CONFIGS, then bad inputs on one rank."""
     import torch.distributed as dist
 
     from pipelines.parallel import run_parallel_pipeline
 
     rank = dist.get_rank()
-    pair = dist.new_group([0, 1])
-    latents, traffic = [], []
+    pair = dist.new_group(list(_members(2)))
+    latents, traffic, group_ranks = [], [], []
     for n, window, down, text, backend, variant in CONFIGS:
-        if rank >= n:
+        if rank not in _members(n):
             latents.append(None)
             traffic.append(None)
+            group_ranks.append(None)
             continue
         pipe = _pipe(path, window, down, backend, variant)
         out = run_parallel_pipeline(pipe, group=pair if n == 2 else None, **_call(text))
         latents.append(out.latents)
         traffic.append(out.traffic_per_step)
+        group_ranks.append(out.rank)
     pipe = _pipe(path, 4, 1)
     bad_height = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, height=32 if rank == 2 else HEIGHT)))
     bad_seed = _error(lambda: run_parallel_pipeline(pipe, **_call(TEXT, seed=int(rank == 1))))
@@ -137,7 +144,7 @@ def equivalence_worker(path: str) -> dict:
     return {"latents": latents, "traffic": traffic, "bad_height": bad_height, "bad_seed": bad_seed,
             "bad_prompt": bad_prompt, "bad_guidance": bad_guidance, "all_bad": all_bad, "plain": plain,
             "guided": guided, "bad_kontext": bad_kontext, "interrupted": interrupted,
-            "batched_ids": batched}  # fmt: skip
+            "batched_ids": batched, "group_ranks": group_ranks}  # fmt: skip
 
 
 def surviving_faulty_worker(path: str) -> tuple[float, str, bool]:
@@ -208,22 +215,23 @@ def equivalence(tiny_pipeline_path):
 def test_parallel_latents_equal_single_process(equivalence, tiny_pipeline_path, index):
     n, window, down, text, backend, variant = CONFIGS[index]
     expected = _pipe(str(tiny_pipeline_path), window, down, backend, variant)(**_call(text)).images
-    for rank in range(n):
+    for group_rank, rank in enumerate(_members(n)):
+        assert equivalence[rank]["group_ranks"][index] == group_rank
         latents = equivalence[rank]["latents"][index]
         assert latents.shape == expected.shape
         assert (latents - expected).abs().max().item() <= 1e-4, f"rank {rank}"
 
 
-@pytest.mark.parametrize("index", [3, 7])
+@pytest.mark.parametrize("index", [3, 7])  # on a group of ranks 1-2, and on all three
 def test_counted_traffic_matches_the_layout_model(equivalence, index):
     n, window, down, text, *_ = CONFIGS[index]
     plan = BandPlan((HEIGHT // 16, WIDTH // 16), n, window, down)
     layers = 3  # the tiny transformer: 1 double-stream + 2 single-stream blocks
     model = layer_traffic(plan, text, heads=2, head_dim=64, element_size=4)
-    for rank in range(n):
-        counted = equivalence[rank]["traffic"][index][rank]
+    for group_rank, rank in enumerate(_members(n)):
+        counted = equivalence[rank]["traffic"][index][group_rank]
         for kind in ("halo", "pooled", "text"):
-            assert counted.get(kind, 0.0) == pytest.approx(layers * model[rank][kind]), (rank, kind)
+            assert counted.get(kind, 0.0) == pytest.approx(layers * model[group_rank][kind]), (rank, kind)
         assert counted["halo"] > 0 and counted["output"] > 0
 
 
@@ -276,6 +284,9 @@ def test_rank_fingerprints_tell_a_different_guidance_from_float_noise():
     # NaN latents on every rank (an fp16 overflow) are the same inputs, not "other transformer inputs"
     assert _same_fingerprint(fingerprint(math.nan), fingerprint(math.nan))
     assert not _same_fingerprint(fingerprint(math.nan), fingerprint(1.0))
+    signs = {"hidden_states": torch.tensor([1.0, -1.0])[None, :, None]}  # the sum of zeros, not their magnitude
+    zeros = {"hidden_states": torch.zeros(1, 2, 1)}
+    assert not _same_fingerprint(_fingerprint(signs, (1, 2)), _fingerprint(zeros, (1, 2)))
 
 
 def test_the_group_timeout_comes_from_the_environment(monkeypatch):
@@ -353,6 +364,35 @@ def test_the_runner_refuses_controlnet_residuals(tiny_pipe):
             runner._check_call(inputs)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_runner_refuses_a_patched_sd3_transformer_by_its_model(tmp_path):
+    from dit_models import tiny_sd3_transformer
+
+    transformer = tiny_sd3_transformer(tmp_path)
+    clear_dit.patch(transformer, window_size=2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="runs FLUX transformers only, not SD3Transformer2DModel"):
+            BandParallel(transformer).__enter__()  # it said the CLEAR patch was missing
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_peer_lost_before_its_call_tears_the_group_down():
+    """As a failure inside a call does: a survivor that lives on holds no connections of a larger group."""
+    from pipelines.parallel import RankFailedError, _Comm
+
+    comm = object.__new__(_Comm)
+    comm.world_size, comm.control, torn = 2, None, []
+
+    def lost(what, fn):
+        raise RankFailedError("control failed on rank 0 (a peer died or timed out): Connection closed by peer")
+
+    comm._run, comm.teardown = lost, lambda: torn.append(True)
+    with pytest.raises(RankFailedError, match="control failed on rank 0"):
+        comm.agree(None, ((), ()))
+    assert torn == [True]
 
 
 def test_run_parallel_pipeline_refuses_return_dict():
@@ -454,6 +494,10 @@ def test_benchmark_smoke(tiny_pipeline_path, tmp_path):
     (row,) = result["rows"]
     assert (row["size"], row["ranks"], row["grid"]) == (2048, 2, [128, 128])
     assert row["kv_allgather_mb"] > row["halo_scheme_mb"] > 0 and row["ratio"] > 1
+    from benchmarks.parallel import layout_rows, parse_args
+
+    (silent,) = layout_rows(parse_args("--sizes 2048 --ranks 2 --window 1 --text-len 0".split()))
+    assert silent["halo_scheme_mb"] == 0 and silent["ratio"] is None  # r = 1 without text sends nothing
     assert result["measured"]["traffic_matches"] and result["measured"]["seconds"]["1"] > 0
 
 
