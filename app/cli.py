@@ -868,8 +868,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in SUBCOMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
-        # -v after the command too; SUPPRESS: without it, the command's default would undo a -v given before it
-        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.set_defaults(_run=command.run, _parser=sub)
     return parser
 
@@ -898,6 +896,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    # -v after the command too: taken from what the command left, as exact tokens (an option on the command's
+    # parser would read a prompt such as "-vivid sunset" as -v, and make --v ambiguous)
+    if "-v" in unknown or "--verbose" in unknown:
+        args.verbose = True
+        unknown = [token for token in unknown if token not in ("-v", "--verbose")]
     if unknown:  # after the command: its parser's error, which names its --help, not the top-level one
         after = argv.index(unknown[0]) >= argv.index(args.command)  # >=: the command's name given twice
         (args._parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")

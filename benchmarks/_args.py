@@ -35,8 +35,10 @@ def positive_float(text: str) -> float:
 def json_path(text: str) -> Path:
     """A file to write results to: not a folder, its folder can be made and written (checked before hours of timing)."""
     path = Path(text).expanduser()
-    if path.is_symlink() and not path.exists():
-        raise argparse.ArgumentTypeError(f"{text} is a link to {path.readlink()}, which does not exist")
+    if path.is_symlink() and not path.exists():  # written through: its target's folder must exist
+        if not path.resolve().parent.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a link to {path.readlink()}, whose folder does not exist")
+        path = path.resolve()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {Path(text) / 'results.json'}")
     parent = next(p for p in path.absolute().parents if p.exists())

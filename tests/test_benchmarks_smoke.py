@@ -250,8 +250,10 @@ def test_a_json_path_is_probed_without_harm_and_a_broken_link_is_refused(tmp_pat
     assert json_path(str(tmp_path / "new" / "r.json")) == tmp_path / "new" / "r.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no probe or folder left behind
     (tmp_path / "link.json").symlink_to(tmp_path / "gone" / "x.json")
-    with pytest.raises(argparse.ArgumentTypeError, match="link.json is a link to .*x.json, which does not exist"):
+    with pytest.raises(argparse.ArgumentTypeError, match="link.json is a link to .*x.json, whose folder does not"):
         json_path(str(tmp_path / "link.json"))
+    (tmp_path / "gone").mkdir()  # a link to a file yet to be written is written through
+    assert json_path(str(tmp_path / "link.json")) == tmp_path / "gone" / "x.json"
     if os.geteuid() != 0:  # root writes read-only files
         old.chmod(0o444)
         with pytest.raises(argparse.ArgumentTypeError, match="cannot write .*r.json: Permission denied"):

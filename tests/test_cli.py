@@ -464,15 +464,29 @@ def test_the_tiny_models_defaults_are_the_documented_ones(tmp_path, monkeypatch)
     ],
 )
 def test_an_unknown_option_names_the_help_of_the_parser_it_follows(capsys, argv, help_of):
-    from app.cli import build_parser, main
+    from app.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     unknown = " ".join(argv[3:] or argv[:1])
-    assert [build_parser().parse_known_args(a)[0].verbose for a in (["-v", *argv], [*argv, "-v"], argv)] == [
-        True,
-        True,
-        False,
-    ]  # -v before or after the command
     assert capsys.readouterr().err == f"error: unrecognized arguments: {unknown} (see '{help_of} --help')\n"
+
+
+@pytest.mark.parametrize("prompt", ["-vivid sunset", "-v2 style portrait"])
+def test_v_goes_before_or_after_the_command_and_a_prompt_may_start_with_it(prompt, monkeypatch):
+    import app.cli
+
+    seen, build = [], app.cli.build_parser
+
+    def parser():
+        top = build()
+        for command in top._subparsers._group_actions[0].choices.values():
+            command.set_defaults(_run=lambda args: seen.append((args.prompt, args.negative_prompt, args.verbose)))
+        return top
+
+    monkeypatch.setattr(app.cli, "build_parser", parser)
+    command = ["generate", "--prompt", prompt, "--negative-prompt", prompt]
+    for argv in (command, ["-v", *command], [*command, "-v"], [*command, "--verbose"]):
+        app.cli.main(argv)
+    assert seen == [(prompt, prompt, False)] + [(prompt, prompt, True)] * 3

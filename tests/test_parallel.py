@@ -479,7 +479,7 @@ def test_cli_parallel_errors(tmp_path, extra, env, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_benchmark_smoke(tiny_pipeline_path, tmp_path):
+def test_benchmark_smoke(tiny_pipeline_path, tmp_path, capsys):
     out = tmp_path / "parallel.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "parallel.py"), "--smoke", "--json", str(out)],
@@ -494,10 +494,13 @@ def test_benchmark_smoke(tiny_pipeline_path, tmp_path):
     (row,) = result["rows"]
     assert (row["size"], row["ranks"], row["grid"]) == (2048, 2, [128, 128])
     assert row["kv_allgather_mb"] > row["halo_scheme_mb"] > 0 and row["ratio"] > 1
-    from benchmarks.parallel import layout_rows, parse_args
+    from benchmarks.parallel import layout_rows, parse_args, print_report
 
-    (silent,) = layout_rows(parse_args("--sizes 2048 --ranks 2 --window 1 --text-len 0".split()))
+    args = parse_args("--sizes 2048 --ranks 2 --window 1 --text-len 0".split())
+    (silent,) = layout_rows(args)
     assert silent["halo_scheme_mb"] == 0 and silent["ratio"] is None  # r = 1 without text sends nothing
+    print_report(args, [silent], result["measured"])
+    assert capsys.readouterr().out.splitlines()[2].split()[9] == "-"  # the ratio column
     assert result["measured"]["traffic_matches"] and result["measured"]["seconds"]["1"] > 0
 
 
