@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.errors import is_out_of_memory
+
 logger = logging.getLogger("clear_dit.cli")
 
 PROG = "clear-dit"
@@ -882,16 +884,6 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-#: What torch's RuntimeErrors say when an allocation fails: CUDA's OutOfMemoryError, the CPU allocator (Linux,
-#: Windows), cuBLAS's workspace.
-_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "ALLOC_FAILED")
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """numpy's ``MemoryError``, or a RuntimeError of torch's that says an allocation failed."""
-    return isinstance(err, MemoryError) or any(text in str(err) for text in _OUT_OF_MEMORY)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -918,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(_one_line(err))
         return 1
     except (MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err):
+        if not is_out_of_memory(err):
             raise
         if args.verbose:
             logger.exception("details")

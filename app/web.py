@@ -36,6 +36,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import clear_dit
+from app.errors import is_out_of_memory
 from clear_dit.weights import check_weights, config_from_filename, read_weights, read_weights_config
 from pipelines.highres import HighResFluxPipeline
 from pipelines.loading import default_max_sequence_length, load_pipeline
@@ -400,8 +401,11 @@ class GenerationEngine:
                 start = time.perf_counter()
                 image = self.pipe(s.prompt, width=s.width, height=s.height, generator=generator, **common)
                 image = image.images[0]
-        except torch.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
+        except (MemoryError, RuntimeError) as err:  # CUDA's OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             size = "x".join(map(str, s.stages[-1]))
             raise ValueError(
                 f"out of memory at {size} with {s.attention} attention: "

@@ -281,6 +281,27 @@ def test_bad_input_is_a_readable_error(cb, changes, message):
         cb.generate(*values(**changes))
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+        MemoryError("Unable to allocate 74.5 GiB"),
+    ],
+)
+def test_running_out_of_memory_is_a_readable_error_and_the_next_request_works(cb, engine, monkeypatch, error):
+    """As the CLI's: CUDA's, the CPU allocator's and numpy's alike (the CPU ones said "generation failed")."""
+    with monkeypatch.context() as m:
+        m.setattr(engine.pipe.__class__, "__call__", lambda self, *a, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(gr.Error, match="out of memory at 64x64 with clear attention: try a smaller size"):
+            cb.generate(*values())
+        m.setattr(engine.pipe.__class__, "__call__", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+        with pytest.raises(gr.Error, match="generation failed: RuntimeError: bug"):  # any other error as before
+            cb.generate(*values())
+    image, *_ = cb.generate(*values())
+    assert read_png(image).size == (64, 64)
+
+
 def test_compare_refuses_high_resolution_mode(cb):
     with pytest.raises(gr.Error, match="compare runs single-stage generation"):
         cb.compare(*values(upscale="128x128"))
