@@ -221,12 +221,11 @@ def _check_png_out(out: str, overwrite: bool) -> Path:
         raise CLIError(f"--out must be a .png file, got {out}")
     if path.is_dir():
         raise CLIError(f"--out {out} is a folder: name a .png file (in it)")
-    blocked = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
-    if blocked is not None:
-        raise CLIError(f"--out {out}: {blocked} is a file, not a folder")
+    folder = next(parent for parent in path.parents if parent.exists())  # _save_png makes the missing ones
+    if not folder.is_dir():
+        raise CLIError(f"--out {out}: {folder} is a file, not a folder")
     if path.exists() and not overwrite:
         raise CLIError(f"{out} exists; pass --overwrite to replace it")
-    folder = next(parent for parent in path.parents if parent.exists())  # _save_png makes the missing ones
     try:  # the save's temp file, now: not after the generation
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
