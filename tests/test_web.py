@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -57,6 +58,14 @@ def values(**changes) -> list:
 
 def session(name: str) -> SimpleNamespace:
     return SimpleNamespace(session_hash=name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gradio_cache(tmp_path_factory):
+    """The files gradio serves are cached under pytest's temp dir, not in the machine's shared /tmp/gradio."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -554,10 +563,22 @@ def server(engine):
     demo.close()
 
 
-def test_gradio_client_named_endpoint_returns_an_image(server):
+@pytest.fixture
+def api_client(tmp_path):
+    """gradio_client.Client(url) that downloads under tmp_path (not gradio's shared cache), and whose empty staging
+    folders (gradio_client stages each download in a fresh folder of the system temp dir and leaves it) go."""
     from gradio_client import Client
 
-    client = Client(server, verbose=False)
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.iterdir())
+    yield lambda url: Client(url, verbose=False, download_files=tmp_path / "downloads")
+    for folder in set(temp.iterdir()) - before:
+        if re.fullmatch("[0-9a-f]{40}", folder.name) and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def test_gradio_client_named_endpoint_returns_an_image(server, api_client):
+    client = api_client(server)
     # the parameters left out take the UI's defaults
     path, summary, files = client.predict(prompt="a cat", width=80, height=64, steps=2, seed=3, api_name="/generate")
     assert read_png(path).size == (80, 64) and "CLEAR" in summary and files == [path]
@@ -574,20 +595,17 @@ def test_gradio_client_named_endpoint_returns_an_image(server):
         (dict(down_factor="3"), "down factor must be one of (1, 2, 4), got 3"),
     ],
 )
-def test_bad_input_through_the_api_is_a_readable_error(server, changes, message):
+def test_bad_input_through_the_api_is_a_readable_error(server, api_client, changes, message):
     """gradio's own number handling ran first: 'abc' failed with no message and 1.5 was rounded to seed 2."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     kwargs = {**dict(prompt="a cat", width=64, height=64, steps=1, seed=1, window_size=2), **changes}
     with pytest.raises(AppError, match=re.escape(message)):
-        Client(server, verbose=False).predict(**kwargs, api_name="/generate")
+        api_client(server).predict(**kwargs, api_name="/generate")
 
 
-def test_the_down_factor_is_taken_as_the_api_page_lists_it(server):
-    from gradio_client import Client
-
-    client = Client(server, verbose=False)
+def test_the_down_factor_is_taken_as_the_api_page_lists_it(server, api_client):
+    client = api_client(server)
     assert "Literal['1', '2', '4']" in str(client.view_api(print_info=False, return_format="str"))
     for down in ("2", 2):  # as listed, and as API clients passed it before
         kwargs = dict(prompt="a cat", width=64, height=64, steps=1, window_size=2, down_factor=down)
@@ -595,12 +613,10 @@ def test_the_down_factor_is_taken_as_the_api_page_lists_it(server):
         assert "CLEAR r=2 d=2" in summary
 
 
-def test_a_job_cancelled_through_the_api_stops_the_generation(server, engine):
+def test_a_job_cancelled_through_the_api_stops_the_generation(server, engine, api_client):
     """gradio_client's Job.cancel() (or a closed tab) cancels the event without the Stop button: the generation
     must stop too, not run to its last step holding the engine (and write its PNG) for nobody."""
-    from gradio_client import Client
-
-    client = Client(server, verbose=False)
+    client = api_client(server)
     seed = 424242
     job = client.submit(prompt="a cat", width=512, height=512, steps=100, seed=seed, api_name="/generate")
     deadline = time.monotonic() + 60
@@ -642,17 +658,15 @@ def test_a_closed_tab_stops_its_running_generation(engine):
     assert outcome == ["cancelled"]
 
 
-def test_a_closed_browser_session_takes_its_pngs_along():
+def test_a_closed_browser_session_takes_its_pngs_along(api_client):
     """Without an output_dir the PNGs go to a temp folder of the engine's: a session's subfolder goes when its
     browser tab closes (gradio's unload event); they piled up in /tmp before."""
-    from gradio_client import Client
-
     owned = GenerationEngine.load("tiny")
     folder = owned.output_dir
     demo = build_demo(engine=owned)
     port = free_port()
     launch(demo, port=port, block=False, quiet=True)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    client = api_client(f"http://127.0.0.1:{port}/")
     try:
         tab = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # what a browser tab keeps open
         tab.request("GET", f"/gradio_api/heartbeat/{client.session_hash}")
