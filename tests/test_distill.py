@@ -540,7 +540,7 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
     launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "2", "--cpu"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "app.cli"]
     env = {k: v for k, v in os.environ.items() if k not in WORLD_SIZE_VARIABLES and k != "MASTER_ADDR"}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun leaves a log folder there
     ddp = subprocess.run(
         [*launch, *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")],
         cwd=ROOT,
@@ -590,7 +590,7 @@ def test_a_failure_inside_the_relaunched_processes_ends_in_one_line_each(tmp_pat
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "app.cli"]
     args = ["distill", "--data", str(data_dir), "--window", "1", "--model", str(tmp_path / "no-model")]
     env = {k: v for k, v in os.environ.items() if k not in WORLD_SIZE_VARIABLES and k != "MASTER_ADDR"}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun leaves a log folder there
     proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 1

@@ -433,7 +433,7 @@ def test_cli_parallel_torchrun(tiny_pipe, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "app.cli", "generate", *argv]
         + ["--parallel", "--out", str(out)],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},  # torchrun leaves a log folder there
         capture_output=True,
         text=True,
         timeout=300,
