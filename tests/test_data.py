@@ -708,5 +708,44 @@ def test_a_row_of_another_shape_than_info_says_is_refused(made, tmp_path):
     tensors = load_file(shard)
     tensors["latent_mean"] = tensors["latent_mean"][:, :, :4].contiguous()
     save_file(tensors, shard)
-    with pytest.raises(ValueError, match=r"latent_mean of row 0 has shape \(16, 4, 8\), info.json says \(16, 8, 8\)"):
-        DistillDataset(out)[0]
+    with pytest.raises(ValueError, match=r"latent_mean has rows of shape \(16, 4, 8\), info.json says \(16, 8, 8\)"):
+        DistillDataset(out)  # when the trainer starts, not when it first draws the item
+
+
+def test_a_damaged_shard_is_refused_when_the_dataset_opens(made, tmp_path):
+    """A shard cut short (a copy interrupted) or a manifest row past a shard's end: the trainer failed when it first
+    drew the item, possibly hours in, after run.json had made the same command refuse to start again."""
+    pipe = made[0]
+    out = generate_dataset(pipe, PROMPTS, tmp_path / "d", num=4, **SETTINGS)
+    good = out / "shards/000000.safetensors"
+    shard = out / "shards/000002.safetensors"  # the items 2 and 3
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[:-100])
+    with pytest.raises(ValueError, match=r"cannot read shard .*000002.safetensors \(damaged or incomplete file\?\).*"
+                       r"re-run make-data on"):  # fmt: skip
+        DistillDataset(out)
+    shard.write_bytes(good.read_bytes())  # intact, but 2 rows: a manifest of another batch size listing a row 2
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    lines[3]["row"] = 2
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=r"000002.safetensors has 2 rows, manifest.jsonl lists item 3 as row 2"):
+        DistillDataset(out)
+    shard.write_bytes(blob)
+    lines[3]["row"] = 1
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert len(DistillDataset(out)) == 4
+
+
+def test_a_resume_makes_the_items_of_a_shard_too_short_for_its_rows_again(made, tmp_path, caplog):
+    pipe, reference, _ = made
+    out = generate_dataset(pipe, PROMPTS, tmp_path / "d", num=4, **SETTINGS)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    lines[3]["row"] = 2  # past the end of its 2-row shard
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with caplog.at_level("WARNING", logger="training.data"):
+        generate_dataset(pipe, PROMPTS, out, num=4, **SETTINGS)
+    assert "2 items in damaged or missing files (shards/000002.safetensors)" in caplog.text
+    assert [dataset["latent_mean"].shape for dataset in DistillDataset(out)] == [(16, 8, 8)] * 4
+    for i in (2, 3):  # made again, as the reference set made them
+        a, b = (np.asarray(Image.open(folder / f"images/{i:06d}.png"), dtype=int) for folder in (out, reference))
+        assert np.abs(a - b).max() <= 1

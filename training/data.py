@@ -117,6 +117,15 @@ class DataInfo:
             "pooled_dim": self.pooled_dim,
         }
 
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one item's tensor under each of ``SHARD_KEYS`` (a shard stacks rows of them)."""
+        return {
+            "latent_mean": self.latent_shape,
+            "latent_logvar": self.latent_shape,
+            "prompt_embeds": (self.text_seq_len, self.text_dim),
+            "pooled_prompt_embeds": (self.pooled_dim,),
+        }
+
     def _encoding(self) -> dict[str, Any]:
         return {
             "embeds_dtype": self.embeds_dtype,
@@ -267,12 +276,13 @@ class _Writer:
         """Items whose shard no longer opens or whose image is gone (a damaged disk, a file deleted by hand) leave
         the manifest, so that this run makes them again: distill would fail on them mid-training."""
         damaged = {e["shard"] for e in self.entries if not (self.folder / e["image"]).is_file()}
+        rows = {}
         for shard in {e["shard"] for e in self.entries} - damaged:
             try:
-                with safe_open(str(self.folder / shard), framework="pt"):  # checks the header and the file's length
-                    pass
-            except Exception:  # safetensors raises its own error types; a missing file too
+                rows[shard] = _shard_rows(self.folder / shard, self.info.row_shapes())
+            except (OSError, ValueError):
                 damaged.add(shard)
+        damaged |= {e["shard"] for e in self.entries if e["shard"] in rows and e["row"] >= rows[e["shard"]]}
         if damaged:
             kept = [e for e in self.entries if e["shard"] not in damaged]
             logger.warning(
@@ -639,6 +649,25 @@ def import_images(
     return _run(pipe, Path(out), items, settings, resolution, batch_size, max_sequence_length, overwrite, make_images)
 
 
+def _shard_rows(path: Path, row_shapes: dict[str, tuple[int, ...]]) -> int:
+    """The number of rows of the shard at ``path``, from its header (whose offsets safetensors checks against the
+    file's length); ValueError naming the file if it is damaged, incomplete or holds rows of other shapes."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in SHARD_KEYS}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard file missing: {path}") from None
+    except Exception as err:  # safetensors raises several types for a damaged file, a missing key included
+        raise ValueError(f"cannot read shard {path} (damaged or incomplete file?): {err}") from None
+    for key, shape in row_shapes.items():
+        if shapes[key][1:] != tuple(shape):
+            raise ValueError(f"{path}: {key} has rows of shape {shapes[key][1:]}, {INFO_FILE} says {tuple(shape)}")
+    rows = {shape[0] for shape in shapes.values()}
+    if len(rows) > 1:
+        raise ValueError(f"{path}: its tensors have different numbers of rows ({sorted(rows)})")
+    return rows.pop()
+
+
 class DistillDataset(Dataset):
     """The items of a data folder, as tensors; bad or missing files raise errors naming them.
 
@@ -660,13 +689,18 @@ class DistillDataset(Dataset):
         missing = sorted({e["shard"] for e in self.entries if not (self.folder / e["shard"]).is_file()})
         if missing:
             raise FileNotFoundError(f"{self.folder}: shard files missing: {', '.join(missing[:3])}")
-        info = self.info
-        self._shapes = {
-            "latent_mean": info.latent_shape,
-            "latent_logvar": info.latent_shape,
-            "prompt_embeds": (info.text_seq_len, info.text_dim),
-            "pooled_prompt_embeds": (info.pooled_dim,),
-        }
+        rows = {}
+        for shard in sorted({e["shard"] for e in self.entries}):  # now, not when training first draws an item
+            try:
+                rows[shard] = _shard_rows(self.folder / shard, self.info.row_shapes())
+            except ValueError as err:
+                raise ValueError(f"{err}; re-run make-data on {self.folder} to make its items again") from None
+        for e in self.entries:
+            if e["row"] >= rows[e["shard"]]:
+                raise ValueError(
+                    f"{self.folder / e['shard']} has {rows[e['shard']]} rows, {MANIFEST_FILE} lists item {e['index']} "
+                    f"as row {e['row']}; re-run make-data on {self.folder} to make its items again"
+                )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -686,11 +720,6 @@ class DistillDataset(Dataset):
             raise FileNotFoundError(f"shard file missing: {path}") from None
         except Exception as err:  # safetensors raises several types for a damaged file
             raise ValueError(f"cannot read row {row} of shard {path} (damaged or incomplete file?): {err}") from err
-        for key, shape in self._shapes.items():
-            if tuple(item[key].shape) != tuple(shape):
-                raise ValueError(
-                    f"{path}: {key} of row {row} has shape {tuple(item[key].shape)}, {INFO_FILE} says {tuple(shape)}"
-                )
         item["index"] = entry["index"]
         return item
 
