@@ -1095,3 +1095,21 @@ def test_a_trainable_state_is_loaded_only_whole(fresh_transformer):
         student.load_trainable_state_dict({k: v for k, v in state.items() if k != first})  # a KeyError before
     with pytest.raises(ValueError, match=r"0 missing \(e\.g\. \[\]\), 1 unexpected \(e\.g\. \['extra'\]\)"):
         student.load_trainable_state_dict({**state, "extra": state[first]})
+
+
+def test_a_torn_last_log_line_does_not_block_a_resume(tmp_path, data_dir, caplog):
+    """A kill or a full disk can cut the logger's last write short: resuming then failed on it with a bare
+    JSONDecodeError, at every later try; a line that is whole but no log line's names the file."""
+    settings = dict(max_steps=2, checkpoint_every=2, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    log = tmp_path / "run/logs/train.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 3, "loss": 0.1')
+    with caplog.at_level("WARNING", logger="training.data"):
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 3, "resume": "latest"}))
+    assert f"{log} ends in a torn line" in caplog.text
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    with open(log, "a") as f:
+        f.write('["step", 4]\n')
+    with pytest.raises(ValueError, match=r"train.jsonl line 4 is not a log line of clear-dit's \(KeyError|TypeError"):
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 4, "resume": "latest"}))

@@ -360,11 +360,9 @@ def _append_manifest(path: Path, entries: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The manifest's entries. A torn last line (a write cut by a kill) is ignored, or cut off with ``repair``."""
-    path = folder / MANIFEST_FILE
-    if not path.exists():
-        return []
+def complete_lines(path: Path, repair: bool = False) -> list[str]:
+    """The lines of the text file ``path`` that end in a newline: a torn last line (a write cut by a kill or a full
+    disk) is ignored, with a warning, or cut off the file with ``repair``."""
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) != len(data):
@@ -372,8 +370,16 @@ def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(len(complete))
+    return complete.decode("utf-8").splitlines()
+
+
+def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The manifest's entries. A torn last line (a write cut by a kill) is ignored, or cut off with ``repair``."""
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        return []
     entries, lines = [], {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(complete_lines(path, repair), start=1):
         try:
             entry = json.loads(line)
             for key in ("index", "prompt", "image", "shard", "row"):

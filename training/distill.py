@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from clear_dit.patching import check_patch_settings
 from pipelines.loading import TINY, model_source, published_model_name
 
-from .data import DataInfo, DistillDataset
+from .data import DataInfo, DistillDataset, complete_lines
 from .losses import WEIGHTING_SCHEMES, TimestepSampler, distill_losses
 from .student import TEACHER_MODES, Student
 
@@ -447,11 +447,18 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], what: str) -> No
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after ``step`` (written by the interrupted run after its last checkpoint)."""
+    """Drop log lines of steps after ``step`` (written by the interrupted run after its last checkpoint), and a
+    torn last line (the interrupted run's last write)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for number, line in enumerate(complete_lines(path), start=1):
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} line {number} is not a log line of clear-dit's ({err!r}): {line[:80]}") from None
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class _Logger:
