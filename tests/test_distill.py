@@ -561,6 +561,7 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert main([*longer, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
 
+    assert torch.load(tmp_path / "ddp/checkpoint-2/custom_checkpoint_1.pkl", weights_only=True)["processes"] == 2
     assert {p.name for p in (tmp_path / "ddp/checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
         "random_states_1.pkl",
@@ -1113,3 +1114,18 @@ def test_a_torn_last_log_line_does_not_block_a_resume(tmp_path, data_dir, caplog
         f.write('["step", 4]\n')
     with pytest.raises(ValueError, match=r"train.jsonl line 4 is not a log line of clear-dit's \(KeyError|TypeError"):
         train(config(tmp_path, data_dir, **{**settings, "max_steps": 4, "resume": "latest"}))
+
+
+def test_a_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(tmp_path, data_dir):
+    """Its position is per process (micro-steps): 2 processes' checkpoint resumed on 1 trained samples again."""
+    settings = dict(max_steps=2, checkpoint_every=2, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    state_file = tmp_path / "run/checkpoint-2/custom_checkpoint_1.pkl"
+    state = torch.load(state_file, weights_only=True)
+    assert state == {"step": 2, "micro_step": 2, "processes": 1}  # the lr scheduler's is custom_checkpoint_0
+    torch.save({**state, "processes": 2}, state_file)  # as 2 processes write it
+    with pytest.raises(ValueError, match=r"checkpoint was written by 2 processes, this run has 1: resume it with 2"):
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 3, "resume": "latest"}))
+    del state["processes"]  # a checkpoint from before the count was saved
+    torch.save(state, state_file)
+    train(config(tmp_path, data_dir, **{**settings, "max_steps": 3, "resume": "latest"}))

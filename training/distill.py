@@ -220,15 +220,26 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 @dataclass
 class TrainState:
-    """The position of the run, saved in every checkpoint (accelerate custom state)."""
+    """The position of the run, saved in every checkpoint (accelerate custom state).
+
+    ``micro_step`` counts each process's micro-batches: the sample stream's position is ``micro_step *
+    batch_size * processes``, so a checkpoint resumes only on as many processes as wrote it (on others, samples
+    would be trained twice or skipped)."""
 
     step: int = 0
     micro_step: int = 0
+    processes: int = 1
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = int(state.get("processes", self.processes))  # older checkpoints do not record it
+        if saved != self.processes:
+            raise ValueError(
+                f"--resume: its checkpoint was written by {saved} process{'es' if saved > 1 else ''}, this run has "
+                f"{self.processes}: resume it with {saved} (the sample order depends on the process count)"
+            )
         self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
 
 
@@ -650,7 +661,7 @@ class Distiller:
             num_training_steps=config.max_steps,
         )
         self.model, self.optimizer = acc.prepare(transformer, optimizer)
-        self.state = TrainState()
+        self.state = TrainState(processes=acc.num_processes)
         acc.register_for_checkpointing(self.lr_scheduler, self.state)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
