@@ -17,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from PIL import Image
 from pipeline_models import transformer_inputs
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import clear_dit
@@ -498,16 +498,28 @@ def test_clear_errors(tmp_path, data_dir):
             (other / path.relative_to(data_dir)).parent.mkdir(parents=True, exist_ok=True)
             (other / path.relative_to(data_dir)).write_bytes(path.read_bytes())
     info = json.loads((other / "info.json").read_text())
-    (other / "info.json").write_text(json.dumps({**info, "text_dim": 48}))
+
+    def made_by_another_model(**changes):  # its info.json, and shards that agree with it
+        (other / "info.json").write_text(json.dumps({**info, **changes}))
+        now = {**info, **changes}
+        for shard in (other / "shards").glob("*.safetensors"):
+            tensors = load_file(data_dir / "shards" / shard.name)
+            pad = now["text_dim"] - info["text_dim"]
+            tensors["prompt_embeds"] = torch.nn.functional.pad(tensors["prompt_embeds"], (0, pad))
+            for key in ("latent_mean", "latent_logvar"):
+                tensors[key] = tensors[key][:, : now["latent_shape"][0]].contiguous()
+            save_file(tensors, shard)
+
+    made_by_another_model(text_dim=48)
     with pytest.raises(ValueError, match="made with another model: T5 embeddings have 48 dims, model takes 32"):
         train(config(tmp_path, other, "run2"))
-    (other / "info.json").write_text(json.dumps({**info, "latent_shape": [8, *info["latent_shape"][1:]]}))
+    made_by_another_model(latent_shape=[8, *info["latent_shape"][1:]])
     with pytest.raises(ValueError, match=r"made with another model: latents have 8 channels \(x4 packed = 32\)"):
         train(config(tmp_path, other, "run2"))
     (other / "negative.safetensors").unlink()  # data made before the file existed
     with pytest.raises(FileNotFoundError, match="has no negative.safetensors .* re-run make-data on it"):
         train(config(tmp_path, other, "run3", caption_dropout=0.1))
-    (other / "info.json").write_text(json.dumps({**info, "height": 128}))
+    made_by_another_model(height=128)
     with pytest.raises(ValueError, match="data resolution"):  # resuming a run on data of another resolution
         train(config(tmp_path, other, max_steps=2, num_validation=0, resume="latest"))
     assert len(DistillDataset(data_dir)) == 6
@@ -1129,3 +1141,28 @@ def test_a_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(tmp_path, da
     del state["processes"]  # a checkpoint from before the count was saved
     torch.save(state, state_file)
     train(config(tmp_path, data_dir, **{**settings, "max_steps": 3, "resume": "latest"}))
+
+
+def test_a_validation_cut_short_by_a_kill_is_made_when_its_checkpoint_resumes(tmp_path, data_dir, monkeypatch):
+    """The checkpoint of a step is written before its validation (which may run long pipelines): a kill during
+    the validation lost it for good, the resume starting after it. Each validated step is logged once."""
+    settings = dict(max_steps=4, checkpoint_every=2, validate_every=2, num_validation=2)
+    validate = Distiller.validate
+
+    def killed_at_step_2(self):
+        if self.state.step == 2:
+            raise KeyboardInterrupt
+        return validate(self)
+
+    monkeypatch.setattr(Distiller, "validate", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, data_dir, **settings))
+    monkeypatch.undo()
+    train(config(tmp_path, data_dir, resume="latest", **settings))
+    train(config(tmp_path, data_dir, resume="latest", **settings))  # from checkpoint-4, whose validation is logged
+    lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 2, 4]
+    # and a resume from a step that is not validated (validate_every 3) validates none
+    train(config(tmp_path, data_dir, **{**settings, "validate_every": 3, "max_steps": 5}, resume="latest"))
+    lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 2, 4, 5]

@@ -457,19 +457,23 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], what: str) -> No
         logger.warning("resuming %s with changed settings: %s", what, "; ".join(changed))
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def _truncate_log(path: Path, step: int) -> int | None:
     """Drop log lines of steps after ``step`` (written by the interrupted run after its last checkpoint), and a
-    torn last line (the interrupted run's last write)."""
+    torn last line (the interrupted run's last write); returns the step of the last line kept (None: none)."""
     if not path.is_file():
-        return
-    kept = []
+        return None
+    kept, last = [], None
     for number, line in enumerate(complete_lines(path), start=1):
         try:
-            if line.strip() and json.loads(line)["step"] <= step:
-                kept.append(line)
+            logged = json.loads(line)["step"] if line.strip() else None
+            keep = logged is not None and logged <= step
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path} line {number} is not a log line of clear-dit's ({err!r}): {line[:80]}") from None
+        if keep:
+            kept.append(line)
+            last = logged
     path.write_text("".join(line + "\n" for line in kept))
+    return last
 
 
 class _Logger:
@@ -478,10 +482,11 @@ class _Logger:
     def __init__(self, accelerator: Any, folder: Path, keep_until: int) -> None:
         self.accelerator = accelerator
         self.folder = folder
+        self.last_step: dict[str, int | None] = {}  # of each log as the run starts (main process)
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            for name in ("train.jsonl", "validation.jsonl"):
-                _truncate_log(folder / name, keep_until)
+            for name in ("train", "validation"):
+                self.last_step[name] = _truncate_log(folder / f"{name}.jsonl", keep_until)
 
     def log(self, name: str, values: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -906,12 +911,26 @@ class Distiller:
         return gap
 
     # -- the run -------------------------------------------------------------------------------------------
+    def _validation_due(self) -> bool:
+        """Whether the current step is validated: every ``validate_every`` steps, and the last."""
+        step, config = self.state.step, self.config
+        return step == config.max_steps or bool(config.validate_every and step % config.validate_every == 0)
+
+    def _validated_before(self) -> bool:
+        """Whether the logs the run resumes with hold a validation of the current step (the main process reads
+        them, every process gets its answer: validation runs on all)."""
+        from accelerate.utils import broadcast_object_list
+
+        answer = [self.logs.last_step.get("validation") == self.state.step]
+        broadcast_object_list(answer)
+        return answer[0]
+
     def fit(self) -> None:
         """Train to ``max_steps`` (from the resumed step), with checkpoints, logs and validation."""
         config, acc = self.config, self.accelerator
         validating = self.num_validation > 0
-        if validating and self.state.step == 0:
-            self.validate()
+        if validating and (self.state.step == 0 or (self._validation_due() and not self._validated_before())):
+            self.validate()  # a resumed step's too: the attempt killed during it had checkpointed first
         global_batch = config.batch_size * config.grad_accum * acc.num_processes
         bar = tqdm(
             total=config.max_steps, initial=self.state.step, desc="distill", disable=not acc.is_local_main_process
@@ -929,7 +948,7 @@ class Distiller:
             last = self.state.step == config.max_steps
             if config.checkpoint_every and (self.state.step % config.checkpoint_every == 0 or last):
                 self.save_checkpoint()
-            if validating and (last or (config.validate_every and self.state.step % config.validate_every == 0)):
+            if validating and self._validation_due():
                 self.validate()
         bar.close()
 
