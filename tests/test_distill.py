@@ -1166,3 +1166,25 @@ def test_a_validation_cut_short_by_a_kill_is_made_when_its_checkpoint_resumes(tm
     train(config(tmp_path, data_dir, **{**settings, "validate_every": 3, "max_steps": 5}, resume="latest"))
     lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 2, 4, 5]
+
+
+def test_resume_refuses_data_made_again_with_other_prompts_or_settings(tmp_path, data_dir):
+    """make-data --overwrite into the same folder with the same --num: shapes and size agree, the items do not."""
+    train(config(tmp_path, data_dir, max_steps=1, num_validation=1, checkpoint_every=1))
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    info = json.loads((other / "info.json").read_text())
+    (other / "info.json").write_text(json.dumps({**info, "settings": {**info["settings"], "seed": 99}}))
+    with pytest.raises(ValueError, match=r"data made: \{.*'seed': 0.*\} -> \{.*'seed': 99.*\}"):
+        train(config(tmp_path, other, max_steps=2, num_validation=1, checkpoint_every=1, resume="latest"))
+    (other / "info.json").write_text(json.dumps(info))
+    manifest = other / "manifest.jsonl"
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({**e, "prompt": e["prompt"] + "!"}) + "\n" for e in entries))
+    with pytest.raises(ValueError, match=r"data prompts: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        train(config(tmp_path, other, max_steps=2, num_validation=1, checkpoint_every=1, resume="latest"))
+    run = json.loads((tmp_path / "run/run.json").read_text())  # written before these were recorded
+    del run["data"]["made"], run["data"]["prompts"]
+    (tmp_path / "run/run.json").write_text(json.dumps(run))
+    train(config(tmp_path, other, max_steps=2, num_validation=1, checkpoint_every=1, resume="latest"))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

@@ -126,7 +126,7 @@ class DataInfo:
             "pooled_prompt_embeds": (self.pooled_dim,),
         }
 
-    def _encoding(self) -> dict[str, Any]:
+    def encoding(self) -> dict[str, Any]:
         return {
             "embeds_dtype": self.embeds_dtype,
             "vae_scaling_factor": self.vae_scaling_factor,
@@ -137,7 +137,7 @@ class DataInfo:
         """Raise unless ``other`` (the settings of this run) describes the same data as ``self`` (on disk): shapes,
         dtype and VAE scaling too, since a resumed run appends to the same set (a set begun on a GPU in bf16 and
         resumed on a CPU in fp32 would mix both)."""
-        mine, theirs = ({**info.shape_summary(), **info._encoding(), **info.settings} for info in (self, other))
+        mine, theirs = ({**info.shape_summary(), **info.encoding(), **info.settings} for info in (self, other))
         diffs = [
             f"{k} {mine.get(k)!r} (on disk) vs {theirs.get(k)!r}"
             for k in sorted(mine | theirs)

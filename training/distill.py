@@ -32,6 +32,7 @@ Run folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -420,11 +421,15 @@ def _write_run_dir(config: DistillConfig, record: dict[str, Any], resuming: bool
     (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _run_record(config: DistillConfig, data_info: DataInfo, items: int, held_out: int) -> dict[str, Any]:
-    """What run.json records: the config, and the data's shapes, size and held-out count (the training order and
-    the held-out split depend on both, so a resume on grown data would train on items held out before)."""
-    data = data_info.shape_summary() | {"items": items, "held_out": held_out}
-    return {"config": _identity_config(config), "data": data}
+def _run_record(config: DistillConfig, dataset: DistillDataset, held_out: int) -> dict[str, Any]:
+    """What run.json records: the config, and what identifies the data: its shapes, encoding, size and held-out
+    count (the training order and the held-out split depend on both, so a resume on grown data would train on
+    items held out before), how it was made and a digest of its prompts (data made again in the same folder with
+    other prompts or settings is another data set)."""
+    info = dataset.info
+    prompts = hashlib.sha256(json.dumps(dataset.prompts).encode()).hexdigest()[:16]
+    data = info.shape_summary() | info.encoding() | {"items": len(dataset), "held_out": held_out}
+    return {"config": _identity_config(config), "data": data | {"made": info.settings, "prompts": prompts}}
 
 
 def _identity_config(config: DistillConfig) -> dict[str, Any]:
@@ -554,7 +559,7 @@ def check_run(config: DistillConfig) -> RunPlan:
             f"data {config.data} has a {h // 2}x{w // 2} token grid, not divisible by down factor {config.down}: "
             "choose a down factor that divides both sides"
         )
-    record = _run_record(config, dataset.info, len(dataset), num_validation)
+    record = _run_record(config, dataset, num_validation)
     return RunPlan(dataset, num_validation, record, _check_run_dir(config, record))
 
 
