@@ -1188,3 +1188,43 @@ def test_resume_refuses_data_made_again_with_other_prompts_or_settings(tmp_path,
     (tmp_path / "run/run.json").write_text(json.dumps(run))
     train(config(tmp_path, other, max_steps=2, num_validation=1, checkpoint_every=1, resume="latest"))
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_checkpoint_folder_without_its_trainable_file_is_neither_latest_nor_resumable(tmp_path, data_dir):
+    """A checkpoint half-copied by hand: resumed, it failed inside accelerate."""
+    train(config(tmp_path, data_dir, max_steps=2, checkpoint_every=2, num_validation=0))
+    (tmp_path / "run/checkpoint-9").mkdir()
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-9: not a checkpoint folder \(no trainable.safetensors\)"):
+        train(config(tmp_path, data_dir, "b", resume=str(tmp_path / "run/checkpoint-9"), num_validation=0))
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_export_resumes_to_the_export(tmp_path, data_dir):
+    settings = dict(max_steps=2, checkpoint_every=2, num_validation=0)
+    export = train(config(tmp_path, data_dir, **settings))
+    weights = load_file(export)
+    export.unlink()
+    assert train(config(tmp_path, data_dir, resume="latest", **settings)) == export
+    again = load_file(export)
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_a_new_start_under_resume_latest_drops_the_killed_attempts_logs(tmp_path, data_dir, monkeypatch):
+    """Killed before its first checkpoint: the next attempt starts anew, and the killed one's validation of step 0
+    is not logged twice."""
+    settings = dict(max_steps=2, checkpoint_every=2, num_validation=2)
+    step = Distiller.train_step
+
+    def killed(self):
+        if self.state.step == 1:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Distiller, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, data_dir, **settings))
+    monkeypatch.undo()
+    train(config(tmp_path, data_dir, resume="latest", **settings))
+    lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 2]
