@@ -250,6 +250,8 @@ class HighResFluxPipeline(FluxPipeline):
         except (TypeError, ValueError):
             raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {stages!r}") from None
         count = len(stages)
+        if not count:  # before the per-stage lists, whose counts it would make -1 and 0
+            check_highres_inputs(stages, [])
         strengths = _per_stage(strength, count - 1, "strength")
         steps = _per_stage(num_inference_steps, count, "num_inference_steps")  # its own error for a wrong count
         try:
@@ -261,6 +263,13 @@ class HighResFluxPipeline(FluxPipeline):
             raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {given}") from None
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
+        if seed is not None:  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; stage i uses seed + i
+            try:
+                seed = _whole(seed)
+                if not -(2**63) <= seed <= 2**64 - count:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(f"seed must be a whole number in [-2**63, 2**64 - {count}], got {seed!r}") from None
         if isinstance(generator, Sequence):
             generators = _per_stage(generator, count, "generator")
         elif seed is not None:

@@ -180,6 +180,8 @@ def test_stage_checks_at_their_edges():
         with pytest.raises(ValueError, match=f"ntk_factor must be > 0 and finite, got {shown}"):  # 0.0 as a float
             check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=bad)
     check_highres_inputs([(48, 48), (128, 128)], [0.5], down_factor=4)  # a full-attention base stage: 16 px
+    check_highres_inputs([(64, 64), (64, 128)], [0.5])  # one side may stay
+    check_highres_inputs([(64, 64), (128, 64)], [0.5])
     with pytest.raises(ValueError, match=r"stage 0 size 48x48 must be positive multiples of 64"):
         check_highres_inputs([(48, 48), (128, 128)], [0.5], base_attention="clear", down_factor=4)
     with pytest.raises(ValueError, match=r"stage sizes must increase: stage 1 \(48x128\)"):
@@ -256,6 +258,12 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], ntk_factor="2"), r"ntk_factor must be > 0 and finite, got '2'"),
         (dict(stages=[(64, 64), (128, 128)], time_shift="3"), r"time_shift must be in .*, got '3'"),
         (dict(stages=[]), r"stages is empty; give at least one \(width, height\)"),
+        (dict(stages=[], strength=[]), r"stages is empty; give at least one \(width, height\)"),  # not "-1 entries"
+        (
+            dict(stages=[(64, 64), (128, 128)], seed=2**64 - 1),
+            r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 2\]",
+        ),
+        (dict(stages=[(64, 64)], seed=1.5), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\], got 1.5"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
@@ -526,3 +534,32 @@ def test_upscale_stage_runs_the_fixed_time_shift_on_the_resized_image_before_it(
     assert [t for stage, t in seen if stage == 1] == [750, 500]
     expected = out.stage_images[0][0].resize(STAGES[1], Image.Resampling.LANCZOS)
     assert inputs[0].size == STAGES[1] and np.array_equal(np.asarray(inputs[0]), np.asarray(expected))
+    seen.clear()  # the value given, not the scheduler config's shift (3 too): unshifted, 500 and 250
+    pipe(prompt="a red circle", num_inference_steps=4, strength=0.5, stages=STAGES, seed=0, time_shift=1.0,
+         output_type="latent", callback_on_step_end=callback)  # fmt: skip
+    assert [t for stage, t in seen if stage == 1] == [500, 250]
+
+
+def test_one_generator_serves_every_stage_reproducibly(pipe):
+    run = dict(FAST, stages=STAGES, output_type="np")
+    first = pipe(**run, generator=torch.Generator().manual_seed(5)).images
+    np.testing.assert_array_equal(pipe(**run, generator=torch.Generator().manual_seed(5)).images, first)
+    assert not np.array_equal(pipe(**run, generator=torch.Generator().manual_seed(6)).images, first)
+
+
+def test_the_callers_progress_bar_config_reaches_every_stage(pipe, capfd):
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        capfd.readouterr()
+        pipe(**FAST, stages=STAGES, seed=0, output_type="latent")
+        assert "stage" not in capfd.readouterr().err
+    finally:
+        pipe.set_progress_bar_config(disable=False)
+    pipe(**FAST, stages=STAGES, seed=0, output_type="latent")
+    assert "stage 2/2" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [0, [2, 0]])
+def test_zero_steps_is_a_clear_error(pipe, steps):
+    with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage, got"):
+        pipe(prompt="a red circle", num_inference_steps=steps, stages=STAGES)
