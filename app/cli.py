@@ -235,13 +235,11 @@ def _check_png_out(out: str, overwrite: bool) -> Path:
 
 def _save_png(image, path: Path, settings: dict) -> None:
     """Write ``image`` as a temporary file renamed into place: an interrupted save leaves ``path`` as it was."""
+    from clear_dit.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=_png_info(settings))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_weights_path(weights: str | None) -> None:

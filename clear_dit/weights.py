@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
+from .files import atomic_write
 from .mask import check_window_config
 from .patching import PatchHandle, patch, patch_handle, resolve_transformer
 
@@ -174,12 +175,15 @@ def save_weights(
     Raises:
         ValueError: the model is not patched, or is under sequential CPU offload.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+        IsADirectoryError: ``path`` is a folder.
     """
     transformer = resolve_transformer(pipe_or_transformer)
     handle = patch_handle(transformer)
     if handle is None:
         raise ValueError("save_weights needs a CLEAR-patched model: call clear_dit.patch(...) first")
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: name the weights file, e.g. {path / 'clear.safetensors'}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = clear_state_dict(transformer)
@@ -195,9 +199,8 @@ def save_weights(
         "clear_dit_version": __version__,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # never leaves a half-written file under the final name
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

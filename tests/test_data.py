@@ -135,10 +135,11 @@ def test_every_file_is_fsynced_before_the_manifest_names_it(made, tmp_path, monk
 
     monkeypatch.setattr(os, "fsync", record)
     out = generate_dataset(pipe, PROMPTS, tmp_path / "data", num=2, **SETTINGS)
-    tmp_names = {Path(p).name for p in synced}
-    for f in [*(out / "images").iterdir(), *(out / "shards").iterdir()]:  # written as .tmp, fsynced, renamed
-        assert f.name + ".tmp" in tmp_names
-    assert synced.index(str(out / "shards" / "000000.safetensors.tmp")) < synced.index(str(out / "manifest.jsonl"))
+    written = [re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", Path(p).name) for p in synced]  # each under a temp name
+    for f in [*(out / "images").iterdir(), *(out / "shards").iterdir()]:  # fsynced, then renamed
+        assert f.name in {m[1] for m in written if m}
+    shard = next(i for i, m in enumerate(written) if m and m[1] == "000000.safetensors")
+    assert shard < synced.index(str(out / "manifest.jsonl"))
 
 
 def test_resume_refuses_data_of_another_dtype_or_vae_scaling(made, tmp_path):

@@ -150,6 +150,31 @@ def test_save_refuses_unpatched_models_and_existing_files(model, tmp_path):
         clear_dit.save_weights(model, path)
     assert path.read_bytes() == before
     clear_dit.save_weights(model, path, overwrite=True)
+    (tmp_path / "out").mkdir()
+    for overwrite in (False, True):  # it said "exists; pass overwrite=True", then failed renaming onto the folder
+        with pytest.raises(IsADirectoryError, match=r"out is a folder: name the weights file, e.g. .*out/clear"):
+            clear_dit.save_weights(model, tmp_path / "out", overwrite=overwrite)
+
+
+def test_a_save_touches_no_other_file_and_a_failed_one_leaves_the_old_file(model, tmp_path, monkeypatch):
+    """The temporary file had a fixed name (a user's w.safetensors.tmp was replaced and renamed away) and stayed
+    behind when the save failed."""
+    clear_dit.patch(model, window_size=2)
+    mine = tmp_path / "w.safetensors.tmp"
+    mine.write_text("my notes")
+    path = clear_dit.save_weights(model, tmp_path / "w.safetensors")
+    before = path.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"torn")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(clear_dit.weights, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        clear_dit.save_weights(model, path, overwrite=True)
+    assert path.read_bytes() == before and mine.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transformer", "w.safetensors", "w.safetensors.tmp"]
 
 
 def test_mismatched_files_fail_naming_the_keys(model, tmp_path):

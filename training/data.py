@@ -37,6 +37,7 @@ from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from clear_dit.files import atomic_write
 from pipelines.loading import default_max_sequence_length
 
 try:
@@ -184,12 +185,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
