@@ -435,3 +435,30 @@ def test_proportional_attention_scales_by_the_key_length(model, monkeypatch):
     with clear_dit.patch(model, window_size=2, down_factor=2, proportional_attention=True):
         run(model, inputs)
     assert set(lengths) == {3 + 6 * 8 + 3 * 4}  # text + image + pooled keys
+
+
+def test_compiled_nets_inside_a_multi_controlnet_are_patched_as_their_modules(tmp_path):
+    from diffusers import FluxMultiControlNetModel
+
+    net = tiny_flux_controlnet(tmp_path / "net")
+    model = tiny_flux_transformer(tmp_path / "t")
+    pipe = types.SimpleNamespace(transformer=model, controlnet=FluxMultiControlNetModel([torch.compile(net)]))
+    handle = clear_dit.patch(pipe, window_size=2)
+    assert handle.models == [model, net] and clear_dit.patch_handle(net) is handle
+    clear_dit.unpatch(pipe)
+    assert clear_dit.patch_handle(net) is None
+
+
+def test_a_pipeline_without_a_transformer_is_refused_by_name():
+    """A UNet pipeline: an IndexError from patch, and unpatch did nothing without a word."""
+    unet_pipe = types.SimpleNamespace(unet=torch.nn.Linear(2, 2), transformer=None, controlnet=None)
+    for call in (clear_dit.patch, clear_dit.unpatch):
+        with pytest.raises(ValueError, match="clear_dit cannot patch SimpleNamespace"):
+            call(unet_pipe)
+
+
+def test_a_handle_ended_by_unpatch_lists_no_models(tmp_path):
+    model = tiny_flux_transformer(tmp_path / "t")
+    handle = clear_dit.patch(model, window_size=2)
+    clear_dit.unpatch(model)
+    assert handle.models == [] and handle.processors == {}

@@ -320,3 +320,18 @@ def test_weights_built_in_memory_and_header_only_reads(model, tmp_path):
         ):
             load()
     assert clear_dit.patch_handle(model) is None
+
+
+@pytest.mark.parametrize("key", ["window_size", "down_factor"])
+def test_a_metadata_value_of_zero_is_refused_naming_the_file(model, tmp_path, key):
+    """Not a fallback to the file name's radius (clear_local_2)."""
+    path = tmp_path / "clear_local_2.safetensors"
+    save_file(official_tensors(model, 1), str(path), metadata={key: "0"})
+    with pytest.raises(ValueError, match=f"its metadata {key}='0' is not a positive whole number"):
+        clear_dit.read_weights(path)
+
+
+def test_a_model_clear_dit_cannot_patch_is_refused_before_the_file_is_read(tmp_path):
+    """A hub file (gigabytes for FLUX) was downloaded before the model was refused."""
+    with pytest.raises(ValueError, match="clear_dit cannot patch Linear"):
+        clear_dit.load_weights(torch.nn.Linear(2, 2), tmp_path / "missing.safetensors")
