@@ -487,11 +487,11 @@ class _Logger:
     def __init__(self, accelerator: Any, folder: Path, keep_until: int) -> None:
         self.accelerator = accelerator
         self.folder = folder
-        self.last_step: dict[str, int | None] = {}  # of each log as the run starts (main process)
+        self.last_validation: int | None = None  # the step of the last one logged as the run starts (main process)
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            for name in ("train", "validation"):
-                self.last_step[name] = _truncate_log(folder / f"{name}.jsonl", keep_until)
+            _truncate_log(folder / "train.jsonl", keep_until)
+            self.last_validation = _truncate_log(folder / "validation.jsonl", keep_until)
 
     def log(self, name: str, values: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
@@ -926,7 +926,7 @@ class Distiller:
         them, every process gets its answer: validation runs on all)."""
         from accelerate.utils import broadcast_object_list
 
-        answer = [self.logs.last_step.get("validation") == self.state.step]
+        answer = [self.logs.last_validation == self.state.step]
         broadcast_object_list(answer)
         return answer[0]
 
