@@ -32,6 +32,7 @@ from training.distill import (
     DistillConfig,
     Distiller,
     SampleStream,
+    TrainState,
     check_run,
     latest_checkpoint,
     make_batch,
@@ -83,6 +84,21 @@ def config(tmp_path, data_dir, name="run", **overrides) -> DistillConfig:
         validation_images=False,
     )
     return DistillConfig(**{**settings, **overrides})
+
+
+def train_killed_in(method: str, step: int, cfg: DistillConfig, monkeypatch) -> None:
+    """Run ``cfg`` until ``Distiller.<method>`` is called at ``step``: a KeyboardInterrupt (a kill) stops it there."""
+    original = getattr(Distiller, method)
+
+    def killed(self, *args):
+        if self.state.step == step:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Distiller, method, killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
 
 
 def held_out_inputs(distiller: Distiller) -> dict:
@@ -267,17 +283,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, data_dir, mon
     settings.update(num_validation=0)
     full = train(config(tmp_path, data_dir, "full", **settings))
 
-    step = Distiller.train_step
-
-    def killed_after_step_3(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(Distiller, "train_step", killed_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path, data_dir, "resumed", **settings))
-    monkeypatch.undo()
+    train_killed_in("train_step", 3, config(tmp_path, data_dir, "resumed", **settings), monkeypatch)
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
     resumed = train(config(tmp_path, data_dir, "resumed", resume="latest", **settings))
 
@@ -589,6 +595,15 @@ def test_ddp_on_cpu_gives_the_loss_curve_of_one_process(tmp_path, data_dir, caps
     a, b = (load_file(tmp_path / name / "clear_local_1.safetensors") for name in ("ddp", "one"))
     for k in a:  # Adam divides by sqrt(v): float noise in tiny gradients moves weights by up to ~1e-5
         torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
+    # killed after its last checkpoint: the resume at step 3 asks whether step 3 was validated; only the main
+    # process reads the logs, so every process must get its answer (or they disagree on running the validation)
+    (tmp_path / "ddp/clear_local_1.safetensors").unlink()
+    again = subprocess.run([*launch, *longer, "--batch-size", "1", "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "ddp/clear_local_1.safetensors").is_file()
+    validated = [json.loads(line)["step"] for line in (tmp_path / "ddp/logs/validation.jsonl").read_text().splitlines()]
+    assert validated == [0, 2, 3]  # each once: the last max-steps run's 2, the resumed run's 3
 
 
 def test_a_failure_inside_the_relaunched_processes_ends_in_one_line_each(tmp_path, data_dir):
@@ -1124,7 +1139,7 @@ def test_a_torn_last_log_line_does_not_block_a_resume(tmp_path, data_dir, caplog
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
     with open(log, "a") as f:
         f.write('["step", 4]\n')
-    with pytest.raises(ValueError, match=r"train.jsonl line 4 is not a log line of clear-dit's \(KeyError|TypeError"):
+    with pytest.raises(ValueError, match=r"train.jsonl line 4 is not a log line of clear-dit's \((KeyError|TypeError)"):
         train(config(tmp_path, data_dir, **{**settings, "max_steps": 4, "resume": "latest"}))
 
 
@@ -1147,17 +1162,7 @@ def test_a_validation_cut_short_by_a_kill_is_made_when_its_checkpoint_resumes(tm
     """The checkpoint of a step is written before its validation (which may run long pipelines): a kill during
     the validation lost it for good, the resume starting after it. Each validated step is logged once."""
     settings = dict(max_steps=4, checkpoint_every=2, validate_every=2, num_validation=2)
-    validate = Distiller.validate
-
-    def killed_at_step_2(self):
-        if self.state.step == 2:
-            raise KeyboardInterrupt
-        return validate(self)
-
-    monkeypatch.setattr(Distiller, "validate", killed_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path, data_dir, **settings))
-    monkeypatch.undo()
+    train_killed_in("validate", 2, config(tmp_path, data_dir, **settings), monkeypatch)
     train(config(tmp_path, data_dir, resume="latest", **settings))
     train(config(tmp_path, data_dir, resume="latest", **settings))  # from checkpoint-4, whose validation is logged
     lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
@@ -1214,17 +1219,50 @@ def test_a_new_start_under_resume_latest_drops_the_killed_attempts_logs(tmp_path
     """Killed before its first checkpoint: the next attempt starts anew, and the killed one's validation of step 0
     is not logged twice."""
     settings = dict(max_steps=2, checkpoint_every=2, num_validation=2)
-    step = Distiller.train_step
-
-    def killed(self):
-        if self.state.step == 1:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(Distiller, "train_step", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path, data_dir, **settings))
-    monkeypatch.undo()
+    train_killed_in("train_step", 1, config(tmp_path, data_dir, **settings), monkeypatch)
     train(config(tmp_path, data_dir, resume="latest", **settings))
     lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 2]
+
+
+def test_a_kill_while_the_validation_grid_is_drawn_is_made_good_on_resume(tmp_path, data_dir, monkeypatch):
+    """The grid (full pipelines) is the long part of a validation: logged before it, a kill there left the step
+    looking validated, and its grid was never drawn."""
+    settings = dict(max_steps=4, checkpoint_every=2, validate_every=2, num_validation=2, validation_images=True)
+    train_killed_in("validation_grid", 2, config(tmp_path, data_dir, **settings), monkeypatch)
+    train(config(tmp_path, data_dir, resume="latest", **settings))
+    lines = (tmp_path / "run/logs/validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 2, 4]
+    assert sorted(p.name for p in (tmp_path / "run/validation").iterdir()) == [f"step-00000{i}.png" for i in (0, 2, 4)]
+
+
+def test_a_damaged_run_json_is_a_one_line_error_and_overwrite_starts_over(tmp_path, data_dir, caplog):
+    settings = dict(max_steps=2, checkpoint_every=2, num_validation=0)
+    export = train(config(tmp_path, data_dir, **settings))
+    (tmp_path / "run/run.json").write_text('{"config": {"mod')  # written by hand, or torn by an older clear-dit
+    with pytest.raises(ValueError, match=r"run.json is damaged \(Unterminated string .*\); pass --overwrite"):
+        train(config(tmp_path, data_dir, **settings, resume="latest"))
+    with caplog.at_level("WARNING", logger="training.distill"):
+        assert train(config(tmp_path, data_dir, **settings, overwrite=True)) == export
+    assert "run.json is damaged: the export of the run it described, if any, is left" in caplog.text
+    assert json.loads((tmp_path / "run/run.json").read_text())["config"]["max_steps"] == 2
+
+
+def test_only_the_last_prompt_changed_is_other_data_too(tmp_path, data_dir):
+    train(config(tmp_path, data_dir, max_steps=1, num_validation=1, checkpoint_every=1))
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    manifest = other / "manifest.jsonl"
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    entries[-1]["prompt"] += "!"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    with pytest.raises(ValueError, match=r"data prompts: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        train(config(tmp_path, other, max_steps=2, num_validation=1, checkpoint_every=1, resume="latest"))
+
+
+def test_a_checkpoint_from_before_the_process_count_resumes_on_any_count():
+    state = TrainState(processes=2)
+    state.load_state_dict({"step": 3, "micro_step": 6})
+    assert (state.step, state.micro_step) == (3, 6)
+    with pytest.raises(ValueError, match="written by 1 process, this run has 2: resume it with 1"):
+        TrainState(processes=2).load_state_dict({"step": 3, "micro_step": 6, "processes": 1})

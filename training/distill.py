@@ -50,6 +50,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from clear_dit.files import atomic_write
 from clear_dit.patching import check_patch_settings
 from pipelines.loading import TINY, model_source, published_model_name
 
@@ -381,6 +382,17 @@ def make_batch(
     return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device))
 
 
+def _read_run_file(path: Path) -> dict[str, Any]:
+    """A run.json: its ``config`` and ``data`` records, or a one-line ValueError naming the file."""
+    try:
+        record = json.loads(path.read_text())
+        if not (isinstance(record.get("config"), dict) and isinstance(record.get("data"), dict)):
+            raise ValueError("no 'config' and 'data' records")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); pass --overwrite to start the run over") from None
+    return record
+
+
 def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None:
     """Check RUN_DIR against --resume/--overwrite (reads only); returns the checkpoint to resume from."""
     out = Path(config.out)
@@ -394,11 +406,11 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         if run_file.is_file():
-            _check_same_run(json.loads(run_file.read_text()), record, str(out))
+            _check_same_run(_read_run_file(run_file), record, str(out))
         # a checkpoint of another folder: the run that wrote it must match too
         origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
         if origin.resolve() != run_file.resolve() and origin.is_file():
-            _check_same_run(json.loads(origin.read_text()), record, f"from {checkpoint}")
+            _check_same_run(_read_run_file(origin), record, f"from {checkpoint}")
         if checkpoint is None:
             logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
@@ -415,10 +427,14 @@ def _write_run_dir(config: DistillConfig, record: dict[str, Any], resuming: bool
     if config.overwrite and not resuming and (out / RUN_FILE).is_file():
         for path in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
             shutil.rmtree(path, ignore_errors=True)
-        previous = json.loads((out / RUN_FILE).read_text())["config"]  # its export only: others may be the user's
-        (out / export_name(previous["window"], previous.get("down", 1))).unlink(missing_ok=True)
+        try:  # its export only: others may be the user's
+            previous = _read_run_file(out / RUN_FILE)["config"]
+            (out / export_name(previous["window"], previous.get("down", 1))).unlink(missing_ok=True)
+        except (ValueError, KeyError):
+            logger.warning("%s is damaged: the export of the run it described, if any, is left", out / RUN_FILE)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_write(out / RUN_FILE) as tmp:  # a torn run.json would block both --resume and --overwrite
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _run_record(config: DistillConfig, dataset: DistillDataset, held_out: int) -> dict[str, Any]:
@@ -477,7 +493,8 @@ def _truncate_log(path: Path, step: int) -> int | None:
         if keep:
             kept.append(line)
             last = logged
-    path.write_text("".join(line + "\n" for line in kept))
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
     return last
 
 
@@ -902,15 +919,16 @@ class Distiller:
             for c, image in enumerate(pair):
                 grid.paste(image, (c * w, r * h))
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        with atomic_write(path) as tmp:
+            grid.save(tmp, format="PNG")
 
     def validate(self) -> float:
         """Log :meth:`validation_losses` (and save the image grid); returns the gap."""
         values = self.validation_losses()
         gap = values["val_gap"]
-        self.logs.log("validation", {"step": self.state.step, **values})
         if self.config.validation_images and self.accelerator.is_main_process:
             self.validation_grid(self.out / "validation" / f"step-{self.state.step:06d}.png")
+        self.logs.log("validation", {"step": self.state.step, **values})  # last: a resume redoes what it lacks
         self.accelerator.wait_for_everyone()
         logger.info("step %d: held-out velocity gap %.6g", self.state.step, gap)
         return gap
