@@ -13,7 +13,8 @@ from pathlib import Path
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write the file to; when the block ends it replaces ``path``, or,
     if the block raises, it is removed: ``path`` is never half-written, and an interrupted write leaves it as it
-    was. The name (``.NAME.XXXXXXXX.tmp``, hidden, random) is never one of the user's files."""
+    was. The name (``.NAME.XXXXXXXX.tmp``, hidden, random) is never one of the user's files; a process killed
+    outright (SIGKILL, power loss) inside the block leaves it behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:

@@ -268,7 +268,7 @@ class HighResFluxPipeline(FluxPipeline):
                 seed = _whole(seed)
                 if not -(2**63) <= seed <= 2**64 - count:
                     raise ValueError
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ValueError(f"seed must be a whole number in [-2**63, 2**64 - {count}], got {seed!r}") from None
         if isinstance(generator, Sequence):
             generators = _per_stage(generator, count, "generator")

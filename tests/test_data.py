@@ -750,3 +750,24 @@ def test_a_resume_makes_the_items_of_a_shard_too_short_for_its_rows_again(made, 
     for i in (2, 3):  # made again, as the reference set made them
         a, b = (np.asarray(Image.open(folder / f"images/{i:06d}.png"), dtype=int) for folder in (out, reference))
         assert np.abs(a - b).max() <= 1
+
+
+def test_a_shard_whose_tensors_disagree_on_their_rows_is_refused(made, tmp_path):
+    out = generate_dataset(made[0], PROMPTS, tmp_path / "d", num=4, **SETTINGS)
+    shard = out / "shards/000002.safetensors"
+    tensors = load_file(shard)
+    tensors["prompt_embeds"] = tensors["prompt_embeds"][:1].contiguous()
+    save_file(tensors, shard)
+    with pytest.raises(
+        ValueError, match=r"000002.safetensors: its tensors have different numbers of rows \(\[1, 2\]\)"
+    ):
+        DistillDataset(out)
+
+
+def test_a_resume_makes_the_items_of_a_deleted_shard_again(made, tmp_path, caplog):
+    out = generate_dataset(made[0], PROMPTS, tmp_path / "d", num=4, **SETTINGS)
+    (out / "shards/000002.safetensors").unlink()
+    with caplog.at_level("WARNING", logger="training.data"):
+        generate_dataset(made[0], PROMPTS, out, num=4, **SETTINGS)
+    assert "2 items in damaged or missing files (shards/000002.safetensors)" in caplog.text
+    assert len(DistillDataset(out)) == 4

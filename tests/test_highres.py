@@ -264,6 +264,8 @@ def test_interrupt_stops_remaining_stages(pipe):
             r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 2\]",
         ),
         (dict(stages=[(64, 64)], seed=1.5), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\], got 1.5"),
+        (dict(stages=[(64, 64)], seed=-(2**63) - 1), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (dict(stages=[(64, 64)], seed=10**400), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\]"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
