@@ -126,7 +126,11 @@ def _clear_attention(
 
 def _whole(value: Any) -> int:
     """``value`` as an int if it is a whole number (2, 2.0, numpy or torch scalars), else ``ValueError``."""
-    if isinstance(value, bool) or not float(value).is_integer():
+    try:
+        whole = not isinstance(value, bool) and float(value).is_integer()
+    except OverflowError:  # an int past float's range: no size, step count or seed takes it
+        whole = False
+    if not whole:
         raise ValueError(f"not a whole number: {value!r}")
     return int(value)
 
@@ -268,7 +272,7 @@ class HighResFluxPipeline(FluxPipeline):
                 seed = _whole(seed)
                 if not -(2**63) <= seed <= 2**64 - count:
                     raise ValueError
-            except (TypeError, ValueError, OverflowError):
+            except (TypeError, ValueError):
                 raise ValueError(f"seed must be a whole number in [-2**63, 2**64 - {count}], got {seed!r}") from None
         if isinstance(generator, Sequence):
             generators = _per_stage(generator, count, "generator")

@@ -1266,3 +1266,53 @@ def test_a_checkpoint_from_before_the_process_count_resumes_on_any_count():
     assert (state.step, state.micro_step) == (3, 6)
     with pytest.raises(ValueError, match="written by 1 process, this run has 2: resume it with 1"):
         TrainState(processes=2).load_state_dict({"step": 3, "micro_step": 6, "processes": 1})
+
+
+@pytest.mark.parametrize("text", ["{}", "[]", '{"config": {}}', "null"])
+def test_a_run_json_without_its_records_is_a_one_line_error(tmp_path, data_dir, text):
+    settings = dict(max_steps=1, checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    (tmp_path / "run/run.json").write_text(text)
+    with pytest.raises(ValueError, match=r"run.json is damaged \(.*\); pass --overwrite to start the run over"):
+        train(config(tmp_path, data_dir, **{**settings, "max_steps": 2}, resume="latest"))
+
+
+def test_a_damaged_run_json_beside_a_checkpoint_of_another_folder_is_named_with_its_way_out(tmp_path, data_dir):
+    """--overwrite (the advice for the run's own run.json) is refused with --resume, and would not mend it."""
+    settings = dict(max_steps=2, checkpoint_every=2, num_validation=0)
+    train(config(tmp_path, data_dir, "a", **settings))
+    (tmp_path / "a/run.json").write_text("{")
+    with pytest.raises(ValueError, match=r"a/run.json is damaged \(.*\); repair or delete it to resume from .*"
+                       r"checkpoint-2 \(unchecked against its run\), or drop --resume"):  # fmt: skip
+        train(config(tmp_path, data_dir, "b", **settings, resume=str(tmp_path / "a/checkpoint-2")))
+    (tmp_path / "a/run.json").unlink()
+    train(config(tmp_path, data_dir, "b", **settings, resume=str(tmp_path / "a/checkpoint-2")))
+
+
+def test_overwrite_past_a_run_json_without_its_window_keeps_the_exports(tmp_path, data_dir, caplog):
+    settings = dict(max_steps=1, checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    (tmp_path / "run/run.json").write_text('{"config": {}, "data": {}}')
+    with caplog.at_level("WARNING", logger="training.distill"):
+        train(config(tmp_path, data_dir, **settings, overwrite=True))
+    assert "run.json is damaged: the export of the run it described, if any, is left" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["run.json", "train.jsonl"])
+def test_a_kill_while_run_json_or_a_log_is_rewritten_leaves_it_whole(tmp_path, data_dir, monkeypatch, name):
+    settings = dict(max_steps=2, checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    path = next((tmp_path / "run").rglob(name))
+    before, write_text = path.read_text(), Path.write_text
+
+    def killed_while_writing(self, data, *args, **kwargs):
+        if self.name == name or self.name.startswith(f".{name}."):  # the file, or its temporary twin
+            write_text(self, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        return write_text(self, data, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", killed_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tmp_path, data_dir, **{**settings, "max_steps": 3}, resume="latest"))
+    assert path.read_text() == before and not list(path.parent.glob(f".{name}.*"))

@@ -266,6 +266,7 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64)], seed=1.5), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\], got 1.5"),
         (dict(stages=[(64, 64)], seed=-(2**63) - 1), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\]"),
         (dict(stages=[(64, 64)], seed=10**400), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (dict(stages=[(10**400, 64)]), r"stages must be \(width, height\) pairs"),  # past float's range
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
@@ -565,3 +566,8 @@ def test_the_callers_progress_bar_config_reaches_every_stage(pipe, capfd):
 def test_zero_steps_is_a_clear_error(pipe, steps):
     with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage, got"):
         pipe(prompt="a red circle", num_inference_steps=steps, stages=STAGES)
+
+
+def test_a_step_count_past_floats_range_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage"):
+        pipe(prompt="a red circle", num_inference_steps=10**400, stages=STAGES)

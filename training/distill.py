@@ -382,14 +382,14 @@ def make_batch(
     return _Batch(inputs, _pack(noise - x0).to(device), sampler.weighting(sigma).to(device))
 
 
-def _read_run_file(path: Path) -> dict[str, Any]:
-    """A run.json: its ``config`` and ``data`` records, or a one-line ValueError naming the file."""
+def _read_run_file(path: Path, advice: str = "pass --overwrite to start the run over") -> dict[str, Any]:
+    """A run.json: its ``config`` and ``data`` records, or a one-line ValueError naming the file (and ``advice``)."""
     try:
         record = json.loads(path.read_text())
         if not (isinstance(record.get("config"), dict) and isinstance(record.get("data"), dict)):
             raise ValueError("no 'config' and 'data' records")
     except (ValueError, AttributeError) as err:
-        raise ValueError(f"{path} is damaged ({err}); pass --overwrite to start the run over") from None
+        raise ValueError(f"{path} is damaged ({err}); {advice}") from None
     return record
 
 
@@ -410,7 +410,8 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         # a checkpoint of another folder: the run that wrote it must match too
         origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
         if origin.resolve() != run_file.resolve() and origin.is_file():
-            _check_same_run(_read_run_file(origin), record, f"from {checkpoint}")
+            advice = f"repair or delete it to resume from {checkpoint} (unchecked against its run), or drop --resume"
+            _check_same_run(_read_run_file(origin, advice), record, f"from {checkpoint}")
         if checkpoint is None:
             logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
