@@ -215,10 +215,10 @@ def table_model(args: argparse.Namespace, work: Path) -> Path:
 
     from pipelines.tiny import TRANSFORMER_CONFIG, tiny_pipeline_path
 
-    folder = work / "table-model"
+    double, single = args.layers
+    folder = work / f"table-model-w{args.width}-l{double}-{single}"
     if not (folder / "transformer").is_dir():
         shutil.copytree(tiny_pipeline_path(), folder, ignore=shutil.ignore_patterns("transformer"))
-        double, single = args.layers
         config = {**TRANSFORMER_CONFIG, "num_attention_heads": args.width}
         config.update(num_layers=double, num_single_layers=single)
         torch.manual_seed(0)
@@ -232,6 +232,7 @@ def table(args: argparse.Namespace, work: Path, data: Path) -> list[dict]:
     disturbed), and the highest peak memory of all rounds."""
     model = table_model(args, work)
     best: dict[tuple, dict] = {}
+    highest: dict[tuple, dict] = {}
     for _ in range(args.rounds):
         for teacher, lora_rank in MODES:
             spec = {
@@ -248,11 +249,12 @@ def table(args: argparse.Namespace, work: Path, data: Path) -> list[dict]:
             }
             row = worker(spec) if args.smoke else _child_worker(spec)
             key = (teacher, lora_rank)
-            peak = max(row["peak_mib"], best[key]["peak_mib"]) if key in best else row["peak_mib"]
+            if key not in highest or row["peak_mib"] > highest[key]["peak_mib"]:
+                highest[key] = row
             if key not in best or row["samples_per_s"] > best[key]["samples_per_s"]:
                 best[key] = row
-            best[key] = {**best[key], "peak_mib": peak}  # the highest of all rounds, whichever was fastest
-    return [best[key] for key in MODES]
+    memory = ("peak_mib", "peak_rss_mib", "baseline_rss_mib")  # all from the round of the highest peak
+    return [best[key] | {k: highest[key][k] for k in memory if k in highest[key]} for key in MODES]
 
 
 def _child_worker(spec: dict) -> dict:

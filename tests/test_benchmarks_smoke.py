@@ -167,13 +167,26 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
 
     def worker(spec: dict) -> dict:
         speed, peak = next(rounds)
-        return {"teacher": spec["teacher"], "lora_rank": spec["lora_rank"], "samples_per_s": speed, "peak_mib": peak}
+        baseline = 500.0 + speed  # each round's own: the JSON's memory fields must all come from one
+        memory = {"peak_mib": peak, "peak_rss_mib": baseline + peak, "baseline_rss_mib": baseline}
+        return {"teacher": spec["teacher"], "lora_rank": spec["lora_rank"], "samples_per_s": speed, **memory}
 
     monkeypatch.setattr(bench, "worker", worker)
     args = bench.parse_args(["--smoke", "--rounds", "3"])
     args.rounds = 3  # --smoke sets one round
     (row,) = bench.table(args, tmp_path, tmp_path / "data")
     assert (row["samples_per_s"], row["peak_mib"]) == (3.0, 400.0)
+    assert (row["peak_rss_mib"], row["baseline_rss_mib"]) == (902.0, 502.0)  # the highest peak's round
+
+
+def test_distill_table_model_follows_width_and_layers(tmp_path) -> None:
+    """A --work reused with other --width/--layers measured the model it had built first, under the new args."""
+    import benchmarks.distill as bench
+
+    bench.table_model(bench.parse_args(["--width", "2", "--layers", "1", "1"]), tmp_path)
+    model = bench.table_model(bench.parse_args(["--width", "4", "--layers", "1", "2"]), tmp_path)
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_layers"], config["num_single_layers"]) == (4, 1, 2)
 
 
 @pytest.mark.parametrize(
