@@ -51,11 +51,14 @@ MODES = [("copy", None), ("shared", None), ("copy", 4), ("shared", 4)]
 FM_WEIGHTS = (0.0, 1.0)
 #: Issue 6: distillation must remove at least this part of the un-distilled student's held-out gap.
 REQUIRED_REDUCTION = 0.5
+WORK_MARK = ".clear-dit-bench-distill"  # in a --work this benchmark made
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed at the end)")
+    p.add_argument(
+        "--work", type=Path, help="working folder, new or this benchmark's (default: a temporary one, removed after)"
+    )
     p.add_argument("--num-train", type=positive_int, default=64, help="self-generated training samples")
     p.add_argument("--num-val", type=positive_int, default=8, help="held-out samples for the gap")
     p.add_argument("--resolution", type=positive_int, default=64, help="image size in px (64 -> 4x4 tokens)")
@@ -81,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_train, args.num_val, args.steps, args.data_steps = 4, 2, 3, 2
         args.bench_steps, args.bench_warmup, args.bench_batch, args.rounds = 1, 1, 1, 1
         args.width, args.layers = 2, [1, 1]
+    work = args.work
+    if work is not None and work.exists() and not work.is_dir():
+        p.error(f"--work {work} is a file; give a folder")
+    if work is not None and work.is_dir() and any(work.iterdir()) and not (work / WORK_MARK).is_file():
+        p.error(f"--work {work} holds files this benchmark did not write; give a new or empty folder")
     return args
 
 
@@ -105,7 +113,13 @@ def make_data(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
         *("--resolution", str(args.resolution), "--num", str(args.num_train + args.num_val)),
         *("--steps", str(args.data_steps), "--batch-size", "8"),
     )
-    return data, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    from training.data import DistillDataset
+
+    made, asked = len(DistillDataset(data)), args.num_train + args.num_val
+    if made != asked:  # make-data keeps the items of an earlier, larger run: distill would train on them all
+        raise RuntimeError(f"{data} holds {made} items of an earlier run, not --num-train + --num-val = {asked}")
+    return data, seconds
 
 
 def gap_reduction(args: argparse.Namespace, work: Path, data: Path, fm_weight: float) -> dict:
@@ -314,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta()
     work = args.work or Path(tempfile.mkdtemp(prefix="clear-dit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARK).touch()  # its files (prompts.txt, data, runs) are this benchmark's to replace
     try:
         data, data_s = make_data(args, work)
         gaps = [gap_reduction(args, work, data, fm_weight) for fm_weight in FM_WEIGHTS]

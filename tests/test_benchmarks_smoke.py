@@ -208,6 +208,8 @@ def test_distill_table_model_follows_width_and_layers(tmp_path) -> None:
         ("parallel", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
         ("parallel", ["--ranks", "2", "1"], "argument --ranks: patch parallelism needs at least 2 ranks, got 1"),
         ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
+        ("distill", ["--work", "README.md"], "--work README.md is a file; give a folder"),  # a traceback later
+        ("distill", ["--work", "benchmarks"], "--work benchmarks holds files this benchmark did not write"),
     ],
 )
 def test_timing_benchmarks_refuse_bad_arguments_as_usage_errors(
@@ -271,3 +273,15 @@ def test_a_json_path_is_probed_without_harm_and_a_broken_link_is_refused(tmp_pat
         old.chmod(0o444)
         with pytest.raises(argparse.ArgumentTypeError, match="cannot write .*r.json: Permission denied"):
             json_path(str(old))
+
+
+def test_distill_benchmark_refuses_a_work_folder_holding_more_data_than_asked(tmp_path) -> None:
+    """make-data keeps the items of an earlier, larger run in the folder: distill trained on all of them while the
+    report stated --num-train."""
+    import benchmarks.distill as bench
+
+    bench.make_data(bench.parse_args(["--smoke", "--num-train", "4"]), tmp_path)  # --smoke: 4 + 2 items
+    args = bench.parse_args(["--smoke"])
+    args.num_train = 3
+    with pytest.raises(RuntimeError, match=r"data holds 6 items of an earlier run, not --num-train \+ --num-val = 5"):
+        bench.make_data(args, tmp_path)
