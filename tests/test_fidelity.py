@@ -330,6 +330,9 @@ def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --steps must be at least 1, got 0\n"
     assert probe.main([*argv[:2], "--cfg-scale", "0.5"]) == 2
     assert capsys.readouterr().err == "error: --cfg-scale must be >= 1 (1: no guidance), got 0.5\n"
+    with pytest.raises(SystemExit) as exit_info:  # not a traceback after all the probing
+        probe.main([*argv[:2], "--json", str(tmp_path)])
+    assert exit_info.value.code == 2 and f"{tmp_path} is a folder; give a file name" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pair 0 has one background"):
         a = held_out_scenes(1)[0]
         probe.encoder_swap(load_pipeline(str(smoke_teacher)), [(a, a)], 64, 1, 1.0)
@@ -452,7 +455,9 @@ def test_protocol_needs_a_teacher(tmp_path, capsys):
         (["--highres-scenes", "0"], "--highres-scenes must be at least 1, got 0"),
         (["--eval-steps", "0"], "--eval-steps must be at least 1, got 0"),
         (["--num-data", "0"], "--num-data must be at least 1, got 0"),
-        (["--distill-lr", "0"], "--distill-lr must be positive, got 0.0"),
+        (["--distill-lr", "0"], "--distill-lr must be positive and finite, got 0.0"),
+        (["--distill-lr", "inf"], "--distill-lr must be positive and finite, got inf"),  # after make-data before
+        (["--results", "/proc/version/out"], "--results /proc/version/out: /proc/version is a file, not a folder"),
         (["--variants", "r16", "r99"], r"unknown --variants \['r99'\]; choose from \['r8', 'r16'"),
     ],
 )
@@ -529,6 +534,14 @@ def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path):
         run.SMOKE["distill_steps"],
     )
     assert (results / "fidelity_smoke_grid.png").is_file()
+    # a WORK whose data an earlier run made larger: the students would have trained on all of it
+    trained = json.loads((smoke_teacher / "training" / "config.json").read_text())
+    fewer = dataclasses.replace(
+        run.parse_args(argv), num_data=run.SMOKE["num_data"] - 1, cfg_scale=trained["cfg_scale"]
+    )
+    resolution = trained["resolution"]
+    with pytest.raises(FileExistsError, match=rf"data holds {run.SMOKE['num_data']} items of an earlier run, not "):
+        run.make_data(fewer, smoke_teacher, resolution)
 
 
 def test_timed_draws_follow_an_untimed_one_step_draw(monkeypatch):

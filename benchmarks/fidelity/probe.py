@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks._args import json_path
 from benchmarks.fidelity.checker import SceneCheck, check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes
 from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
@@ -300,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampling steps of the swap (default: the teacher's evaluation)")
     parser.add_argument("--cfg-scale", type=float, help="true CFG of the swap (default: the teacher's evaluation)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", type=json_path, help="write the results here")
     return parser.parse_args(argv)
 
 
@@ -320,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

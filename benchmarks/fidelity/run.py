@@ -51,6 +51,7 @@ from benchmarks.fidelity.common import generate, held_out_scenes, image_grid
 from benchmarks.fidelity.metrics import psnr, ssim
 from clear_dit.weights import is_clear_key
 from pipelines.loading import default_max_sequence_length, load_pipeline
+from training.data import DistillDataset
 from training.world import sample_scenes
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,12 @@ class ProtocolConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.distill_lr > 0:
-            raise ValueError(f"--distill-lr must be positive, got {self.distill_lr}")
+        if not (math.isfinite(self.distill_lr) and self.distill_lr > 0):
+            raise ValueError(f"--distill-lr must be positive and finite, got {self.distill_lr}")
+        results = Path(self.results)
+        nearest = next(p for p in (results, *results.absolute().parents) if p.exists())
+        if not nearest.is_dir():  # found only when the report is written, after every student and image
+            raise ValueError(f"--results {self.results}: {nearest} is a file, not a folder")
 
 
 SMOKE = dict(
@@ -160,6 +165,12 @@ def make_data(cfg: ProtocolConfig, teacher: Path, resolution: int) -> Path:
         *("--resolution", str(resolution), "--num", str(cfg.num_data), "--steps", str(cfg.data_steps)),
         *("--seed", str(cfg.seed), "--true-cfg", str(cfg.cfg_scale), "--batch-size", "8"),
     )
+    held = len(DistillDataset(data))
+    if held != cfg.num_data:  # make-data keeps an earlier, larger run's items: new students would train on all
+        raise FileExistsError(
+            f"{data} holds {held} items of an earlier run, not --num-data {cfg.num_data}; move it away or pass "
+            f"--num-data {held}"
+        )
     return data
 
 
