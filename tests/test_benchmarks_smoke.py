@@ -285,3 +285,60 @@ def test_distill_benchmark_refuses_a_work_folder_holding_more_data_than_asked(tm
     args.num_train = 3
     with pytest.raises(RuntimeError, match=r"data holds 6 items of an earlier run, not --num-train \+ --num-val = 5"):
         bench.make_data(args, tmp_path)
+
+
+def _distill_gap(monkeypatch, tmp_path, entries: list[dict], exported: float):
+    """benchmarks.distill with each distill run's validation log written as ``entries`` and the exported file's
+    gap ``exported``: the gap fields, from the logs alone."""
+    import benchmarks.distill as bench
+
+    def cli(*argv):
+        logs = tmp_path / f"run-fm{float(argv[argv.index('--fm-weight') + 1]):g}" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / "validation.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
+
+    monkeypatch.setattr(bench, "cli", cli)
+    monkeypatch.setattr(bench, "exported_gap", lambda *a: exported)
+    return bench, bench.gap_reduction(bench.parse_args(["--smoke"]), tmp_path, tmp_path, 0.0)
+
+
+def test_distill_gap_fields_come_from_their_own_steps_and_models(monkeypatch, tmp_path) -> None:
+    entries = [
+        {"step": 0, "val_gap": 4.0, "val_fm_teacher": 1.5, "val_fm_student": 2.0},
+        {"step": 3, "val_gap": 1.0, "val_fm_teacher": 1.5, "val_fm_student": 1.2},
+    ]
+    _, gap = _distill_gap(monkeypatch, tmp_path, entries, 1.0)
+    assert (gap["fm_teacher"], gap["fm_student_undistilled"], gap["fm_student_distilled"]) == (1.5, 2.0, 1.2)
+
+
+def test_distill_acceptance_fails_when_the_export_differs(monkeypatch, tmp_path) -> None:
+    entries = [{"step": s, "val_gap": g, "val_fm_teacher": 1.0, "val_fm_student": 1.0} for s, g in ((0, 4.0), (3, 1.0))]
+    bench, gap = _distill_gap(monkeypatch, tmp_path, entries, 1.5)  # the exported file does not reproduce 1.0
+    assert gap["reduction"] == 0.75 and not gap["export_reproduces_student"]
+    assert bench.verdict([gap, {**gap, "fm_weight": 1.0}]) == "FAIL"
+    monkeypatch.setattr(bench, "make_data", lambda args, work: (work, 0.0))
+    monkeypatch.setattr(bench, "gap_reduction", lambda args, work, data, fm: {**gap, "fm_weight": fm})
+    row = {"lora_rank": None, "model_params": 1, "trainable_params": 1, "samples_per_s": 1.0, "peak_mib": 1.0}
+    monkeypatch.setattr(bench, "table", lambda *a: [{**row, "teacher": "copy"}, {**row, "teacher": "shared"}])
+    assert bench.main(["--work", str(tmp_path / "work")]) == 1  # a failed acceptance fails the command
+
+
+def test_distill_memory_ratio_is_against_the_shared_row_of_the_same_student() -> None:
+    import benchmarks.distill as bench
+
+    args = bench.parse_args(["--smoke"])
+    gap = {"fm_weight": 0.0, "gap_undistilled": 4.0, "gap_distilled": 1.0, "reduction": 0.75, "fm_teacher": 1.0,
+           "fm_student_distilled": 1.0, "export_reproduces_student": True}  # fmt: skip
+    rows = [
+        {
+            "teacher": t,
+            "lora_rank": r,
+            "model_params": 1e6,
+            "trainable_params": 1e6,
+            "samples_per_s": 1.0,
+            "peak_mib": p,
+        }
+        for t, r, p in (("copy", None, 300.0), ("shared", None, 100.0), ("copy", 4, 150.0), ("shared", 4, 50.0))
+    ]
+    lines = [line for line in bench.report(args, [gap, {**gap, "fm_weight": 1.0}], rows).splitlines() if "LoRA" in line]
+    assert lines[0].endswith("3.00x") and lines[1].endswith("1.00x")

@@ -821,3 +821,32 @@ def test_the_warm_up_draw_is_not_timed(monkeypatch):
     cfg = run.ProtocolConfig(work="", eval_steps=5, cfg_scale=1.0)
     _, seconds = run._draw(None, None, cfg, 64, 1, held_out_scenes(2), None, None)
     assert seconds < 0.1
+
+
+def test_variants_round_to_the_nearest_radius():
+    assert [v.window for v in run.variants_for(192)] == [2, 3, 6, 3, 2]  # a 12 x 12 grid: r8 -> 1.5 -> 2
+
+
+def test_seconds_per_image_is_the_timed_draw_over_all_its_images(monkeypatch):
+    import types
+
+    clock = iter([10.0, 18.0])  # the timed draw of 4 images takes 8 s
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(run, "generate", lambda pipe, prompts, seeds, res, steps, cfg_scale=1.0:
+                        [Image.new("RGB", (res, res))] * len(prompts))  # fmt: skip
+    cfg = run.ProtocolConfig(work="", eval_steps=5, cfg_scale=1.0)
+    _, seconds = run._draw(None, None, cfg, 64, 1, held_out_scenes(4), None, None)
+    assert seconds == 2.0
+
+
+def test_pass_rate_counts_only_scenes_with_every_item_right():
+    from benchmarks.fidelity.checker import check_scene
+
+    scenes = sample_scenes(2, 5)
+    renders = [render(s, 64) for s in scenes]
+    shape = scenes[0].shapes[0]
+    wrong = dataclasses.replace(shape, size="small" if shape.size == "large" else "large")
+    stated = [dataclasses.replace(scenes[0], shapes=(wrong, *scenes[0].shapes[1:])), scenes[1]]
+    check = check_scene(renders[0], stated[0])
+    assert not check.passed and check.score > 0.5  # most items right, the stated size wrong
+    assert run._compare(renders, renders, stated)["pass_rate"] == 0.5

@@ -86,3 +86,9 @@ def test_ssim_is_the_mean_over_channels():
     b[:, 0] = (b[:, 0] + 0.3 * torch.rand(1, 32, 32, generator=g, dtype=torch.float64)).clamp(0, 1)
     per_channel = [ssim(a[:, c : c + 1], b[:, c : c + 1]).item() for c in range(3)]
     assert ssim(a, b).item() == pytest.approx(sum(per_channel) / 3)
+
+
+def test_a_single_chw_tensor_is_taken_as_is():
+    """Tensors are in [0, 1] already: only PIL images and uint8 arrays are divided by 255."""
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(to_tensor(x), x.double()[None])
