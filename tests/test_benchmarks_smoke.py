@@ -179,16 +179,6 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
     assert (row["peak_rss_mib"], row["baseline_rss_mib"]) == (902.0, 502.0)  # the highest peak's round
 
 
-def test_distill_table_model_follows_width_and_layers(tmp_path) -> None:
-    """A --work reused with other --width/--layers measured the model it had built first, under the new args."""
-    import benchmarks.distill as bench
-
-    bench.table_model(bench.parse_args(["--width", "2", "--layers", "1", "1"]), tmp_path)
-    model = bench.table_model(bench.parse_args(["--width", "4", "--layers", "1", "2"]), tmp_path)
-    config = json.loads((model / "transformer" / "config.json").read_text())
-    assert (config["num_attention_heads"], config["num_layers"], config["num_single_layers"]) == (4, 1, 2)
-
-
 @pytest.mark.parametrize(
     "module, argv, message",
     [
@@ -209,7 +199,7 @@ def test_distill_table_model_follows_width_and_layers(tmp_path) -> None:
         ("parallel", ["--ranks", "2", "1"], "argument --ranks: patch parallelism needs at least 2 ranks, got 1"),
         ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
         ("distill", ["--work", "README.md"], "--work README.md is a file; give a folder"),  # a traceback later
-        ("distill", ["--work", "benchmarks"], "--work benchmarks holds files this benchmark did not write"),
+        ("distill", ["--work", "benchmarks"], "--work benchmarks holds files but not .clear-dit-bench-distill"),
     ],
 )
 def test_timing_benchmarks_refuse_bad_arguments_as_usage_errors(
@@ -275,16 +265,44 @@ def test_a_json_path_is_probed_without_harm_and_a_broken_link_is_refused(tmp_pat
             json_path(str(old))
 
 
-def test_distill_benchmark_refuses_a_work_folder_holding_more_data_than_asked(tmp_path) -> None:
+def test_distill_benchmark_makes_the_data_again_when_its_work_holds_more_than_asked(tmp_path) -> None:
     """make-data keeps the items of an earlier, larger run in the folder: distill trained on all of them while the
     report stated --num-train."""
     import benchmarks.distill as bench
+    from training.data import DistillDataset
 
-    bench.make_data(bench.parse_args(["--smoke", "--num-train", "4"]), tmp_path)  # --smoke: 4 + 2 items
+    bench.make_data(bench.parse_args(["--smoke"]), tmp_path)  # 4 + 2 items
     args = bench.parse_args(["--smoke"])
     args.num_train = 3
-    with pytest.raises(RuntimeError, match=r"data holds 6 items of an earlier run, not --num-train \+ --num-val = 5"):
-        bench.make_data(args, tmp_path)
+    data, _ = bench.make_data(args, tmp_path)
+    assert len(DistillDataset(data)) == 5
+    args.num_train = 4
+    data, _ = bench.make_data(args, tmp_path)  # a larger run resumes it
+    assert len(DistillDataset(data)) == 6
+
+
+def test_distill_table_model_follows_each_of_width_and_layers(tmp_path) -> None:
+    import benchmarks.distill as bench
+
+    for width, layers in ((2, (1, 1)), (2, (1, 2)), (2, (2, 2)), (4, (2, 2))):
+        argv = ["--width", str(width), "--layers", *map(str, layers)]
+        model = bench.table_model(bench.parse_args(argv), tmp_path)
+        config = json.loads((model / "transformer" / "config.json").read_text())
+        assert (config["num_attention_heads"], config["num_layers"], config["num_single_layers"]) == (width, *layers)
+
+
+def test_distill_benchmark_accepts_the_work_folder_it_wrote(tmp_path, monkeypatch) -> None:
+    import benchmarks.distill as bench
+
+    work = tmp_path / "work"
+
+    def interrupted(args, folder):
+        (folder / "prompts.txt").write_text("a\n")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(bench, "make_data", interrupted)
+    assert bench.main(["--smoke", "--work", str(work)]) == 2
+    assert bench.parse_args(["--smoke", "--work", str(work)]).work == work
 
 
 def _distill_gap(monkeypatch, tmp_path, entries: list[dict], exported: float):

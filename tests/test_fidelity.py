@@ -850,3 +850,11 @@ def test_pass_rate_counts_only_scenes_with_every_item_right():
     check = check_scene(renders[0], stated[0])
     assert not check.passed and check.score > 0.5  # most items right, the stated size wrong
     assert run._compare(renders, renders, stated)["pass_rate"] == 0.5
+
+
+def test_a_results_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    report = tmp_path / "fidelity.json"
+    report.write_text("{}")
+    assert run.main(["--work", str(tmp_path / "work"), "--results", str(report)]) == 2
+    assert capsys.readouterr().err == f"error: --results {report}: {report} is a file, not a folder\n"
+    assert not (tmp_path / "work").exists() and report.read_text() == "{}"
