@@ -512,6 +512,7 @@ def test_protocol_reuses_a_student_only_if_it_was_made_with_its_settings(tmp_pat
     (teacher / "model_index.json").write_text("{}")
     (teacher / "training" / "config.json").write_text(json.dumps({"resolution": 256, "cfg_scale": 3.0}))
     monkeypatch.setattr(run, "make_data", lambda cfg, teacher, resolution: tmp_path / "work" / "data")
+    monkeypatch.setattr(run, "check_data_size", lambda cfg, data: None)  # of the data step, stubbed above
     argv = ["--work", str(tmp_path / "work"), "--teacher", str(teacher), "--variants", variant.name]
     assert run.main([*argv, "--distill-lr", "2e-4"]) == 2
     err = capsys.readouterr().err
@@ -521,7 +522,7 @@ def test_protocol_reuses_a_student_only_if_it_was_made_with_its_settings(tmp_pat
 @pytest.mark.skipif(
     importlib.util.find_spec("training.distill") is None, reason="needs the distillation CLI (branch distill)"
 )
-def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path):
+def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["--work", str(tmp_path / "work"), "--teacher", str(smoke_teacher), "--smoke", "--results", str(results)]
     assert run.main([*argv, "--distill-lr", "2e-4"]) == 0
@@ -534,14 +535,11 @@ def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path):
         run.SMOKE["distill_steps"],
     )
     assert (results / "fidelity_smoke_grid.png").is_file()
-    # a WORK whose data an earlier run made larger: the students would have trained on all of it
-    trained = json.loads((smoke_teacher / "training" / "config.json").read_text())
-    fewer = dataclasses.replace(
-        run.parse_args(argv), num_data=run.SMOKE["num_data"] - 1, cfg_scale=trained["cfg_scale"]
+    # a WORK whose data an earlier run made larger (make-data keeps its items): new students would train on all
+    assert run.main([*argv, "--num-data", str(run.SMOKE["num_data"] - 1)]) == 2
+    assert "data holds 4 items of an earlier run, not --num-data 3; move it away or pass --num-data 4" in (
+        capsys.readouterr().err
     )
-    resolution = trained["resolution"]
-    with pytest.raises(FileExistsError, match=rf"data holds {run.SMOKE['num_data']} items of an earlier run, not "):
-        run.make_data(fewer, smoke_teacher, resolution)
 
 
 def test_timed_draws_follow_an_untimed_one_step_draw(monkeypatch):

@@ -165,13 +165,18 @@ def make_data(cfg: ProtocolConfig, teacher: Path, resolution: int) -> Path:
         *("--resolution", str(resolution), "--num", str(cfg.num_data), "--steps", str(cfg.data_steps)),
         *("--seed", str(cfg.seed), "--true-cfg", str(cfg.cfg_scale), "--batch-size", "8"),
     )
+    return data
+
+
+def check_data_size(cfg: ProtocolConfig, data: Path) -> None:
+    """FileExistsError unless ``data`` holds ``num_data`` items: make-data keeps an earlier, larger run's, and new
+    students would train on all of them while the report states ``num_data``."""
     held = len(DistillDataset(data))
-    if held != cfg.num_data:  # make-data keeps an earlier, larger run's items: new students would train on all
+    if held != cfg.num_data:
         raise FileExistsError(
             f"{data} holds {held} items of an earlier run, not --num-data {cfg.num_data}; move it away or pass "
             f"--num-data {held}"
         )
-    return data
 
 
 def distill_settings(cfg: ProtocolConfig, teacher: Path, data: Path, variant: Variant) -> dict[str, object]:
@@ -454,6 +459,7 @@ def run(cfg: ProtocolConfig) -> list[Path]:
         raise ValueError(f"--highres-variants {sorted(unknown)} are not among the evaluated variants {cfg.variants}")
 
     data = make_data(cfg, teacher, resolution)
+    check_data_size(cfg, data)
     weights = {v.name: distill(cfg, teacher, data, v) for v in variants}
 
     pipe = load_pipeline(str(teacher))
