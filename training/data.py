@@ -275,13 +275,7 @@ class _Writer:
         """Items whose shard no longer opens or whose image is gone (a damaged disk, a file deleted by hand) leave
         the manifest, so that this run makes them again: distill would fail on them mid-training."""
         damaged = {e["shard"] for e in self.entries if not (self.folder / e["image"]).is_file()}
-        rows = {}
-        for shard in {e["shard"] for e in self.entries} - damaged:
-            try:
-                rows[shard] = _shard_rows(self.folder / shard, self.info.row_shapes())
-            except (OSError, ValueError):
-                damaged.add(shard)
-        damaged |= {e["shard"] for e in self.entries if e["shard"] in rows and e["row"] >= rows[e["shard"]]}
+        damaged |= set(_shard_problems(self.folder, self.entries, self.info))
         if damaged:
             kept = [e for e in self.entries if e["shard"] not in damaged]
             logger.warning(
@@ -673,6 +667,24 @@ def _shard_rows(path: Path, row_shapes: dict[str, tuple[int, ...]]) -> int:
     return rows.pop()
 
 
+def _shard_problems(folder: Path, entries: list[dict[str, Any]], info: DataInfo) -> dict[str, str]:
+    """What is wrong with each shard the manifest ``entries`` use that cannot give them their rows: damaged,
+    missing, of other row shapes than ``info``'s, or shorter than a row listed."""
+    problems, rows = {}, {}
+    for shard in {e["shard"] for e in entries}:
+        try:
+            rows[shard] = _shard_rows(folder / shard, info.row_shapes())
+        except (OSError, ValueError) as err:
+            problems[shard] = str(err)
+    for e in entries:
+        if e["shard"] in rows and e["row"] >= rows[e["shard"]] and e["shard"] not in problems:
+            problems[e["shard"]] = (
+                f"{folder / e['shard']} has {rows[e['shard']]} rows, {MANIFEST_FILE} lists item {e['index']} as row "
+                f"{e['row']}"
+            )
+    return problems
+
+
 class DistillDataset(Dataset):
     """The items of a data folder, as tensors; bad or missing files raise errors naming them.
 
@@ -694,18 +706,10 @@ class DistillDataset(Dataset):
         missing = sorted({e["shard"] for e in self.entries if not (self.folder / e["shard"]).is_file()})
         if missing:
             raise FileNotFoundError(f"{self.folder}: shard files missing: {', '.join(missing[:3])}")
-        rows = {}
-        for shard in sorted({e["shard"] for e in self.entries}):  # now, not when training first draws an item
-            try:
-                rows[shard] = _shard_rows(self.folder / shard, self.info.row_shapes())
-            except ValueError as err:
-                raise ValueError(f"{err}; re-run make-data on {self.folder} to make its items again") from None
-        for e in self.entries:
-            if e["row"] >= rows[e["shard"]]:
-                raise ValueError(
-                    f"{self.folder / e['shard']} has {rows[e['shard']]} rows, {MANIFEST_FILE} lists item {e['index']} "
-                    f"as row {e['row']}; re-run make-data on {self.folder} to make its items again"
-                )
+        problems = _shard_problems(self.folder, self.entries, self.info)  # now, not when training draws an item
+        if problems:
+            first = min(problems)
+            raise ValueError(f"{problems[first]}; re-run make-data on {self.folder} to make its items again")
 
     def __len__(self) -> int:
         return len(self.entries)
