@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -216,20 +215,17 @@ def _validate_generate(args: argparse.Namespace) -> None:
 def _check_png_out(out: str, overwrite: bool) -> Path:
     """``--out`` as a path: a .png file that may be written (a folder, or a file where a folder should be, is an
     error now, not after the generation)."""
+    from clear_dit.files import check_writable
+
     path = Path(out).expanduser()
     if path.suffix.lower() != ".png":
         raise CLIError(f"--out must be a .png file, got {out}")
-    if path.is_dir():
-        raise CLIError(f"--out {out} is a folder: name a .png file (in it)")
-    folder = next(parent for parent in path.parents if parent.exists())  # _save_png makes the missing ones
-    if not folder.is_dir():
-        raise CLIError(f"--out {out}: {folder} is a file, not a folder")
+    try:
+        check_writable(out)
+    except ValueError as err:
+        raise CLIError(f"--out {err}") from None
     if path.exists() and not overwrite:
         raise CLIError(f"{out} exists; pass --overwrite to replace it")
-    try:  # the save's temp file, now: not after the generation
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise CLIError(f"--out {out}: cannot write in {folder} ({err.strerror})") from None
     return path
 
 

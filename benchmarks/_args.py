@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 from pathlib import Path
+
+from clear_dit.files import check_writable
 
 
 def positive_int(text: str) -> int:
@@ -33,22 +34,8 @@ def positive_float(text: str) -> float:
 
 
 def json_path(text: str) -> Path:
-    """A file to write results to: not a folder, its folder can be made and written (checked before hours of timing)."""
-    path = Path(text).expanduser()
-    if path.is_symlink() and not path.exists():  # written through: its target's folder must exist
-        if not path.resolve().parent.is_dir():
-            raise argparse.ArgumentTypeError(f"{text} is a link to {path.readlink()}, whose folder does not exist")
-        path = path.resolve()
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {Path(text) / 'results.json'}")
-    parent = next(p for p in path.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot make a folder for {text}: {parent} is a file")
-    try:  # a probe that neither truncates the file nor leaves one behind
-        if path.exists():
-            path.open("a").close()
-        else:
-            tempfile.TemporaryFile(dir=parent).close()
-    except OSError as err:
-        raise argparse.ArgumentTypeError(f"cannot write {text}: {err.strerror}") from None
-    return path
+    """A file to write results to (:func:`~clear_dit.files.check_writable`: checked before hours of timing)."""
+    try:
+        return check_writable(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from clear_dit.files import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +47,9 @@ def jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_results(path: Path, args: Any, meta: dict[str, Any], **results: Any) -> None:
-    """``{"args", "meta", **results}`` to ``path``; the load average at the time of writing joins ``meta``."""
+    """``{"args", "meta", **results}`` to ``path``, atomically (a run stopped while writing leaves the results of
+    its last write); the load average at the time of writing joins ``meta``."""
     meta["load_average_end"] = list(os.getloadavg())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": jsonable(vars(args)), "meta": meta, **results}, indent=2))
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"args": jsonable(vars(args)), "meta": meta, **results}, indent=2))

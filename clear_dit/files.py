@@ -1,9 +1,11 @@
-"""Files written atomically: under a temporary name beside the target, renamed over it once complete."""
+"""Files written atomically: under a temporary name beside the target, renamed over it once complete; and the
+check, before long work, that such a file can be written at all."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,11 +16,40 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write the file to; when the block ends it replaces ``path``, or,
     if the block raises, it is removed: ``path`` is never half-written, and an interrupted write leaves it as it
     was. The name (``.NAME.XXXXXXXX.tmp``, hidden, random) is never one of the user's files; a process killed
-    outright (SIGKILL, power loss) inside the block leaves it behind."""
-    path = Path(path)
+    outright (SIGKILL, power loss) inside the block leaves it behind. A symbolic link is written through, as
+    ``open(path, "w")`` would: its target is replaced and the link stays."""
+    path = write_target(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_target(path: str | os.PathLike) -> Path:
+    """The file that writing ``path`` replaces: ``path`` itself (``~`` expanded), or the target of a symbolic link."""
+    path = Path(path).expanduser()
+    return path.resolve() if path.is_symlink() else path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``write_target(path)``, checked now rather than after hours of work that end in writing it: not a folder,
+    below a folder that exists or can be made (:func:`atomic_write`'s callers make the missing ones), writable.
+
+    Nothing is created, truncated or left behind. Raises ``ValueError`` with a one-line reason that starts with
+    ``path`` as given (callers prefix the option's name).
+    """
+    target = write_target(path)
+    if Path(path).expanduser().is_symlink() and not target.parent.is_dir():
+        raise ValueError(f"{path} is a link to {target}, whose folder does not exist")
+    if target.is_dir():
+        raise ValueError(f"{path} is a folder; name a file (in it)")
+    folder = next(parent for parent in target.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise ValueError(f"{path}: {folder} is a file, not a folder")
+    try:  # the temporary file atomic_write will make there
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write in {folder} ({err.strerror})") from None
+    return target

@@ -192,12 +192,12 @@ def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monke
         ("attention", ["--budget", "nan"], "argument --budget: must be a positive number, got nan"),
         ("attention", ["--dense-max-seq", "-5"], "argument --dense-max-seq: must be an int >= 0, got -5"),
         ("transformer", ["--budget", "-1"], "argument --budget: must be a positive number, got -1"),
-        ("transformer", ["--json", "."], "argument --json: . is a folder; give a file name"),
-        ("attention", ["--json", "README.md/x.json"], "argument --json: cannot make a folder for README.md/x.json"),
-        ("transformer", ["--json", "/proc/x.json"], "argument --json: cannot write /proc/x.json: "),  # not at the end
-        ("parallel", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
+        ("transformer", ["--json", "."], "argument --json: . is a folder; name a file (in it)"),
+        ("attention", ["--json", "README.md/x.json"], "argument --json: README.md/x.json: /"),
+        ("transformer", ["--json", "/proc/x.json"], "argument --json: /proc/x.json: cannot write in /proc ("),
+        ("parallel", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; name a file (in it)"),
         ("parallel", ["--ranks", "2", "1"], "argument --ranks: patch parallelism needs at least 2 ranks, got 1"),
-        ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; give a file name"),
+        ("distill", ["--json", "benchmarks"], "argument --json: benchmarks is a folder; name a file (in it)"),
         ("distill", ["--work", "README.md"], "--work README.md is a file; give a folder"),  # a traceback later
         ("distill", ["--work", "benchmarks"], "--work benchmarks holds files but not .clear-dit-bench-distill"),
     ],
@@ -243,11 +243,14 @@ def test_transformer_json_keeps_the_sizes_measured_before_a_failure(tmp_path, mo
     assert {row["pixels"] for row in rows} == {128} and len(rows) == 2 * 2  # both blocks x both radii
 
 
-def test_a_json_path_is_probed_without_harm_and_a_broken_link_is_refused(tmp_path):
+def test_a_json_path_is_probed_without_harm_and_written_whole_through_links(tmp_path, monkeypatch):
+    """The CLI's --out and the benchmarks' --json share one probe (clear_dit.files.check_writable); results are
+    written atomically, through a link as a plain write would be."""
     import argparse
     import os
 
     from benchmarks._args import json_path
+    from benchmarks._results import write_results
 
     old = tmp_path / "r.json"
     old.write_text('{"rows": [1]}')
@@ -258,11 +261,31 @@ def test_a_json_path_is_probed_without_harm_and_a_broken_link_is_refused(tmp_pat
     with pytest.raises(argparse.ArgumentTypeError, match="link.json is a link to .*x.json, whose folder does not"):
         json_path(str(tmp_path / "link.json"))
     (tmp_path / "gone").mkdir()  # a link to a file yet to be written is written through
-    assert json_path(str(tmp_path / "link.json")) == tmp_path / "gone" / "x.json"
-    if os.geteuid() != 0:  # root writes read-only files
-        old.chmod(0o444)
-        with pytest.raises(argparse.ArgumentTypeError, match="cannot write .*r.json: Permission denied"):
-            json_path(str(old))
+    target = json_path(str(tmp_path / "link.json"))
+    assert target == tmp_path / "gone" / "x.json"
+    args = argparse.Namespace(json=tmp_path / "link.json")
+    write_results(args.json, args, {}, rows=[2])
+    assert (tmp_path / "link.json").is_symlink() and json.loads(target.read_text())["rows"] == [2]
+
+    write_text = Path.write_text
+
+    def full_disk(path: Path, text: str) -> None:  # a write that fails halfway
+        write_text(path, text[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_results(old, args, {}, rows=[3])
+    assert old.read_text() == '{"rows": [1]}' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "gone", "link.json", "r.json",
+    ]  # fmt: skip
+    if os.geteuid() != 0:  # root writes anywhere
+        tmp_path.chmod(0o555)
+        try:
+            with pytest.raises(argparse.ArgumentTypeError, match=f"r.json: cannot write in {tmp_path} .Permission"):
+                json_path(str(old))
+        finally:
+            tmp_path.chmod(0o755)
 
 
 def test_distill_benchmark_makes_the_data_again_when_its_work_holds_more_than_asked(tmp_path) -> None:

@@ -226,7 +226,7 @@ def test_out_paths_are_checked_before_any_work_and_saved_whole(tmp_path, monkeyp
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "file").write_text("mine")
     for out, message in (
-        (tmp_path / "folder.png", "is a folder: name a .png file"),
+        (tmp_path / "folder.png", "folder.png is a folder; name a file (in it)"),
         (tmp_path / "file" / "x.png", "file is a file, not a folder"),
     ):
         assert main(["generate", "--prompt", "x", "--out", str(out), "--overwrite"]) == 2
@@ -248,6 +248,11 @@ def test_out_paths_are_checked_before_any_work_and_saved_whole(tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             _save_png(Image.new("RGB", (8, 8)), old, {"prompt": "x"})
     assert old.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+    link = tmp_path / "link.png"  # written through, as PIL's own save would: the link stays
+    link.symlink_to(old)
+    _save_png(Image.new("RGB", (8, 4)), _check_png_out(str(link), True), {"prompt": "x"})
+    assert link.is_symlink() and Image.open(old).size == (8, 4)
 
     args = type("Args", (), {"height": 32, "width": 32})()
     assert "0.1% more attention FLOPs than full attention" in _density_line(args, 2, 2, 64, 16)

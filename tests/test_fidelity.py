@@ -332,7 +332,7 @@ def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --cfg-scale must be >= 1 (1: no guidance), got 0.5\n"
     with pytest.raises(SystemExit) as exit_info:  # not a traceback after all the probing
         probe.main([*argv[:2], "--json", str(tmp_path)])
-    assert exit_info.value.code == 2 and f"{tmp_path} is a folder; give a file name" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{tmp_path} is a folder; name a file (in it)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pair 0 has one background"):
         a = held_out_scenes(1)[0]
         probe.encoder_swap(load_pipeline(str(smoke_teacher)), [(a, a)], 64, 1, 1.0)

@@ -42,6 +42,7 @@ from benchmarks._args import json_path
 from benchmarks.fidelity.checker import SceneCheck, check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes
 from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
+from clear_dit.files import atomic_write
 from training.world import PALETTE, REGIONS, Scene, Shape, region_box, region_center, sample_scenes
 
 __all__ = [
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
