@@ -385,7 +385,10 @@ def load_weights(
         proportional_attention: see :func:`clear_dit.patch`.
 
     Returns:
-        The :class:`PatchHandle` of the patched model.
+        The :class:`PatchHandle` of the patched model. Ending it restores the attention it covered, not the
+        weights: loaded weights replace the model's, as ``load_state_dict`` does. After a second file loaded over
+        a first, ending the second's handle leaves the first's radius and pooling with the second's projections;
+        load the first file again to have it whole.
 
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable file, unknown radius, or keys/shapes
