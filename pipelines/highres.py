@@ -28,7 +28,7 @@ from clear_dit.patching import check_patch_settings
 from clear_dit.weights import ClearWeights, check_weights
 
 from .loading import default_max_sequence_length
-from .stages import check_highres_inputs, parse_stages
+from .stages import brief, check_highres_inputs, parse_stages
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _whole(value: Any) -> int:
     except OverflowError:  # an int past float's range: no size, step count or seed takes it
         whole = False
     if not whole:
-        raise ValueError(f"not a whole number: {value!r}")
+        raise ValueError(f"not a whole number: {brief(value)}")
     return int(value)
 
 
@@ -252,7 +252,8 @@ class HighResFluxPipeline(FluxPipeline):
         try:  # pairs of whole numbers: tuples, lists, numpy rows
             stages = [(_whole(w), _whole(h)) for w, h in stages]
         except (TypeError, ValueError):
-            raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {stages!r}") from None
+            shown = brief(stages)
+            raise ValueError(f"stages must be (width, height) pairs or a 'WxH,WxH' string, got {shown}") from None
         count = len(stages)
         if not count:  # before the per-stage lists, whose counts it would make -1 and 0
             check_highres_inputs(stages, [])
@@ -263,7 +264,7 @@ class HighResFluxPipeline(FluxPipeline):
             if any(n < 1 for n in steps):  # none for no stages: check_highres_inputs says that
                 raise ValueError
         except (TypeError, ValueError):
-            given = num_inference_steps
+            given = brief(num_inference_steps)
             raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {given}") from None
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
@@ -273,7 +274,8 @@ class HighResFluxPipeline(FluxPipeline):
                 if not -(2**63) <= seed <= 2**64 - count:
                     raise ValueError
             except (TypeError, ValueError):
-                raise ValueError(f"seed must be a whole number in [-2**63, 2**64 - {count}], got {seed!r}") from None
+                shown = brief(seed)
+                raise ValueError(f"seed must be a whole number in [-2**63, 2**64 - {count}], got {shown}") from None
         if isinstance(generator, Sequence):
             generators = _per_stage(generator, count, "generator")
         elif seed is not None:

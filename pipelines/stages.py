@@ -7,13 +7,34 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["BASE_ATTENTIONS", "OUTPUT_TYPES", "TIME_SHIFT_RANGE", "check_highres_inputs", "parse_stages"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 BASE_ATTENTIONS = ("full", "clear")
 TIME_SHIFT_RANGE = (1e-6, 1e6)
+
+
+class _Brief(reprlib.Repr):
+    """``repr`` cut short for one-line messages; an int too long for Python to print is named by its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlong = self.maxstring = self.maxother = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # more digits than sys.get_int_max_str_digits() allows to print
+            return f"<{'a negative' if x < 0 else 'an'} int of {x.bit_length()} bits>"
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` for a one-line error message: long numbers, strings and sequences shortened with ``...``."""
+    return _Brief().repr(value)
 
 
 def parse_stages(text: str) -> list[tuple[int, int]]:
@@ -23,7 +44,7 @@ def parse_stages(text: str) -> list[tuple[int, int]]:
         try:
             width, height = (int(v) for v in part.strip().lower().split("x"))
         except ValueError:
-            raise ValueError(f"stage size {part.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
+            raise ValueError(f"stage size {brief(part.strip())} is not WIDTHxHEIGHT (e.g. 1024x1024)") from None
         stages.append((width, height))
     return stages
 
@@ -67,31 +88,30 @@ def check_highres_inputs(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if not _real(ntk_factor) or not _positive_finite(ntk_factor):
-        huge = isinstance(ntk_factor, int) and ntk_factor.bit_length() > 1024  # its repr may exceed Python's limit
-        shown = "an int too large for a float" if huge else repr(ntk_factor)
-        raise ValueError(f"ntk_factor must be > 0 and finite, got {shown}")
+        raise ValueError(f"ntk_factor must be > 0 and finite, got {brief(ntk_factor)}")
     # the scheduler shifts sigmas as shift*s / (1 + (shift-1)*s) in float32: 0, below ~1e-7 or above ~3e38 that is
     # 0/0 or inf/inf at s = 1 and the images come out NaN (black); beyond this range every sigma is ~0 or ~1 anyway
     if time_shift is not None and not (_real(time_shift) and TIME_SHIFT_RANGE[0] <= time_shift <= TIME_SHIFT_RANGE[1]):
         low, high = TIME_SHIFT_RANGE
         raise ValueError(
-            f"time_shift must be in [{low:g}, {high:g}] (None: the scheduler's dynamic shift), got {time_shift!r}"
+            f"time_shift must be in [{low:g}, {high:g}] (None: the scheduler's dynamic shift), got {brief(time_shift)}"
         )
     for i, strength in enumerate(strengths, start=1):
         if not _real(strength) or not 0 < strength <= 1:
-            raise ValueError(f"strength of stage {i} must be in (0, 1], got {strength!r}")
+            raise ValueError(f"strength of stage {i} must be in (0, 1], got {brief(strength)}")
     for i, (width, height) in enumerate(stages):
         clear = i > 0 or base_attention == "clear"
         multiple = unit * (down_factor if clear else 1)
         if width <= 0 or height <= 0 or width % multiple or height % multiple:
             why = f"{unit}*d, CLEAR down factor d={down_factor}" if multiple > unit else f"{unit} px per image token"
             raise ValueError(
-                f"stage {i} size {width}x{height} must be positive multiples of {multiple} ({why}) in both sides"
+                f"stage {i} size {brief(width)}x{brief(height)} must be positive multiples of {multiple} ({why}) in "
+                "both sides"
             )
         if i > 0:
             prev_w, prev_h = stages[i - 1]
             if width < prev_w or height < prev_h or width * height == prev_w * prev_h:
                 raise ValueError(
-                    f"stage sizes must increase: stage {i} ({width}x{height}) is not larger than "
-                    f"stage {i - 1} ({prev_w}x{prev_h}) in one side and no smaller in the other"
+                    f"stage sizes must increase: stage {i} ({brief(width)}x{brief(height)}) is not larger than "
+                    f"stage {i - 1} ({brief(prev_w)}x{brief(prev_h)}) in one side and no smaller in the other"
                 )

@@ -176,7 +176,7 @@ def test_stage_checks_at_their_edges():
         check_highres_inputs([(64, 64), (128, 128)], [torch.tensor(True)])
     with pytest.raises(ValueError, match=r"strength of stage 1 must be in \(0, 1\], got array\('0.5'"):
         check_highres_inputs([(64, 64), (128, 128)], [np.array("0.5")])
-    for bad, shown in [(math.inf, "inf"), (10**5000, "an int too large for a float"), (Fraction(1, 10**400), "Fr")]:
+    for bad, shown in [(math.inf, "inf"), (10**5000, "<an int of 16610 bits>"), (Fraction(1, 10**400), "Fr")]:
         with pytest.raises(ValueError, match=f"ntk_factor must be > 0 and finite, got {shown}"):  # 0.0 as a float
             check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=bad)
     check_highres_inputs([(48, 48), (128, 128)], [0.5], down_factor=4)  # a full-attention base stage: 16 px
@@ -188,6 +188,13 @@ def test_stage_checks_at_their_edges():
         check_highres_inputs([(64, 64), (48, 128)], [0.5])
     with pytest.raises(ValueError, match=r"stage 0 size 0x64 must be positive multiples of 16"):
         check_highres_inputs([(0, 64)], [])
+    huge = 10**5000  # more digits than Python prints: named by its size
+    with pytest.raises(ValueError, match=r"stage 1 size <an int of 16610 bits>x64 must be positive multiples of 16"):
+        check_highres_inputs([(64, 64), (huge + 8, 64)], [0.5])
+    with pytest.raises(
+        ValueError, match=r"increase: stage 1 \(64x<an int of 16614 bits>\) is not larger than stage 0 "
+    ):
+        check_highres_inputs([(128, 64), (64, 16 * huge)], [0.5])
     with pytest.raises(ValueError, match=r"ntk_factor must be > 0 and finite, got 0"):
         check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=0)
 
@@ -266,7 +273,14 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64)], seed=1.5), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\], got 1.5"),
         (dict(stages=[(64, 64)], seed=-(2**63) - 1), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\]"),
         (dict(stages=[(64, 64)], seed=10**400), r"seed must be a whole number in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (
+            dict(stages=[(64, 64)], seed=-(10**5000)),
+            r"2\*\*64 - 1\], got <a negative int of 16610 bits>$",
+        ),  # unprintable
         (dict(stages=[(10**400, 64)]), r"stages must be \(width, height\) pairs"),  # past float's range
+        (dict(stages=[(10**5000, 64)]), r"pairs or a 'WxH,WxH' string, got \[\(<an int of 16610 bits>, 64\)\]$"),
+        (dict(stages=[(64, 64), (128, 128)], strength=10**5000), r"\(0, 1\], got <an int of 16610 bits>$"),
+        (dict(stages=[(64, 64), (128, 128)], time_shift=10**5000), r"dynamic shift\), got <an int of 16610 bits>$"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
@@ -364,6 +378,8 @@ def test_parse_stages():
     assert parse_stages("1024x768, 2048X1536") == [(1024, 768), (2048, 1536)]
     with pytest.raises(ValueError, match=r"'1024' is not WIDTHxHEIGHT"):
         parse_stages("1024")
+    with pytest.raises(ValueError, match=r"^stage size '1+\.\.\.1+x64' is not WIDTHxHEIGHT"):
+        parse_stages("64x64," + "1" * 5000 + "x64")  # more digits than int() reads, shortened in the message
 
 
 def test_cli_writes_final_and_stage_pngs(tiny_pipeline_path, tmp_path):
@@ -571,3 +587,5 @@ def test_zero_steps_is_a_clear_error(pipe, steps):
 def test_a_step_count_past_floats_range_is_a_clear_error(pipe):
     with pytest.raises(ValueError, match=r"num_inference_steps must be whole numbers >= 1 for every stage"):
         pipe(prompt="a red circle", num_inference_steps=10**400, stages=STAGES)
+    with pytest.raises(ValueError, match=r"for every stage, got <an int of 16610 bits>$"):  # more digits than print
+        pipe(prompt="a red circle", num_inference_steps=10**5000, stages=STAGES)
