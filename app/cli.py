@@ -52,8 +52,8 @@ def _finite(text: str) -> float:
 SEED_LIMIT = 2**63
 
 
-def _seed(text: str) -> int:
-    """argparse type of ``--seed``: a whole number in ``[0, SEED_LIMIT)``."""
+def seed_arg(text: str) -> int:
+    """argparse type of ``--seed`` (here and in the benchmarks): a whole number in ``[0, SEED_LIMIT)``."""
     try:
         value = int(text)
     except ValueError:
@@ -138,7 +138,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
     p.add_argument("--guidance", type=_finite, default=3.5, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed (default: 0)")
     p.add_argument("--window", type=int, help="CLEAR window radius in tokens (e.g. 8, 16, 32); default: full attention")
     p.add_argument(
         "--down", type=int, help="CLEAR down factor d: adds (h/d)*(w/d) pooled keys (needs --window or --weights)"
@@ -489,7 +489,7 @@ def _highres_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps per stage (default: 4 tiny, 28 else)")
     p.add_argument("--guidance", type=_finite, default=3.5, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
-    p.add_argument("--seed", type=_seed, default=0, help="random seed; stage i uses seed + i (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed; stage i uses seed + i (default: 0)")
     p.add_argument("--save-stages", action="store_true", help="also write every earlier stage as OUT-stage{i}.png")
     p.add_argument("--out", default="clear-dit-highres.png", help="output PNG (default: clear-dit-highres.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -602,7 +602,7 @@ def _make_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 tiny, 28 else)")
     p.add_argument("--guidance", type=_finite, help="guidance scale (default: 3.5)")
     _true_cfg_arguments(p)
-    p.add_argument("--seed", type=_seed, help="image i uses seed SEED + i (default: 0)")
+    p.add_argument("--seed", type=seed_arg, help="image i uses seed SEED + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default: 1)")
     p.add_argument(
         "--max-sequence-length",
@@ -750,7 +750,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-validation-images", dest="validation_images", action="store_false", help="log the gap only, no grid"
     )
-    p.add_argument("--seed", type=_seed, default=0, help="default: 0")
+    p.add_argument("--seed", type=seed_arg, default=0, help="default: 0")
     p.add_argument(
         "--resume", help="'latest' or a checkpoint folder: continue a run in --out ('latest' without one: a new run)"
     )

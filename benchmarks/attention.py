@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 import torch
 import torch.nn.functional as F
 
+from app.cli import seed_arg
 from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
 from benchmarks._results import run_meta, write_results
 from benchmarks._timing import interleaved_medians
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no new round of a row after its rounds took this many seconds",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--json", type=json_path, help="write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)

@@ -54,6 +54,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 import clear_dit
+from app.cli import seed_arg
 from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
 from benchmarks._results import run_meta, write_results
 from benchmarks._timing import interleaved_medians
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cores; one round there is too few, single runs of its CLEAR blocks have been 1.2 s off)",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--json", type=json_path, help="write the rows to this JSON file (after each size)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     p.add_argument("--report", type=Path, help="print the Markdown tables of a result JSON (as in the README), no run")

@@ -114,6 +114,13 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     kind = index.get("_class_name", "pipeline")
     if transformer != "FluxTransformer2DModel":
         raise ValueError(f"{model!r} is a {kind} with a {transformer}; this runs {SUPPORTED}")
+    # a partial copy or download: diffusers would name the pipeline folder, not the component it lacks
+    missing = [name for name, entry in index.items() if _is_component(entry) and not (folder / name).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
+            f"which {'has' if len(missing) == 1 else 'have'} no folder there"
+        )
     pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
     channels, latents = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
     if channels != 4 * latents:  # FLUX Control (128) and Fill (384) also take their conditions as channels
@@ -122,6 +129,12 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
             f"channels; this runs {SUPPORTED}"
         )
     return pipe
+
+
+def _is_component(entry: object) -> bool:
+    """A ``model_index.json`` entry of a component saved in its own folder: ``[library, class]``, not ``[null, null]``
+    (an optional component left out) and not a ``_``-prefixed setting."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
 
 
 def default_max_sequence_length(pipe) -> int:

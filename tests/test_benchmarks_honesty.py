@@ -280,3 +280,57 @@ def test_peak_extra_bytes_follows_allocation_order():
 
     extra, _ = peak_extra_bytes(fn)
     assert extra == 4 * (1 << 16)  # one temporary, not the sum of all allocations
+
+
+def _recording_medians(record):
+    from benchmarks._timing import Medians
+
+    def medians(fns, repeats, warmup=1, budget_s=float("inf")):
+        record.update(budget_s=budget_s, threads=torch.get_num_threads(), outputs={n: fn() for n, fn in fns.items()})
+        result = Medians({name: 0.001 for name in fns})
+        result.rounds = 1
+        return result
+
+    return medians
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_attention_honours_threads_budget_batch_and_dense_max_seq(monkeypatch, keep_threads):
+    import benchmarks.attention as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "interleaved_medians", _recording_medians(seen))
+    torch.set_num_threads(2)
+    argv = "--smoke --rows 8:2 --backends tiled dense --threads 1 --budget 7 --batch 2 --dense-max-seq 50".split()
+    (row,) = bench.run(bench.parse_args(argv))
+    assert seen["threads"] == 1 and seen["budget_s"] == 7.0
+    assert row["qkv_bytes"] == 3 * 2 * row["seq"] * 2 * 16 * 4  # batch 2 x seq x heads 2 x head_dim 16, fp32
+    assert seen["outputs"]["tiled"].shape[0] == 2
+    assert row["seq"] == 80 and "dense" in row["skipped"] and "dense" not in row["backends"]  # 80 > 50
+
+
+def test_transformer_honours_threads_and_budget(monkeypatch, keep_threads):
+    import benchmarks.transformer as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "interleaved_medians", _recording_medians(seen))
+    monkeypatch.setattr(bench, "BLOCKS", ("single",))
+    torch.set_num_threads(2)
+    argv = "--sizes 128 --radii 2 --text-len 8 --heads 2 --head-dim 16 --threads 1 --budget 7".split()
+    bench.run(bench.parse_args(argv))
+    assert seen["threads"] == 1 and seen["budget_s"] == 7.0
+
+
+def test_transformer_report_of_a_json_list_is_a_one_line_error(tmp_path, capsys):
+    from benchmarks.transformer import main
+
+    other = tmp_path / "list.json"
+    other.write_text("[1]")
+    assert main(["--report", str(other)]) == 2
+    assert capsys.readouterr().err == f"error: --report: {other} is not a result JSON of benchmarks/transformer.py\n"

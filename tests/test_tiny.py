@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +254,27 @@ def test_load_pipeline_errors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"model.safetensors' is a file, not a diffusers pipeline folder"):
         load_pipeline(str(tmp_path / "model.safetensors"))
+    (tmp_path / "list" / "model_index.json").parent.mkdir()
+    (tmp_path / "list" / "model_index.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"list': its model_index.json names no transformer class"):
+        load_pipeline(str(tmp_path / "list"))
+
+
+def test_an_incomplete_pipeline_folder_names_what_it_lacks(tiny_pipeline_path, tmp_path, capsys):
+    """diffusers' own error named the pipeline folder ("no file named config.json found in directory ...")."""
+    from app.cli import main
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_pipeline_path, partial)
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(ValueError, match=r"incomplete pipeline folder: its model_index.json lists vae, which has no"):
+        load_pipeline(str(partial))
+    shutil.rmtree(partial / "scheduler")
+    args = ["generate", "--prompt", "x", "--model", str(partial), "--out", str(tmp_path / "x.png")]
+    assert main(args) == 1
+    assert capsys.readouterr().err.endswith("lists scheduler, vae, which have no folder there\n")
+    # optional components left out ([null, null] in model_index.json) are no folders in a complete one
+    assert load_pipeline(str(tiny_pipeline_path)).image_encoder is None
 
 
 def test_files_name_a_model_folder_by_its_name_not_its_path(tmp_path):
@@ -310,3 +333,41 @@ def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tm
     assert main([*args, "--height", "32", "--width", "32", "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "takes 128 input channels" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_a_group_writable_umask_gives_a_group_writable_cache(tiny_pipeline_path, tmp_path, monkeypatch):
+    import os
+    import shutil
+    from pathlib import Path
+
+    from pipelines import tiny
+
+    class Copy:
+        def save_pretrained(self, folder):
+            for src in sorted(tiny_pipeline_path.rglob("*")):  # folders and files as new ones (the umask's modes)
+                dst = Path(folder) / src.relative_to(tiny_pipeline_path)
+                dst.mkdir(exist_ok=True) if src.is_dir() else shutil.copyfile(src, dst)
+            for weights in Path(folder).rglob("*.safetensors"):
+                weights.chmod(0o600)  # as safetensors writes them
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Copy())[1])
+    umask = os.umask(0o002)
+    try:
+        folder = tiny.tiny_pipeline_path(tmp_path)
+    finally:
+        os.umask(umask)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o664
+
+
+def test_the_t5_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Within one process every build agrees; the trainer's float sums and hash-map order vary between processes."""
+    import os
+
+    code = "import sys, pathlib, pipelines.tiny as t; t.train_t5_tokenizer(pathlib.Path(sys.argv[1]))"
+    files = []
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env, check=True, capture_output=True)
+        files.append((tmp_path / seed / "tokenizer.json").read_bytes())
+    assert files[0] == files[1] == files[2]

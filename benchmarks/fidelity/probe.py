@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.cli import seed_arg
 from benchmarks._args import json_path
 from benchmarks.fidelity.checker import SceneCheck, check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes
@@ -301,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, help="sampling steps of the swap (default: the teacher's evaluation)")
     parser.add_argument("--cfg-scale", type=float, help="true CFG of the swap (default: the teacher's evaluation)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--json", type=json_path, help="write the results here")
     return parser.parse_args(argv)
 

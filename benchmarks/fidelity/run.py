@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 import clear_dit
+from app.cli import seed_arg
 from benchmarks.fidelity import train_teacher
 from benchmarks.fidelity.checker import check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes, image_grid
@@ -489,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> ProtocolConfig:
     )
     parser.add_argument("--eval-steps", type=int, help=f"default {defaults.eval_steps}")
     parser.add_argument("--cfg-scale", type=float, help="true CFG scale of all sampling (default: the teacher's)")
-    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--seed", type=seed_arg, help=f"default {defaults.seed}")
     parser.add_argument("--scales", type=int, nargs="+", choices=(1, 2, 4), help="default 1 2 4")
     parser.add_argument("--variants", nargs="+", help=f"default {' '.join(defaults.variants)}")
     parser.add_argument("--highres-variants", nargs="+", help="the variants also evaluated at 2x/4x (default: all)")
