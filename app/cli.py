@@ -196,6 +196,7 @@ def _validate_generate(args: argparse.Namespace) -> None:
 
     model_source(args.model)  # a missing folder fails here, before the slow imports
     _check_png_out(args.out, args.overwrite)
+    down = args.down
     if args.weights is not None and Path(args.weights).expanduser().is_file() and args.down is None:
         from clear_dit.weights import read_weights_config
 
@@ -210,6 +211,13 @@ def _validate_generate(args: argparse.Namespace) -> None:
                     f"--{name} must be a multiple of {multiple} ({LATENT_PATCH} x the down factor {down} of "
                     f"{args.weights}), got {getattr(args, name)}"
                 )
+    if args.parallel:  # every rank loads the model first (minutes for FLUX): a split that cannot be made fails now
+        from pipelines.parallel import split_rows
+
+        try:
+            split_rows(args.height // LATENT_PATCH, int(os.environ["WORLD_SIZE"]), down or 1)
+        except ValueError as err:
+            raise CLIError(f"--parallel: {err}") from None
 
 
 def _check_png_out(out: str, overwrite: bool) -> Path:

@@ -30,7 +30,8 @@ HEIGHT, WIDTH = 128, 96  # 8 x 6 tokens
 TEXT = 16  # T5 tokens of the runs with text
 #: (ranks, window, down, text tokens, backend, variant); r = 4 on 3 ranks (bands 3/3/2, or 4/2/2 rows for d = 2)
 #: makes the last band take halo rows from two ranks up. Variants: "student" (trained-like, non-uniform pooling
-#: weights, with proportional attention), "sharp" (queries scaled up: log-sum-exps far from 0 in the text merge).
+#: weights, with proportional attention), "sharp" (queries scaled up: log-sum-exps far from 0 in the text merge),
+#: "two-images" (num_images_per_prompt=2: a batch of 2 through the halo exchange and the gathers).
 CONFIGS = [
     (2, 3, 1, TEXT, "auto", ""),
     (2, 3, 2, 0, "tiled", ""),
@@ -42,6 +43,7 @@ CONFIGS = [
     (3, 4, 2, TEXT, "dense", ""),
     (3, 4, 2, TEXT, "auto", "student"),
     (2, 3, 1, TEXT, "auto", "sharp"),
+    (3, 4, 1, TEXT, "tiled", "two-images"),
 ]
 
 
@@ -64,8 +66,9 @@ def _pipe(path: str, window: int, down: int, backend: str = "auto", variant: str
     return pipe
 
 
-def _call(text: int, seed: int = 0, height: int = HEIGHT) -> dict:
+def _call(text: int, seed: int = 0, height: int = HEIGHT, variant: str = "") -> dict:
     kwargs = dict(
+        num_images_per_prompt=2 if variant == "two-images" else 1,
         height=height,
         width=WIDTH,
         num_inference_steps=2,
@@ -109,7 +112,7 @@ def equivalence_worker(path: str) -> dict:
             group_ranks.append(None)
             continue
         pipe = _pipe(path, window, down, backend, variant)
-        out = run_parallel_pipeline(pipe, group=pair if n == 2 else None, **_call(text))
+        out = run_parallel_pipeline(pipe, group=pair if n == 2 else None, **_call(text, variant=variant))
         latents.append(out.latents)
         traffic.append(out.traffic_per_step)
         group_ranks.append(out.rank)
@@ -214,7 +217,7 @@ def equivalence(tiny_pipeline_path):
                                                            for n, r, d, t, b, v in CONFIGS])  # fmt: skip
 def test_parallel_latents_equal_single_process(equivalence, tiny_pipeline_path, index):
     n, window, down, text, backend, variant = CONFIGS[index]
-    expected = _pipe(str(tiny_pipeline_path), window, down, backend, variant)(**_call(text)).images
+    expected = _pipe(str(tiny_pipeline_path), window, down, backend, variant)(**_call(text, variant=variant)).images
     for group_rank, rank in enumerate(_members(n)):
         assert equivalence[rank]["group_ranks"][index] == group_rank
         latents = equivalence[rank]["latents"][index]
@@ -462,6 +465,16 @@ def test_cli_parallel_torchrun(tiny_pipe, tmp_path):
         (["--window", "3"], {}, "--parallel needs a distributed launch"),
         (["--window", "3"], {"RANK": "0", "WORLD_SIZE": "1"}, "--parallel needs a distributed launch"),  # no master
         ([], {"RANK": "0", "WORLD_SIZE": "1"}, "--parallel runs CLEAR attention"),
+        (  # refused before the model loads on every rank
+            ["--window", "3", "--height", "32"],
+            {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "HF_HUB_OFFLINE": "1"},
+            "error: --parallel: cannot split 2 token rows into 3 bands of a multiple of 1 row(s) each: use at most 2",
+        ),
+        (
+            ["--window", "3", "--down", "2", "--height", "64"],
+            {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+            "error: --parallel: cannot split 4 token rows into 3 bands of a multiple of 2 row(s) each",
+        ),
     ],
 )
 def test_cli_parallel_errors(tmp_path, extra, env, message):
@@ -541,3 +554,33 @@ def test_one_rank_run_in_process_restores_the_model(tiny_pipe):
     assert not any(isinstance(p, ParallelCLEARFluxAttnProcessor) for p in processors)
     assert clear_dit.patch_handle(tiny_pipe) is not None
     assert out.traffic_per_step[0]["halo"] == 0 and out.traffic_per_step[0]["output"] == 0
+
+
+def test_band_plan_halo_is_exactly_the_window_reach_for_every_split():
+    """Every rank gets exactly the rows within the reach of its band, each from one holder, no empty transfer:
+    r = 1 (no halo), windows as tall as the image, more ranks than halo rows."""
+    from clear_dit.bands import window_reach
+
+    for h in range(1, 10):
+        for n in range(1, h + 1):
+            for r in range(1, 12):
+                plan = BandPlan((h, 3), n, r)
+                reach = window_reach(r)
+                for rank, (a, b) in enumerate(plan.bands):
+                    lo, hi = plan.halo(rank)
+                    assert (lo, hi) == (max(0, a - reach), min(h, b + reach)), (h, n, r, rank)
+                    got = [(t.start, t.stop) for t in plan.transfers if t.dst == rank]
+                    assert all(start < stop for start, stop in got), (h, n, r, rank, got)
+                    rows = sorted([y for s, e in got for y in range(s, e)] + list(range(a, b)))
+                    assert rows == list(range(lo, hi)), (h, n, r, rank)
+
+
+def test_the_layout_report_states_the_busiest_rank():
+    """With 3 ranks the middle one sends its halo both ways: the report's figures are its, and the tallest band's."""
+    from benchmarks.parallel import layout_rows, parse_args
+
+    (row,) = layout_rows(parse_args("--sizes 2048 --ranks 3 --window 16".split()))
+    kv_row = 128 * 24 * 128 * 2 * 2  # a token row's keys and values: 128 tokens x 24 heads x 128 x (k, v) x bf16
+    assert row["band_rows"] == 43 and row["halo_rows"] == 15  # 128 rows in bands of 43, 43, 42
+    assert row["halo_mb"] == pytest.approx(2 * 15 * kv_row / 1e6)  # up and down
+    assert row["halo_scheme_mb"] == pytest.approx(row["halo_mb"] + row["text_mb"] + row["pooled_mb"])
