@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -484,6 +485,8 @@ def _as_float(name: str, value: Any) -> float:
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):  # as it is: a float holds 53 bits, seeds take 63
         return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,40}\s*", value):  # an API client's "123": not via float
+        return int(value)
     number = _as_float(name, value)
     if number != int(number):
         raise ValueError(f"{name} must be a whole number, got {value}")
@@ -502,6 +505,7 @@ def weights_config(path: str | None) -> tuple[int | None, int | None]:
     """``(window_size, down_factor)`` a weights file declares (metadata of a local file, else its name)."""
     if not path or path == NO_WEIGHTS:
         return None, None
+    path = os.path.expanduser(path)  # as the library reads it: ~ is the home folder
     if Path(path).is_file():
         with contextlib.suppress(ValueError):  # an unreadable file gets its readable error when it is loaded
             return read_weights_config(path)
@@ -547,7 +551,7 @@ class Callbacks:
             attention=str(attention).lower(),
             window_size=_as_int("window radius", window_size),
             down_factor=_as_int("down factor", down_factor),
-            weights=None if not weights or weights == NO_WEIGHTS else str(weights),
+            weights=None if not weights or weights == NO_WEIGHTS else os.path.expanduser(str(weights)),
             upscale=upscale or "",
             strength=_as_float("strength", strength),
         )

@@ -1316,3 +1316,17 @@ def test_a_kill_while_run_json_or_a_log_is_rewritten_leaves_it_whole(tmp_path, d
         with pytest.raises(KeyboardInterrupt):
             train(config(tmp_path, data_dir, **{**settings, "max_steps": 3}, resume="latest"))
     assert path.read_text() == before and not list(path.parent.glob(f".{name}.*"))
+
+
+def test_torchrun_reports_a_signalled_process_as_exit_code_1(monkeypatch):
+    import torch.distributed.run as run_mod
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=-9, error_file="/nonexistent")
+
+    def failing(args):
+        raise ChildFailedError("x", {0: failure})
+
+    monkeypatch.setattr(run_mod, "run", failing)
+    monkeypatch.setattr(run_mod, "parse_args", lambda argv: argv)
+    assert launch.torchrun(["x"]) == 1

@@ -502,11 +502,33 @@ def test_a_run_cancelled_while_it_waits_makes_no_step(engine, monkeypatch):
     assert _cancelled_while_waiting(engine, "queued") == ["cancelled"] and calls == []
 
 
-@pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 100])
+@pytest.mark.parametrize("seed", [2**53 + 1, 2**63 - 100, str(2**53 + 1)])
 def test_large_seeds_are_used_exactly(cb, seed):
-    """Seeds went through a float (53 bits): 2**53 + 1 became another seed, 2**63 - 100 was refused."""
+    """Seeds went through a float (53 bits): 2**53 + 1 became another seed, 2**63 - 100 was refused; an API client
+    may send the number as a string (gr.Number passes it on as it is)."""
     path, summary, *_ = cb.generate(*values(seed=seed), request=session("seeds"))
-    assert json.loads(read_png(path).text["clear-dit"])["seed"] == seed and f"seed {seed}" in summary
+    assert json.loads(read_png(path).text["clear-dit"])["seed"] == int(seed) and f"seed {seed}" in summary
+
+
+def test_a_weights_path_under_home_is_read_as_the_library_reads_it(cb, tmp_path, monkeypatch):
+    """``~/student.safetensors`` loaded (the library expands ~) but its radius was not read from it, and a rewrite of
+    the file was not seen (the file checks took ~ literally)."""
+    from app.web import weights_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    student = _weights_file(tmp_path, window=3).rename(tmp_path / "student.safetensors")
+    assert weights_config("~/student.safetensors") == (3, 1)  # from the metadata: the name says nothing
+    assert Callbacks.weights_selected("~/student.safetensors", 16, "1") == (3, "1")
+    home, *_ = cb.generate(*values(weights="~/student.safetensors", window_size=3))
+    plain, *_ = cb.generate(*values(weights=str(student), window_size=3))
+    assert np.array_equal(np.asarray(read_png(home)), np.asarray(read_png(plain)))
+    with safe_open(str(student), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(student)
+    name = next(k for k in tensors if k.endswith("to_k.weight"))
+    save_file({**tensors, name: tensors[name] * 2}, str(student), metadata=metadata)  # rewritten after training on
+    again, *_ = cb.generate(*values(weights="~/student.safetensors", window_size=3))
+    assert not np.array_equal(np.asarray(read_png(again)), np.asarray(read_png(home)))
 
 
 def test_rewritten_weights_file_is_loaded_again(cb, engine, tmp_path):
@@ -870,3 +892,47 @@ def test_compare_times_each_side_after_an_untimed_one_step_warm_up(cb, engine, m
     monkeypatch.setattr(type(engine.pipe), "__call__", recording)
     *_, summary, _, _ = cb.compare(*values(steps=2))
     assert calls == [1, 2, 1, 2] and "each after an untimed 1-step warm-up" in summary
+
+
+def test_compare_clear_half_is_a_plain_clear_run_with_the_same_seed(cb):
+    """'same seed' is the point of Compare: the CLEAR image must be what Generate gives with that seed."""
+    _, clear, *_ = cb.compare(*values(seed=11))
+    plain, *_ = cb.generate(*values(seed=11, attention="clear"))
+    assert json.loads(read_png(clear).text["clear-dit"])["seed"] == 11
+    assert np.array_equal(np.asarray(read_png(plain)), np.asarray(read_png(clear)))
+
+
+def test_compare_summary_psnr_is_that_of_the_two_images(cb):
+    full, clear, *_, summary, _, _ = cb.compare(*values(height=128))
+    a, b = (np.asarray(read_png(p).convert("RGB"), np.float64) for p in (full, clear))
+    mse = ((a - b) ** 2).mean()
+    assert mse > 0 and f"PSNR {10 * np.log10(255.0**2 / mse):.1f} dB" in summary
+
+
+def test_compare_warm_up_is_timed_on_neither_side(cb, engine, monkeypatch):
+    """A slow first call (kernel compilation) must not land in one side's seconds."""
+    clock, skipped, call = time.perf_counter, [0.0], type(engine.pipe).__call__
+
+    def slow_warm_up(pipe, *args, **kwargs):
+        if kwargs["num_inference_steps"] == 1:
+            skipped[0] += 1000.0
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.pipe), "__call__", slow_warm_up)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + skipped[0])
+    full, clear, *_ = cb.compare(*values(steps=2))
+    seconds = [json.loads(read_png(p).text["clear-dit"])["seconds"] for p in (full, clear)]
+    assert skipped[0] == 2000.0 and max(seconds) < 1000.0
+
+
+def test_generate_and_compare_share_one_queue_slot(engine):
+    """One generation at a time in gradio's queue too: else every waiting job shows as running, with no position."""
+    demo = build_demo(engine=engine)
+    fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("generate", "compare")}
+    assert {fn.concurrency_limit for fn in fns.values()} == {1}
+    assert fns["generate"].concurrency_id == fns["compare"].concurrency_id
+
+
+def test_attention_is_taken_in_any_case(cb):
+    path, summary, *_ = cb.generate(*values(attention="Full"))
+    assert json.loads(read_png(path).text["clear-dit"])["attention"] == "full" and "full attention" in summary
