@@ -28,9 +28,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_target(path: str | os.PathLike) -> Path:
-    """The file that writing ``path`` replaces: ``path`` itself (``~`` expanded), or the target of a symbolic link."""
+    """The file that writing ``path`` replaces: ``path`` itself (``~`` expanded), or the target of a symbolic link;
+    ``ValueError`` for links that lead back to themselves."""
     path = Path(path).expanduser()
-    return path.resolve() if path.is_symlink() else path
+    try:
+        return path.resolve(strict=False) if path.is_symlink() else path
+    except (RuntimeError, OSError) as err:  # a loop: RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise ValueError(f"{path} is a link that never reaches a file ({err})") from None
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -73,8 +73,8 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
     Raises:
         FileNotFoundError: ``model`` names a local folder that does not exist.
         ValueError: the folder is not a diffusers pipeline, or not a FLUX.1 text-to-image one (SD3, FLUX
-            Control and Fill pipelines are patched from Python: :func:`clear_dit.patch`), or the hub id cannot be
-            fetched (offline, unknown, gated without a token).
+            Control and Fill pipelines are patched from Python: :func:`clear_dit.patch`), or lacks a component's
+            folder (a partial copy), or the hub id cannot be fetched (offline, unknown, gated without a token).
     """
     source = model_source(model)
     from diffusers import FluxPipeline
@@ -114,14 +114,16 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     kind = index.get("_class_name", "pipeline")
     if transformer != "FluxTransformer2DModel":
         raise ValueError(f"{model!r} is a {kind} with a {transformer}; this runs {SUPPORTED}")
-    # a partial copy or download: diffusers would name the pipeline folder, not the component it lacks
-    missing = [name for name, entry in index.items() if _is_component(entry) and not (folder / name).is_dir()]
-    if missing:
+    try:
+        pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+    except OSError as err:  # a partial copy or download: diffusers names the pipeline folder, not what it lacks
+        missing = [name for name, entry in index.items() if _is_component(entry) and not (folder / name).is_dir()]
+        if not missing:
+            raise
         raise ValueError(
             f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
             f"which {'has' if len(missing) == 1 else 'have'} no folder there"
-        )
-    pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+        ) from err
     channels, latents = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
     if channels != 4 * latents:  # FLUX Control (128) and Fill (384) also take their conditions as channels
         raise ValueError(

@@ -645,3 +645,75 @@ def test_flex_block_with_a_single_masked_entry_is_partial() -> None:
     got = flex._block_mask.__wrapped__(layout, torch.device("cpu"))
     for name in ("full_kv_num_blocks", "kv_num_blocks"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        CLEARLayout((8, 8), 5, 3, 2, "first", (4, 6)),
+        CLEARLayout((5, 9), 2, 2, 1, "first", (7, 3)),
+        CLEARLayout((6, 6), 0, 4, 3, "last", (3, 9)),
+    ],
+)
+def test_attention_density_counts_dense_mask_with_a_reference_grid(layout):
+    """Target-reference pairs count (FLUX Kontext), in either text position."""
+    count = dense_mask(layout).sum().item() / layout.q_len**2
+    got = attention_density(layout.grid, layout.text_len, layout.window_size, layout.down_factor, layout.reference_grid)
+    assert got == pytest.approx(count, abs=1e-12)
+
+
+def test_auto_on_cuda_under_the_triton_interpreter_is_tiled(monkeypatch):
+    """The interpreter runs the kernel ~1000x slower: a fast check of what tests/test_triton.py finds in minutes."""
+    import clear_dit.backends as backends_module
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(backends_module, "TRITON_INTERPRETED", True)
+    monkeypatch.setattr(backends_module._TRITON, "unavailable_reason", lambda device, dtype: None)
+    assert auto_backend_name(CLEARLayout((64, 64), 512, 16), torch.device("cuda"), torch.float16, 128) == "tiled"
+
+
+@pytest.mark.parametrize("family", ["intel", "amd"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        CLEARLayout((48, 48), 512, 16),
+        CLEARLayout((64, 64), 512, 16),
+        CLEARLayout((52, 52), 512, 16),
+        CLEARLayout((46, 46), 0, 16),
+    ],
+)
+def test_auto_treats_float16_like_bfloat16_on_cpu(monkeypatch, family, layout):
+    """Both are costed with the reduced-precision rows (tile_shape); near the break-even a float16 costed as float32
+    would flip the choice."""
+    monkeypatch.setattr(tiled, "CPU_FAMILY", family)
+    cpu = torch.device("cpu")
+    assert auto_backend_name(layout, cpu, torch.float16) == auto_backend_name(layout, cpu, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        CLEARLayout((7, 5), 3, 2, 1, "last"),
+        CLEARLayout((8, 8), 5, 3, 2, "first", (4, 6)),
+        CLEARLayout((6, 6), 0, 4, 3, "last", (3, 9)),
+    ],
+)
+def test_flex_equals_dense_on_text_last_and_kontext_layouts(layout):
+    """Through clear_attention, so that the block mask's cache key is the one the backend builds (a key without the
+    text position or the reference grid would serve another layout's mask)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, layout.q_len, 2, 8, generator=gen) for _ in range(3))
+    kw = dict(
+        grid=layout.grid,
+        text_len=layout.text_len,
+        window_size=layout.window_size,
+        down_factor=layout.down_factor,
+        text_position=layout.text_position,
+        reference_grid=layout.reference_grid,
+    )
+    torch.testing.assert_close(
+        clear_attention(q, k, v, backend="flex", **kw),
+        clear_attention(q, k, v, backend="dense", **kw),
+        atol=1e-5,
+        rtol=1e-5,
+    )

@@ -264,6 +264,12 @@ def test_a_json_path_is_probed_without_harm_and_written_whole_through_links(tmp_
     (tmp_path / "link.json").symlink_to(tmp_path / "gone" / "x.json")
     with pytest.raises(argparse.ArgumentTypeError, match="link.json is a link to .*x.json, whose folder does not"):
         json_path(str(tmp_path / "link.json"))
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    with pytest.raises(argparse.ArgumentTypeError, match="loop.json is a link that never reaches a file"):
+        json_path(str(tmp_path / "loop.json"))
+    (tmp_path / "loop.json").unlink()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert json_path("~/new.json") == tmp_path / "new.json"  # the home folder, not a folder named ~
     (tmp_path / "gone").mkdir()  # a link to a file yet to be written is written through
     target = json_path(str(tmp_path / "link.json"))
     assert target == tmp_path / "gone" / "x.json"

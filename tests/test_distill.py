@@ -1330,3 +1330,28 @@ def test_torchrun_reports_a_signalled_process_as_exit_code_1(monkeypatch):
     monkeypatch.setattr(run_mod, "run", failing)
     monkeypatch.setattr(run_mod, "parse_args", lambda argv: argv)
     assert launch.torchrun(["x"]) == 1
+
+
+def test_l_attn_alone_trains_the_student_and_copy_mode_aligns_the_same_layers(tiny_pipeline_path):
+    """L_attn reaches the student's projections (a detached capture logged it but trained nothing), and a copied
+    teacher records the same layers as the student (all of them against a subset failed the alignment)."""
+
+    def fresh() -> FluxTransformer2DModel:
+        return FluxTransformer2DModel.from_pretrained(tiny_pipeline_path, subfolder="transformer").eval()
+
+    for mode in ("shared", "copy"):
+        student = Student(fresh(), window_size=1, teacher=mode, attn_layers=[0])
+        assert student.teacher_capture.names == student.capture.names == ["transformer_blocks.0.attn"]
+        inputs = transformer_inputs(student.transformer, (4, 4), text_len=8)
+        with student.teacher() as teacher, student.teacher_capture.recording() as teacher_attn:
+            velocity = teacher(**inputs)[0]
+        with student.capture.recording() as student_attn:
+            student_velocity = student.transformer(**inputs)[0]
+        losses = distill_losses(
+            student_velocity, velocity, velocity, student_attn, teacher_attn, torch.ones(1),
+            out_weight=0.0, fm_weight=0.0, attn_weight=1.0,
+        )  # fmt: skip
+        assert losses.attn > 0
+        losses.total.backward()
+        q = student.trainable["transformer_blocks.0.attn.to_q.weight"]
+        assert q.grad is not None and q.grad.abs().max() > 0, mode

@@ -856,3 +856,23 @@ def test_a_results_path_that_is_a_file_is_refused_before_any_work(tmp_path, caps
     assert run.main(["--work", str(tmp_path / "work"), "--results", str(report)]) == 2
     assert capsys.readouterr().err == f"error: --results {report}: {report} is a file, not a folder\n"
     assert not (tmp_path / "work").exists() and report.read_text() == "{}"
+
+
+def test_the_probe_writes_its_json_whole(tmp_path, monkeypatch):
+    """A run stopped while writing (a full disk) keeps the results that were there."""
+    from pathlib import Path
+
+    old = tmp_path / "probe.json"
+    old.write_text('{"old": 1}')
+    monkeypatch.setattr(probe, "probe", lambda *a: {"new": 2})
+    monkeypatch.setattr(probe, "format_report", lambda result: "report")
+    write_text = Path.write_text
+
+    def full_disk(path, text):
+        write_text(path, text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        probe.main(["--teacher", str(tmp_path), "--json", str(old)])
+    assert old.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["probe.json"]

@@ -584,3 +584,17 @@ def test_the_layout_report_states_the_busiest_rank():
     assert row["band_rows"] == 43 and row["halo_rows"] == 15  # 128 rows in bands of 43, 43, 42
     assert row["halo_mb"] == pytest.approx(2 * 15 * kv_row / 1e6)  # up and down
     assert row["halo_scheme_mb"] == pytest.approx(row["halo_mb"] + row["text_mb"] + row["pooled_mb"])
+
+
+def test_the_early_split_check_takes_the_weights_files_down_factor(tmp_path, monkeypatch, tiny_pipe):
+    """Without --down the bands are multiples of the file's down factor: 4 rows split over 3 ranks with d = 1, not
+    with d = 2; the run would fail after every rank loaded the model."""
+    from app.cli import CLIError, _validate_generate, build_parser
+
+    with clear_dit.patch(tiny_pipe, window_size=3, down_factor=2):
+        weights = clear_dit.save_weights(tiny_pipe, tmp_path / "student.safetensors")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    argv = ["generate", "--prompt", "x", "--parallel", "--weights", str(weights), "--height", "64", "--width", "64"]
+    with pytest.raises(CLIError, match=r"cannot split 4 token rows into 3 bands of a multiple of 2 row"):
+        _validate_generate(build_parser().parse_args([*argv, "--out", str(tmp_path / "x.png")]))

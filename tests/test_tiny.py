@@ -273,8 +273,16 @@ def test_an_incomplete_pipeline_folder_names_what_it_lacks(tiny_pipeline_path, t
     args = ["generate", "--prompt", "x", "--model", str(partial), "--out", str(tmp_path / "x.png")]
     assert main(args) == 1
     assert capsys.readouterr().err.endswith("lists scheduler, vae, which have no folder there\n")
-    # optional components left out ([null, null] in model_index.json) are no folders in a complete one
-    assert load_pipeline(str(tiny_pipeline_path)).image_encoder is None
+    (partial / "scheduler").write_text("a file where the folder should be")
+    with pytest.raises(ValueError, match=r"lists scheduler, vae, which have no folder there"):
+        load_pipeline(str(partial))
+    # optional components left out ([null, null] in model_index.json) are no folders in a complete one, and an entry
+    # FluxPipeline does not take is no folder diffusers needs (it warns and loads the rest)
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_pipeline_path, extra)
+    index = json.loads((extra / "model_index.json").read_text())
+    (extra / "model_index.json").write_text(json.dumps(index | {"safety_checker": ["diffusers", "Foo"]}))
+    assert load_pipeline(str(extra)).image_encoder is None
 
 
 def test_files_name_a_model_folder_by_its_name_not_its_path(tmp_path):
