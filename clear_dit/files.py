@@ -31,10 +31,15 @@ def write_target(path: str | os.PathLike) -> Path:
     """The file that writing ``path`` replaces: ``path`` itself (``~`` expanded), or the target of a symbolic link;
     ``ValueError`` for links that lead back to themselves."""
     path = Path(path).expanduser()
+    if not path.is_symlink():
+        return path
     try:
-        return path.resolve(strict=False) if path.is_symlink() else path
-    except (RuntimeError, OSError) as err:  # a loop: RuntimeError up to Python 3.12, OSError (ELOOP) after
-        raise ValueError(f"{path} is a link that never reaches a file ({err})") from None
+        target = path.resolve(strict=False)
+    except RuntimeError:  # a loop, up to Python 3.12
+        target = path
+    if target.is_symlink():  # a loop, which Python 3.13 resolves to a link without raising
+        raise ValueError(f"{path} is a link that never reaches a file (a loop)")
+    return target
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -49,7 +54,14 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a link to {target}, whose folder does not exist")
     if target.is_dir():
         raise ValueError(f"{path} is a folder; name a file (in it)")
-    folder = next(parent for parent in target.absolute().parents if parent.exists())
+    for folder in target.absolute().parents:  # the nearest that exists
+        try:
+            folder.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:  # a folder that is a link loop, or that cannot be searched
+            raise ValueError(f"{path}: {folder} cannot be reached ({err.strerror})") from None
     if not folder.is_dir():
         raise ValueError(f"{path}: {folder} is a file, not a folder")
     try:  # the temporary file atomic_write will make there

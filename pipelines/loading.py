@@ -7,6 +7,7 @@ report it without a traceback.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -114,16 +115,17 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     kind = index.get("_class_name", "pipeline")
     if transformer != "FluxTransformer2DModel":
         raise ValueError(f"{model!r} is a {kind} with a {transformer}; this runs {SUPPORTED}")
-    try:
-        pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
-    except OSError as err:  # a partial copy or download: diffusers names the pipeline folder, not what it lacks
-        missing = [name for name, entry in index.items() if _is_component(entry) and not (folder / name).is_dir()]
-        if not missing:
-            raise
+    # a partial copy or download: diffusers names the pipeline folder, not what it lacks, and without a tokenizer
+    # folder transformers makes up an empty tokenizer that runs; entries FluxPipeline does not take it only warns of
+    takes = inspect.signature(FluxPipeline.__init__).parameters
+    missing = [name for name, entry in index.items() if name in takes and _is_component(entry)]
+    missing = [name for name in missing if not (folder / name).is_dir()]
+    if missing:
         raise ValueError(
             f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
             f"which {'has' if len(missing) == 1 else 'have'} no folder there"
-        ) from err
+        )
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
     channels, latents = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
     if channels != 4 * latents:  # FLUX Control (128) and Fill (384) also take their conditions as channels
         raise ValueError(

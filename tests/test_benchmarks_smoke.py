@@ -268,6 +268,10 @@ def test_a_json_path_is_probed_without_harm_and_written_whole_through_links(tmp_
     with pytest.raises(argparse.ArgumentTypeError, match="loop.json is a link that never reaches a file"):
         json_path(str(tmp_path / "loop.json"))
     (tmp_path / "loop.json").unlink()
+    (tmp_path / "ld").symlink_to(tmp_path / "ld")  # a folder that is a loop: refused now, not after the timing
+    with pytest.raises(argparse.ArgumentTypeError, match=r"ld/x.json: .*ld cannot be reached \(Too many levels"):
+        json_path(str(tmp_path / "ld" / "x.json"))
+    (tmp_path / "ld").unlink()
     monkeypatch.setenv("HOME", str(tmp_path))
     assert json_path("~/new.json") == tmp_path / "new.json"  # the home folder, not a folder named ~
     (tmp_path / "gone").mkdir()  # a link to a file yet to be written is written through

@@ -273,6 +273,12 @@ def test_an_incomplete_pipeline_folder_names_what_it_lacks(tiny_pipeline_path, t
     args = ["generate", "--prompt", "x", "--model", str(partial), "--out", str(tmp_path / "x.png")]
     assert main(args) == 1
     assert capsys.readouterr().err.endswith("lists scheduler, vae, which have no folder there\n")
+    for name in ("tokenizer", "tokenizer_2"):  # transformers makes up an empty tokenizer without its folder
+        lacking = tmp_path / name
+        shutil.copytree(tiny_pipeline_path, lacking)
+        shutil.rmtree(lacking / name)
+        with pytest.raises(ValueError, match=rf"lists {name}, which has no folder there"):
+            load_pipeline(str(lacking))
     (partial / "scheduler").write_text("a file where the folder should be")
     with pytest.raises(ValueError, match=r"lists scheduler, vae, which have no folder there"):
         load_pipeline(str(partial))
