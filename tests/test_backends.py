@@ -8,6 +8,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 import torch.nn.functional as F
+from clear_oracle import brute_force_mask
 
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
 from clear_dit.attention import _with_pooled, clear_attention_with_layout
@@ -716,4 +717,54 @@ def test_flex_equals_dense_on_text_last_and_kontext_layouts(layout):
         clear_attention(q, k, v, backend="dense", **kw),
         atol=1e-5,
         rtol=1e-5,
+    )
+
+
+def _pool(x, grid, d, weight):  # x: (batch, h*w, heads, dim), token by token from DESIGN.md 1.1
+    h, w = grid
+    out = []
+    for Y in range(h // d):
+        for X in range(w // d):
+            out.append(sum(weight[i, j] * x[:, (Y * d + i) * w + X * d + j] for i in range(d) for j in range(d)))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize(("grid", "ref"), [((4, 6), (2, 4)), ((2, 4), (6, 4))])
+def test_kontext_pooled_tokens_pool_each_grid_from_its_own_tokens(backend, grid, ref):
+    text_len, r, d = 3, 2, 2
+    n_t, n_r = grid[0] * grid[1], ref[0] * ref[1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, text_len + n_t + n_r, 2, 8, generator=g) for _ in range(3))
+    weight = torch.tensor([[0.7, 0.1], [0.15, 0.05]])
+    out = clear_attention(
+        q,
+        k,
+        v,
+        grid=grid,
+        text_len=text_len,
+        window_size=r,
+        down_factor=d,
+        spatial_weight=weight,
+        reference_grid=ref,
+        backend=backend,
+    )
+    s = text_len
+    kk, vv = (
+        torch.cat([x, _pool(x[:, s : s + n_t], grid, d, weight), _pool(x[:, s + n_t :], ref, d, weight)], dim=1)
+        for x in (k, v)
+    )
+    mask = brute_force_mask(text_len, [grid, ref], r, d)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_default_pooling_weight_is_uniform_mean():
+    grid, text_len, r, d = (4, 4), 2, 2, 2
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, text_len + 16, 2, 8, generator=g) for _ in range(3))
+    kwargs = dict(grid=grid, text_len=text_len, window_size=r, down_factor=d, backend="dense")
+    uniform = torch.full((d, d), 1 / d**2)
+    torch.testing.assert_close(
+        clear_attention(q, k, v, **kwargs), clear_attention(q, k, v, **kwargs, spatial_weight=uniform)
     )

@@ -83,3 +83,22 @@ def test_sd3_proportional_attention_matches_diffusers_under_the_mask(tmp_path, c
     with clear_dit.patch(model, window_size=2, proportional_attention=True):
         out = run(model, inputs)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_processor_installed_without_patch_says_how_to_install_it(tmp_path):
+    model = tiny_flux_transformer(tmp_path / "t")
+    model.set_attn_processor(clear_dit.CLEARFluxAttnProcessor(window_size=2))
+    with pytest.raises(ValueError, match=r"called without `clear_grid`: install it with clear_dit.patch"):
+        run(model, flux_inputs((4, 4)))
+
+
+def test_sd35_qk_norm_under_autocast_runs_like_diffusers(tmp_path):
+    """Under bf16 autocast SD3.5's qk-norm gives fp32 queries/keys beside bf16 values: SDPA takes them in the
+    autocast dtype, CLEAR refused them (every forward failed)."""
+    model = tiny_sd3_transformer(tmp_path / "t", TINY_SD35_CONFIG)
+    inputs = sd3_inputs((4, 4), batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = run(model, inputs)  # diffusers: fp32 q/k (qk-norm) and bf16 v, SDPA casts
+        with clear_dit.patch(model, window_size=8):  # window covers the grid: full attention
+            out = run(model, inputs)
+    torch.testing.assert_close(out.float(), reference.float(), atol=3e-2, rtol=3e-2)
