@@ -31,13 +31,13 @@ def write_target(path: str | os.PathLike) -> Path:
     """The file that writing ``path`` replaces: ``path`` itself (``~`` expanded), or the target of a symbolic link;
     ``ValueError`` for links that lead back to themselves."""
     path = Path(path).expanduser()
-    if not path.is_symlink():
+    if not os.path.islink(path):  # not Path.is_symlink: up to Python 3.12 it raises under an unsearchable folder
         return path
     try:
         target = path.resolve(strict=False)
     except RuntimeError:  # a loop, up to Python 3.12
         target = path
-    if target.is_symlink():  # a loop, which Python 3.13 resolves to a link without raising
+    if os.path.islink(target):  # a loop, which Python 3.13 resolves to a link without raising
         raise ValueError(f"{path} is a link that never reaches a file (a loop)")
     return target
 
@@ -50,9 +50,9 @@ def check_writable(path: str | os.PathLike) -> Path:
     ``path`` as given (callers prefix the option's name).
     """
     target = write_target(path)
-    if Path(path).expanduser().is_symlink() and not target.parent.is_dir():
+    if os.path.islink(Path(path).expanduser()) and not os.path.isdir(target.parent):
         raise ValueError(f"{path} is a link to {target}, whose folder does not exist")
-    if target.is_dir():
+    if os.path.isdir(target):  # False, not PermissionError, under a folder that cannot be searched
         raise ValueError(f"{path} is a folder; name a file (in it)")
     for folder in target.absolute().parents:  # the nearest that exists
         try:
@@ -62,7 +62,7 @@ def check_writable(path: str | os.PathLike) -> Path:
             continue
         except OSError as err:  # a folder that is a link loop, or that cannot be searched
             raise ValueError(f"{path}: {folder} cannot be reached ({err.strerror})") from None
-    if not folder.is_dir():
+    if not os.path.isdir(folder):
         raise ValueError(f"{path}: {folder} is a file, not a folder")
     try:  # the temporary file atomic_write will make there
         tempfile.TemporaryFile(dir=folder).close()

@@ -302,6 +302,19 @@ def test_a_json_path_is_probed_without_harm_and_written_whole_through_links(tmp_
             tmp_path.chmod(0o755)
 
 
+def test_a_json_path_is_checked_without_pathlib_predicates_that_raise(tmp_path, monkeypatch):
+    """Up to Python 3.12 Path.is_symlink/is_dir raise PermissionError under a folder that cannot be searched (a
+    traceback instead of the probe's one-line error; as root here, that is simulated)."""
+    from benchmarks._args import json_path
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_symlink", denied)
+    monkeypatch.setattr(Path, "is_dir", denied)
+    assert json_path(str(tmp_path / "r.json")) == tmp_path / "r.json"
+
+
 def test_distill_benchmark_makes_the_data_again_when_its_work_holds_more_than_asked(tmp_path) -> None:
     """make-data keeps the items of an earlier, larger run in the folder: distill trained on all of them while the
     report stated --num-train."""
