@@ -178,21 +178,22 @@ def test_backend_gradients_equal_dense(backend: str, case) -> None:
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-def _grads(layout: CLEARLayout, inputs, grad_out, backend: str, **kwargs):
-    q, k, v, *weight = inputs
-    out = clear_attention(
-        q,
-        k,
-        v,
+def _layout_kwargs(layout: CLEARLayout) -> dict:
+    """``clear_attention``'s keyword arguments for ``layout``."""
+    return dict(
         grid=layout.grid,
         text_len=layout.text_len,
         window_size=layout.window_size,
         down_factor=layout.down_factor,
         text_position=layout.text_position,
         reference_grid=layout.reference_grid,
-        spatial_weight=weight[0] if weight else None,
-        backend=backend,
     )
+
+
+def _grads(layout: CLEARLayout, inputs, grad_out, backend: str, **kwargs):
+    q, k, v, *weight = inputs
+    out = clear_attention(q, k, v, **_layout_kwargs(layout), spatial_weight=weight[0] if weight else None,
+                          backend=backend)  # fmt: skip
     return out, torch.autograd.grad(out, inputs, grad_out)
 
 
@@ -704,20 +705,11 @@ def test_flex_equals_dense_on_text_last_and_kontext_layouts(layout):
     text position or the reference grid would serve another layout's mask)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, layout.q_len, 2, 8, generator=gen) for _ in range(3))
-    kw = dict(
-        grid=layout.grid,
-        text_len=layout.text_len,
-        window_size=layout.window_size,
-        down_factor=layout.down_factor,
-        text_position=layout.text_position,
-        reference_grid=layout.reference_grid,
-    )
+    kwargs = _layout_kwargs(layout)
     torch.testing.assert_close(
-        clear_attention(q, k, v, backend="flex", **kw),
-        clear_attention(q, k, v, backend="dense", **kw),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+        clear_attention(q, k, v, backend="flex", **kwargs), clear_attention(q, k, v, backend="dense", **kwargs),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
 
 
 def _pool(x, grid, d, weight):  # x: (batch, h*w, heads, dim), token by token from DESIGN.md 1.1
