@@ -136,7 +136,8 @@ def clear_attention(
             its coordinates (FLUX Kontext), or ``None``.
 
     Returns:
-        ``(batch, seq, heads, head_dim)`` in the query's dtype.
+        ``(batch, seq, heads, head_dim)`` in the query's dtype; under ``torch.autocast`` query, key and value are
+        first taken in the autocast dtype, as ``scaled_dot_product_attention`` takes them.
     """
     ref = tuple(reference_grid) if reference_grid is not None else None
     layout = CLEARLayout(tuple(grid), text_len, window_size, down_factor, text_position, ref)
@@ -156,6 +157,9 @@ def clear_attention_with_layout(
     backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`clear_attention` for callers that already hold the :class:`~clear_dit.mask.CLEARLayout`."""
+    if torch.is_autocast_enabled(query.device.type):  # one dtype, as SDPA takes them under autocast: SD3.5's qk-norm
+        dtype = torch.get_autocast_dtype(query.device.type)  # gives fp32 queries and keys beside bf16 values
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     _check_inputs(query, key, value, layout)
     if spatial_weight is not None and layout.down_factor == 1:  # a checkpoint's pooling weight, d forgotten
         raise ValueError("spatial_weight pools keys: it needs down_factor > 1 (the d it was trained with)")

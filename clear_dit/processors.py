@@ -116,9 +116,6 @@ class CLEARAttnProcessor(nn.Module):
             grid, query.shape[1] - n_image, self.window_size, self.down_factor, text_position, reference_grid
         )
         scale = proportional_scale(layout.kv_len, query.shape[-1]) if self.proportional_attention else None
-        if torch.is_autocast_enabled(query.device.type):  # one dtype, as SDPA takes them under autocast: SD3.5's
-            dtype = torch.get_autocast_dtype(query.device.type)  # qk-norm gives fp32 q/k beside a bf16 v
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out = clear_attention_with_layout(
             query, key, value, layout, spatial_weight=self.spatial_weight, scale=scale, backend=self.backend
         )

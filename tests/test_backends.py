@@ -760,3 +760,19 @@ def test_default_pooling_weight_is_uniform_mean():
     torch.testing.assert_close(
         clear_attention(q, k, v, **kwargs), clear_attention(q, k, v, **kwargs, spatial_weight=uniform)
     )
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_under_autocast_mixed_dtypes_are_taken_in_the_autocast_dtype(backend):
+    """As scaled_dot_product_attention takes them (SD3.5's qk-norm gives fp32 queries and keys beside bf16 values);
+    outside autocast mixed dtypes stay an error."""
+    layout = CLEARLayout((4, 6), 3, 2, 2)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, layout.q_len, 2, 8, generator=gen) for _ in range(3))
+    kwargs = _layout_kwargs(layout)
+    expected = clear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend=backend, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = clear_attention(q, k, v.bfloat16(), backend=backend, **kwargs)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    with pytest.raises(ValueError, match="query, key and value must share a dtype"):
+        clear_attention(q, k, v.bfloat16(), backend=backend, **kwargs)
