@@ -115,11 +115,12 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     kind = index.get("_class_name", "pipeline")
     if transformer != "FluxTransformer2DModel":
         raise ValueError(f"{model!r} is a {kind} with a {transformer}; this runs {SUPPORTED}")
-    # a partial copy or download: diffusers names the pipeline folder, not what it lacks, and without a tokenizer
-    # folder transformers makes up an empty tokenizer that runs; entries FluxPipeline does not take it only warns of
+    # a partial copy or download: diffusers' error names the pipeline folder, not what it lacks, and without a
+    # tokenizer folder transformers makes up an empty tokenizer that runs. Only the components FluxPipeline takes:
+    # diffusers warns of other entries and loads the rest.
     takes = inspect.signature(FluxPipeline.__init__).parameters
-    missing = [name for name, entry in index.items() if name in takes and _is_component(entry)]
-    missing = [name for name in missing if not (folder / name).is_dir()]
+    listed = [name for name, entry in index.items() if name in takes and _is_component(entry)]
+    missing = [name for name in listed if not (folder / name).is_dir()]
     if missing:
         raise ValueError(
             f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
