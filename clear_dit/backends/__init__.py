@@ -29,8 +29,17 @@ DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" co
 # `benchmarks/attention.py --rows issue` on the quiet dev CPU (README, attention benchmark): fp32 1.26-1.56,
 # bf16 1.41-1.67 over the five rows. At 64^2 r16, the closest row to break-even, tiled ran at 1.20x (fp32) and
 # 1.38x (bf16) of full SDPA there, so these costs take it (1.05x / 1.36x predicted), while the loaded machine's
-# 0.5-0.8x there would have asked for dense.
-TILED_SCORE_COST = {"float": 1.5, "reduced": 1.6}
+# 0.5-0.8x there would have asked for dense. fp16 pays more: PyTorch's CPU flash kernel runs it slower than bf16
+# on tiles (2048 px r16: 4.1x of full SDPA against bf16's 5.2x), and measured side by side with the dense path
+# (2026-12-07, quiet, medians of 5; tiled / dense as x of full SDPA), r16: 56^2 0.79 / 1.01 (dense scores over
+# tiled's 1.77), 60^2 0.95 / 1.02 (1.90), 64^2 1.01-1.04 / 0.96-1.15 (2.18), 72^2 1.19 / 0.97; r8: 40^2 0.97 / 0.89
+# (1.76), 48^2 1.20 / 1.00 (2.24). bf16's cost took tiled at 56^2 and 60^2.
+TILED_SCORE_COST = {"float": 1.5, "bf16": 1.6, "fp16": 2.0}
+
+
+def _score_cost(dtype: torch.dtype) -> float:
+    """The :data:`TILED_SCORE_COST` entry for ``dtype`` (float32 and float64 share ``"float"``)."""
+    return TILED_SCORE_COST[{torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "float")]
 
 
 def auto_backend_name(
@@ -56,8 +65,7 @@ def auto_backend_name(
         compiled = _TRITON.runs(device, dtype, head_dim) and not TRITON_INTERPRETED  # the interpreter: ~1000x slower
         return "triton" if compiled else "tiled"
     dense_scores = layout.q_len * layout.kv_len
-    cost = TILED_SCORE_COST["reduced" if dtype in (torch.bfloat16, torch.float16) else "float"]
-    if computed_scores(layout, dtype) * cost < dense_scores or dense_scores > DENSE_MAX_SCORES:
+    if computed_scores(layout, dtype) * _score_cost(dtype) < dense_scores or dense_scores > DENSE_MAX_SCORES:
         return "tiled"
     return "dense"
 
