@@ -33,7 +33,7 @@ DENSE_MAX_SCORES = 1 << 26  # above this many mask entries (seq ~8K), "dense" co
 # on tiles (2048 px r16: 4.1x of full SDPA against bf16's 5.2x), and measured side by side with the dense path
 # (2026-12-07, quiet, medians of 5; tiled / dense as x of full SDPA), r16: 56^2 0.79 / 1.01 (dense scores over
 # tiled's 1.77), 60^2 0.95 / 1.02 (1.90), 64^2 1.01-1.04 / 0.96-1.15 (2.18), 72^2 1.19 / 0.97; r8: 40^2 0.97 / 0.89
-# (1.76), 48^2 1.20 / 1.00 (2.24). bf16's cost took tiled at 56^2 and 60^2.
+# (1.76), 48^2 1.20 / 1.00 (2.24). bf16's cost took tiled at 56^2 and 60^2. JSON: benchmarks/results/fp16_breakeven/.
 TILED_SCORE_COST = {"float": 1.5, "bf16": 1.6, "fp16": 2.0}
 
 
