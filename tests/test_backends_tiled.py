@@ -224,3 +224,64 @@ def test_tiled_refuses_a_scale_too_small_to_drop_its_padding_keys(dtype, scale):
         clear_attention_with_layout(q, q, q, CLEARLayout((8, 8), 4, 3), scale=scale, backend="tiled")
     dense = clear_attention_with_layout(q, q, q, CLEARLayout((8, 8), 4, 3), scale=scale, backend="dense")
     assert torch.isfinite(dense).all()  # dense runs it
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["flash-function", "plain-ops"])
+@pytest.mark.parametrize("scale", [2.5, 4.0, 1e6])
+def test_tiled_large_scales_with_a_smaller_reference_grid_equal_dense(plain, scale):
+    """Some tiles of the target see only padding keys in the smaller reference grid: their padding scores times the
+    scale must stay finite (an -inf log-sum-exp made the merge NaN, or silently wrong on the flash path)."""
+    layout = CLEARLayout((7, 9), 2, 3, reference_grid=(5, 4))
+    q, k, v = (x.double().requires_grad_() for x in _qkv(layout, q_gain=0.1))
+    backend = tiled.TiledBackend()
+    if plain:
+        backend.kernels = tiled.PartKernels()
+    got, expected = backend(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale)
+    torch.testing.assert_close(got, expected)
+    grad_out = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, e)
+
+
+def _peak_over_qkv(layout: CLEARLayout, backward: bool) -> float:
+    """Peak extra memory of one tiled call (or of its backward) over the size of q + k + v; 4 x 8 tiles on any CPU."""
+    from benchmarks.attention import peak_extra_bytes
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g, requires_grad=backward) for n in (layout.q_len, layout.kv_len,
+                                                                                        layout.kv_len))  # fmt: skip
+    call = tiled.TiledBackend(tile=(4, 8))
+    if not backward:
+        with torch.no_grad():
+            extra, _ = peak_extra_bytes(lambda: call(q, k, v, layout, 0.25))
+    else:
+        out = call(q, k, v, layout, 0.25)
+        extra, _ = peak_extra_bytes(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out))[0])
+    return extra / sum(x.numel() * x.element_size() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_tiled_memory_with_pooled_keys_is_that_without(backward):
+    """Every tile column queries the same text + pooled keys: a copy of them per column grew with width x pooled keys
+    (quadratic with d > 1: 3.6x q + k + v at 16 x 128, 10.6x at 16 x 512, forward; the backward's key gradients,
+    one per column, likewise)."""
+    pooled, plain = (_peak_over_qkv(CLEARLayout((16, 512), 0, 8, d), backward) for d in (2, 1))
+    assert pooled < 1.1 * plain
+    if not backward:
+        assert pooled < 2  # issue 3's bound
+
+
+def test_tiled_backward_of_the_global_keys_in_groups_of_columns_equals_dense():
+    """The backward runs the global keys' part over groups of tile columns (here 2, 2 and 1 of 5: 64 queries a column
+    over 12 text + 20 pooled keys), summing their key gradients; batch and heads of different content."""
+    layout = CLEARLayout((8, 40), 12, 3, 4)
+    q, k, v = (x.double().requires_grad_() for x in _qkv(layout))
+    k, v = (_with_pooled(x, layout, None) for x in (k, v))
+    call, scale = tiled.TiledBackend(tile=(4, 8)), DIM**-0.5
+    got, expected = call(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale)
+    torch.testing.assert_close(got, expected)
+    grad_out = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, e)

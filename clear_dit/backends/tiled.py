@@ -4,7 +4,8 @@ CLEAR attention is split into three exact parts, each a softmax over a subset of
 parts are merged by their log-sum-exp (the same merge as flash attention's key blocks):
 
 (a) text queries x text + image keys: one SDPA call (text rows of the mask are full, DESIGN.md 1.1);
-(b) image queries x the *global* keys every image query sees: text + pooled;
+(b) image queries x the *global* keys every image query sees: text + pooled; one call, its batch the tile
+    columns, the global keys a stride-0 view shared by all of them;
 (c) image queries x *local* image keys. The grid is cut into ``th x tw`` query tiles; tile ``(i, j)``
     sees the ``(th + 2*hy) x (tw + 2*hx)`` block of keys around it (``hy, hx``: the window's reach).
     The keys of tile column ``j`` are copied into one column strip of width ``tw + 2*hx`` (zero-padded by
@@ -31,14 +32,17 @@ Tile shapes come from :data:`TILE_SHAPES`, per CPU family, dtype and radius: the
 slower on short query sequences (small tiles) but small tiles compute fewer masked scores, and the best
 trade-off was measured on each family (see the table's comment).
 
-Memory and time are linear in ``h*w``. On CPU the parts (b) and (c) run in
+Memory is linear in ``h*w``, and so is time without pooled keys (with them, part (b) scores every image query
+against ``h*w / d**2`` pooled keys). On CPU the parts (b) and (c) run in
 ``aten._scaled_dot_product_flash_attention_for_cpu`` (which returns the log-sum-exp and accepts strided
 and broadcast inputs), inside one ``torch.autograd.Function`` whose backward calls
 ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` on the same views, once per part, with the
 *merged* output and log-sum-exp (the softmax over the union of disjoint key sets has, for each set, the
 gradient of that set's attention evaluated at the union's output and normaliser). Backward memory is
-linear too: the key-block gradients of one strip at a time, summed back into the strip. On other devices
-the same parts run as plain differentiable ops (matmul, logsumexp), materialising one strip's scores.
+linear too: the key-block gradients of one chunk of strips at a time, summed back into the strips, and the
+global keys' gradients of as many tile columns at a time as keep them within the image queries' size. On other
+devices the same parts run as plain differentiable ops (matmul, logsumexp), materialising the scores of one
+chunk of strips at a time, and those of all image queries against the global keys.
 """
 
 from __future__ import annotations
@@ -191,9 +195,10 @@ def computed_scores(layout: CLEARLayout, dtype: torch.dtype = torch.float32) -> 
     return t * (t + n) + n * (t + layout.num_pooled) + local
 
 
-def _padding_key_score(dtype: torch.dtype) -> float:
-    """Extra-channel value of padding keys: its score, times any sane softmax scale, underflows exp() to 0."""
-    return torch.finfo(dtype).min / 2
+def _padding_key_score(dtype: torch.dtype, scale: float) -> float:
+    """Extra-channel value of padding keys: its score times ``scale`` underflows exp() to 0 and stays finite (a
+    block of padding keys alone, beside a smaller reference grid, needs a finite log-sum-exp to merge)."""
+    return torch.finfo(dtype).min / 2 / max(1.0, scale)
 
 
 #: Padding keys' score (times the scale) must stay below this for exp() to drop them beside real scores near 0.
@@ -202,7 +207,7 @@ _MAX_PADDING_SCORE = -1000.0
 
 def _check_scale(scale: float, dtype: torch.dtype) -> None:
     """One-line ``ValueError`` for a scale so small that padding keys would take softmax weight (fp16's range)."""
-    if _padding_key_score(dtype) * scale > _MAX_PADDING_SCORE:
+    if _padding_key_score(dtype, scale) * scale > _MAX_PADDING_SCORE:
         raise ValueError(
             f"scale {scale:g} is too small for the tiled backend in {dtype}: its padding keys would take softmax "
             "weight; use backend='dense'"
@@ -460,10 +465,11 @@ def _rows_forward(
     ntx, b, heads, nty, length, chans = tiles.shape
     geo, dim = plan.geo, chans - 1
     out = lse = None
-    if global_kv is not None:  # (b) the tiles are just a query order for the global keys (one copy per column)
-        out, lse = attend(tiles.reshape(ntx * b, heads, -1, chans), *global_kv, plan.scale)
+    if global_kv is not None:  # (b) the tiles are just a query order for the global keys, shared by every column
+        queries = tiles.reshape(ntx, b * heads, -1, chans)
+        out, lse = attend(queries, *(_per_column(t, ntx) for t in global_kv), plan.scale)
         out, lse = out.reshape(tiles.shape), lse.reshape(tiles.shape[:-1])
-    padding = _padding_key_score(tiles.dtype)
+    padding = _padding_key_score(tiles.dtype, plan.scale)
     for key_grid, (key, value) in zip(plan.key_grids, grid_kv):  # noqa: B905 (dynamo mis-traces strict zips)
         chunks = _chunks(geo, key_grid, dim, split_rows=fused)
         buffers = _strip_buffers(tiles, geo, chunks) if fused else None
@@ -500,7 +506,7 @@ class _FlashImageRows(torch.autograd.Function):
     """Parts (b) + (c) of one query grid on the CPU flash kernel, with its flash backward (memory-linear).
 
     ``forward(plan, bias, tiles, global_k, global_v, key_1, value_1[, key_2, value_2])``: ``tiles``
-    ``(ntx, B, H, nty, L, C)``, ``global_k/v`` ``(ntx*B, H, G, C)`` (:func:`_global_tokens`) or ``None``, one
+    ``(ntx, B, H, nty, L, C)``, ``global_k/v`` ``(B, H, G, C)`` (:func:`_global_tokens`) or ``None``, one
     ``(key, value)`` ``(B, hk*wk, H, D)`` per key grid.
     Returns the merged output in tile layout. Backward: each part's flash backward at the merged output and
     log-sum-exp, key-block gradients summed back one chunk of tile columns at a time.
@@ -525,15 +531,25 @@ class _FlashImageRows(torch.autograd.Function):
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad_global_k = grad_global_v = None
         if ctx.has_global:
-            flat = (ntx * b, heads, -1, chans)
-            grad_tiles, grad_global_k, grad_global_v = backward(
-                grad_out.reshape(flat), tiles.reshape(flat), global_k, global_v, out.reshape(flat),
-                lse.reshape(flat[:3]), 0.0, False, scale=scale,
-            )  # fmt: skip
-            grad_tiles = grad_tiles.reshape(tiles.shape)
+            grad_tiles = torch.empty_like(tiles)
+            grad_global_k, grad_global_v = torch.zeros_like(global_k), torch.zeros_like(global_v)
+            # the kernel returns one key gradient per tile column: as many columns a call as keep them within
+            # the image queries' size (all of them without pooled keys)
+            per_call = max(1, tiles[0].numel() // global_k.numel())
+            for j0 in range(0, ntx, per_call):
+                cols = slice(j0, j0 + per_call)
+                flat = (-1, b * heads, nty * length, chans)
+                grad_q, grad_k, grad_v = backward(
+                    grad_out[cols].reshape(flat), tiles[cols].reshape(flat), _per_column(global_k, ntx)[cols],
+                    _per_column(global_v, ntx)[cols], out[cols].reshape(flat), lse[cols].reshape(flat[:3]), 0.0,
+                    False, scale=scale,
+                )  # fmt: skip
+                grad_tiles[cols] = grad_q.reshape(grad_tiles[cols].shape)
+                grad_global_k += grad_k.sum(0).reshape(global_k.shape)
+                grad_global_v += grad_v.sum(0).reshape(global_v.shape)
         else:
             grad_tiles = torch.zeros_like(tiles)
-        padding = _padding_key_score(tiles.dtype)
+        padding = _padding_key_score(tiles.dtype, plan.scale)
         grads = []
         for key_grid, key, value in zip(plan.key_grids, grid_kv[::2], grid_kv[1::2], strict=True):
             grad_k = key.new_zeros(b, *key_grid, heads, key.shape[-1])
@@ -559,19 +575,22 @@ class _FlashImageRows(torch.autograd.Function):
         return None, None, grad_tiles, grad_global_k, grad_global_v, *grads, *([None, None] if len(grads) == 2 else [])
 
 
-def _global_tokens(tokens: torch.Tensor, layout: CLEARLayout, copies: int) -> torch.Tensor:
-    """Text + pooled keys or values ``(B, kv_len, H, D)`` -> ``(copies*B, H, G, D + 1)``, extra channel 0.
-
-    Repeated once per tile column (copies), so that the tiles of all columns query them in one flash call;
-    written in place of a concatenation (autograd sums the copies' gradients).
-    """
+def _global_tokens(tokens: torch.Tensor, layout: CLEARLayout) -> torch.Tensor:
+    """Text + pooled keys or values ``(B, kv_len, H, D)`` -> ``(B, H, G, D + 1)``, extra channel 0; written in
+    place of a concatenation."""
     b, _, heads, dim = tokens.shape
     t0, t = layout.text_start, layout.text_len
-    out = tokens.new_empty(copies, b, heads, t + layout.num_pooled, dim + 1)
+    out = tokens.new_empty(b, heads, t + layout.num_pooled, dim + 1)
     out[..., dim] = 0
     out[..., :t, :dim] = tokens[:, t0 : t0 + t].transpose(1, 2)
     out[..., t:, :dim] = tokens[:, layout.q_len :].transpose(1, 2)
-    return out.reshape(copies * b, heads, -1, dim + 1)
+    return out
+
+
+def _per_column(tokens: torch.Tensor, columns: int) -> torch.Tensor:
+    """Global keys or values ``(B, H, G, C)`` as ``(columns, B*H, G, C)``, a stride-0 view: the batch of a flash
+    call whose batch dimension is the tile columns (a copy per column would grow with width x pooled keys)."""
+    return tokens.reshape(1, -1, *tokens.shape[2:]).expand(columns, -1, -1, -1)
 
 
 def _grid_slices(layout: CLEARLayout) -> list[tuple[tuple[int, int], slice]]:
@@ -636,7 +655,7 @@ def _grid_rows(
     tiles = _query_tiles(query, geo, grid)  # (ntx, B, H, nty, th*tw, D + 1)
     global_k = global_v = None
     if layout.text_len + layout.num_pooled:  # (b) global: text + pooled keys, the same for every image query
-        global_k, global_v = (_global_tokens(t, layout, geo.tiles[1]) for t in (key, value))
+        global_k, global_v = (_global_tokens(t, layout) for t in (key, value))
     if fused:
         flat_kv = [t for pair in grid_kv for t in pair]
         out = _FlashImageRows.apply(plan, bias, tiles, global_k, global_v, *flat_kv)
