@@ -13,6 +13,7 @@ from clear_oracle import brute_force_mask
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
 from clear_dit.attention import _with_pooled, clear_attention_with_layout
 from clear_dit.backends import BACKENDS, auto_backend_name, select_backend, tiled
+from clear_dit.backends.recompute import with_tiled_backward
 from clear_dit.mask import dense_mask
 
 BACKENDS_UNDER_TEST = ["tiled", "flex"]
@@ -425,7 +426,7 @@ def test_tiled_with_a_fixed_tile_equals_dense(grid: tuple[int, int], r: int, til
     )
 
 
-@pytest.mark.parametrize("tile", [(0, 4), (4,), (2, -1)])
+@pytest.mark.parametrize("tile", [(0, 4), (4,), (2, -1), (2.5, 3), (True, 4), 4, "48"])
 def test_tiled_rejects_a_bad_tile(tile) -> None:
     with pytest.raises(ValueError, match=r"tile must be two positive sizes \(rows, columns\), got"):
         tiled.TiledBackend(tile)
@@ -526,19 +527,35 @@ def test_layouts_take_any_integer_sizes_and_stay_hashable() -> None:
 
 @pytest.mark.parametrize("shape", [(0, 18, 2, 4), (1, 18, 0, 4)], ids=["no-images", "no-heads"])
 def test_empty_batches_give_empty_outputs(shape) -> None:
-    q = torch.randn(shape)
+    """And differentiable ones, as SDPA's: a training step may meet an empty batch (also through the recomputed
+    backward of "triton" and "xformers", which differentiates "tiled")."""
+    q = torch.randn(shape, requires_grad=True)
+    layout = CLEARLayout((4, 4), 2, 2)
     for backend in ("dense", "tiled"):
         out = clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2, backend=backend)
         assert out.shape == shape
+        assert torch.autograd.grad(out.sum(), q)[0].shape == shape
+    out = with_tiled_backward(BACKENDS["dense"], q, q, q, layout, 0.5)
+    assert torch.autograd.grad(out.sum(), q)[0].shape == shape
 
 
 def test_integer_tensors_are_refused_by_every_backend() -> None:
     assert available_backends(dtype=torch.int64) == []
     q = torch.ones(1, 18, 2, 4, dtype=torch.int64)
-    with pytest.raises(ValueError, match="unavailable on cpu with torch.int64: needs a floating dtype"):
+    message = "unavailable on cpu with torch.int64: needs float32, bfloat16, float16 or float64, got torch.int64"
+    with pytest.raises(ValueError, match=message):
         clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2)
     with pytest.raises(ValueError, match="head_dim must be at least 1"):
         _call(q=torch.randn(1, 18, 2, 0), k=torch.randn(1, 18, 2, 0), v=torch.randn(1, 18, 2, 0))
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense", "tiled", "flex"])
+def test_float8_tensors_are_refused_in_one_line(backend) -> None:
+    """float8 is a floating dtype that SDPA does not compute in: refused before the call, not a NotImplementedError
+    from inside it."""
+    q = torch.ones(1, 18, 2, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"needs float32, bfloat16, float16 or float64, got torch.float8_e4m3fn$"):
+        clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2, backend=backend)
 
 
 def test_clear_attention_rejects_mismatched_tensors() -> None:

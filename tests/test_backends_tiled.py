@@ -285,3 +285,17 @@ def test_tiled_backward_of_the_global_keys_in_groups_of_columns_equals_dense():
     for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
                     strict=True):  # fmt: skip
         torch.testing.assert_close(g, e)
+
+
+def test_split_row_chunks_keep_their_strips_within_the_key_budget():
+    """_chunks' bound: a run of tile rows holds at most the key grid's size in strips (one tile row at least); the
+    tiny reference grid leaves a budget of one row a call."""
+    layout = CLEARLayout((40, 8), 0, 3, 1, "first", (2, 2))
+    geo = tiled._geometry(layout, layout.grid, (2, 8))
+    dim = 4
+    for key_grid in layout.image_grids:
+        chunks = tiled._chunks(geo, key_grid, dim, split_rows=True)
+        for c in chunks:
+            strip = c.strip_rows(geo) * geo.key_block[1] * (dim + 1)
+            assert c.i1 - c.i0 == 1 or strip <= key_grid[0] * key_grid[1] * dim, (key_grid, c)
+    assert {c.i1 - c.i0 for c in tiled._chunks(geo, (2, 2), dim, split_rows=True)} == {1}

@@ -8,6 +8,17 @@ import torch
 
 from ..mask import CLEARLayout
 
+#: The dtypes PyTorch's scaled_dot_product_attention computes in (on CPU, float8 types raise inside it).
+SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def dtype_reason(dtype: torch.dtype, supported: tuple[torch.dtype, ...]) -> str | None:
+    """``None`` when ``dtype`` is one of ``supported``, else the one-line reason of ``unavailable_reason``."""
+    if dtype in supported:
+        return None
+    names = [str(d).removeprefix("torch.") for d in supported]
+    return f"needs {', '.join(names[:-1])} or {names[-1]}, got {dtype}"
+
 
 class AttentionBackend(Protocol):
     """A CLEAR attention implementation.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mask import CLEARLayout, dense_mask
+from .base import SDPA_DTYPES, dtype_reason
 
 
 @lru_cache(maxsize=4)  # masks are O(seq^2): keep few
@@ -25,7 +26,7 @@ class DenseBackend:
     name = "dense"
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        return None if dtype.is_floating_point else f"needs a floating dtype, got {dtype}"
+        return dtype_reason(dtype, SDPA_DTYPES)
 
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float

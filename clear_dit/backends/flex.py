@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 
 from ..mask import CLEARLayout, mask_predicate
+from .base import SDPA_DTYPES, dtype_reason
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -75,9 +76,7 @@ class FlexBackend:
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if flex_attention is None:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
-        if not dtype.is_floating_point:
-            return f"needs a floating dtype, got {dtype}"
-        return None
+        return dtype_reason(dtype, SDPA_DTYPES)
 
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float

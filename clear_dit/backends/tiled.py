@@ -47,6 +47,7 @@ chunk of strips at a time, and those of all image queries against the global key
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,8 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mask import CLEARLayout, in_window
-
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from .base import SDPA_DTYPES, dtype_reason
 
 # Query tile (th, tw) per CPU family, dtype kind and radius: the first row whose radius bound is >= r applies.
 # The best tile is a trade-off that differs between CPUs: small tiles compute fewer masked scores, but the CPU
@@ -688,6 +688,11 @@ def band_rows(
     return _grid_rows(query, key, value, grid_kv, layout, geo, (r1 - r0, w), (layout.grid,), bias, scale, fused, None)
 
 
+def _is_size(n: object) -> bool:
+    """A positive int (or numpy integer), not a bool or a float."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
 class TiledBackend:
     """The ``"tiled"`` backend; ``TiledBackend(tile=(th, tw))`` runs with a fixed query tile instead of
     :func:`tile_shape`'s (``benchmarks/attention.py --tiles`` times tile shapes with it)."""
@@ -696,21 +701,19 @@ class TiledBackend:
     kernels: PartKernels | None = None  # None: the CPU flash path on CPU, plain ops elsewhere (see _image_rows)
 
     def __init__(self, tile: tuple[int, int] | None = None) -> None:
-        if tile is not None and (len(tile) != 2 or min(tile) < 1):
-            raise ValueError(f"tile must be two positive sizes (rows, columns), got {tile}")
-        self.tile = None if tile is None else tuple(tile)
+        if tile is not None and not (isinstance(tile, (tuple, list)) and len(tile) == 2 and all(map(_is_size, tile))):
+            raise ValueError(f"tile must be two positive sizes (rows, columns), got {tile!r}")
+        self.tile = None if tile is None else tuple(map(int, tile))
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if dtype not in _SUPPORTED_DTYPES:
-            return f"needs a floating dtype ({', '.join(map(str, _SUPPORTED_DTYPES))})"
-        return None
+        return dtype_reason(dtype, SDPA_DTYPES)
 
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
     ) -> torch.Tensor:
-        if query.numel() == 0:  # no images or no heads: nothing to tile (the reshapes below need a size)
-            return query.new_empty(query.shape)
-        if layout.covers_grid and layout.down_factor == 1:  # the mask is all True: CLEAR is full attention
+        # no images or no heads: nothing to tile (the reshapes below need a size); the empty SDPA call keeps the
+        # outputs in the autograd graph. A window covering the grid without pooled keys: CLEAR is full attention.
+        if query.numel() == 0 or (layout.covers_grid and layout.down_factor == 1):
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
             )

@@ -36,6 +36,7 @@ from functools import lru_cache
 import torch
 
 from ..mask import CLEARLayout, in_window
+from .base import dtype_reason
 from .recompute import with_tiled_backward
 from .tiled import write_text_rows
 
@@ -298,8 +299,8 @@ class TritonBackend:
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if triton is None:
             return _IMPORT_ERROR
-        if dtype not in _SUPPORTED_DTYPES:
-            return f"needs float16, bfloat16 or float32, got {dtype}"
+        if (reason := dtype_reason(dtype, _SUPPORTED_DTYPES)) is not None:
+            return reason
         if INTERPRETED and dtype == torch.bfloat16 and device.type in ("cpu", "cuda"):
             # its tl.dot multiplies the raw uint16 storage of bf16 blocks (triton 3.9): wrong results, refused (the
             # interpreter runs CUDA tensors too, through host copies)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..mask import CLEARLayout
+from .base import dtype_reason
 from .recompute import with_tiled_backward
 from .tiled import PartKernels, TiledBackend
 
@@ -81,8 +82,8 @@ class XformersBackend(TiledBackend):
             return _IMPORT_ERROR
         if device.type != "cuda":
             return f"xformers has no kernels for {device.type}; needs a CUDA device"
-        if dtype not in _SUPPORTED_DTYPES:
-            return f"needs float16, bfloat16 or float32, got {dtype}"
+        if (reason := dtype_reason(dtype, _SUPPORTED_DTYPES)) is not None:
+            return reason
         return None
 
     def __call__(
