@@ -383,6 +383,8 @@ def test_a_folder_that_holds_no_run_is_never_written_to(tmp_path, data_dir, flag
         (dict(resume="latest", overwrite=True), "pass one of them"),
         (dict(weighting_scheme="mode", mode_scale=10.0), "--mode-scale must be in [-1, 1.75] for the 'mode' scheme"),
         (dict(lr_warmup_steps=2), "--lr-scheduler constant has no warmup (diffusers ignores it)"),
+        (dict(lr=0.0), "--lr must be positive, got 0.0"),
+        (dict(fm_weight=0.0, out_weight=0.0, attn_weight=0.0), "--attn-weight are all 0: no loss to train on"),
     ],
 )
 def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, data_dir, monkeypatch, overrides, message):
@@ -390,6 +392,26 @@ def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, dat
     with pytest.raises(ValueError, match=re.escape(message)):
         train(config(tmp_path, data_dir, **overrides))
     assert not (tmp_path / "run").exists()
+
+
+def test_warmup_steps_reach_the_schedule(tmp_path, data_dir):
+    train(config(tmp_path, data_dir, num_validation=0, lr_scheduler="constant_with_warmup", lr_warmup_steps=2))
+    lines = (tmp_path / "run/logs/train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["lr"] for line in lines] == pytest.approx([0.0, 5e-4, 1e-3])
+
+
+def test_validation_losses_are_the_mean_squared_gaps_of_fixed_draws(tmp_path, data_dir):
+    """val_gap is the mean over the held-out batches of the student's mean squared gap to the teacher (as README and
+    the distillation benchmark read it), on the same noise every time."""
+    distiller = Distiller(config(tmp_path, data_dir, num_validation=2))
+    values = distiller.validation_losses()
+    gaps = []
+    for batch in distiller.held_out_batches():
+        with distiller.student.teacher() as teacher:
+            expected = forward(teacher, batch.inputs)
+        gaps.append(float((forward(distiller.student.transformer, batch.inputs) - expected).pow(2).mean()))
+    assert len(gaps) == 2 and values["val_gap"] == pytest.approx(sum(gaps) / len(gaps), rel=1e-6)
+    assert distiller.validation_losses() == values
 
 
 def test_resume_refuses_data_of_another_size_or_held_out_split(tmp_path, data_dir):
@@ -453,6 +475,20 @@ def test_the_sample_stream_draws_training_items_only_shuffled_per_seed_and_epoch
     assert not torch.equal(torch.randn(8, generator=second.generator(0)), torch.randn(8, generator=first.generator(1)))
 
 
+@pytest.mark.parametrize("seed", [2**32, 2**63 - 1])
+def test_the_sample_stream_takes_every_seed_of_the_command_line(seed):
+    """--seed goes up to 2**63 - 1; its derived seeds (seed << 32, seed * 100003) wrap to the 64 bits manual_seed
+    takes (they overflowed at the first step, after the run folder was written). Small seeds keep their streams."""
+    stream = SampleStream(4, seed)
+    assert sorted(stream.item(p) for p in range(4)) == [0, 1, 2, 3]
+    assert torch.randn(2, generator=stream.generator(7)).shape == (2,)
+    small = SampleStream(4, 3)
+    expected = torch.randn(4, generator=torch.Generator().manual_seed((3 << 32) + 5))
+    assert torch.equal(torch.randn(4, generator=small.generator(5)), expected)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(3 * 100_003 + 1))
+    assert [small.item(p) for p in range(4, 8)] == order.tolist()
+
+
 def test_checkpoints_are_ordered_by_step_and_the_last_step_is_kept(tmp_path, data_dir):
     train(config(tmp_path, data_dir, max_steps=3, checkpoint_every=2, keep_checkpoints=5, num_validation=0))
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
@@ -477,6 +513,12 @@ def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir)
     train(config(tmp_path, data_dir, window=2, max_steps=1, num_validation=0, overwrite=True))
     assert not (run / "clear_local_1.safetensors").exists() and (run / "clear_local_2.safetensors").is_file()
     assert (run / "clear_local_16.safetensors").read_bytes() == b"published"
+    # a file of the user's with the name of the new export is refused before anything is cleared
+    (run / "clear_local_3.safetensors").write_bytes(b"published")
+    with pytest.raises(FileExistsError, match=r"clear_local_3.safetensors is not the export of the run in .*run; move"):
+        train(config(tmp_path, data_dir, window=3, max_steps=1, num_validation=0, overwrite=True))
+    assert (run / "clear_local_3.safetensors").read_bytes() == b"published"
+    assert (run / "clear_local_2.safetensors").is_file() and (run / "logs").is_dir()
 
 
 def test_clear_errors(tmp_path, data_dir):

@@ -162,6 +162,8 @@ class DistillConfig:
         for name in ("weight_decay", "fm_weight", "out_weight", "attn_weight"):  # < 0 pushes away from the target
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.fm_weight == self.out_weight == self.attn_weight == 0:  # weight decay alone would shrink the student
+            raise ValueError("--fm-weight, --out-weight and --attn-weight are all 0: no loss to train on")
         if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= MAX_MODE_SCALE:
             raise ValueError(  # beyond it the 'mode' density leaves [0, 1] and timesteps wrap around
                 f"--mode-scale must be in [-1, {MAX_MODE_SCALE:.2f}] for the 'mode' scheme, got {self.mode_scale}"
@@ -261,12 +263,12 @@ class SampleStream:
     def item(self, position: int) -> int:
         epoch = position // self.num_items
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) % 2**64)  # manual_seed takes 64 bits
             self._perm = (epoch, torch.randperm(self.num_items, generator=g))
         return int(self._perm[1][position % self.num_items])
 
     def generator(self, position: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed << 32) + position)
+        return torch.Generator().manual_seed(((self.seed << 32) + position) % 2**64)
 
 
 def _resolve_model(model: str) -> str:
@@ -419,7 +421,20 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         raise FileExistsError(
             f"{out} already holds a distillation run; pass --resume latest to continue it or --overwrite to start over"
         )
+    target = out / export_name(config.window, config.down)
+    previous = _previous_export(run_file) if config.overwrite and target.exists() else None
+    if previous is not None and previous != target.name:  # a damaged run.json: a file of that name is taken as ours
+        raise FileExistsError(f"{target} is not the export of the run in {out}; move it or choose another --out")
     return None
+
+
+def _previous_export(run_file: Path) -> str | None:
+    """The name of the export of the run ``run_file`` describes; ``None`` if it is damaged."""
+    try:
+        previous = _read_run_file(run_file)["config"]
+        return export_name(previous["window"], previous.get("down", 1))
+    except (ValueError, KeyError):
+        return None
 
 
 def _write_run_dir(config: DistillConfig, record: dict[str, Any], resuming: bool) -> None:
@@ -428,11 +443,11 @@ def _write_run_dir(config: DistillConfig, record: dict[str, Any], resuming: bool
     if config.overwrite and not resuming and (out / RUN_FILE).is_file():
         for path in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
             shutil.rmtree(path, ignore_errors=True)
-        try:  # its export only: others may be the user's
-            previous = _read_run_file(out / RUN_FILE)["config"]
-            (out / export_name(previous["window"], previous.get("down", 1))).unlink(missing_ok=True)
-        except (ValueError, KeyError):
+        previous = _previous_export(out / RUN_FILE)  # its export only: others may be the user's
+        if previous is None:
             logger.warning("%s is damaged: the export of the run it described, if any, is left", out / RUN_FILE)
+        else:
+            (out / previous).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / RUN_FILE) as tmp:  # a torn run.json would block both --resume and --overwrite
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -833,7 +848,7 @@ class Distiller:
         sigma (fixed density quantiles), one batch ``(len(VALIDATION_QUANTILES), ...)`` per item."""
         sigmas = self.sampler.from_uniform(torch.tensor(VALIDATION_QUANTILES))
         for position, index in enumerate(self.held_out()):
-            generators = [torch.Generator().manual_seed(self.config.seed + 7919 * position) for _ in sigmas]
+            generators = [torch.Generator().manual_seed((self.config.seed + 7919 * position) % 2**64) for _ in sigmas]
             item = self.dataset[index]
             yield make_batch(
                 [item] * len(sigmas),
