@@ -771,3 +771,73 @@ def test_a_resume_makes_the_items_of_a_deleted_shard_again(made, tmp_path, caplo
         generate_dataset(made[0], PROMPTS, out, num=4, **SETTINGS)
     assert "2 items in damaged or missing files (shards/000002.safetensors)" in caplog.text
     assert len(DistillDataset(out)) == 4
+
+
+def test_16_bit_gray_images_import_as_their_gray_levels(made, tmp_path):
+    """Pillow opens a 16-bit gray PNG as mode I;16, whose convert("RGB") clips every level above 255: a mid-gray scan
+    was stored (image, latents) almost all white. Older Pillow opened it as mode I."""
+    pipe, _, _ = made
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(src / "a.png")
+    (src / "a.txt").write_text("a gray square")
+    out = import_images(pipe, src, tmp_path / "data", resolution=32)
+    with Image.open(out / "images/000000.png") as image:
+        assert image.getpixel((16, 16)) == (128, 128, 128)
+    wide = Image.fromarray(np.array([[0, 257, 65535, 70000]], dtype=np.int32))
+    assert wide.mode == "I" and np.asarray(data._to_rgb(wide))[0, :, 0].tolist() == [0, 1, 255, 255]
+
+
+def test_a_set_make_data_did_not_finish_is_named_when_opened(made, tmp_path, monkeypatch, caplog):
+    pipe, _, _ = made
+    encode, calls = data._encode_images, []
+
+    def killed_in_the_second_batch(vae, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(vae, images)
+
+    monkeypatch.setattr(data, "_encode_images", killed_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(pipe, PROMPTS, tmp_path / "part", num=4, **SETTINGS)
+    with caplog.at_level("WARNING", logger="training.data"):
+        assert len(DistillDataset(tmp_path / "part")) == 2
+    assert "part holds 2 of the 4 items make-data was last asked for (it stopped early); re-run" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.data"):
+        generate_dataset(pipe, PROMPTS, tmp_path / "part", num=4, **SETTINGS)
+        assert len(DistillDataset(tmp_path / "part")) == 4
+    assert "stopped early" not in caplog.text
+
+
+def test_a_run_killed_while_making_its_folders_resumes(made, tmp_path, monkeypatch):
+    """info.json is written before the subfolders: a kill between them left a folder the next run refused as not
+    clear-dit's."""
+    pipe, _, _ = made
+    mkdir = Path.mkdir
+
+    def killed_at_shards(self, *args, **kwargs):
+        if self.name == "shards":
+            raise KeyboardInterrupt
+        return mkdir(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", killed_at_shards)
+        with pytest.raises(KeyboardInterrupt):
+            generate_dataset(pipe, PROMPTS[:1], tmp_path / "data", **SETTINGS)
+    assert len(DistillDataset(generate_dataset(pipe, PROMPTS[:1], tmp_path / "data", **SETTINGS))) == 1
+
+
+def test_one_item_beyond_the_asked_number_is_reported(made, tmp_path, caplog):
+    pipe, _, _ = made
+    generate_dataset(pipe, PROMPTS, tmp_path / "data", num=2, **SETTINGS)
+    with caplog.at_level("WARNING", logger="training.data"):
+        generate_dataset(pipe, PROMPTS, tmp_path / "data", num=1, **SETTINGS)
+    assert f"{tmp_path / 'data'} holds 1 items beyond the 1 asked for; they stay in the data set" in caplog.text
+
+
+def test_the_library_refuses_a_number_of_items_below_one(made, tmp_path):
+    with pytest.raises(ValueError, match="--num must be a positive int, got 0"):
+        generate_dataset(made[0], PROMPTS[:1], tmp_path / "d", num=0, **SETTINGS)
+    assert not (tmp_path / "d").exists()

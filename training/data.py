@@ -2,7 +2,8 @@
 
 Layout of a data folder (DESIGN.md 1.3: training needs neither the VAE nor the text encoders)::
 
-    info.json                  resolution, latent and text-encoder shapes, VAE scaling, how it was made
+    info.json                  resolution, latent and text-encoder shapes, VAE scaling, how it was made, how
+                               many items the last run was asked for
     manifest.jsonl             one line per finished item: index, prompt, seed, image, shard, row
     images/{index:06d}.png     the image (PNG text chunk: prompt and settings)
     shards/{index:06d}.safetensors  one per written batch, rows stacked, named after its first index:
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ class DataInfo:
     """What a data folder holds; ``info.json``. The trainer refuses data whose shapes do not fit its model.
 
     ``settings`` holds how the items were made (model, steps, guidance, seed or source folder); a resumed
-    run must use the same.
+    run must use the same. ``requested``: the items (indices ``0 .. requested - 1``) the last make-data run was
+    asked for, so that a set it did not finish is told from a whole one (0: not recorded, data of an older
+    clear-dit).
     """
 
     height: int
@@ -84,6 +87,7 @@ class DataInfo:
     vae_shift_factor: float
     embeds_dtype: str
     settings: dict[str, Any] = field(default_factory=dict)
+    requested: int = 0
     format: str = DATA_FORMAT
     version: int = 1
 
@@ -264,9 +268,9 @@ class _Writer:
             manifest.unlink(missing_ok=True)  # first: a kill below then leaves unreferenced files, dropped next run
             for f in _data_files(folder):
                 f.unlink()
+        info.write(folder)  # first: a folder of ours from then on, which a killed run leaves resumable
         for sub in ("images", "shards"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        info.write(folder)
         self.entries = _read_manifest(folder, repair=True)
         self._forget_damaged()
         self._drop_unreferenced()
@@ -459,7 +463,7 @@ def _run(
     elif max_sequence_length < 1:
         raise ValueError(f"max_sequence_length must be at least 1 (T5 tokens), got {max_sequence_length}")
     probe = _encode_text(pipe, [items[0].prompt], max_sequence_length)
-    info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe)
+    info = replace(_data_info(pipe, resolution, resolution, max_sequence_length, settings, probe), requested=len(items))
     writer = _Writer(out, info, overwrite)
     try:
         negative = _encode_text(pipe, [negative_prompt], max_sequence_length)
@@ -604,13 +608,22 @@ def _load_square(path: Path, resolution: int) -> Image.Image:
     """Center-crop to a square and resize to ``resolution`` (Lanczos)."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")  # as viewers (and diffusers' load_image) show it
+            image = _to_rgb(ImageOps.exif_transpose(image))  # as viewers (and diffusers' load_image) show it
     except (OSError, Image.DecompressionBombError) as err:  # the latter: above Pillow's pixel limit
         raise ValueError(f"cannot read image {path}: {err}") from err
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in 8-bit RGB. 16-bit gray (a PNG's ``I;16`` mode; ``I`` in older Pillow) is scaled to 8 bits:
+    Pillow's own conversion clips every level above 255, which turns the image white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257
+        image = Image.fromarray(np.round(levels).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def import_images(
@@ -710,6 +723,15 @@ class DistillDataset(Dataset):
         if problems:
             first = min(problems)
             raise ValueError(f"{problems[first]}; re-run make-data on {self.folder} to make its items again")
+        have = {e["index"] for e in self.entries}
+        if short := sum(i not in have for i in range(self.info.requested)):
+            logger.warning(
+                "%s holds %d of the %d items make-data was last asked for (it stopped early); re-run that make-data "
+                "command to finish the set (finished items are kept)",
+                self.folder,
+                self.info.requested - short,
+                self.info.requested,
+            )
 
     def __len__(self) -> int:
         return len(self.entries)
