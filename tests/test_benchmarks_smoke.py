@@ -391,6 +391,23 @@ def test_distill_acceptance_fails_when_the_export_differs(monkeypatch, tmp_path)
     assert bench.main(["--work", str(tmp_path / "work")]) == 1  # a failed acceptance fails the command
 
 
+def test_distill_export_check_is_exact_at_the_gaps_real_scale(monkeypatch, tmp_path) -> None:
+    """Real gaps are ~1e-4 (results/distill.json): an export 5x off must not count as reproducing the student."""
+    entries = [
+        {"step": s, "val_gap": g, "val_fm_teacher": 1.0, "val_fm_student": 1.0} for s, g in ((0, 4e-4), (3, 1e-4))
+    ]
+    _, gap = _distill_gap(monkeypatch, tmp_path, entries, 5e-4)
+    assert not gap["export_reproduces_student"]
+
+
+def test_distill_acceptance_passes_at_exactly_the_required_reduction() -> None:
+    import benchmarks.distill as bench
+
+    gap = {"fm_weight": 0.0, "reduction": bench.REQUIRED_REDUCTION, "export_reproduces_student": True}
+    assert bench.verdict([gap]) == "pass"
+    assert bench.verdict([{**gap, "reduction": bench.REQUIRED_REDUCTION - 1e-9}]) == "FAIL"
+
+
 def test_distill_memory_ratio_is_against_the_shared_row_of_the_same_student() -> None:
     import benchmarks.distill as bench
 

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -310,6 +311,7 @@ def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     assert regions["selectivity"] == pytest.approx(regions["stated_cell"] - regions["other_cells"])
     config = json.loads((smoke_teacher / "training" / "config.json").read_text())
     seen = result["memorisation"]
+    assert (seen["steps"], seen["cfg_scale"]) == (2, swap["cfg_scale"])  # --steps reaches it; the report says so
     training = sample_scenes(2, config["seed"], config["max_shapes"])  # the teacher's first training scenes
     assert seen["training"]["captions"] == [s.caption for s in training]
     held_out = held_out_scenes(2, config["seed"], config["max_shapes"])
@@ -319,6 +321,7 @@ def test_probe_cli_reports_all_four_probes(smoke_teacher, tmp_path, capsys):
     report = capsys.readouterr().out
     assert "| sigma | shapes found | of their kind | background right |" in report and "Encoder swap (2 pairs" in report
     assert "Region selectivity at sigma 1 (36 one-shape captions" in report
+    assert f"Memorisation (2 steps, CFG {swap['cfg_scale']:g}):" in report
     assert f"| 2 training | {seen['training']['adherence']:.3f} | {seen['training']['pass_rate']:.3f} |" in report
     assert f"| 2 held-out | {seen['held_out']['adherence']:.3f} |" in report
 
@@ -876,3 +879,115 @@ def test_the_probe_writes_its_json_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         probe.main(["--teacher", str(tmp_path), "--json", str(old)])
     assert old.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["probe.json"]
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_a_results_folder_holding_a_report_needs_overwrite(tmp_path, capsys, smoke):
+    """The default --results holds the committed report: the README's full-run command replaced it unasked."""
+    results = tmp_path / "results"
+    results.mkdir()
+    stem = "fidelity_smoke" if smoke else "fidelity"
+    (results / f"{stem}.md").write_text("mine")
+    argv = ["--work", str(tmp_path / "work"), "--results", str(results)] + (["--smoke"] if smoke else [])
+    assert run.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --results {results} holds {stem}.md already; pass --overwrite to replace\n"
+    )
+    assert not (tmp_path / "work").exists() and (results / f"{stem}.md").read_text() == "mine"
+    run.parse_args([*argv, "--overwrite"]).check()  # asked: taken
+
+
+def test_a_work_folder_below_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    argv = ["--work", str(tmp_path / "afile" / "sub"), "--smoke", "--results", str(tmp_path / "res")]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Not a directory" in err and err.count("\n") == 1
+
+
+def test_student_rows_score_the_students_images_not_the_teachers(monkeypatch):
+    """The teacher draws flat grey (adherence < 1), each student the scene's render (adherence 1): a student row
+    scored on the teacher's images would report the teacher's adherence (PSNR and SSIM are symmetric)."""
+
+    def draw(pipe, highres, cfg, resolution, scale, scenes, variant, weights):
+        if variant is None:
+            return [Image.new("RGB", (resolution * scale,) * 2, (128, 128, 128)) for _ in scenes], 1.0
+        return [render(s, resolution * scale) for s in scenes], 1.0
+
+    monkeypatch.setattr(run, "_draw", draw)
+    monkeypatch.setattr(run, "student", lambda pipe, variant, weights: contextlib.nullcontext())
+    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
+    variants = [v for v in run.variants_for(128) if v.name == "r16"]
+    cfg = run.ProtocolConfig(work="", eval_scenes=3, scales=(1,), cfg_scale=1.0)
+    rows, _ = run.evaluate(None, cfg, 128, variants, {})
+    assert rows[0]["adherence"] < 1.0
+    assert rows[1]["student"] == "training-free" and rows[1]["adherence"] == 1.0 and rows[1]["pass_rate"] == 1.0
+
+
+def test_the_highres_reference_window_covers_the_whole_grid(monkeypatch):
+    """At 2x/4x the teacher row is labelled full attention (density 1): its CLEAR window must cover the grid."""
+    seen = []
+
+    def highres(prompt, seed, num_inference_steps, window_size, down_factor, **kwargs):
+        seen.append((window_size, down_factor))
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8))])
+
+    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
+    cfg = run.ProtocolConfig(work="", eval_steps=1, cfg_scale=1.0)
+    for scale in (2, 4):
+        seen.clear()
+        run._draw(None, highres, cfg, 256, scale, held_out_scenes(1), None, None)
+        grid = 256 * scale // 16
+        assert seen and all(clear_dit.attention_density((grid, grid), 16, w, d) == 1.0 for w, d in seen), seen
+
+
+def test_one_step_prediction_of_an_oracle_teacher_is_the_clean_latent(monkeypatch):
+    """A teacher whose velocity is exactly noise - latent (the flow x = (1 - s) x0 + s noise) predicts x0 at every
+    sigma: the probe must decode x_sigma - sigma * v."""
+    latents = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(latents[:1].shape, generator=torch.Generator().manual_seed(0))
+    decoded = []
+    vae = SimpleNamespace(
+        config=SimpleNamespace(shift_factor=0.0, scaling_factor=1.0),
+        encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=latents)),
+        decode=lambda z: decoded.append(z.clone()) or SimpleNamespace(sample=z),
+    )
+    pipe = SimpleNamespace(
+        vae=vae, transformer=None, vae_scale_factor=8, _unpack_latents=lambda flow, h, w, f: flow,
+        image_processor=SimpleNamespace(postprocess=lambda x: x),
+    )  # fmt: skip
+    monkeypatch.setattr(probe, "render_batch", lambda scenes, resolution: None)
+    monkeypatch.setattr(probe, "tokenize_captions", lambda pipe, captions: (None, None))
+    monkeypatch.setattr(probe, "embed_ids", lambda pipe, clip, t5: (None, None))
+    monkeypatch.setattr(probe, "predict_velocity", lambda transformer, noisy, levels, e, p: noise - latents)
+    probe.one_step_predictions(pipe, held_out_scenes(2), [0.0, 0.5, 1.0], 64)
+    assert len(decoded) == 3
+    for z in decoded:
+        torch.testing.assert_close(z, latents, atol=1e-6, rtol=0)
+
+
+def test_kind_right_counts_only_shapes_found_with_their_stated_kind():
+    from benchmarks.fidelity.checker import SceneCheck, ShapeCheck
+    from training.world import Shape
+
+    shape = Shape("circle", "red", "center", "large", (0.5, 0.5))
+    found = (ShapeCheck(shape, True, "square", "large"), ShapeCheck(shape, True, "circle", "small"))
+    assert probe._shares([SceneCheck(found, "blue", True, 0)]) == {
+        "shapes_found": 1.0,
+        "kind_right": 0.5,
+        "background_ok": 1.0,
+    }
+
+
+def test_the_grid_shows_at_most_grid_rows_scenes(tmp_path):
+    images = {
+        (1, "teacher", ""): [Image.new("RGB", (16, 16))] * 3,
+        (1, "training-free", "r16"): [Image.new("RGB", (16, 16))] * 3,
+    }
+    row = dict(scale=1, size=16, student="teacher", variant="full", window=None, down=None, psnr=99.0, ssim=1.0)
+    row |= dict(adherence=0.0, pass_rate=0.0, density=1.0, seconds_per_image=1.0, speedup=1.0)
+    meta = dict(smoke=True, teacher="t", resolution=16, text_len=16, num_data=1, distill_steps=1, distill_lr=1e-4)
+    meta |= dict(eval_steps=1, cfg_scale=1.0, scales=(1,), eval_scenes=3, highres_scenes=1, grid_rows=1)
+    grid = run.write_report([row], images, meta, tmp_path, "r16")[2]
+    with Image.open(grid) as image:
+        assert image.size == (2 * 256, 16 + 256)

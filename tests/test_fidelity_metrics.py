@@ -92,3 +92,17 @@ def test_a_single_chw_tensor_is_taken_as_is():
     """Tensors are in [0, 1] already: only PIL images and uint8 arrays are divided by 255."""
     x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(to_tensor(x), x.double()[None])
+
+
+def test_ssim_and_psnr_do_not_depend_on_the_units_given_their_range():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 24, 24, generator=g, dtype=torch.float64)
+    b = (a + 0.1 * torch.rand(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    torch.testing.assert_close(ssim(a * 255, b * 255, data_range=255), ssim(a, b))
+    torch.testing.assert_close(psnr(a * 255, b * 255, data_range=255), psnr(a, b))
+
+
+def test_psnr_is_per_image():
+    a = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    b = torch.stack([torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.01)]).double()
+    torch.testing.assert_close(psnr(a, b), torch.tensor([20.0, 40.0], dtype=torch.float64))

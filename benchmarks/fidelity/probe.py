@@ -19,9 +19,10 @@
    the stated cell and in the other eight. A teacher that reads where its caption puts the shape scores about
    1 and 0; one that paints the shape's colour everywhere or nowhere scores the same in both.
 4. **Memorisation.** ``--scenes`` of the teacher's own training scenes and as many held-out ones, sampled as its
-   evaluation samples them: adherence, pass rate and the shares of shapes found and of their kinds on each. A
-   teacher that scores higher on the scenes it was trained on memorises them (more scenes would help); one that
-   scores alike generalises what it has learnt, and what it lacks is learning (steps, capacity).
+   evaluation samples them (or with the swap's ``--steps`` and ``--cfg-scale``, which the report names):
+   adherence, pass rate and the shares of shapes found and of their kinds on each. A teacher that scores higher
+   on the scenes it was trained on memorises them (more scenes would help); one that scores alike generalises
+   what it has learnt, and what it lacks is learning (steps, capacity).
 
 Prints the four results; ``--json`` writes them.
 """
@@ -189,9 +190,9 @@ def memorisation(
     pipe, training: list[Scene], held_out: list[Scene], resolution: int, steps: int, cfg_scale: float
 ) -> dict:
     """The teacher's samples of its own ``training`` scenes and of ``held_out`` ones (seeds 0, 1, ... as in its
-    evaluation): ``{"training": {...}, "held_out": {...}}`` with adherence, pass rate, :func:`_shares` and the
-    captions each."""
-    result = {}
+    evaluation): ``{"steps", "cfg_scale", "training": {...}, "held_out": {...}}`` with adherence, pass rate,
+    :func:`_shares` and the captions each."""
+    result: dict = {"steps": steps, "cfg_scale": cfg_scale}
     for name, scenes in (("training", training), ("held_out", held_out)):
         seeds = list(range(len(scenes)))
         images = generate(pipe, [s.caption for s in scenes], seeds, resolution, steps, cfg_scale=cfg_scale)
@@ -271,7 +272,7 @@ def format_report(result: dict) -> str:
         f"selectivity {regions['selectivity']:.3f}",
     ]
     seen = result["memorisation"]
-    lines += ["", "Memorisation (sampled as the evaluation samples):", ""]
+    lines += ["", f"Memorisation ({seen['steps']} steps, CFG {seen['cfg_scale']:g}):", ""]
     lines += [
         "| scenes | adherence | pass rate | shapes found | of their kind | background right |",
         "|---|---|---|---|---|---|",
@@ -300,8 +301,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0.0, 0.3, 0.6, 0.8, 0.95, 1.0],
         help="noise levels in [0, 1] (default 0 0.3 0.6 0.8 0.95 1)",
     )
-    parser.add_argument("--steps", type=int, help="sampling steps of the swap (default: the teacher's evaluation)")
-    parser.add_argument("--cfg-scale", type=float, help="true CFG of the swap (default: the teacher's evaluation)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps of the swap and memorisation probes (default: the teacher's evaluation)",
+    )
+    parser.add_argument(
+        "--cfg-scale",
+        type=float,
+        help="true CFG of the swap and memorisation probes (default: the teacher's evaluation)",
+    )
     parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--json", type=json_path, help="write the results here")
     return parser.parse_args(argv)

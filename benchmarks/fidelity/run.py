@@ -19,7 +19,8 @@ there made with other settings is refused, not reused):
    CLEAR; the teacher's reference there is the same recipe with a window covering the whole grid, i.e. full
    attention). Metrics: PSNR and SSIM against the teacher, the scene checker's adherence, attention density,
    wall time per image.
-4. ``RESULTS/fidelity.{json,md}`` and ``RESULTS/fidelity_grid.png`` (teacher | training-free | distilled).
+4. ``RESULTS/fidelity.{json,md}`` and ``RESULTS/fidelity_grid.png`` (teacher | training-free | distilled);
+   a ``RESULTS`` that holds them already (the default's are committed results) needs ``--overwrite``.
 
 Teacher, data and students are all sampled with the same true classifier-free guidance (``--cfg-scale``, by
 default the one the teacher was evaluated with: ``cfg_scale`` in its ``training/config.json``); with guidance,
@@ -113,6 +114,7 @@ class ProtocolConfig:
     grid_rows: int = 4
     seed: int = 0
     smoke: bool = False
+    overwrite: bool = False
 
     def check(self) -> None:
         """One-line ``ValueError`` for a count or step number below 1, before an hour of data and students."""
@@ -127,6 +129,15 @@ class ProtocolConfig:
         nearest = next(p for p in (results, *results.absolute().parents) if p.exists())
         if not nearest.is_dir():  # found only when the report is written, after every student and image
             raise ValueError(f"--results {self.results}: {nearest} is a file, not a folder")
+        held = [p.name for p in report_paths(results, self.smoke) if p.exists()]
+        if held and not self.overwrite:
+            raise ValueError(f"--results {self.results} holds {', '.join(held)} already; pass --overwrite to replace")
+
+
+def report_paths(results: Path, smoke: bool) -> list[Path]:
+    """The report's files in ``results``: ``fidelity[_smoke].json``, ``.md`` and ``_grid.png``."""
+    stem = "fidelity_smoke" if smoke else "fidelity"
+    return [results / f"{stem}.json", results / f"{stem}.md", results / f"{stem}_grid.png"]
 
 
 SMOKE = dict(
@@ -410,8 +421,7 @@ def write_report(
 ) -> list[Path]:
     """Write ``fidelity[_smoke].json``/``.md`` and the image grid into ``results``; returns the paths."""
     results.mkdir(parents=True, exist_ok=True)
-    stem = "fidelity_smoke" if meta["smoke"] else "fidelity"
-    paths = [results / f"{stem}.json", results / f"{stem}.md", results / f"{stem}_grid.png"]
+    paths = report_paths(results, meta["smoke"])
     paths[0].write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     paths[1].write_text(_markdown(rows, meta))
     columns, labels = [], []
@@ -483,6 +493,7 @@ def parse_args(argv: list[str] | None = None) -> ProtocolConfig:
     parser.add_argument("--teacher", help="teacher pipeline folder (default WORK/teacher; trained there in --smoke)")
     parser.add_argument("--results", default=defaults.results, help="where the tables and the grid go")
     parser.add_argument("--smoke", action="store_true", help="toy sizes end to end (a smoke teacher if none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report files --results holds")
     for name in ("num_data", "data_steps", "distill_steps", "distill_batch_size", "eval_scenes", "highres_scenes"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(defaults, name)}")
     parser.add_argument(
@@ -504,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         paths = run(parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(str(p) for p in paths))
