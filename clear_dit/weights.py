@@ -80,8 +80,9 @@ def clear_state_dict(pipe_or_transformer: Any) -> dict[str, torch.Tensor]:
     return {published: params[name].detach() for published, name in _clear_names(transformer).items()}
 
 
-def _check_not_fused(transformer: torch.nn.Module, names: dict[str, str]) -> None:
-    """Loading into LoRA layers whose delta is merged would make a later ``unfuse_lora`` corrupt the weights."""
+def _check_not_fused(transformer: torch.nn.Module, names: dict[str, str], action: str = "loading") -> None:
+    """Loading into LoRA layers whose delta is merged would make a later ``unfuse_lora`` corrupt the weights; saving
+    them would write the LoRA into the CLEAR file (applied twice with the LoRA loaded beside it)."""
     fused = [
         published
         for published, name in names.items()
@@ -89,7 +90,7 @@ def _check_not_fused(transformer: torch.nn.Module, names: dict[str, str]) -> Non
     ]
     if fused:
         raise ValueError(
-            f"{_first(sorted(fused))} carry a fused LoRA: call unfuse_lora() before loading CLEAR weights "
+            f"{_first(sorted(fused))} carry a fused LoRA: call unfuse_lora() before {action} CLEAR weights "
             "(and fuse_lora() again afterwards)"
         )
 
@@ -128,8 +129,10 @@ def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int | None:
     if key not in metadata:
         return None
     value = metadata[key]
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{path.name}: its metadata {key}={value!r} is not a positive whole number")
+    if not (value.isascii() and value.isdigit()) or len(value) > 9 or int(value) < 1:
+        raise ValueError(
+            f"{path.name}: its metadata {key}={value!r} is not a positive whole number (of at most 9 digits)"
+        )
     return int(value)
 
 
@@ -189,6 +192,7 @@ def save_weights(
     state = clear_state_dict(transformer)
     check_not_offloaded(state, "save")
     _check_separate_projections(transformer, "save")
+    _check_not_fused(transformer, _clear_names(transformer), "saving")
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     metadata = {
         "format": "clear-dit",
@@ -232,11 +236,18 @@ def _read_file(
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), shapes, dict(f.metadata() or {})
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            values = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            metadata = dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types
         convert = "; CLEAR weights are .safetensors files (convert a .pt/.bin state dict with safetensors' save_file)"
         hint = "" if path.suffix == ".safetensors" else convert
         raise ValueError(f"{path} is not a readable safetensors file: {err}{hint}") from err
+    # loading converts to the model's dtype: integers (a quantized file) would become meaningless weights
+    wrong = sorted(f"{k} ({dtype})" for k, dtype in dtypes.items() if not dtype.startswith(("F", "BF")))
+    if wrong:
+        raise ValueError(f"{path.name} holds tensors that are not floating point: {_first(wrong)}")
+    return values, shapes, metadata
 
 
 def _first(names: list[str], n: int = 3) -> str:

@@ -266,6 +266,13 @@ class HighResFluxPipeline(FluxPipeline):
         except (TypeError, ValueError):
             given = brief(num_inference_steps)
             raise ValueError(f"num_inference_steps must be whole numbers >= 1 for every stage, got {given}") from None
+        try:
+            num_images_per_prompt = _whole(num_images_per_prompt)
+            if num_images_per_prompt < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            shown = brief(num_images_per_prompt)
+            raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {shown}") from None
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         if seed is not None:  # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; stage i uses seed + i

@@ -208,7 +208,8 @@ def test_student_weights_only_in_clear_stages(pipe, student_file):
     def callback(p, step, timestep, kwargs):
         processor = next(iter(p.transformer.attn_processors.values()))
         weight = p.transformer.state_dict()[name]
-        seen.append((p.stage_index, getattr(processor, "down_factor", None), torch.equal(weight, tensors[name])))
+        clear = [getattr(processor, key, None) for key in ("window_size", "down_factor")]
+        seen.append((p.stage_index, *clear, torch.equal(weight, tensors[name])))
         return kwargs
 
     pipe(
@@ -219,8 +220,16 @@ def test_student_weights_only_in_clear_stages(pipe, student_file):
         output_type="latent",
         callback_on_step_end=callback,
     )
-    assert seen == [(0, None, False), (0, None, False), (1, 2, True), (1, 2, True)]
+    assert seen == [(0, None, None, False), (0, None, None, False), (1, 2, 2, True), (1, 2, 2, True)]  # the file's r, d
     assert_same_state(pipe, before)
+
+
+def test_each_stage_draws_from_its_own_generator(pipe):
+    run = dict(FAST, stages=[(64, 48), (128, 96)], output_type="latent")
+    a = pipe(**run, generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).stage_images
+    b = pipe(**run, generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(99)]).stage_images
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    assert not torch.equal(a[1], b[1])
 
 
 def test_model_restored_after_an_exception_in_a_stage(pipe, student_file):
@@ -282,6 +291,11 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], strength=10**5000), r"\(0, 1\], got <an int of 16610 bits>$"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=10**5000), r"dynamic shift\), got <an int of 16610 bits>$"),
         (dict(stages=[(64, 64)], seed=0, generator=torch.Generator()), r"either seed or generator"),
+        (
+            dict(stages=[(64, 64)], num_images_per_prompt=0),
+            r"num_images_per_prompt must be a whole number >= 1, got 0$",
+        ),
+        (dict(stages=[(64, 64)], num_images_per_prompt=1.5), r"num_images_per_prompt must be a whole number >= 1"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=-1.0), r"time_shift must be in \["),

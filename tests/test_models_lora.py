@@ -79,6 +79,10 @@ def test_clear_weights_load_into_a_lora_carrying_transformer(tiny_pipeline_path,
     pipe.fuse_lora()
     with pytest.raises(ValueError, match="carry a fused LoRA: call unfuse_lora"):
         clear_dit.load_weights(pipe, path)
+    # saved, the fused layers would carry the LoRA into the CLEAR file: applied twice beside the LoRA later
+    with pytest.raises(ValueError, match=r"carry a fused LoRA: call unfuse_lora\(\) before saving CLEAR weights"):
+        clear_dit.save_weights(pipe, tmp_path / "fused.safetensors")
+    assert not (tmp_path / "fused.safetensors").exists()
 
 
 def test_highres_gives_a_lora_carrying_model_its_weights_back(tiny_pipeline_path, lora_dir, tmp_path):

@@ -331,6 +331,29 @@ def test_a_metadata_value_of_zero_is_refused_naming_the_file(model, tmp_path, ke
         clear_dit.read_weights(path)
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "1" * 5000])
+def test_metadata_digits_python_cannot_read_as_a_radius_name_the_file(model, tmp_path, value):
+    """str.isdigit takes superscripts, and int() refuses 5000 digits: both said neither the file nor the key."""
+    path = tmp_path / "clear_local_2.safetensors"
+    save_file(official_tensors(model, 1), str(path), metadata={"window_size": value})
+    with pytest.raises(ValueError, match=r"clear_local_2.safetensors: its metadata window_size=.* is not a positive"):
+        clear_dit.read_weights(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8])
+def test_a_file_of_integer_tensors_is_refused_from_its_header(model, tmp_path, dtype):
+    """Loading converts to the model's dtype: a quantized or foreign file with the right names and shapes became
+    meaningless weights without a word."""
+    path = tmp_path / "clear_local_2.safetensors"
+    save_file({k: v.to(dtype) for k, v in official_tensors(model, 1).items()}, str(path))
+    for tensors in (True, False):
+        with pytest.raises(ValueError, match=r"clear_local_2.safetensors holds tensors that are not floating point: "):
+            clear_dit.read_weights(path, tensors=tensors)
+    with pytest.raises(ValueError, match="not floating point"):
+        clear_dit.load_weights(model, path)
+    assert clear_dit.patch_handle(model) is None
+
+
 def test_a_model_clear_dit_cannot_patch_is_refused_before_the_file_is_read(tmp_path):
     """A hub file (gigabytes for FLUX) was downloaded before the model was refused."""
     with pytest.raises(ValueError, match="clear_dit cannot patch Linear"):
