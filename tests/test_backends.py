@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from importlib.util import find_spec
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -432,6 +433,11 @@ def test_tiled_rejects_a_bad_tile(tile) -> None:
         tiled.TiledBackend(tile)
 
 
+def test_tiled_takes_numpy_tile_sizes_as_ints() -> None:
+    tile = tiled.TiledBackend(tile=(np.int64(4), np.int64(8))).tile
+    assert tile == (4, 8) and all(type(n) is int for n in tile)
+
+
 def test_auto_runs_and_matches_dense() -> None:
     layout = CLEARLayout((12, 20), 5, 3, 2)
     q, k, v, weight = _inputs(layout, batch=1)
@@ -513,8 +519,6 @@ def test_clear_attention_value_errors(kwargs, match: str) -> None:
 
 
 def test_layouts_take_any_integer_sizes_and_stay_hashable() -> None:
-    import numpy as np
-
     layout = CLEARLayout([np.int64(4), 4], np.int64(2), np.int64(2), torch.tensor(1))  # as from a config or array
     assert layout == CLEARLayout((4, 4), 2, 2) and hash(layout) == hash(CLEARLayout((4, 4), 2, 2))
     assert type(layout.window_size) is int and type(layout.down_factor) is int

@@ -273,9 +273,9 @@ def test_tiled_memory_with_pooled_keys_is_that_without(backward):
 
 
 def test_tiled_backward_of_the_global_keys_in_groups_of_columns_equals_dense():
-    """The backward runs the global keys' part over groups of tile columns (here 2, 2 and 1 of 5: 64 queries a column
-    over 12 text + 20 pooled keys), summing their key gradients; batch and heads of different content."""
-    layout = CLEARLayout((8, 40), 12, 3, 4)
+    """The backward runs the global keys' part over groups of tile columns (here 3 and 2 of 5: 320 image queries over
+    12 text + 80 pooled keys), summing their key gradients; batch and heads of different content."""
+    layout = CLEARLayout((8, 40), 12, 3, 2)
     q, k, v = (x.double().requires_grad_() for x in _qkv(layout))
     k, v = (_with_pooled(x, layout, None) for x in (k, v))
     call, scale = tiled.TiledBackend(tile=(4, 8)), DIM**-0.5
@@ -299,3 +299,32 @@ def test_split_row_chunks_keep_their_strips_within_the_key_budget():
             strip = c.strip_rows(geo) * geo.key_block[1] * (dim + 1)
             assert c.i1 - c.i0 == 1 or strip <= key_grid[0] * key_grid[1] * dim, (key_grid, c)
     assert {c.i1 - c.i0 for c in tiled._chunks(geo, (2, 2), dim, split_rows=True)} == {1}
+
+
+def test_tiled_bfloat16_gradients_of_the_global_keys_are_as_close_as_the_image_keys():
+    """The text and pooled keys' gradients are summed over 43 groups of tile columns: in bf16 each group's addition
+    rounded (4x the image keys' error here, which are rounded once); summed in fp32 they are rounded once too."""
+    layout = CLEARLayout((4, 1024), 64, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(1, layout.q_len, 2, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    k, v = (_with_pooled(x, layout, None) for x in (k, v))
+    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    (got,) = torch.autograd.grad(tiled.TiledBackend((4, 8))(*low, layout, 0.25), low[1], grad_out.bfloat16())
+    exact = [x.detach().double().requires_grad_() for x in low]
+    (expected,) = torch.autograd.grad(BACKENDS["dense"](*exact, layout, 0.25), exact[1], grad_out.bfloat16().double())
+
+    def error(keys: slice) -> float:
+        return float((got[:, keys].double() - expected[:, keys]).norm() / expected[:, keys].norm())
+
+    assert error(slice(0, 64)) < 1.5 * error(slice(64, layout.q_len))
+    assert error(slice(layout.q_len, None)) < 1.5 * error(slice(64, layout.q_len))
+
+
+def test_tiled_float16_takes_a_scale_its_padding_keys_allow():
+    """fp16's padding score -32752 x 0.05 = -1638 stays below -1000: run, not refused (the refusal starts below
+    1000 / 32752)."""
+    layout = CLEARLayout((8, 8), 4, 3)
+    q = torch.randn(1, 4 + 64, 2, 8, generator=torch.Generator().manual_seed(0)).half()
+    got = clear_attention_with_layout(q, q, q, layout, scale=0.05, backend="tiled")
+    torch.testing.assert_close(got, clear_attention_with_layout(q, q, q, layout, scale=0.05, backend="dense"),
+                               atol=2e-3, rtol=2e-3)  # fmt: skip

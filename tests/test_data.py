@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -800,15 +801,31 @@ def test_a_set_make_data_did_not_finish_is_named_when_opened(made, tmp_path, mon
 
     monkeypatch.setattr(data, "_encode_images", killed_in_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        generate_dataset(pipe, PROMPTS, tmp_path / "part", num=4, **SETTINGS)
+        generate_dataset(pipe, PROMPTS, tmp_path / "part", num=6, **SETTINGS)
     with caplog.at_level("WARNING", logger="training.data"):
         assert len(DistillDataset(tmp_path / "part")) == 2
-    assert "part holds 2 of the 4 items make-data was last asked for (it stopped early); re-run" in caplog.text
+    assert "part holds 2 of the 6 items make-data was last asked for (it stopped early); re-run" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="training.data"):
-        generate_dataset(pipe, PROMPTS, tmp_path / "part", num=4, **SETTINGS)
-        assert len(DistillDataset(tmp_path / "part")) == 4
+        generate_dataset(pipe, PROMPTS, tmp_path / "part", num=3, **SETTINGS)  # asked for fewer: a whole set
+        assert len(DistillDataset(tmp_path / "part")) == 3
     assert "stopped early" not in caplog.text
+
+
+def test_a_folder_of_an_older_clear_dit_opens_and_records_the_count_when_resumed(made, tmp_path, caplog):
+    """Its info.json has no 'requested': no warning (nothing to compare with), and a resume writes it."""
+    pipe, out, _ = made
+    folder = tmp_path / "old"
+    shutil.copytree(out, folder)
+    info = json.loads((folder / "info.json").read_text())
+    del info["requested"]
+    (folder / "info.json").write_text(json.dumps(info))
+    with caplog.at_level("WARNING", logger="training.data"):
+        assert len(DistillDataset(folder)) == 4
+        generate_dataset(pipe, PROMPTS, folder, num=5, **SETTINGS)
+        assert len(DistillDataset(folder)) == 5
+    assert "stopped early" not in caplog.text
+    assert json.loads((folder / "info.json").read_text())["requested"] == 5
 
 
 def test_a_run_killed_while_making_its_folders_resumes(made, tmp_path, monkeypatch):

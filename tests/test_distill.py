@@ -394,6 +394,12 @@ def test_settings_that_would_train_wrong_or_crash_late_are_refused(tmp_path, dat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("weights", [(0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)])
+def test_one_loss_term_alone_is_a_run(tmp_path, data_dir, weights):
+    fm, out, attn = weights
+    config(tmp_path, data_dir, fm_weight=fm, out_weight=out, attn_weight=attn).check()
+
+
 def test_warmup_steps_reach_the_schedule(tmp_path, data_dir):
     train(config(tmp_path, data_dir, num_validation=0, lr_scheduler="constant_with_warmup", lr_warmup_steps=2))
     lines = (tmp_path / "run/logs/train.jsonl").read_text().splitlines()

@@ -532,10 +532,12 @@ class _FlashImageRows(torch.autograd.Function):
         grad_global_k = grad_global_v = None
         if ctx.has_global:
             grad_tiles = torch.empty_like(tiles)
-            grad_global_k, grad_global_v = torch.zeros_like(global_k), torch.zeros_like(global_v)
+            # summed in fp32 (or wider): one rounding of the sum over all columns, as autograd's sum of copies had
+            accumulate = torch.promote_types(global_k.dtype, torch.float32)
+            grad_global_k, grad_global_v = (torch.zeros_like(t, dtype=accumulate) for t in (global_k, global_v))
             # the kernel returns one key gradient per tile column: as many columns a call as keep them within
-            # the image queries' size (all of them without pooled keys)
-            per_call = max(1, tiles[0].numel() // global_k.numel())
+            # the image queries' size (all of them for FLUX's 512 text keys without pooled keys)
+            per_call = max(1, tiles.numel() // global_k.numel())
             for j0 in range(0, ntx, per_call):
                 cols = slice(j0, j0 + per_call)
                 flat = (-1, b * heads, nty * length, chans)
@@ -545,8 +547,9 @@ class _FlashImageRows(torch.autograd.Function):
                     False, scale=scale,
                 )  # fmt: skip
                 grad_tiles[cols] = grad_q.reshape(grad_tiles[cols].shape)
-                grad_global_k += grad_k.sum(0).reshape(global_k.shape)
-                grad_global_v += grad_v.sum(0).reshape(global_v.shape)
+                grad_global_k += grad_k.sum(0, dtype=accumulate).reshape(global_k.shape)
+                grad_global_v += grad_v.sum(0, dtype=accumulate).reshape(global_v.shape)
+            grad_global_k, grad_global_v = grad_global_k.to(global_k.dtype), grad_global_v.to(global_v.dtype)
         else:
             grad_tiles = torch.zeros_like(tiles)
         padding = _padding_key_score(tiles.dtype, plan.scale)
