@@ -226,6 +226,16 @@ def test_tiled_refuses_a_scale_too_small_to_drop_its_padding_keys(dtype, scale):
     assert torch.isfinite(dense).all()  # dense runs it
 
 
+def _assert_equals_dense_with_gradients(backend, q, k, v, layout: CLEARLayout, scale: float) -> None:
+    """``backend``'s output and q/k/v gradients equal ``dense``'s (``k``/``v`` with their pooled tail)."""
+    got, expected = backend(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale)
+    torch.testing.assert_close(got, expected)
+    grad_out = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["flash-function", "plain-ops"])
 @pytest.mark.parametrize("scale", [2.5, 4.0, 1e6])
 def test_tiled_large_scales_with_a_smaller_reference_grid_equal_dense(plain, scale):
@@ -236,12 +246,7 @@ def test_tiled_large_scales_with_a_smaller_reference_grid_equal_dense(plain, sca
     backend = tiled.TiledBackend()
     if plain:
         backend.kernels = tiled.PartKernels()
-    got, expected = backend(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale)
-    torch.testing.assert_close(got, expected)
-    grad_out = torch.randn_like(got)
-    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
-                    strict=True):  # fmt: skip
-        torch.testing.assert_close(g, e)
+    _assert_equals_dense_with_gradients(backend, q, k, v, layout, scale)
 
 
 def _peak_over_qkv(layout: CLEARLayout, backward: bool) -> float:
@@ -278,13 +283,7 @@ def test_tiled_backward_of_the_global_keys_in_groups_of_columns_equals_dense():
     layout = CLEARLayout((8, 40), 12, 3, 2)
     q, k, v = (x.double().requires_grad_() for x in _qkv(layout))
     k, v = (_with_pooled(x, layout, None) for x in (k, v))
-    call, scale = tiled.TiledBackend(tile=(4, 8)), DIM**-0.5
-    got, expected = call(q, k, v, layout, scale), BACKENDS["dense"](q, k, v, layout, scale)
-    torch.testing.assert_close(got, expected)
-    grad_out = torch.randn_like(got)
-    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out),
-                    strict=True):  # fmt: skip
-        torch.testing.assert_close(g, e)
+    _assert_equals_dense_with_gradients(tiled.TiledBackend(tile=(4, 8)), q, k, v, layout, DIM**-0.5)
 
 
 def test_split_row_chunks_keep_their_strips_within_the_key_budget():

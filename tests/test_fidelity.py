@@ -797,18 +797,23 @@ def test_compare_reports_the_fraction_of_passed_scenes_beside_the_mean_score():
     assert out["adherence"] == np.mean([c.score for c in checks]) > 0.5
 
 
+def _evaluate_r16_on_three_scenes(monkeypatch, draw) -> list[dict]:
+    """``run.evaluate``'s rows (teacher, then the training-free r16 student) at 1x on 3 scenes drawn by ``draw``."""
+    monkeypatch.setattr(run, "_draw", draw)
+    monkeypatch.setattr(run, "student", lambda pipe, variant, weights: contextlib.nullcontext())
+    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
+    variants = [v for v in run.variants_for(128) if v.name == "r16"]
+    cfg = run.ProtocolConfig(work="", eval_scenes=3, scales=(1,), cfg_scale=1.0)
+    return run.evaluate(None, cfg, 128, variants, {})[0]
+
+
 def test_evaluate_checks_each_image_against_its_own_scene(monkeypatch):
     """Flat-colour images (the other evaluate test) score alike against any scene: renders do not."""
 
     def draw(pipe, highres, cfg, resolution, scale, scenes, variant, weights):
         return [render(s, resolution * scale) for s in scenes], 1.0
 
-    monkeypatch.setattr(run, "_draw", draw)
-    monkeypatch.setattr(run, "student", lambda pipe, variant, weights: contextlib.nullcontext())
-    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
-    variants = [v for v in run.variants_for(128) if v.name == "r16"]
-    cfg = run.ProtocolConfig(work="", eval_scenes=3, scales=(1,), cfg_scale=1.0)
-    rows, _ = run.evaluate(None, cfg, 128, variants, {})
+    rows = _evaluate_r16_on_three_scenes(monkeypatch, draw)
     assert [r["adherence"] for r in rows] == [1.0, 1.0]
 
 
@@ -914,12 +919,7 @@ def test_student_rows_score_the_students_images_not_the_teachers(monkeypatch):
             return [Image.new("RGB", (resolution * scale,) * 2, (128, 128, 128)) for _ in scenes], 1.0
         return [render(s, resolution * scale) for s in scenes], 1.0
 
-    monkeypatch.setattr(run, "_draw", draw)
-    monkeypatch.setattr(run, "student", lambda pipe, variant, weights: contextlib.nullcontext())
-    monkeypatch.setattr(run, "default_max_sequence_length", lambda pipe: 16)
-    variants = [v for v in run.variants_for(128) if v.name == "r16"]
-    cfg = run.ProtocolConfig(work="", eval_scenes=3, scales=(1,), cfg_scale=1.0)
-    rows, _ = run.evaluate(None, cfg, 128, variants, {})
+    rows = _evaluate_r16_on_three_scenes(monkeypatch, draw)
     assert rows[0]["adherence"] < 1.0
     assert rows[1]["student"] == "training-free" and rows[1]["adherence"] == 1.0 and rows[1]["pass_rate"] == 1.0
 
