@@ -447,7 +447,7 @@ def test_protocol_evaluation_and_report(smoke_teacher, tmp_path):
 
 
 def test_protocol_needs_a_teacher(tmp_path, capsys):
-    assert run.main(["--work", str(tmp_path)]) == 2
+    assert run.main(["--work", str(tmp_path), "--results", str(tmp_path / "results")]) == 2
     assert "no teacher pipeline in" in capsys.readouterr().err
 
 
@@ -469,7 +469,8 @@ def test_protocol_refuses_bad_settings_before_any_work(tmp_path, capsys, extra, 
     (teacher / "training").mkdir(parents=True)
     (teacher / "model_index.json").write_text("{}")
     (teacher / "training" / "config.json").write_text(json.dumps({"resolution": 256}))
-    assert run.main(["--work", str(tmp_path / "work"), "--teacher", str(teacher), *extra]) == 2
+    results = ["--results", str(tmp_path / "results")]  # not the committed report's folder (extra may name one)
+    assert run.main(["--work", str(tmp_path / "work"), "--teacher", str(teacher), *results, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "work" / "data").exists()
@@ -517,6 +518,7 @@ def test_protocol_reuses_a_student_only_if_it_was_made_with_its_settings(tmp_pat
     monkeypatch.setattr(run, "make_data", lambda cfg, teacher, resolution: tmp_path / "work" / "data")
     monkeypatch.setattr(run, "check_data_size", lambda cfg, data: None)  # of the data step, stubbed above
     argv = ["--work", str(tmp_path / "work"), "--teacher", str(teacher), "--variants", variant.name]
+    argv += ["--results", str(tmp_path / "results")]
     assert run.main([*argv, "--distill-lr", "2e-4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "lr 0.0005 (protocol: 0.0002)" in err
@@ -539,7 +541,9 @@ def test_protocol_smoke_end_to_end(smoke_teacher, tmp_path, capsys):
     )
     assert (results / "fidelity_smoke_grid.png").is_file()
     # a WORK whose data an earlier run made larger (make-data keeps its items): new students would train on all
-    assert run.main([*argv, "--num-data", str(run.SMOKE["num_data"] - 1)]) == 2
+    assert run.main([*argv, "--num-data", str(run.SMOKE["num_data"] - 1)]) == 2  # its report: --overwrite asked
+    assert "fidelity_smoke_grid.png already; pass --overwrite to replace" in capsys.readouterr().err
+    assert run.main([*argv, "--num-data", str(run.SMOKE["num_data"] - 1), "--overwrite"]) == 2
     assert "data holds 4 items of an earlier run, not --num-data 3; move it away or pass --num-data 4" in (
         capsys.readouterr().err
     )
