@@ -300,23 +300,43 @@ def test_split_row_chunks_keep_their_strips_within_the_key_budget():
     assert {c.i1 - c.i0 for c in tiled._chunks(geo, (2, 2), dim, split_rows=True)} == {1}
 
 
-def test_tiled_bfloat16_gradients_of_the_global_keys_are_as_close_as_the_image_keys():
-    """The text and pooled keys' gradients are summed over 43 groups of tile columns: in bf16 each group's addition
-    rounded (4x the image keys' error here, which are rounded once); summed in fp32 they are rounded once too."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("which", [1, 2], ids=["keys", "values"])
+def test_tiled_low_precision_gradients_of_the_global_keys_are_as_close_as_the_image_keys(dtype, which):
+    """The text and pooled keys' (and values') gradients are summed over 43 groups of tile columns: in bf16 each
+    group's addition rounded (4x the image keys' error here, which are rounded once); summed in fp32, once too."""
     layout = CLEARLayout((4, 1024), 64, 2, 2)
     g = torch.Generator().manual_seed(0)
     q, k, v, grad_out = (torch.randn(1, layout.q_len, 2, 16, generator=g, dtype=torch.float64) for _ in range(4))
     k, v = (_with_pooled(x, layout, None) for x in (k, v))
-    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
-    (got,) = torch.autograd.grad(tiled.TiledBackend((4, 8))(*low, layout, 0.25), low[1], grad_out.bfloat16())
+    low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    (got,) = torch.autograd.grad(tiled.TiledBackend((4, 8))(*low, layout, 0.25), low[which], grad_out.to(dtype))
     exact = [x.detach().double().requires_grad_() for x in low]
-    (expected,) = torch.autograd.grad(BACKENDS["dense"](*exact, layout, 0.25), exact[1], grad_out.bfloat16().double())
+    dense = BACKENDS["dense"](*exact, layout, 0.25)
+    (expected,) = torch.autograd.grad(dense, exact[which], grad_out.to(dtype).double())
 
     def error(keys: slice) -> float:
         return float((got[:, keys].double() - expected[:, keys]).norm() / expected[:, keys].norm())
 
     assert error(slice(0, 64)) < 1.5 * error(slice(64, layout.q_len))
     assert error(slice(layout.q_len, None)) < 1.5 * error(slice(64, layout.q_len))
+
+
+def test_tiled_backward_of_the_global_keys_runs_in_as_few_column_groups_as_the_image_queries_allow(monkeypatch):
+    """320 image queries over 100 text keys: 3 of the 5 tile columns a call (2 calls), not one column a call."""
+    layout = CLEARLayout((8, 40), 100, 3)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.q_len, 2, 8, generator=g).requires_grad_() for _ in range(3))
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    calls = []
+
+    def counting(grad, query, key, *args, **kwargs):
+        calls.append(key.shape[-2])
+        return real(grad, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", counting)
+    tiled.TiledBackend((4, 8))(q, k, v, layout, 0.25).sum().backward()
+    assert calls.count(100) == 2, calls
 
 
 def test_tiled_float16_takes_a_scale_its_padding_keys_allow():

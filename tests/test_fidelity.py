@@ -995,3 +995,12 @@ def test_the_grid_shows_at_most_grid_rows_scenes(tmp_path):
     grid = run.write_report([row], images, meta, tmp_path, "r16")[2]
     with Image.open(grid) as image:
         assert image.size == (2 * 256, 16 + 256)
+
+
+@pytest.mark.parametrize("held", ["fidelity.json", "fidelity.md", "fidelity_grid.png"])
+def test_any_one_report_file_held_needs_overwrite(tmp_path, held):
+    (tmp_path / held).write_text("mine")
+    cfg = run.ProtocolConfig(work=str(tmp_path / "work"), results=str(tmp_path))
+    with pytest.raises(ValueError, match=f"holds {held} already; pass --overwrite"):
+        cfg.check()
+    dataclasses.replace(cfg, overwrite=True).check()
