@@ -483,7 +483,10 @@ def _highres_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=_text, required=True, help="text prompt")
     p.add_argument("--model", default="tiny", help="'tiny' (default), a local pipeline folder, or a hub id")
     p.add_argument(
-        "--stages", required=True, help="WIDTHxHEIGHT per stage, increasing, e.g. 1024x1024,2048x2048 (stage 0 first)"
+        "--stages",
+        required=True,
+        help="WIDTHxHEIGHT per stage, increasing, at least two (a base image and its upscales), e.g. "
+        "1024x1024,2048x2048",
     )
     p.add_argument("--strength", type=_finite, default=0.7, help="SDEdit strength of the upscale stages (default: 0.7)")
     p.add_argument("--ntk", type=_finite, default=10.0, help="RoPE theta factor of the upscale stages (default: 10)")
@@ -513,10 +516,17 @@ def _validate_highres(args: argparse.Namespace) -> list[Path]:
         value = getattr(args, name)
         if value is not None and value < low:
             raise CLIError(f"--{name} must be at least {low}, got {value}")
+    if args.guidance < 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
     _check_weights_path(args.weights)
     args.cfg = _check_true_cfg(args)
     try:
         args.stages = parse_stages(args.stages)
+        if len(args.stages) == 1:  # no upscale stage: CLEAR, --strength and --ntk would be recorded but unused
+            raise CLIError(
+                f"--stages {args.stages[0][0]}x{args.stages[0][1]} has no upscale stage: give two or more "
+                "sizes (for one image: clear-dit generate)"
+            )
         strengths = [args.strength] * (len(args.stages) - 1)
         check_highres_inputs(
             args.stages, strengths, ntk_factor=args.ntk, down_factor=args.down or 1, time_shift=args.time_shift
@@ -688,9 +698,14 @@ def _layers(text: str) -> list[int] | None:
     if text == "all":
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices, got {text!r}") from None
+        layers = []
+    if not layers:  # an empty list would switch L_attn off while --attn-weight says otherwise
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or comma-separated layer indices, got {text!r} (no L_attn: --attn-weight 0)"
+        )
+    return layers
 
 
 def _distill_arguments(p: argparse.ArgumentParser) -> None:

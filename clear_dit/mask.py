@@ -178,14 +178,17 @@ class CLEARLayout:
 
 def window_row_extents(window_size: int) -> list[tuple[int, int]]:
     """``[(dy, half_width)]`` for every row offset of the window: ``|dx| <= half_width`` is inside."""
-    r = window_size
-    rows = []
-    for dy in range(-(r - 1), r):
-        half = 0
-        while in_window(dy, half + 1, r):
-            half += 1
-        rows.append((dy, half))
-    return rows
+    return [(dy, _half_width(dy, window_size)) for dy in range(1 - window_size, window_size)]
+
+
+def _half_width(dy: int, window_size: int) -> int:
+    """The largest ``dx`` with ``(dy, dx)`` inside the window, for ``|dy| < window_size`` (where ``dx = 0`` is):
+    a bisection on :func:`in_window`, so that a window far wider than any grid costs ``log(r)`` tests a row."""
+    inside, outside = 0, window_size
+    while outside - inside > 1:
+        middle = (inside + outside) // 2
+        inside, outside = (middle, outside) if in_window(dy, middle, window_size) else (inside, middle)
+    return inside
 
 
 def mask_predicate(layout: CLEARLayout) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -233,12 +236,15 @@ def _overlap(n_query: int, n_key: int, offset: int) -> int:
 
 
 def _image_pairs(query_grid: tuple[int, int], key_grid: tuple[int, int], window_size: int) -> int:
-    """Exact count of (query, key) pairs inside the window between two grids sharing one coordinate space."""
+    """Exact count of (query, key) pairs inside the window between two grids sharing one coordinate space.
+
+    Only the row and column offsets the grids span count: a window far larger than the grids (``--window 100000``)
+    costs what the grids do."""
+    (qh, qw), (kh, kw) = query_grid, key_grid
     total = 0
-    for dy, half in window_row_extents(window_size):
-        rows = _overlap(query_grid[0], key_grid[0], dy)
-        if rows:
-            total += rows * sum(_overlap(query_grid[1], key_grid[1], dx) for dx in range(-half, half + 1))
+    for dy in range(max(1 - window_size, 1 - kh), min(window_size, qh)):
+        half = min(_half_width(dy, window_size), max(qw, kw))
+        total += _overlap(qh, kh, dy) * sum(_overlap(qw, kw, dx) for dx in range(-half, half + 1))
     return total
 
 

@@ -12,6 +12,8 @@ from PIL import Image
 
 import clear_dit
 from app.cli import main
+from clear_dit import mask
+from clear_dit.mask import in_window
 
 
 def _meta(path):
@@ -145,3 +147,86 @@ def test_make_data_overwrite_starts_over(tmp_path, tiny_pipeline_path, capsys):
 def test_app_refuses_port_65536(capsys):
     assert main(["app", "--port", "65536"]) == 2
     assert "--port must be 1 to 65535, got 65536" in capsys.readouterr().err
+
+
+@pytest.fixture
+def weights_d2(tmp_path, tiny_pipeline_path):
+    from pipelines.loading import load_pipeline
+
+    with clear_dit.patch(load_pipeline("tiny"), window_size=2, down_factor=2) as handle:
+        return clear_dit.save_weights(handle.transformer, tmp_path / "student.safetensors")
+
+
+def test_generate_passes_backend_to_load_weights(tmp_path, monkeypatch, weights_d2):
+    """--backend dense with --weights ran auto while it printed and recorded dense."""
+    seen, real = [], clear_dit.load_weights
+    monkeypatch.setattr(clear_dit, "load_weights", lambda *a, **k: seen.append(k) or real(*a, **k))
+    args = ["generate", "--prompt", "x", "--height", "64", "--width", "64", "--steps", "1"]
+    assert main([*args, "--weights", str(weights_d2), "--backend", "dense", "--out", str(tmp_path / "w.png")]) == 0
+    assert seen and seen[0].get("backend") == "dense"
+
+
+def test_highres_passes_ntk_and_time_shift(tmp_path, monkeypatch, tiny_pipeline_path):
+    from pipelines.highres import HighResFluxPipeline
+
+    seen, call = [], HighResFluxPipeline.__call__
+    monkeypatch.setattr(HighResFluxPipeline, "__call__", lambda self, *a, **k: seen.append(k) or call(self, *a, **k))
+    args = ["highres", "--prompt", "x", "--stages", "32x32,64x64", "--steps", "2", "--window", "1"]
+    assert main([*args, "--ntk", "5", "--time-shift", "2", "--out", str(tmp_path / "h.png")]) == 0
+    assert (seen[0]["ntk_factor"], seen[0]["time_shift"]) == (5.0, 2.0)
+
+
+def test_highres_checks_the_weights_files_down_factor_before_loading(tmp_path, monkeypatch, capsys, weights_d2):
+    import pipelines.loading
+
+    monkeypatch.setattr(pipelines.loading, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    args = ["highres", "--prompt", "x", "--stages", "32x32,48x48", "--weights", str(weights_d2)]
+    assert main([*args, "--out", str(tmp_path / "h.png")]) == 2
+    assert "(the down factor of" in capsys.readouterr().err
+
+
+def test_make_data_images_refuses_generation_options(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    assert main(["make-data", "--images", str(tmp_path / "raw"), "--out", str(tmp_path / "d"), "--seed", "3"]) == 2
+    assert "--seed applies to generated data (--prompts), not to --images" in capsys.readouterr().err
+
+
+def test_make_data_passes_max_sequence_length(tmp_path, monkeypatch):
+    import training.data
+
+    seen = []
+
+    def stop_here(*args, **kwargs):
+        seen.append(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(training.data, "generate_dataset", stop_here)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    args = ["make-data", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "d"), "--resolution", "32"]
+    assert main([*args, "--max-sequence-length", "16"]) == 1
+    assert seen[0]["max_sequence_length"] == 16
+
+
+@pytest.mark.parametrize("layers", ["", ",", " , "])
+def test_distill_refuses_an_empty_attn_layers_list(tmp_path, capsys, layers):
+    """It switched L_attn off while --attn-weight stayed 0.5 (a whole run trained without it)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--window", "2",
+              "--attn-layers", layers])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "expected 'all' or comma-separated layer indices" in capsys.readouterr().err
+
+
+def test_a_huge_window_is_counted_in_what_the_grid_spans():
+    """attention_density (the CLI's density line) looped over every row of the window: --window 100000 hung
+    generate after the image was made, for about 40 minutes."""
+    calls = []
+
+    def counting(dy, dx, window_size):
+        calls.append(1)
+        return in_window(dy, dx, window_size)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mask, "in_window", counting)
+        assert clear_dit.attention_density((2, 2), 64, 100_000) == 1.0
+    assert len(calls) < 200

@@ -438,15 +438,19 @@ def test_cli_records_the_clear_settings_in_effect(tmp_path, capsys):
         ),
         (["--stages", "64"], "error: stage size '64' is not WIDTHxHEIGHT"),
         (["--stages", "64x64", "--weights", "missing.safetensors"], "error: weights file not found"),
-        (["--stages", "64x64", "--out", "x.jpg"], "error: --out must be a .png file"),
-        (["--stages", "64x64", "--out", "{existing}"], "exists; pass --overwrite"),
+        (["--stages", "64x64,128x128", "--out", "x.jpg"], "error: --out must be a .png file"),
+        (["--stages", "64x64,128x128", "--out", "{existing}"], "exists; pass --overwrite"),
+        (["--stages", "64x64", "--window", "8"], "error: --stages 64x64 has no upscale stage: give two or more sizes"),
+        (["--stages", "64x64,128x128", "--guidance", "-1"], "error: --guidance must be >= 0, got -1.0"),
+        (["--stages", "64x64,128x128", "--window", "0"], "error: --window must be at least 1, got 0"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     existing = tmp_path / "taken.png"
     existing.write_bytes(b"mine")
     args = [a.replace("{existing}", str(existing)) for a in args]
-    code = main(["highres", "--prompt", "a red circle", *args])
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out.png")]  # a run let through writes nothing here
+    code = main(["highres", "--prompt", "a red circle", *out, *args])
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
     assert existing.read_bytes() == b"mine"
