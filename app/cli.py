@@ -553,7 +553,10 @@ def cmd_highres(args: argparse.Namespace) -> int:
     from pipelines.highres import HighResFluxPipeline, resolve_clear_settings
     from pipelines.loading import load_pipeline
 
-    window, down, weights = resolve_clear_settings(args.window, args.down, args.weights, args.backend)
+    try:  # reads the weights file's header: an unreadable one is bad input, as in generate
+        window, down, weights = resolve_clear_settings(args.window, args.down, args.weights, args.backend)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     if down != (args.down or 1):  # the weights file's down factor: the sizes must fit it, before the model loads
         from pipelines.stages import check_highres_inputs
 
@@ -661,8 +664,13 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out} is a file, not a data folder")
+    below = next((p for p in out.absolute().parents if p.exists()), None)  # the nearest folder that exists
+    if below is not None and not below.is_dir():
+        raise CLIError(f"--out {args.out}: {below} is a file, not a folder")
     if args.images:
         images = Path(args.images).expanduser().resolve()
+        if images.exists() and not images.is_dir():
+            raise CLIError(f"--images {args.images} is a file; name the folder of images and captions")
         if out.resolve() == images or out.resolve() in images.parents:
             raise CLIError(f"--out {args.out} holds --images {args.images}: choose a data folder outside it")
     _quiet_libraries(args.verbose)

@@ -298,6 +298,11 @@ def test_make_data_refuses_bad_settings_before_touching_its_folder(tmp_path, tin
     assert main(["make-data", "--images", str(data / "raw"), "--out", str(data / "raw"), "--overwrite"]) == 2
     assert "holds --images" in capsys.readouterr().err
     assert (data / "raw").is_dir()
+    # a file where a folder belongs: named as such, not "not found" or an errno
+    assert main(["make-data", "--images", str(prompts), "--out", str(tmp_path / "d2")]) == 2
+    assert capsys.readouterr().err == f"error: --images {prompts} is a file; name the folder of images and captions\n"
+    assert main(["make-data", "--prompts", str(prompts), "--out", str(prompts / "sub")]) == 2
+    assert capsys.readouterr().err == f"error: --out {prompts / 'sub'}: {prompts} is a file, not a folder\n"
 
 
 @pytest.mark.parametrize("problem", ["shapes", "header only"])

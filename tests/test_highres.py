@@ -443,6 +443,7 @@ def test_cli_records_the_clear_settings_in_effect(tmp_path, capsys):
         (["--stages", "64x64", "--window", "8"], "error: --stages 64x64 has no upscale stage: give two or more sizes"),
         (["--stages", "64x64,128x128", "--guidance", "-1"], "error: --guidance must be >= 0, got -1.0"),
         (["--stages", "64x64,128x128", "--window", "0"], "error: --window must be at least 1, got 0"),
+        (["--stages", "64x64,128x128", "--weights", "{existing}"], "taken.png is not a readable safetensors file"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
@@ -452,7 +453,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     out = [] if "--out" in args else ["--out", str(tmp_path / "out.png")]  # a run let through writes nothing here
     code = main(["highres", "--prompt", "a red circle", *out, *args])
     err = capsys.readouterr().err
-    assert code != 0 and message in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
     assert existing.read_bytes() == b"mine"
 
 
