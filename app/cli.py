@@ -661,12 +661,14 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-sequence-length must be 1 to {LIMIT} (FLUX's T5 limit), got {args.max_sequence_length}")
     if args.guidance is not None and args.guidance < 0:
         raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    from clear_dit.files import nearest_existing
+
     out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
+    nearest = nearest_existing(out)
+    if nearest == out and not out.is_dir():
         raise CLIError(f"--out {args.out} is a file, not a data folder")
-    below = next((p for p in out.absolute().parents if p.exists()), None)  # the nearest folder that exists
-    if below is not None and not below.is_dir():
-        raise CLIError(f"--out {args.out}: {below} is a file, not a folder")
+    if not nearest.is_dir():
+        raise CLIError(f"--out {args.out}: {nearest} is a file, not a folder")
     if args.images:
         images = Path(args.images).expanduser().resolve()
         if images.exists() and not images.is_dir():

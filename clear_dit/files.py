@@ -42,6 +42,13 @@ def write_target(path: str | os.PathLike) -> Path:
     return target
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself if it exists, else its nearest parent that does: where making the missing folders starts, and
+    a file there means ``path`` can never be a folder."""
+    path = Path(path)
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """``write_target(path)``, checked now rather than after hours of work that end in writing it: not a folder,
     below a folder that exists or can be made (:func:`atomic_write`'s callers make the missing ones), writable.

@@ -51,6 +51,7 @@ from benchmarks.fidelity import train_teacher
 from benchmarks.fidelity.checker import check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes, image_grid
 from benchmarks.fidelity.metrics import psnr, ssim
+from clear_dit.files import nearest_existing
 from clear_dit.weights import is_clear_key
 from pipelines.loading import default_max_sequence_length, load_pipeline
 from training.data import DistillDataset
@@ -126,7 +127,7 @@ class ProtocolConfig:
         if not (math.isfinite(self.distill_lr) and self.distill_lr > 0):
             raise ValueError(f"--distill-lr must be positive and finite, got {self.distill_lr}")
         results = Path(self.results)
-        nearest = next(p for p in (results, *results.absolute().parents) if p.exists())
+        nearest = nearest_existing(results)
         if not nearest.is_dir():  # found only when the report is written, after every student and image
             raise ValueError(f"--results {self.results}: {nearest} is a file, not a folder")
         held = [p.name for p in report_paths(results, self.smoke) if p.exists()]
