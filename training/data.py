@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -412,7 +412,13 @@ def _encode_images(vae: Any, images: Sequence[Image.Image]) -> tuple[torch.Tenso
 
 
 def _data_info(
-    pipe: Any, height: int, width: int, max_sequence_length: int, settings: dict[str, Any], probe: tuple
+    pipe: Any,
+    height: int,
+    width: int,
+    max_sequence_length: int,
+    settings: dict[str, Any],
+    probe: tuple,
+    requested: int,
 ) -> DataInfo:
     prompt_embeds, pooled = probe
     factor = pipe.vae_scale_factor
@@ -427,6 +433,7 @@ def _data_info(
         vae_shift_factor=float(pipe.vae.config.shift_factor or 0.0),
         embeds_dtype=str(prompt_embeds.dtype).removeprefix("torch."),
         settings=settings,
+        requested=requested,
     )
 
 
@@ -463,7 +470,7 @@ def _run(
     elif max_sequence_length < 1:
         raise ValueError(f"max_sequence_length must be at least 1 (T5 tokens), got {max_sequence_length}")
     probe = _encode_text(pipe, [items[0].prompt], max_sequence_length)
-    info = replace(_data_info(pipe, resolution, resolution, max_sequence_length, settings, probe), requested=len(items))
+    info = _data_info(pipe, resolution, resolution, max_sequence_length, settings, probe, len(items))
     writer = _Writer(out, info, overwrite)
     try:
         negative = _encode_text(pipe, [negative_prompt], max_sequence_length)

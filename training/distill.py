@@ -247,6 +247,12 @@ class TrainState:
         self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
 
 
+def _seeded(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` wrapped to the 64 bits ``manual_seed`` takes: derived seeds of a
+    ``--seed`` up to 2**63 - 1 pass them (below 2**64 the seed is unchanged)."""
+    return torch.Generator().manual_seed(seed % 2**64)
+
+
 class SampleStream:
     """Which item, noise, latent draw and timestep each position of the global sample stream gets.
 
@@ -263,12 +269,12 @@ class SampleStream:
     def item(self, position: int) -> int:
         epoch = position // self.num_items
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) % 2**64)  # manual_seed takes 64 bits
+            g = _seeded(self.seed * 100_003 + epoch)
             self._perm = (epoch, torch.randperm(self.num_items, generator=g))
         return int(self._perm[1][position % self.num_items])
 
     def generator(self, position: int) -> torch.Generator:
-        return torch.Generator().manual_seed(((self.seed << 32) + position) % 2**64)
+        return _seeded((self.seed << 32) + position)
 
 
 def _resolve_model(model: str) -> str:
@@ -848,7 +854,7 @@ class Distiller:
         sigma (fixed density quantiles), one batch ``(len(VALIDATION_QUANTILES), ...)`` per item."""
         sigmas = self.sampler.from_uniform(torch.tensor(VALIDATION_QUANTILES))
         for position, index in enumerate(self.held_out()):
-            generators = [torch.Generator().manual_seed((self.config.seed + 7919 * position) % 2**64) for _ in sigmas]
+            generators = [_seeded(self.config.seed + 7919 * position) for _ in sigmas]
             item = self.dataset[index]
             yield make_batch(
                 [item] * len(sigmas),
