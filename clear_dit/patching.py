@@ -159,7 +159,13 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
         CLEARJointAttnProcessor,
         _sd3_grids,
         (JointAttnProcessor2_0, FusedJointAttnProcessor2_0),
-        refused_methods=("fuse_qkv_projections", "unfuse_qkv_projections"),
+        # (enable|disable)_xformers_memory_efficient_attention, on the model or its pipeline, end up here and swap
+        # every SD3 processor for XFormersAttnProcessor / AttnProcessor2_0 (not even joint attention)
+        refused_methods=(
+            "fuse_qkv_projections",
+            "unfuse_qkv_projections",
+            "set_use_memory_efficient_attention_xformers",
+        ),
     ),
 )
 SUPPORTED_MODELS: tuple[type[nn.Module], ...] = tuple(family.model for family in MODEL_FAMILIES)
@@ -472,9 +478,10 @@ def _patch_model(model: nn.Module, make_processor: Callable[[type[CLEARAttnProce
         pooling = {name: p.spatial_weight for name, p in originals.items() if _pooling(p) is not None}
         below, originals = (previous, record), record.original_processors
     reference = _reference_parameter(model)
-    processors = {
-        name: make_processor(family.processor).to(device=reference.device, dtype=reference.dtype) for name in originals
-    }
+    # diffusers' model.dtype: the compute dtype under enable_layerwise_casting (whose fp8 storage would round the
+    # pooling weights), else the first floating parameter's
+    dtype = model.dtype if model.dtype.is_floating_point else reference.dtype
+    processors = {name: make_processor(family.processor).to(device=reference.device, dtype=dtype) for name in originals}
     with torch.no_grad():
         for name, processor in processors.items():
             kept = pooling.get(name)

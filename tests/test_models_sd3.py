@@ -68,9 +68,22 @@ def test_methods_that_would_bring_full_attention_back_are_refused(model):
         with pytest.raises(ValueError, match=r"set_attention_backend\('flash'\) would compute full attention"):
             model.set_attention_backend("flash")
         model.set_attention_backend("native")  # a no-op for CLEAR
+        # (enable|disable)_xformers_memory_efficient_attention swap SD3's processors (disable: for AttnProcessor2_0,
+        # not even joint attention), and the next forward failed on a shape
+        with pytest.raises(ValueError, match="set_use_memory_efficient_attention_xformers.* CLEAR-patched SD3"):
+            model.disable_xformers_memory_efficient_attention()
+        assert all(isinstance(p, clear_dit.CLEARJointAttnProcessor) for p in model.attn_processors.values())
         torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)
     model.fuse_qkv_projections()  # unpatched: diffusers' own methods are back
     model.unfuse_qkv_projections()
+
+
+def test_packed_hidden_states_name_the_latent_shape_sd3_needs(model):
+    inputs = sd3_inputs((4, 4))
+    inputs["hidden_states"] = inputs["hidden_states"].flatten(2).transpose(1, 2)  # packed tokens, as FLUX takes them
+    with clear_dit.patch(model, window_size=1):
+        with pytest.raises(ValueError, match=r"needs latent `hidden_states` \(batch, channels, height, width\)"):
+            run(model, inputs)
 
 
 def test_ip_adapters_are_refused_while_patched_and_unpatch_survives_added_layers(model):

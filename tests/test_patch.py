@@ -301,9 +301,13 @@ def test_patch_rejects_unsupported_models_and_bad_arguments(model):
 def test_the_native_attention_backend_is_allowed_by_name_or_enum(model):
     from diffusers.models.attention_dispatch import AttentionBackendName
 
+    inputs = flux_inputs((4, 4))
     with clear_dit.patch(model, window_size=1):
-        model.set_attention_backend("native")
-        model.set_attention_backend(AttentionBackendName.NATIVE)  # str() of it is 'AttentionBackendName.NATIVE'
+        expected = run(model, inputs)
+        for backend in ("native", AttentionBackendName.NATIVE):  # str() of the enum is 'AttentionBackendName.NATIVE'
+            model.set_attention_backend(backend)
+            assert {p._attention_backend for p in model.attn_processors.values()} == {AttentionBackendName.NATIVE}
+            torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)  # and CLEAR still runs
 
 
 def test_positional_arguments_reach_the_patched_forward(model, tmp_path):
@@ -344,6 +348,13 @@ def test_processors_take_the_models_floating_dtype(model):
     model.to(torch.bfloat16)
     with clear_dit.patch(model, window_size=1, down_factor=2):
         assert {p.dtype for proc in model.attn_processors.values() for p in proc.parameters()} == {torch.bfloat16}
+
+
+def test_processors_take_the_compute_dtype_under_layerwise_casting(model):
+    """Not the float8 storage dtype, which would round the pooling weights (a uniform 1/9 to 0.109)."""
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with clear_dit.patch(model, window_size=1, down_factor=3):
+        assert {p.spatial_weight.dtype for p in model.attn_processors.values()} == {torch.float32}
 
 
 def test_a_controlnet_with_a_custom_processor_is_refused_and_the_handle_names_the_transformer(model, tmp_path):
