@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import is_out_of_memory
+from app.inputs import SEED_LIMIT, attention_saving, not_utf8
 
 logger = logging.getLogger("clear_dit.cli")
 
@@ -48,10 +49,6 @@ def _finite(text: str) -> float:
     return value
 
 
-#: Seeds are 0 to 2**63 - 1: torch takes up to 2**64 - 1, and runs add the image or stage index to them.
-SEED_LIMIT = 2**63
-
-
 def seed_arg(text: str) -> int:
     """argparse type of ``--seed`` (here and in the benchmarks): a whole number in ``[0, SEED_LIMIT)``."""
     try:
@@ -64,13 +61,10 @@ def seed_arg(text: str) -> int:
 
 
 def _text(text: str) -> str:
-    """argparse type of prompts: bytes that are not UTF-8 arrive as surrogates, which the tokenizers reject."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(
-            f"not UTF-8 text: {text.encode('utf-8', 'backslashreplace').decode()!r}"
-        ) from None
+    """argparse type of prompts (:func:`app.inputs.not_utf8`)."""
+    reason = not_utf8(text)
+    if reason:
+        raise argparse.ArgumentTypeError(reason)
     return text
 
 
@@ -348,9 +342,7 @@ def _density_line(args, window: int, down: int, max_sequence_length: int, scale:
     density = clear_dit.attention_density(grid, max_sequence_length, window, down)
     tokens = f"{grid[0]}x{grid[1]} image + {max_sequence_length} text tokens"
     head = f"attention density: {density:.1%} of full attention ({tokens})"
-    if density >= 1:  # a window covering the grid, plus pooled keys: more than full attention
-        return f"{head} -> {density - 1:.1%} more attention FLOPs than full attention (the window covers the image)"
-    return f"{head} -> {1 / density:.2f}x fewer attention FLOPs ({1 - density:.1%} saved)"
+    return f"{head} -> {attention_saving(density)}"
 
 
 def _device_and_dtype(device=None):

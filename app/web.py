@@ -38,6 +38,7 @@ from PIL import Image, PngImagePlugin
 
 import clear_dit
 from app.errors import is_out_of_memory
+from app.inputs import SEED_LIMIT, attention_saving, not_utf8
 from clear_dit.weights import check_weights, config_from_filename, read_weights, read_weights_config
 from pipelines.highres import HighResFluxPipeline
 from pipelines.loading import default_max_sequence_length, load_pipeline
@@ -62,7 +63,6 @@ ATTENTION_MODES = ("full", "clear")
 MIN_SIDE, MAX_SIDE = 64, 8192
 MAX_STEPS = 100
 MAX_GUIDANCE, MAX_TRUE_CFG = 20.0, 10.0  # the sliders' ranges: the API is held to them too
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit int; high-res stage i uses seed + i
 DOWN_FACTORS = (1, 2, 4)
 #: The published CLEAR checkpoints (hub repo Huage001/CLEAR), as ``(label, path for load_weights)``.
 PUBLISHED_WEIGHTS = [
@@ -146,7 +146,7 @@ class Comparison:
         return (
             f"**full attention** {self.full.seconds:.2f} s · **CLEAR** (r={s.window_size}, d={s.down_factor}) "
             f"{self.clear.seconds:.2f} s · **speedup {self.speedup:.2f}x**  \n"
-            f"attention density {100 * self.density:.1f}% ({100 * (1 - self.density):.1f}% of attention FLOPs saved) "
+            f"attention density {self.density:.1%} ({attention_saving(self.density)}) "
             f"· mean |difference| {self.mean_abs_diff:.1f}/255 · {psnr}  \n"
             "wall times of the whole pipeline call (text encoders, denoising, VAE decode), same seed, each after "
             "an untimed 1-step warm-up"
@@ -253,6 +253,9 @@ class GenerationEngine:
         """Raise a one-line ``ValueError`` naming the first bad setting and what is allowed."""
         if not s.prompt.strip():
             raise ValueError("the prompt is empty: describe the image you want")
+        for name, text in (("prompt", s.prompt), ("negative prompt", s.negative_prompt)):
+            if not_utf8(text):  # a browser sends a lone surrogate as JSON's \ud800
+                raise ValueError(f"the {name} is {not_utf8(text)}")
         if s.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {s.attention!r}")
         if s.down_factor not in DOWN_FACTORS:

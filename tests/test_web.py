@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import clear_dit
-from app.web import Callbacks, GenerationCancelled, GenerationEngine, GenerationSettings, build_demo, launch
+from app.web import _RAMP, Callbacks, GenerationCancelled, GenerationEngine, GenerationSettings, build_demo, launch
 from pipelines.loading import load_pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -124,10 +124,18 @@ def test_compare_statistics_are_those_of_the_two_images(engine):
     assert c.mean_abs_diff == pytest.approx(np.abs(full - clear).mean())
     assert c.heatmap.max() > 0  # the images differ, so does the heat map
     hottest = np.unravel_index(np.abs(full - clear).mean(-1).argmax(), full.shape[:2])
-    assert tuple(c.heatmap[hottest]) == tuple(c.heatmap.reshape(-1, 3).max(0))  # the ramp's end where they differ most
+    assert tuple(c.heatmap[hottest]) == tuple(_RAMP[-1])  # scaled to the largest difference: the ramp's end there
     summary = c.summary()
     assert f"speedup {c.speedup:.2f}x" in summary and f"mean |difference| {c.mean_abs_diff:.1f}/255" in summary
-    assert f"({100 * (1 - c.density):.1f}% of attention FLOPs saved)" in summary
+    saving = f"{1 / c.density:.2f}x fewer attention FLOPs ({1 - c.density:.1%} saved)"  # the CLI's words
+    assert f"attention density {c.density:.1%} ({saving})" in summary
+
+
+def test_a_density_above_full_attention_is_not_called_saved(cb):
+    """r=64 on a 4x4 grid with 2x2 pooled keys: more than full attention (it said '-1.0% ... saved')."""
+    *_, summary, _, _ = cb.compare(*values(window_size=64, down_factor=2))
+    assert "% more attention FLOPs than full attention (the window covers the image)" in summary
+    assert "saved" not in summary
 
 
 def test_window_covering_the_grid_reproduces_full_attention(cb):
@@ -246,7 +254,7 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
     progress = lambda p, desc, unit: seen.append(desc)  # noqa: E731
     path, summary, *_ = cb.generate(*values(upscale="128x96", strength=0.5), progress=progress)
     image = read_png(path)
-    assert image.size == (128, 96) and "high resolution 64x64 → 128x96" in summary
+    assert image.size == (128, 96) and "high resolution 64x64 → 128x96" in summary and "· 128x96, 2 steps" in summary
     assert seen[0] == "stage 1/2: denoising step 1/2" and seen[-1] == "stage 2/2: denoising step 1/1"
     assert json.loads(image.text["clear-dit"])["upscale"] == "128x96"
     assert "Upscale: 128x96 (strength 0.5)" in image.text["parameters"]
@@ -274,6 +282,11 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
         (dict(upscale="big"), "stage size 'big' is not WIDTHxHEIGHT"),
         (dict(guidance=float("nan")), "guidance must be a finite number, got nan"),  # all black before
         (dict(guidance=25.0), "guidance must be 0 to 20, got 25.0"),
+        (dict(guidance=-0.5), "guidance must be 0 to 20, got -0.5"),
+        (dict(seed=2**63 - 2, upscale="128x96"), "seed must be 0 to 9223372036854775805, got 9223372036854775806"),
+        # a browser sends a lone surrogate as JSON's \ud800; the tokenizer's TypeError said nothing of it
+        (dict(prompt="a \ud800 cat"), "the prompt is not UTF-8 text: 'a "),
+        (dict(negative_prompt="\udce9", true_cfg=2.0), "the negative prompt is not UTF-8 text"),
         (dict(guidance=None), "guidance is missing"),
         (dict(true_cfg=0.5), r"true CFG scale must be 1 \(off\) to 10, got 0.5"),
         (dict(seed=2**64), "seed must be 0 to 9223372036854775806, got 18446744073709551616"),
@@ -288,6 +301,14 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
 def test_bad_input_is_a_readable_error(cb, changes, message):
     with pytest.raises(gr.Error, match=message):
         cb.generate(*values(**changes))
+
+
+def test_a_missing_weights_file_is_one_plain_line(cb, tmp_path):
+    """Not 'generation failed: FileNotFoundError: ...' with a traceback in the log."""
+    missing = tmp_path / "clear_local_2.safetensors"
+    with pytest.raises(gr.Error) as err:
+        cb.generate(*values(weights=str(missing)))
+    assert err.value.message == f"CLEAR weights file not found: {missing}"
 
 
 @pytest.mark.parametrize(
