@@ -139,6 +139,9 @@ class BandPlan:
     window_size: int
     down_factor: int = 1
 
+    def __post_init__(self) -> None:
+        self.bands  # noqa: B018  (a split that cannot be made raises here, not at its first use in a run)
+
     @cached_property
     def bands(self) -> tuple[tuple[int, int], ...]:
         return split_rows(self.grid[0], self.world_size, self.down_factor)
@@ -166,9 +169,7 @@ class BandPlan:
 
 @lru_cache(maxsize=32)
 def _plan(grid: tuple[int, int], world_size: int, window_size: int, down_factor: int) -> BandPlan:
-    plan = BandPlan(grid, world_size, window_size, down_factor)
-    plan.bands  # noqa: B018  (validates the split once)
-    return plan
+    return BandPlan(grid, world_size, window_size, down_factor)
 
 
 def _all_reduce_factor(world_size: int) -> float:

@@ -156,6 +156,9 @@ def test_parallel_benchmark_refuses_layouts_no_band_plan_splits(capsys) -> None:
         err == "error: cannot split 128 token rows into bands of a multiple of 3 row(s) (the down factor): "
         "128 is not divisible by 3\n"
     )
+    # the timing run's own tiny layout too (it failed in both rank processes, after loading the model)
+    assert main(["--sizes", "2048", "--ranks", "2", "--tiny-size", "16", "16"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot split 1 token rows into bands")
 
 
 def test_distill_table_keeps_the_fastest_rounds_speed_and_the_highest_peak(monkeypatch, tmp_path) -> None:
