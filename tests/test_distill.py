@@ -224,6 +224,58 @@ def test_lora_initialisation_is_a_function_of_the_seed(fresh_transformer):
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_an_exception_inside_the_teacher_block_gives_the_student_back(fresh_transformer, lora_rank):
+    """An OOM or a Ctrl-C while the teacher runs must not leave the teacher's weights and processors in the student."""
+    student = Student(fresh_transformer(), window_size=1, down_factor=2, lora_rank=lora_rank)
+    with torch.no_grad():  # as after training: the student's tensors differ from the teacher's
+        for p in student.trainable.values():
+            p.add_(0.01)
+    inputs = transformer_inputs(student.transformer, (4, 4), text_len=8)
+    before = forward(student.transformer, inputs)
+    with pytest.raises(RuntimeError, match="inside"):
+        with student.teacher() as teacher:
+            forward(teacher, inputs)
+            raise RuntimeError("inside the teacher block")
+    torch.testing.assert_close(forward(student.transformer, inputs), before, atol=0, rtol=0)
+
+
+def test_attention_layers_are_hooked_once_each_in_execution_order(fresh_transformer):
+    student = Student(fresh_transformer(), window_size=1, attn_layers=[2, 0, -1])  # 2 and -1: the same layer
+    assert student.capture.names == ["transformer_blocks.0.attn", "single_transformer_blocks.1.attn"]
+    with student.capture.recording() as outputs:
+        forward(student.transformer, transformer_inputs(student.transformer, (4, 4), text_len=8))
+    assert len(outputs) == 2
+
+
+def test_gradient_checkpointing_recompute_adds_nothing_to_a_recording(fresh_transformer):
+    transformer = fresh_transformer()
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    student = Student(transformer, window_size=1)
+    inputs = transformer_inputs(transformer, (4, 4), text_len=8)
+    with student.capture.recording() as outputs:
+        velocity = student.transformer(**inputs)[0]
+    assert len(outputs) == 3
+    (velocity.square().mean() + sum(o.square().mean() for o in outputs)).backward()  # recomputes every block
+    assert len(outputs) == 3
+    forward(student.transformer, inputs)  # outside recording: nothing is kept
+    assert student.capture._outputs is None
+
+
+def test_the_shared_teacher_of_an_upcast_student_keeps_its_storage_dtype(fresh_transformer):
+    """The frozen copy is taken before the fp32 upcast: bf16 memory, and the bf16 model without autocast too."""
+    reference_model = fresh_transformer().bfloat16()
+    inputs = transformer_inputs(reference_model, (4, 4), text_len=8)
+    floating = [k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point() and k != "guidance"]
+    inputs.update({k: inputs[k].bfloat16() for k in floating})
+    reference = forward(reference_model, inputs)
+    student = Student(fresh_transformer().bfloat16(), window_size=1, trainable_dtype=torch.float32)
+    assert {p.dtype for p in student.trainable.values()} == {torch.float32}
+    with student.teacher() as teacher:
+        torch.testing.assert_close(forward(teacher, inputs), reference, atol=0, rtol=0)
+
+
 @pytest.fixture()
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state, fixed by the first Accelerator (its mixed precision included);

@@ -179,6 +179,13 @@ def test_each_texture_covers_its_share_of_the_background_in_its_shade(background
     assert 0.08 < shares["dotted"] < 0.16 and 0.35 < shares["striped"] < 0.6 and 0.35 < shares["checkered"] < 0.6
 
 
+@pytest.mark.parametrize("background", list(PALETTE))
+def test_every_background_texture_shade_is_visibly_apart(background):
+    """Toward white on dark colours, black on light ones: a caption's 'striped black background' must show."""
+    shade, rgb = texture_color(background), PALETTE[background]
+    assert sum(abs(a - b) for a, b in zip(shade, rgb, strict=True)) >= 100
+
+
 def test_regions_are_row_major_with_x_first_and_hold_their_shapes_centres():
     assert region_box("top right") == (2 / 3, 0, 1, 1 / 3)  # (x0, y0, x1, y1): right column, top row
     square = Shape("square", "red", "top right", "large", (5 / 6, 1 / 6))
