@@ -39,3 +39,17 @@ def json_path(text: str) -> Path:
         return check_writable(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_json_arguments(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--json FILE`` (:func:`json_path`) and the ``--overwrite`` that an existing FILE needs: the committed results
+    are such files, and a run (a ``--smoke`` one, or one stopped after its first row) would replace them.
+    :func:`refuse_existing_json` checks the pair after parsing."""
+    parser.add_argument("--json", type=json_path, help=f"{help}; an existing file needs --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+
+
+def refuse_existing_json(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error (before any timing) for an existing ``--json`` file without ``--overwrite``."""
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        parser.error(f"--json {args.json} exists; pass --overwrite to replace it")

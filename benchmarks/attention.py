@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from app.cli import seed_arg
-from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
+from benchmarks._args import add_json_arguments, non_negative_int, positive_float, positive_int, refuse_existing_json
 from benchmarks._results import run_meta, write_results
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARLayout, attention_density, available_backends, clear_attention
@@ -94,9 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--json", type=json_path, help="write the rows to this JSON file")
+    add_json_arguments(p, "write the rows to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)
+    refuse_existing_json(p, args)
     if args.smoke:
         args.grids, args.radii, args.text_len, args.heads, args.head_dim = [8, 16], [2, 4], 16, 2, 16
         args.repeats, args.warmup = 1, 0

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 
 import torch
 
-from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
+from benchmarks._args import add_json_arguments, non_negative_int, positive_float, positive_int, refuse_existing_json
 from benchmarks._results import run_meta, write_results
 from training.distill import export_name
 
@@ -76,10 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=positive_int, default=16, help="table model: attention heads of 64 channels")
     p.add_argument("--layers", type=positive_int, nargs=2, default=[4, 8], help="table model: double and single blocks")
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
-    p.add_argument("--json", type=json_path, help="write the results to this JSON file")
+    add_json_arguments(p, "write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one table row, in a child process
     args = p.parse_args(argv)
+    refuse_existing_json(p, args)
     if args.smoke:
         args.num_train, args.num_val, args.steps, args.data_steps = 4, 2, 3, 2
         args.bench_steps, args.bench_warmup, args.bench_batch, args.rounds = 1, 1, 1, 1

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout, not an i
 
 import torch
 
-from benchmarks._args import json_path, non_negative_int, positive_int
+from benchmarks._args import add_json_arguments, non_negative_int, positive_int, refuse_existing_json
 from benchmarks._results import run_meta, write_results
 from pipelines.parallel import BandPlan, launch_local, layer_traffic
 
@@ -54,9 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny-down", type=positive_int, default=2)
     p.add_argument("--steps", type=positive_int, default=4, help="denoising steps of the timing run")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed pipeline runs per rank count (median)")
-    p.add_argument("--json", type=json_path, help="write the results to this JSON file")
+    add_json_arguments(p, "write the results to this JSON file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     args = p.parse_args(argv)
+    refuse_existing_json(p, args)
     if min(args.ranks) < 2:
         p.error(f"argument --ranks: patch parallelism needs at least 2 ranks, got {min(args.ranks)}")
     if args.smoke:

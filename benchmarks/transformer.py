@@ -55,7 +55,7 @@ from torch import nn
 
 import clear_dit
 from app.cli import seed_arg
-from benchmarks._args import json_path, non_negative_int, positive_float, positive_int
+from benchmarks._args import add_json_arguments, non_negative_int, positive_float, positive_int, refuse_existing_json
 from benchmarks._results import run_meta, write_results
 from benchmarks._timing import interleaved_medians
 from clear_dit import CLEARFluxAttnProcessor, CLEARLayout, attention_density, clear_attention
@@ -94,10 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--json", type=json_path, help="write the rows to this JSON file (after each size)")
+    add_json_arguments(p, "write the rows to this JSON file (after each size)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
     p.add_argument("--report", type=Path, help="print the Markdown tables of a result JSON (as in the README), no run")
     args = p.parse_args(argv)
+    refuse_existing_json(p, args)
     if args.smoke:
         args.sizes, args.radii, args.text_len, args.heads, args.head_dim = [128, 256], [2, 4], 8, 2, 16
         args.repeats, args.warmup = 1, 0

@@ -122,7 +122,9 @@ def test_transformer_rows_time_the_right_blocks_and_print_the_json(monkeypatch, 
     assert torch.allclose(outputs["full_attention"], full.transpose(1, 2).flatten(2, 3), atol=1e-5)
     cols = bench.format_row(row).split()
     assert cols[7] == "1.67x" and cols[9] == "50.0%" and cols[10] == "16.7%" and cols[11] == "5.00x"
-    assert "| 1.67x | 4 | 50% / 17% | 5.00x | 2.50x |" in bench.format_markdown([row])
+    ideal = 10 / (4 + row["density"] * 5)  # full attention's time scaled by the density, not CLEAR's time
+    assert row["ideal_at_density"] == pytest.approx(ideal)
+    assert f"| 1.67x | 4 | 50% / 17% | 5.00x | 2.50x | {ideal:.2f}x |" in bench.format_markdown([row])
 
 
 def test_parallel_layout_units_and_the_measured_speedup(monkeypatch):
@@ -286,7 +288,8 @@ def _recording_medians(record):
     from benchmarks._timing import Medians
 
     def medians(fns, repeats, warmup=1, budget_s=float("inf")):
-        record.update(budget_s=budget_s, threads=torch.get_num_threads(), outputs={n: fn() for n, fn in fns.items()})
+        outputs = {n: fn() for n, fn in fns.items()}
+        record.update(budget_s=budget_s, warmup=warmup, threads=torch.get_num_threads(), outputs=outputs)
         result = Medians({name: 0.001 for name in fns})
         result.rounds = 1
         return result
@@ -301,30 +304,51 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_attention_honours_threads_budget_batch_and_dense_max_seq(monkeypatch, keep_threads):
+def test_attention_honours_threads_budget_batch_dtype_warmup_and_dense_max_seq(monkeypatch, keep_threads):
     import benchmarks.attention as bench
 
-    seen = {}
+    seen, full_dtypes = {}, set()
+    sdpa = bench.F.scaled_dot_product_attention
+
+    def full_sdpa(q, k, v, **kw):
+        full_dtypes.update(t.dtype for t in (q, k, v))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(bench, "F", SimpleNamespace(scaled_dot_product_attention=full_sdpa))
     monkeypatch.setattr(bench, "interleaved_medians", _recording_medians(seen))
     torch.set_num_threads(2)
-    argv = "--smoke --rows 8:2 --backends tiled dense --threads 1 --budget 7 --batch 2 --dense-max-seq 50".split()
-    (row,) = bench.run(bench.parse_args(argv))
-    assert seen["threads"] == 1 and seen["budget_s"] == 7.0
-    assert row["qkv_bytes"] == 3 * 2 * row["seq"] * 2 * 16 * 4  # batch 2 x seq x heads 2 x head_dim 16, fp32
+    argv = "--rows 8:2 --text-len 16 --heads 2 --head-dim 16 --backends tiled dense --threads 1 --budget 7 --batch 2"
+    argv += " --dtype bf16 --warmup 3"
+    (row,) = bench.run(bench.parse_args([*argv.split(), "--dense-max-seq", "50"]))
+    assert seen["threads"] == 1 and seen["budget_s"] == 7.0 and seen["warmup"] == 3
+    assert row["qkv_bytes"] == 3 * 2 * row["seq"] * 2 * 16 * 2  # batch 2 x seq x heads 2 x head_dim 16, bf16
     assert seen["outputs"]["tiled"].shape[0] == 2
+    # full SDPA runs in the benchmark's dtype too (an fp32 baseline would inflate bf16 speedups)
+    assert full_dtypes == {torch.bfloat16} and {t.dtype for t in seen["outputs"].values()} == {torch.bfloat16}
     assert row["seq"] == 80 and "dense" in row["skipped"] and "dense" not in row["backends"]  # 80 > 50
+    (row,) = bench.run(bench.parse_args([*argv.split(), "--dense-max-seq", "80"]))
+    assert "dense" in row["backends"] and not row["skipped"]  # the limit itself is run
 
 
-def test_transformer_honours_threads_and_budget(monkeypatch, keep_threads):
+def test_transformer_honours_threads_budget_dtype_and_warmup(monkeypatch, keep_threads):
     import benchmarks.transformer as bench
 
-    seen = {}
+    seen, full_dtypes = {}, set()
+    dispatch = bench.dispatch_attention_fn
+
+    def full_attention(q, k, v, *args, **kwargs):
+        full_dtypes.update(t.dtype for t in (q, k, v))
+        return dispatch(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "dispatch_attention_fn", full_attention)
     monkeypatch.setattr(bench, "interleaved_medians", _recording_medians(seen))
     monkeypatch.setattr(bench, "BLOCKS", ("single",))
     torch.set_num_threads(2)
-    argv = "--sizes 128 --radii 2 --text-len 8 --heads 2 --head-dim 16 --threads 1 --budget 7".split()
-    bench.run(bench.parse_args(argv))
-    assert seen["threads"] == 1 and seen["budget_s"] == 7.0
+    argv = "--sizes 128 --radii 2 --text-len 8 --heads 2 --head-dim 16 --threads 1 --budget 7 --dtype bf16 --warmup 3"
+    bench.run(bench.parse_args(argv.split()))
+    assert seen["threads"] == 1 and seen["budget_s"] == 7.0 and seen["warmup"] == 3
+    assert full_dtypes == {torch.bfloat16}
+    assert seen["outputs"]["full_attention"].dtype == seen["outputs"]["clear_attention_2"].dtype == torch.bfloat16
 
 
 def test_transformer_report_of_a_json_list_is_a_one_line_error(tmp_path, capsys):

@@ -220,6 +220,27 @@ def test_timing_benchmarks_refuse_bad_arguments_as_usage_errors(
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "module, argv",
+    [("attention", []), ("transformer", []), ("distill", []), ("parallel", []), ("fidelity.probe", ["--teacher", "."])],
+)
+def test_an_existing_json_file_is_replaced_only_with_overwrite(tmp_path, capsys, module: str, argv: list[str]):
+    """The committed results are such files: a --smoke run (tiny rows), or a run stopped after its first row,
+    replaced them without a word."""
+    import importlib
+
+    parse_args = importlib.import_module(f"benchmarks.{module}").parse_args
+    results = tmp_path / "results.json"
+    results.write_text('{"rows": [1]}')
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*argv, "--json", str(results)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: --json {results} exists; pass --overwrite to replace it\n")
+    assert parse_args([*argv, "--json", str(results), "--overwrite"]).json == results
+    assert parse_args([*argv, "--json", str(tmp_path / "new.json")]).json == tmp_path / "new.json"
+    assert results.read_text() == '{"rows": [1]}'
+
+
 def test_transformer_report_of_another_file_is_a_one_line_error(tmp_path, capsys):
     from benchmarks.transformer import main
 

@@ -886,7 +886,7 @@ def test_the_probe_writes_its_json_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(OSError, match="No space"):
-        probe.main(["--teacher", str(tmp_path), "--json", str(old)])
+        probe.main(["--teacher", str(tmp_path), "--json", str(old), "--overwrite"])
     assert old.read_text() == '{"old": 1}' and [p.name for p in tmp_path.iterdir()] == ["probe.json"]
 
 

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from app.cli import seed_arg
-from benchmarks._args import json_path
+from benchmarks._args import add_json_arguments, refuse_existing_json
 from benchmarks.fidelity.checker import SceneCheck, check_scene
 from benchmarks.fidelity.common import generate, held_out_scenes
 from benchmarks.fidelity.train_teacher import T5_LENGTH, embed_ids, predict_velocity, render_batch, tokenize_captions
@@ -312,8 +312,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="true CFG of the swap and memorisation probes (default: the teacher's evaluation)",
     )
     parser.add_argument("--seed", type=seed_arg, default=0)
-    parser.add_argument("--json", type=json_path, help="write the results here")
-    return parser.parse_args(argv)
+    add_json_arguments(parser, "write the results here")
+    args = parser.parse_args(argv)
+    refuse_existing_json(parser, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
