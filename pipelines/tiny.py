@@ -16,10 +16,13 @@ whenever the recipe below changes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,9 +142,17 @@ def cache_root() -> Path:
 
 
 def _manifest(path: Path) -> str:
-    """What ``.complete`` holds: every file of the saved pipeline with its size, so that damage shows."""
+    """What ``.complete`` holds: every file of the saved pipeline with its size and SHA-256 (5.6 MB: milliseconds),
+    so that damage shows, a changed byte included."""
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != ".complete")
-    return TINY_NAME + "\n" + "".join(f"{f.relative_to(path).as_posix()} {f.stat().st_size}\n" for f in files)
+    return (
+        TINY_NAME
+        + "\n"
+        + "".join(
+            f"{f.relative_to(path).as_posix()} {f.stat().st_size} {hashlib.sha256(f.read_bytes()).hexdigest()}\n"
+            for f in files
+        )
+    )
 
 
 def _is_complete(path: Path) -> bool:
@@ -160,6 +171,8 @@ def _fault(path: Path) -> str:
         return "is incomplete (a build was interrupted)"
     if manifest == TINY_NAME + "\n":  # what earlier builds wrote: the name alone
         return "was built by an older clear-dit that kept no list of its files"
+    if all(len(line.split()) == 2 for line in manifest.splitlines()[1:]):  # then names and sizes
+        return "was built by an older clear-dit that kept no checksums of its files"
     return "is damaged (a file was deleted or changed since it was built)"
 
 
@@ -177,7 +190,12 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     path = root / TINY_NAME
     if _is_complete(path):
         return path
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(
+            f"cannot create the tiny model's cache folder {root} ({err.strerror}): set {CACHE_ENV} to a writable folder"
+        ) from None
     for stale in root.glob(f".{TINY_NAME}.tmp-*"):  # builds killed before their cleanup; a live one is seconds old
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
@@ -185,9 +203,11 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
     try:
         logger.info("building the tiny FLUX pipeline in %s", path)
-        pipe = build_tiny_pipeline(tmp / "_tokenizers")
-        pipe.save_pretrained(tmp)
-        shutil.rmtree(tmp / "_tokenizers")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _save_in_a_fresh_process(tmp)
+        else:
+            save_tiny_pipeline(tmp)
+        _check_loads(tmp)
         (tmp / ".complete").write_text(_manifest(tmp))
         # mkdtemp's 0700 (and safetensors' 0600 files, whatever the umask) would keep a shared cache from its other
         # users: the modes new folders and files get
@@ -208,6 +228,38 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def save_tiny_pipeline(folder: Path) -> None:
+    """Build the tiny pipeline and ``save_pretrained`` it into the existing, empty ``folder``."""
+    pipe = build_tiny_pipeline(folder / "_tokenizers")
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_tokenizers")
+
+
+def _save_in_a_fresh_process(folder: Path) -> None:
+    """:func:`save_tiny_pipeline` in a new interpreter: in a process of a torch.distributed group (a torchrun
+    rank), transformers' ``save_pretrained`` writes nothing on ranks other than 0, so a build there lacked its
+    text encoders."""
+    code = (
+        "import sys; from pathlib import Path; from pipelines.tiny import save_tiny_pipeline as s; s(Path(sys.argv[1]))"
+    )
+    package_root = str(Path(__file__).resolve().parents[1])  # importable as it is here, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"building the tiny pipeline in a separate process failed: {last}")
+
+
+def _check_loads(folder: Path) -> None:
+    """Load the new build once before it becomes the cache: a build that does not load must never count as one."""
+    from diffusers import FluxPipeline
+
+    try:
+        FluxPipeline.from_pretrained(folder)
+    except Exception as err:  # diffusers and transformers raise many types for a missing or broken file
+        raise RuntimeError(f"the tiny pipeline just built does not load ({type(err).__name__}: {err})") from err
 
 
 def load_tiny_pipeline(torch_dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):

@@ -122,6 +122,10 @@ def test_cached_folder_is_reused(tiny_pipeline_path, tiny_cache_dir, monkeypatch
     [
         (None, "is incomplete (a build was interrupted)"),
         (tiny.TINY_NAME + "\n", "was built by an older clear-dit that kept no list of its files"),
+        (
+            tiny.TINY_NAME + "\nmodel_index.json 2\n",
+            "was built by an older clear-dit that kept no checksums of its files",
+        ),
     ],
 )
 def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch, caplog, complete, fault):
@@ -171,6 +175,47 @@ def test_a_damaged_cache_is_built_again(tiny_pipeline_path, tmp_path, monkeypatc
     assert f"the tiny pipeline in {target} is damaged (a file was deleted or changed since it was built)" in caplog.text
     pipe = tiny.load_tiny_pipeline(cache_dir=tmp_path)
     assert len(pipe.tokenizer_2) == len(tiny.load_tiny_pipeline().tokenizer_2) > 100
+
+
+def test_a_changed_file_of_the_same_size_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch, caplog):
+    """Sizes alone let a cache with NaN weights through: every image came out black, exit code 0."""
+    target = tmp_path / tiny.TINY_NAME
+    shutil.copytree(tiny_pipeline_path, target)
+    weights = target / "transformer" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-4096] + b"\xff\xff\xff\x7f" * 1024)  # NaN floats, same size
+    _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
+    assert tiny.tiny_pipeline_path(tmp_path) == target
+    assert weights.read_bytes() == good and f"the tiny pipeline in {target} is damaged" in caplog.text
+
+
+def test_a_cache_folder_that_cannot_be_made_names_the_variable_to_set(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"cannot create the tiny model's cache folder .*/file/cache \(Not a directory\): "
+                       f"set {tiny.CACHE_ENV} to a writable folder"):  # fmt: skip
+        tiny.tiny_pipeline_path(tmp_path / "file" / "cache")
+
+
+def _build_on_rank_1(cache: str) -> bool:
+    """Rank 1 of a gloo group builds the cache (rank 0 waits): transformers saves files on rank 0 only."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        tiny.load_tiny_pipeline(cache_dir=cache)
+    dist.barrier()
+    return True
+
+
+def test_a_build_in_a_distributed_process_other_than_rank_0_is_whole(tmp_path):
+    """`torchrun ... generate --parallel` on a fresh cache: rank 1's build had empty text encoder folders, was
+    marked complete, and failed that run and every later one until the cache was deleted by hand."""
+    from pipelines.parallel import launch_local
+
+    results = launch_local(_build_on_rank_1, 2, (str(tmp_path),), timeout_s=300, group_timeout_s=240)
+    assert all(r.exitcode == 0 for r in results), [r.error for r in results]
+    folder = tmp_path / tiny.TINY_NAME
+    assert (folder / "text_encoder" / "model.safetensors").is_file() and tiny._is_complete(folder)
+    assert len(tiny.load_tiny_pipeline(cache_dir=tmp_path).tokenizer_2) > 100
 
 
 def test_a_cache_under_home_is_expanded_and_takes_the_mode_of_new_folders(tiny_pipeline_path, tmp_path, monkeypatch):
