@@ -183,7 +183,10 @@ def _validate_generate(args: argparse.Namespace) -> None:
             raise CLIError("--parallel runs CLEAR attention: pass --window or --weights, without --compare")
         if args.cfg:
             raise CLIError("--true-cfg is not supported with --parallel yet")
-        if any(name not in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        from app.launch import alone_under_cpu_launch
+
+        launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        if not launched and not alone_under_cpu_launch(os.environ):  # that one relaunches itself as N processes
             raise CLIError("--parallel needs a distributed launch: torchrun --nproc_per_node N -m app.cli generate ...")
     _check_weights_path(args.weights)
     from pipelines.loading import model_source
@@ -205,7 +208,9 @@ def _validate_generate(args: argparse.Namespace) -> None:
                     f"--{name} must be a multiple of {multiple} ({LATENT_PATCH} x the down factor {down} of "
                     f"{args.weights}), got {getattr(args, name)}"
                 )
-    if args.parallel:  # every rank loads the model first (minutes for FLUX): a split that cannot be made fails now
+    # every rank loads the model first (minutes for FLUX): a split that cannot be made fails now (in the processes of
+    # a relaunch, for the lone process of `accelerate launch --cpu`)
+    if args.parallel and "WORLD_SIZE" in os.environ:
         from pipelines.parallel import split_rows
 
         try:
@@ -360,7 +365,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     parallel_device = None
     if args.parallel:
+        from app.launch import relaunch_lost_cpu_processes
         from pipelines.parallel import init_parallel
+
+        code = relaunch_lost_cpu_processes(args._argv)
+        if code is not None:  # the N processes of `accelerate launch --cpu --num_processes N` ran (see app/launch.py)
+            return code
 
         parallel_device = init_parallel()
     device, dtype = _device_and_dtype(parallel_device)

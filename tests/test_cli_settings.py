@@ -132,6 +132,23 @@ def test_distill_passes_its_own_argv_to_the_relaunch(tmp_path, monkeypatch):
     assert main(argv) == 7 and seen == [argv]
 
 
+def test_generate_parallel_passes_its_own_argv_to_the_relaunch(tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2 -m app.cli generate ... --parallel` starts one process: it failed
+    with 'needs a distributed launch' while distill relaunched itself as the N processes asked for."""
+    import app.launch
+
+    seen = []
+    monkeypatch.setattr(app.launch, "relaunch_lost_cpu_processes", lambda argv: seen.append(argv) or 7)
+    for name in app.launch.WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # what accelerate launch --cpu gives its one process
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    argv = ["generate", "--prompt", "x", "--window", "2", "--parallel", "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 7 and seen == [argv]
+    assert main(argv[:-3] + ["--out", str(tmp_path / "y.png")]) != 7  # without --parallel: no relaunch
+    assert len(seen) == 1
+
+
 def test_make_data_overwrite_starts_over(tmp_path, tiny_pipeline_path, capsys):
     from training.data import DistillDataset
 
