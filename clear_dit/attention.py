@@ -157,8 +157,9 @@ def clear_attention_with_layout(
     backend: str = "auto",
 ) -> torch.Tensor:
     """:func:`clear_attention` for callers that already hold the :class:`~clear_dit.mask.CLEARLayout`."""
-    if torch.is_autocast_enabled(query.device.type):  # one dtype, as SDPA takes them under autocast: SD3.5's qk-norm
-        dtype = torch.get_autocast_dtype(query.device.type)  # gives fp32 queries and keys beside bf16 values
+    device = query.device.type  # "meta" (shape inference) has no autocast to ask about
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # one dtype, as SDPA takes
+        dtype = torch.get_autocast_dtype(device)  # them under autocast: SD3.5's qk-norm gives fp32 q/k, bf16 v
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     _check_inputs(query, key, value, layout)
     if spatial_weight is not None and layout.down_factor == 1:  # a checkpoint's pooling weight, d forgotten
@@ -167,5 +168,5 @@ def clear_attention_with_layout(
     if layout.down_factor > 1:
         key = _with_pooled(key, layout, spatial_weight)
         value = _with_pooled(value, layout, spatial_weight)
-    impl = select_backend(backend, layout, query)
+    impl = select_backend(backend, layout, query, scale)
     return impl(query, key, value, layout, scale)

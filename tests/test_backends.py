@@ -529,6 +529,37 @@ def test_layouts_take_any_integer_sizes_and_stay_hashable() -> None:
         torch.testing.assert_close(out, dense)
 
 
+def test_recomputed_backward_equals_dense_gradients_for_distinct_q_k_v() -> None:
+    """The backward of "triton" and "xformers" (tiled's, recomputed from the saved q, k, v): without triton here,
+    only this runs it with keys and values that differ."""
+    layout = CLEARLayout((6, 5), 3, 2, 1)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, layout.q_len, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
+    g = torch.randn(q.shape, generator=gen)
+    got = torch.autograd.grad(with_tiled_backward(BACKENDS["dense"], q, k, v, layout, 0.4), (q, k, v), g)
+    expected = torch.autograd.grad(BACKENDS["dense"](q, k, v, layout, 0.4), (q, k, v), g)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_takes_dense_where_tiled_would_refuse_a_tiny_fp16_scale() -> None:
+    """It failed, telling the user to pick "dense" (fp16's range: tiled's padding keys would take weight)."""
+    layout = CLEARLayout((64, 64), 0, 8)
+    q = torch.randn(1, layout.q_len, 1, 8, generator=torch.Generator().manual_seed(0)).half()
+    assert select_backend("auto", layout, q).name == "tiled"
+    assert select_backend("auto", layout, q, scale=0.02).name == "dense"
+    out = clear_attention(q, q, q, grid=(64, 64), text_len=0, window_size=8, scale=0.02)
+    torch.testing.assert_close(out, clear_attention(q, q, q, grid=(64, 64), text_len=0, window_size=8, scale=0.02,
+                                                    backend="dense"), atol=0, rtol=0)  # fmt: skip
+
+
+def test_meta_tensors_give_the_output_shape() -> None:
+    """Shape inference on the meta device (it failed asking autocast about the device)."""
+    q = torch.empty(2, 23, 2, 8, device="meta")
+    out = clear_attention(q, q, q, grid=(4, 4), text_len=7, window_size=2)
+    assert out.shape == q.shape and out.device.type == "meta"
+
+
 @pytest.mark.parametrize("shape", [(0, 18, 2, 4), (1, 18, 0, 4)], ids=["no-images", "no-heads"])
 def test_empty_batches_give_empty_outputs(shape) -> None:
     """And differentiable ones, as SDPA's: a training step may meet an empty batch (also through the recomputed
@@ -676,6 +707,10 @@ def test_flex_block_with_a_single_masked_entry_is_partial() -> None:
         CLEARLayout((8, 8), 5, 3, 2, "first", (4, 6)),
         CLEARLayout((5, 9), 2, 2, 1, "first", (7, 3)),
         CLEARLayout((6, 6), 0, 4, 3, "last", (3, 9)),
+        # widths differ and the window is wider than the narrower grid: its offsets reach past that grid
+        CLEARLayout((4, 8), 3, 40, 1, "first", (8, 2)),
+        CLEARLayout((6, 2), 0, 5, 2, "first", (2, 10)),
+        CLEARLayout((3, 9), 2, 6, 1, "first", (9, 3)),
     ],
 )
 def test_attention_density_counts_dense_mask_with_a_reference_grid(layout):

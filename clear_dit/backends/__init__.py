@@ -10,7 +10,7 @@ from ..mask import CLEARLayout
 from .base import AttentionBackend
 from .dense import DenseBackend
 from .flex import FlexBackend
-from .tiled import TiledBackend, computed_scores
+from .tiled import TiledBackend, computed_scores, scale_fits
 from .triton import INTERPRETED as TRITON_INTERPRETED
 from .triton import TritonBackend
 from .xformers import XformersBackend
@@ -70,10 +70,13 @@ def auto_backend_name(
     return "dense"
 
 
-def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor) -> AttentionBackend:
-    """Resolve ``name`` (or ``"auto"``) to a backend that runs on ``query``'s device and dtype."""
+def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor, scale: float | None = None) -> AttentionBackend:
+    """Resolve ``name`` (or ``"auto"``) to a backend that runs on ``query``'s device and dtype (and softmax
+    ``scale``, when given: ``"auto"`` takes "dense" where "tiled" would refuse a tiny fp16 scale)."""
     if name == "auto":
         name = auto_backend_name(layout, query.device, query.dtype, query.shape[-1])
+        if name == "tiled" and scale is not None and not scale_fits(scale, query.dtype):
+            name = "dense"
     # the plain dict: torch.compile graph-breaks on a mappingproxy once the traced code mutated any dict
     if name not in _BY_NAME:
         raise ValueError(f"unknown backend {name!r}; known backends: 'auto', {', '.join(map(repr, _BY_NAME))}")

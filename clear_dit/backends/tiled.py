@@ -205,9 +205,14 @@ def _padding_key_score(dtype: torch.dtype, scale: float) -> float:
 _MAX_PADDING_SCORE = -1000.0
 
 
+def scale_fits(scale: float, dtype: torch.dtype) -> bool:
+    """Whether padding keys stay out of the softmax at ``scale`` in ``dtype`` (fp16's range ends below about 0.03)."""
+    return _padding_key_score(dtype, scale) * scale <= _MAX_PADDING_SCORE
+
+
 def _check_scale(scale: float, dtype: torch.dtype) -> None:
     """One-line ``ValueError`` for a scale so small that padding keys would take softmax weight (fp16's range)."""
-    if _padding_key_score(dtype, scale) * scale > _MAX_PADDING_SCORE:
+    if not scale_fits(scale, dtype):
         raise ValueError(
             f"scale {scale:g} is too small for the tiled backend in {dtype}: its padding keys would take softmax "
             "weight; use backend='dense'"
