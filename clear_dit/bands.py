@@ -130,7 +130,7 @@ def band_attention(
     layout = CLEARLayout(tuple(key_grid), num_global, window_size)
     scale = softmax_scale(scale, query.shape[-1])
     if backend == "auto":
-        backend = auto_backend_name(layout, query.device, query.dtype)
+        backend = auto_backend_name(layout, query.device, query.dtype, scale=scale)
     (r0, r1), w = rows, key_grid[1]
     if backend == "dense":
         q_idx = torch.arange(num_global + r0 * w, num_global + r1 * w, device=query.device)

@@ -456,7 +456,7 @@ def test_auto_chooses_for_the_inputs_dtype_and_head_dim(monkeypatch) -> None:
     layout = CLEARLayout((12, 20), 5, 3, 2)
     q = torch.randn(1, layout.q_len, HEADS, 24, dtype=torch.bfloat16)
     select_backend("auto", layout, q)
-    assert seen == [(layout, q.device, torch.bfloat16, 24)]  # bf16 and fp32 choices differ on some layouts
+    assert seen == [(layout, q.device, torch.bfloat16, 24, None)]  # bf16 and fp32 choices differ on some layouts
 
 
 def test_registry() -> None:

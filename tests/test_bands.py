@@ -99,6 +99,17 @@ def test_band_attention_rejects_inconsistent_shapes():
         band_attention(q[:, :6], k, v, key_grid=(4,), rows=(0, 2), num_global=2, window_size=2)
 
 
+def test_auto_band_attention_takes_dense_for_a_scale_tiled_refuses_in_fp16():
+    """As clear_attention's auto does: the patch-parallel runner's bands failed where one process ran."""
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 8 * 64, 1, 8, generator=g).half(), torch.randn(1, 24 * 64, 1, 8, generator=g).half()
+    settings = dict(key_grid=(24, 64), rows=(8, 16), num_global=0, window_size=4, scale=0.02)  # auto: tiled
+    with pytest.raises(ValueError, match="scale 0.02 is too small for the tiled backend"):
+        band_attention(q, kv, kv, backend="tiled", **settings)
+    out = band_attention(q, kv, kv, **settings)
+    assert torch.equal(out, band_attention(q, kv, kv, backend="dense", **settings))
+
+
 @pytest.mark.parametrize("shape", [(0, 6, 2, 8), (1, 6, 0, 8)], ids=["no-images", "no-heads"])
 def test_band_attention_of_an_empty_batch_is_empty(shape):
     q = torch.randn(shape)

@@ -43,9 +43,14 @@ def _score_cost(dtype: torch.dtype) -> float:
 
 
 def auto_backend_name(
-    layout: CLEARLayout, device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int | None = None
+    layout: CLEARLayout,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    head_dim: int | None = None,
+    scale: float | None = None,
 ) -> str:
-    """The backend ``"auto"`` picks for ``layout`` on ``device`` with ``dtype`` (and ``head_dim``, if known).
+    """The backend ``"auto"`` picks for ``layout`` on ``device`` with ``dtype`` (and ``head_dim`` and the softmax
+    ``scale``, if known).
 
     1. The window covers the grid and there are no pooled keys: CLEAR *is* full attention, and "tiled"
        runs it as one unmasked SDPA call (only then; a window that covers the grid with ``d > 1`` still
@@ -58,25 +63,26 @@ def auto_backend_name(
        is measured to beat full SDPA, or when the sequence is too long for the O(seq^2) mask of "dense".
        Otherwise (small or nearly full layouts, below the break-even) "dense", the exact dense path: one
        SDPA call with the CLEAR mask, which costs about what full SDPA costs.
+    4. "dense" instead of a masked "tiled" for a ``scale`` so small in fp16 that tiled's padding keys would take
+       softmax weight (tiled refuses it).
     """
     if layout.covers_grid and layout.down_factor == 1:
         return "tiled"
     if device.type == "cuda":
         compiled = _TRITON.runs(device, dtype, head_dim) and not TRITON_INTERPRETED  # the interpreter: ~1000x slower
-        return "triton" if compiled else "tiled"
-    dense_scores = layout.q_len * layout.kv_len
-    if computed_scores(layout, dtype) * _score_cost(dtype) < dense_scores or dense_scores > DENSE_MAX_SCORES:
-        return "tiled"
-    return "dense"
+        name = "triton" if compiled else "tiled"
+    else:
+        dense_scores = layout.q_len * layout.kv_len
+        fewer = computed_scores(layout, dtype) * _score_cost(dtype) < dense_scores
+        name = "tiled" if fewer or dense_scores > DENSE_MAX_SCORES else "dense"
+    return "dense" if name == "tiled" and scale is not None and not scale_fits(scale, dtype) else name
 
 
 def select_backend(name: str, layout: CLEARLayout, query: torch.Tensor, scale: float | None = None) -> AttentionBackend:
-    """Resolve ``name`` (or ``"auto"``) to a backend that runs on ``query``'s device and dtype (and softmax
-    ``scale``, when given: ``"auto"`` takes "dense" where "tiled" would refuse a tiny fp16 scale)."""
+    """Resolve ``name`` (or ``"auto"``, for ``query`` and the softmax ``scale``, see :func:`auto_backend_name`) to a
+    backend that runs on ``query``'s device and dtype."""
     if name == "auto":
-        name = auto_backend_name(layout, query.device, query.dtype, query.shape[-1])
-        if name == "tiled" and scale is not None and not scale_fits(scale, query.dtype):
-            name = "dense"
+        name = auto_backend_name(layout, query.device, query.dtype, query.shape[-1], scale)
     # the plain dict: torch.compile graph-breaks on a mappingproxy once the traced code mutated any dict
     if name not in _BY_NAME:
         raise ValueError(f"unknown backend {name!r}; known backends: 'auto', {', '.join(map(repr, _BY_NAME))}")
