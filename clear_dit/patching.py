@@ -159,13 +159,7 @@ MODEL_FAMILIES: tuple[ModelFamily, ...] = (
         CLEARJointAttnProcessor,
         _sd3_grids,
         (JointAttnProcessor2_0, FusedJointAttnProcessor2_0),
-        # (enable|disable)_xformers_memory_efficient_attention, on the model or its pipeline, end up here and swap
-        # every SD3 processor for XFormersAttnProcessor / AttnProcessor2_0 (not even joint attention)
-        refused_methods=(
-            "fuse_qkv_projections",
-            "unfuse_qkv_projections",
-            "set_use_memory_efficient_attention_xformers",
-        ),
+        refused_methods=("fuse_qkv_projections", "unfuse_qkv_projections"),
     ),
 )
 SUPPORTED_MODELS: tuple[type[nn.Module], ...] = tuple(family.model for family in MODEL_FAMILIES)
@@ -413,6 +407,16 @@ def _pipeline_load_ip_adapter(pipe: Any, *args: Any, **kwargs: Any) -> Any:
     return pipe.load_ip_adapter(*args, **kwargs)
 
 
+#: What (enable|disable)_xformers_memory_efficient_attention (on a model or its pipeline) and
+#: (enable|disable)_(npu|xla)_flash_attention call: on SD3 they swap every processor for another full-attention one
+#: (disable: AttnProcessor2_0, not even joint attention), on FLUX they set an attention backend CLEAR cannot run.
+ATTENTION_SWITCHES = (
+    "set_use_memory_efficient_attention_xformers",
+    "set_use_npu_flash_attention",
+    "set_use_xla_flash_attention",
+)
+
+
 def _add_guards(model: nn.Module, family: ModelFamily, guarded: list[str]) -> None:
     """Shadow the model's methods that would silently undo CLEAR by refusing ones (instance attributes), each
     named in ``guarded`` before it is set."""
@@ -421,7 +425,7 @@ def _add_guards(model: nn.Module, family: ModelFamily, guarded: list[str]) -> No
         "enable_parallelism": _refuse_context_parallelism,
         # what the pipelines' load_ip_adapter() calls: it puts IP-Adapter processors (full attention) on every layer
         "_load_ip_adapter_weights": _refuse_ip_adapter,
-        **{name: _refuse(name) for name in family.refused_methods},
+        **{name: _refuse(name) for name in (*family.refused_methods, *ATTENTION_SWITCHES)},
     }
     for name, fn in guards.items():
         if hasattr(model, name):
@@ -537,7 +541,8 @@ def patch(
 
     While patched, diffusers methods that would silently bring full attention back
     (``set_attention_backend`` other than ``"native"``, context-parallel ``enable_parallelism``, the pipelines'
-    ``load_ip_adapter``, SD3's ``fuse_qkv_projections``) raise a ``ValueError`` instead.
+    ``load_ip_adapter``, SD3's ``fuse_qkv_projections``, the xformers/NPU/XLA switches such as
+    ``enable_xformers_memory_efficient_attention``) raise a ``ValueError`` instead.
     """
     models = patchable_models(pipe_or_transformer)
     window_size, down_factor = check_patch_settings(window_size, down_factor, backend, proportional_attention)

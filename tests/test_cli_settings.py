@@ -247,3 +247,10 @@ def test_a_huge_window_is_counted_in_what_the_grid_spans():
         patch.setattr(mask, "in_window", counting)
         assert clear_dit.attention_density((2, 2), 64, 100_000) == 1.0
     assert len(calls) < 200
+
+
+def test_text_that_is_not_utf8_is_named_wherever_the_surrogate_sits():
+    from app.inputs import not_utf8
+
+    assert not_utf8("a caf\udce9 cat") == "not UTF-8 text: 'a caf\\\\udce9 cat'"
+    assert not_utf8("a café cat") is None

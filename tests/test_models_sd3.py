@@ -70,8 +70,9 @@ def test_methods_that_would_bring_full_attention_back_are_refused(model):
         model.set_attention_backend("native")  # a no-op for CLEAR
         # (enable|disable)_xformers_memory_efficient_attention swap SD3's processors (disable: for AttnProcessor2_0,
         # not even joint attention), and the next forward failed on a shape
-        with pytest.raises(ValueError, match="set_use_memory_efficient_attention_xformers.* CLEAR-patched SD3"):
-            model.disable_xformers_memory_efficient_attention()
+        for switch in ("xformers_memory_efficient_attention", "npu_flash_attention", "xla_flash_attention"):
+            with pytest.raises(ValueError, match=r"set_use_.*\(\) on the CLEAR-patched SD3"):
+                getattr(model, f"disable_{switch}")()
         assert all(isinstance(p, clear_dit.CLEARJointAttnProcessor) for p in model.attn_processors.values())
         torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)
     model.fuse_qkv_projections()  # unpatched: diffusers' own methods are back

@@ -350,6 +350,22 @@ def test_processors_take_the_models_floating_dtype(model):
         assert {p.dtype for proc in model.attn_processors.values() for p in proc.parameters()} == {torch.bfloat16}
 
 
+def test_attention_switches_are_refused_not_left_to_fail_at_the_next_forward(model):
+    """On FLUX they set an attention backend; the next forward then blamed set_attention_backend, never called."""
+    inputs = flux_inputs((4, 4))
+    with clear_dit.patch(model, window_size=1):
+        expected = run(model, inputs)
+        for call in (
+            "enable_xformers_memory_efficient_attention",
+            "disable_npu_flash_attention",
+            "enable_xla_flash_attention",
+        ):
+            with pytest.raises(ValueError, match=r"\(\) on the CLEAR-patched FluxTransformer2DModel would replace"):
+                getattr(model, call)()
+        torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)
+    model.disable_npu_flash_attention()  # unpatched: diffusers' own method again
+
+
 def test_processors_take_the_compute_dtype_under_layerwise_casting(model):
     """Not the float8 storage dtype, which would round the pooling weights (a uniform 1/9 to 0.109)."""
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
