@@ -200,7 +200,13 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
                 shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
+    except OSError as err:  # another user's shared cache, a read-only mount
+        raise OSError(
+            f"cannot write to the tiny model's cache folder {root} ({err.strerror}): set {CACHE_ENV} to a writable "
+            "folder"
+        ) from None
     try:
         logger.info("building the tiny FLUX pipeline in %s", path)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -249,7 +255,7 @@ def _save_in_a_fresh_process(folder: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise RuntimeError(f"building the tiny pipeline in a separate process failed: {last}")
+        raise OSError(f"building the tiny pipeline in a separate process failed: {last}")
 
 
 def _check_loads(folder: Path) -> None:
@@ -259,7 +265,7 @@ def _check_loads(folder: Path) -> None:
     try:
         FluxPipeline.from_pretrained(folder)
     except Exception as err:  # diffusers and transformers raise many types for a missing or broken file
-        raise RuntimeError(f"the tiny pipeline just built does not load ({type(err).__name__}: {err})") from err
+        raise OSError(f"the tiny pipeline just built does not load ({type(err).__name__}: {err})") from err
 
 
 def load_tiny_pipeline(torch_dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):

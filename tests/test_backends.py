@@ -553,6 +553,13 @@ def test_auto_takes_dense_where_tiled_would_refuse_a_tiny_fp16_scale() -> None:
                                                     backend="dense"), atol=0, rtol=0)  # fmt: skip
 
 
+def test_auto_keeps_tiled_for_a_covering_window_with_a_tiny_fp16_scale() -> None:
+    """One unmasked SDPA call, no padding keys to refuse the scale; dense would build an O(seq^2) mask (3 GB here)."""
+    layout = CLEARLayout((96, 96), 0, 200)
+    q = torch.empty(1, layout.q_len, 1, 8, dtype=torch.float16)
+    assert select_backend("auto", layout, q, 0.02).name == "tiled"
+
+
 def test_meta_tensors_give_the_output_shape() -> None:
     """Shape inference on the meta device (it failed asking autocast about the device)."""
     q = torch.empty(2, 23, 2, 8, device="meta")

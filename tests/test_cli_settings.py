@@ -254,3 +254,24 @@ def test_text_that_is_not_utf8_is_named_wherever_the_surrogate_sits():
 
     assert not_utf8("a caf\udce9 cat") == "not UTF-8 text: 'a caf\\\\udce9 cat'"
     assert not_utf8("a café cat") is None
+
+
+def test_generate_parallel_refuses_a_split_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import pipelines.parallel
+
+    monkeypatch.setattr(pipelines.parallel, "init_parallel", lambda: pytest.fail("reached init_parallel"))
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    argv = [
+        "generate",
+        "--prompt",
+        "x",
+        "--window",
+        "2",
+        "--parallel",
+        "--height",
+        "16",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    assert main(argv) == 2 and "--parallel: cannot split 1 token rows into 2 bands" in capsys.readouterr().err

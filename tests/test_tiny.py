@@ -196,6 +196,35 @@ def test_a_cache_folder_that_cannot_be_made_names_the_variable_to_set(tmp_path):
         tiny.tiny_pipeline_path(tmp_path / "file" / "cache")
 
 
+def test_a_build_that_does_not_load_never_becomes_the_cache(tiny_pipeline_path, tmp_path, monkeypatch):
+    def broken(folder):  # what a torchrun rank other than 0 saved: no text encoder weights
+        shutil.copytree(tiny_pipeline_path, folder, dirs_exist_ok=True)
+        (folder / "text_encoder" / "model.safetensors").unlink()
+
+    monkeypatch.setattr(tiny, "save_tiny_pipeline", broken)
+    with pytest.raises(OSError, match="the tiny pipeline just built does not load"):
+        tiny.tiny_pipeline_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_build_in_a_fresh_process_names_its_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"separate process failed: NotADirectoryError: .*file"):
+        tiny._save_in_a_fresh_process(tmp_path / "file" / "build")
+
+
+def test_a_cache_folder_that_cannot_be_written_names_the_variable_to_set(tmp_path, monkeypatch):
+    """Another user's shared cache, a read-only mount: the build's temporary folder cannot be made there."""
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied", kwargs["dir"])
+
+    monkeypatch.setattr(tiny.tempfile, "mkdtemp", refused)
+    message = f"cannot write to the tiny model's cache folder {tmp_path} \\(Permission denied\\): set {tiny.CACHE_ENV}"
+    with pytest.raises(OSError, match=message):
+        tiny.tiny_pipeline_path(tmp_path)
+
+
 def _build_on_rank_1(cache: str) -> bool:
     """Rank 1 of a gloo group builds the cache (rank 0 waits): transformers saves files on rank 0 only."""
     import torch.distributed as dist
