@@ -62,8 +62,7 @@ def seed_arg(text: str) -> int:
 
 def _text(text: str) -> str:
     """argparse type of prompts (:func:`app.inputs.not_utf8`)."""
-    reason = not_utf8(text)
-    if reason:
+    if reason := not_utf8(text):
         raise argparse.ArgumentTypeError(reason)
     return text
 

@@ -254,8 +254,8 @@ class GenerationEngine:
         if not s.prompt.strip():
             raise ValueError("the prompt is empty: describe the image you want")
         for name, text in (("prompt", s.prompt), ("negative prompt", s.negative_prompt)):
-            if not_utf8(text):  # a browser sends a lone surrogate as JSON's \ud800
-                raise ValueError(f"the {name} is {not_utf8(text)}")
+            if reason := not_utf8(text):  # a browser sends a lone surrogate as JSON's \ud800
+                raise ValueError(f"the {name} is {reason}")
         if s.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {s.attention!r}")
         if s.down_factor not in DOWN_FACTORS:

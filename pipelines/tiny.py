@@ -145,14 +145,11 @@ def _manifest(path: Path) -> str:
     """What ``.complete`` holds: every file of the saved pipeline with its size and SHA-256 (5.6 MB: milliseconds),
     so that damage shows, a changed byte included."""
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != ".complete")
-    return (
-        TINY_NAME
-        + "\n"
-        + "".join(
-            f"{f.relative_to(path).as_posix()} {f.stat().st_size} {hashlib.sha256(f.read_bytes()).hexdigest()}\n"
-            for f in files
-        )
-    )
+    lines = [
+        f"{f.relative_to(path).as_posix()} {f.stat().st_size} {hashlib.sha256(f.read_bytes()).hexdigest()}"
+        for f in files
+    ]
+    return "".join(line + "\n" for line in [TINY_NAME, *lines])
 
 
 def _is_complete(path: Path) -> bool:
@@ -190,19 +187,14 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     path = root / TINY_NAME
     if _is_complete(path):
         return path
-    try:
+    try:  # a missing home folder, another user's shared cache, a read-only mount
         root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(
-            f"cannot create the tiny model's cache folder {root} ({err.strerror}): set {CACHE_ENV} to a writable folder"
-        ) from None
-    for stale in root.glob(f".{TINY_NAME}.tmp-*"):  # builds killed before their cleanup; a live one is seconds old
-        with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
-                shutil.rmtree(stale, ignore_errors=True)
-    try:
+        for stale in root.glob(f".{TINY_NAME}.tmp-*"):  # builds killed before their cleanup; a live one is seconds old
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                    shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
-    except OSError as err:  # another user's shared cache, a read-only mount
+    except OSError as err:
         raise OSError(
             f"cannot write to the tiny model's cache folder {root} ({err.strerror}): set {CACHE_ENV} to a writable "
             "folder"
