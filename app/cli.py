@@ -182,11 +182,11 @@ def _validate_generate(args: argparse.Namespace) -> None:
             raise CLIError("--parallel runs CLEAR attention: pass --window or --weights, without --compare")
         if args.cfg:
             raise CLIError("--true-cfg is not supported with --parallel yet")
-        from app.launch import alone_under_cpu_launch
+        from app.launch import WORKING_COMMANDS, alone_under_cpu_launch
 
         launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
         if not launched and not alone_under_cpu_launch(os.environ):  # that one relaunches itself as N processes
-            raise CLIError("--parallel needs a distributed launch: torchrun --nproc_per_node N -m app.cli generate ...")
+            raise CLIError(f"--parallel needs a distributed launch of its processes: {WORKING_COMMANDS}")
     _check_weights_path(args.weights)
     from pipelines.loading import model_source
 

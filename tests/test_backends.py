@@ -579,6 +579,9 @@ def test_empty_batches_give_empty_outputs(shape) -> None:
         assert torch.autograd.grad(out.sum(), q)[0].shape == shape
     out = with_tiled_backward(BACKENDS["dense"], q, q, q, layout, 0.5)
     assert torch.autograd.grad(out.sum(), q)[0].shape == shape
+    if "flex" in available_backends():  # forward only: flex has no CPU backward
+        with torch.no_grad():
+            assert clear_attention(q, q, q, grid=(4, 4), text_len=2, window_size=2, backend="flex").shape == shape
 
 
 def test_integer_tensors_are_refused_by_every_backend() -> None:

@@ -81,6 +81,8 @@ class FlexBackend:
     def __call__(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float
     ) -> torch.Tensor:
+        if query.numel() == 0:  # no images or no heads: flex_attention divides by the head count
+            return query.new_empty(query.shape)
         attend = _compiled_flex_attention() if query.device.type == "cuda" else flex_attention
         block_mask = _block_mask(layout, query.device)
         with warnings.catch_warnings():  # un-compiled on CPU on purpose (see the module docstring)
