@@ -97,7 +97,7 @@ def test_highres_runs_and_records_what_it_was_given_and_keeps_stage_files(tmp_pa
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ([], "--parallel needs a distributed launch"),
+        ([], "--parallel needs a distributed launch of its processes: accelerate launch --multi_gpu --num_processes N"),
         (["--true-cfg", "2"], "--true-cfg is not supported with --parallel yet"),
     ],
 )
