@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +20,14 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     outright (SIGKILL, power loss) inside the block leaves it behind. A symbolic link is written through, as
     ``open(path, "w")`` would: its target is replaced and the link stays."""
     path = write_target(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    name = os.fsdecode(os.fsencode(path.name)[:200])  # with the 14 added bytes, within NAME_MAX (255)
+    tmp = path.with_name(f".{name}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
+        try:  # a private file stays private
+            shutil.copymode(path, tmp)
+        except OSError:  # no file there yet
+            pass
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
