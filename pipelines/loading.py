@@ -109,7 +109,10 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
 
     try:
         index = json.loads((folder / "model_index.json").read_text())
-        transformer = index["transformer"][1]
+        entry = index["transformer"]
+        if not _is_component(entry):
+            raise TypeError(f"transformer: {entry!r}")
+        transformer = entry[1]
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise ValueError(f"{model!r}: its model_index.json names no transformer class ({err!r})") from err
     kind = index.get("_class_name", "pipeline")
@@ -119,6 +122,14 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     # tokenizer folder transformers makes up an empty tokenizer that runs. Only the components FluxPipeline takes:
     # diffusers warns of other entries and loads the rest.
     takes = inspect.signature(FluxPipeline.__init__).parameters
+    required = [name for name, p in takes.items() if name != "self" and p.default is inspect.Parameter.empty]
+    odd = [n for n in takes if n in index and not _is_component(index[n]) and index[n] != [None, None]]
+    absent = [n for n in required if n not in odd and not _is_component(index.get(n))]
+    if odd or absent:
+        raise ValueError(  # diffusers' own error names neither the model nor the entries
+            f"{model!r}: its model_index.json gives {', '.join(odd + absent)} as no [library, class] pair (saved "
+            f"without them?); this runs {SUPPORTED} with every component"
+        )
     listed = [name for name, entry in index.items() if name in takes and _is_component(entry)]
     missing = [name for name in listed if not (folder / name).is_dir()]
     if missing:

@@ -334,6 +334,25 @@ def test_load_pipeline_errors(tmp_path):
         load_pipeline(str(tmp_path / "list"))
 
 
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({"text_encoder_2": [None, None], "tokenizer_2": [None, None]}, r"gives text_encoder_2, tokenizer_2 as no \["),
+        ({"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler", "x"]}, r"gives scheduler as no \[library"),
+        ({"transformer": "FluxTransformer2DModel"}, r"its model_index.json names no transformer class"),
+    ],
+)
+def test_odd_model_index_entries_are_one_line_naming_the_model(tiny_pipeline_path, tmp_path, entries, message):
+    """A pipeline saved without its T5 encoder gave diffusers' 'expected [...] but only {...} were passed'; odd entries
+    gave 'too many values to unpack', or 'a FluxPipeline with a l'."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_pipeline_path, folder)
+    index = json.loads((folder / "model_index.json").read_text()) | entries
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"^'{folder}': .*{message}"):
+        load_pipeline(str(folder))
+
+
 def test_an_incomplete_pipeline_folder_names_what_it_lacks(tiny_pipeline_path, tmp_path, capsys):
     """diffusers' own error named the pipeline folder ("no file named config.json found in directory ...")."""
     from app.cli import main
@@ -375,6 +394,17 @@ def test_files_name_a_model_folder_by_its_name_not_its_path(tmp_path):
     assert published_model_name(str(snapshot)) == "black-forest-labs/FLUX.1-schnell"
     assert published_model_name("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"  # a hub id
     assert published_model_name("tiny") == "tiny"
+    (tmp_path / "flux-dev").symlink_to(snapshot)  # a link to a snapshot: the repo id, not the link's name
+    assert published_model_name(str(tmp_path / "flux-dev")) == "black-forest-labs/FLUX.1-schnell"
+    elsewhere = tmp_path / "work" / "snapshots" / "v2"  # a snapshots folder outside the hub cache: its own name
+    elsewhere.mkdir(parents=True)
+    assert published_model_name(str(elsewhere)) == "v2"
+
+
+def test_a_missing_folder_under_home_is_a_missing_folder_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model folder not found: ~/nope"):
+        load_pipeline("~/nope")
 
 
 def test_a_model_folder_under_home_loads(tiny_pipeline_path, tmp_path, monkeypatch):
