@@ -16,9 +16,10 @@ from pathlib import Path
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write the file to; when the block ends it replaces ``path``, or,
     if the block raises, it is removed: ``path`` is never half-written, and an interrupted write leaves it as it
-    was. The name (``.NAME.XXXXXXXX.tmp``, hidden, random) is never one of the user's files; a process killed
-    outright (SIGKILL, power loss) inside the block leaves it behind. A symbolic link is written through, as
-    ``open(path, "w")`` would: its target is replaced and the link stays."""
+    was. The name (``.NAME.XXXXXXXX.tmp``, hidden, random, NAME cut to 200 bytes) is never one of the user's files;
+    a process killed outright (SIGKILL, power loss) inside the block leaves it behind. A replaced file keeps its
+    mode. A symbolic link is written through, as ``open(path, "w")`` would: its target is replaced and the link
+    stays."""
     path = write_target(path)
     name = os.fsdecode(os.fsencode(path.name)[:200])  # with the 14 added bytes, within NAME_MAX (255)
     tmp = path.with_name(f".{name}.{secrets.token_hex(4)}.tmp")
