@@ -137,14 +137,30 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
             f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
             f"which {'has' if len(missing) == 1 else 'have'} no folder there"
         )
-    pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
-    channels, latents = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
+    # from the config files, before loading (FLUX.1-Fill's components are 33 GB in float32); from the loaded model
+    # where a config leaves a field to its class's default
+    pipe, sizes = None, _channels(folder)
+    if sizes is None:
+        pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+        sizes = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
+    channels, latents = sizes
     if channels != 4 * latents:  # FLUX Control (128) and Fill (384) also take their conditions as channels
         raise ValueError(
             f"{model!r} is a {kind} whose transformer takes {channels} input channels, not 4 x {latents} latent "
             f"channels; this runs {SUPPORTED}"
         )
-    return pipe
+    return pipe or FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+
+
+def _channels(folder: Path) -> tuple[int, int] | None:
+    """``(transformer in_channels, VAE latent_channels)`` from their ``config.json`` files; ``None`` if either lacks
+    its field or cannot be read."""
+    try:
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(transformer["in_channels"]), int(vae["latent_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _is_component(entry: object) -> bool:

@@ -426,9 +426,9 @@ def test_the_sequence_length_is_the_tokenizers_limit_at_most_512():
     assert default_max_sequence_length(schnell) == 256  # FLUX.1-schnell: no guidance embedding, 256 T5 tokens
 
 
-def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tmp_path, capsys):
+def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tmp_path, capsys, monkeypatch):
     """diffusers loads an SD3 or FLUX Control folder's components into a FluxPipeline, which then fails mid-run."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from app.cli import main
 
@@ -445,8 +445,16 @@ def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tm
     shutil.rmtree(control / "transformer")
     config = tiny.TRANSFORMER_CONFIG | {"in_channels": 128, "out_channels": 64}  # latents + control image latents
     FluxTransformer2DModel(**config).save_pretrained(control / "transformer")
-    with pytest.raises(ValueError, match="FluxControlPipeline whose transformer takes 128 input channels, not 4 x 16"):
-        load_pipeline(str(control))
+    with monkeypatch.context() as patched:  # refused from the config files, before any component loads
+        patched.setattr(FluxPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the components"))
+        with pytest.raises(ValueError, match="FluxControlPipeline whose transformer takes 128 input channels, not 4 x"):
+            load_pipeline(str(control))
+    plain = tmp_path / "plain"  # a config that leaves in_channels to its class's default (64): read from the model
+    shutil.copytree(tiny_pipeline_path, plain)
+    config = json.loads((plain / "transformer" / "config.json").read_text())
+    del config["in_channels"]
+    (plain / "transformer" / "config.json").write_text(json.dumps(config))
+    assert load_pipeline(str(plain)).transformer.config.in_channels == 64
     args = ["generate", "--prompt", "x", "--model", str(control), "--out", str(tmp_path / "x.png")]
     assert main([*args, "--height", "32", "--width", "32", "--steps", "1"]) == 1
     err = capsys.readouterr().err
