@@ -183,8 +183,9 @@ def _validate_generate(args: argparse.Namespace) -> None:
         if args.cfg:
             raise CLIError("--true-cfg is not supported with --parallel yet")
         from app.launch import WORKING_COMMANDS, alone_under_cpu_launch
+        from pipelines.parallel import LAUNCH_VARIABLES
 
-        launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        launched = all(name in os.environ for name in LAUNCH_VARIABLES)
         if not launched and not alone_under_cpu_launch(os.environ):  # that one relaunches itself as N processes
             raise CLIError(f"--parallel needs a distributed launch of its processes: {WORKING_COMMANDS}")
     _check_weights_path(args.weights)

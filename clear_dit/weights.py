@@ -235,8 +235,9 @@ def _read_file(
     """``(tensors, shapes, metadata)`` of a safetensors file (``tensors=False``: the header only, no tensor read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
             values = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
             metadata = dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types

@@ -696,6 +696,10 @@ def _timeout_s(timeout_s: float | None) -> float:
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
 
 
+#: What torchrun and accelerate launch set in every process of a distributed launch.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_parallel(backend: str | None = None, timeout_s: float | None = None) -> torch.device:
     """Initialise the default process group from the environment ``torchrun`` / ``accelerate launch`` set.
 
@@ -707,7 +711,7 @@ def init_parallel(backend: str | None = None, timeout_s: float | None = None) ->
     Returns:
         This rank's device: ``cuda:LOCAL_RANK`` (made current) with NCCL, else the CPU.
     """
-    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
     if missing:
         raise ValueError(
             f"patch-parallel needs a distributed launch ({', '.join(missing)} not set): run "
