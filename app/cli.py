@@ -666,7 +666,10 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     from clear_dit.files import nearest_existing
 
     out = Path(args.out).expanduser()
-    nearest = nearest_existing(out)
+    try:
+        nearest = nearest_existing(out)
+    except ValueError as err:
+        raise CLIError(f"--out {err}") from None
     if nearest == out and not out.is_dir():
         raise CLIError(f"--out {args.out} is a file, not a data folder")
     if not nearest.is_dir():

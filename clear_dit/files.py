@@ -51,9 +51,18 @@ def write_target(path: str | os.PathLike) -> Path:
 
 def nearest_existing(path: str | os.PathLike) -> Path:
     """``path`` itself if it exists, else its nearest parent that does: where making the missing folders starts, and
-    a file there means ``path`` can never be a folder."""
+    a file there means ``path`` can never be a folder. ``ValueError`` naming the folder that cannot be searched
+    (or is a link loop) on the way."""
     path = Path(path)
-    return next(p for p in (path, *path.absolute().parents) if p.exists())
+    for folder in (path, *path.absolute().parents):
+        try:  # not Path.exists, which raises PermissionError under a folder that cannot be searched
+            folder.stat()
+            return folder
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:  # a folder that is a link loop, or that cannot be searched
+            raise ValueError(f"{folder} cannot be reached ({err.strerror})") from None
+    return folder  # the root, which always exists
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -68,14 +77,10 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a link to {target}, whose folder does not exist")
     if os.path.isdir(target):  # False, not PermissionError, under a folder that cannot be searched
         raise ValueError(f"{path} is a folder; name a file (in it)")
-    for folder in target.absolute().parents:  # the nearest that exists
-        try:
-            folder.stat()
-            break
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as err:  # a folder that is a link loop, or that cannot be searched
-            raise ValueError(f"{path}: {folder} cannot be reached ({err.strerror})") from None
+    try:
+        folder = nearest_existing(target.absolute().parent)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     if not os.path.isdir(folder):
         raise ValueError(f"{path}: {folder} is a file, not a folder")
     try:  # the temporary file atomic_write will make there

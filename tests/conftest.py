@@ -41,3 +41,21 @@ def tiny_pipe(tiny_pipeline_path):
     from diffusers import FluxPipeline
 
     return FluxPipeline.from_pretrained(tiny_pipeline_path, dtype=torch.float32)
+
+
+@pytest.fixture
+def deny_searching(monkeypatch):
+    """``deny_searching(folder)``: from then on the test sees ``folder`` as a user without search (x) permission
+    on it does: its entries cannot be looked at. Simulated, since the tests run as root, whom permissions do not
+    stop."""
+    stat = Path.stat
+
+    def deny(folder: Path) -> None:
+        def denied(self, **kwargs):
+            if folder in Path(self).absolute().parents:
+                raise PermissionError(13, "Permission denied", str(self))
+            return stat(self, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", denied)
+
+    return deny

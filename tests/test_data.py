@@ -324,7 +324,7 @@ def test_json_caption_that_is_not_text_is_refused(made, tmp_path):
         import_images(pipe, tmp_path, tmp_path / "data", resolution=32)
 
 
-def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys):
+def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys, deny_searching):
     from app.cli import main
 
     prompts = tmp_path / "prompts.txt"
@@ -359,6 +359,10 @@ def test_cli_make_data_and_one_line_errors(tmp_path, tiny_pipeline_path, capsys)
     assert main([*importing, "--num", "1", "--seed", "3"]) != 0
     assert capsys.readouterr().err == "error: --num, --seed applies to generated data (--prompts), not to --images\n"
     assert not (tmp_path / "bad").exists()
+    deny_searching(tmp_path / "data")  # last: the data folder is out of reach from here on
+    assert main([*args[:-2], "--out", str(tmp_path / "data" / "more")]) == 2
+    reason = "cannot be reached (Permission denied)"
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'data' / 'more'} {reason}\n"
 
 
 def test_sigkill_mid_run_loses_at_most_the_items_in_flight(tmp_path, tiny_pipeline_path):

@@ -476,6 +476,15 @@ def test_protocol_refuses_bad_settings_before_any_work(tmp_path, capsys, extra, 
     assert not (tmp_path / "work" / "data").exists()
 
 
+def test_protocol_names_a_results_folder_that_cannot_be_reached(tmp_path, capsys, deny_searching):
+    """Path.exists raised PermissionError, whose line named neither --results nor what was wrong."""
+    (tmp_path / "locked").mkdir()
+    deny_searching(tmp_path / "locked")
+    results = tmp_path / "locked" / "results"
+    assert run.main(["--work", str(tmp_path / "work"), "--results", str(results)]) == 2
+    assert capsys.readouterr().err == f"error: --results {results} cannot be reached (Permission denied)\n"
+
+
 def test_smoke_protocol_never_deletes_an_unfinished_teacher(tmp_path, capsys):
     teacher = tmp_path / "teacher"  # a teacher run still training: no model_index.json until it ends
     (teacher / "training").mkdir(parents=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from clear_dit.files import atomic_write, check_writable
+import pytest
+
+from clear_dit.files import atomic_write, check_writable, nearest_existing
 
 
 def test_a_legal_name_near_the_length_limit_is_written(tmp_path):
@@ -22,3 +24,17 @@ def test_overwriting_keeps_a_private_files_mode(tmp_path):
     with atomic_write(path) as tmp:
         tmp.write_text("new")
     assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_nearest_existing_names_a_folder_that_cannot_be_searched(tmp_path, deny_searching):
+    """Path.exists raised PermissionError (Errno 13 and the path) instead of a line that names the folder."""
+    (tmp_path / "locked" / "inner").mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    assert nearest_existing(tmp_path / "a" / "b" / "c") == tmp_path / "a"
+    assert nearest_existing(tmp_path / "a") == tmp_path / "a"
+    deny_searching(tmp_path / "locked")
+    locked = tmp_path / "locked"
+    with pytest.raises(ValueError, match=f"^{locked / 'inner' / 'new'} cannot be reached .Permission denied.$"):
+        nearest_existing(locked / "inner" / "new")
+    with pytest.raises(ValueError, match=f"^{locked / 'inner' / 'x.png'}: {locked / 'inner'} cannot be reached"):
+        check_writable(locked / "inner" / "x.png")

@@ -127,7 +127,10 @@ class ProtocolConfig:
         if not (math.isfinite(self.distill_lr) and self.distill_lr > 0):
             raise ValueError(f"--distill-lr must be positive and finite, got {self.distill_lr}")
         results = Path(self.results)
-        nearest = nearest_existing(results)
+        try:
+            nearest = nearest_existing(results)
+        except ValueError as err:
+            raise ValueError(f"--results {err}") from None
         if not nearest.is_dir():  # found only when the report is written, after every student and image
             raise ValueError(f"--results {self.results}: {nearest} is a file, not a folder")
         held = [p.name for p in report_paths(results, self.smoke) if p.exists()]
