@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -89,8 +90,22 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
         return _checked_flux(model, Path(model).expanduser(), torch_dtype)
 
     logger.info("fetching %s from the Hugging Face hub", model)
+    from huggingface_hub import snapshot_download
+
+    # the config files first: an SD3, Control or Fill pipeline is refused before tens of GB of weights download
+    configs = _from_hub(model, lambda: snapshot_download(model, allow_patterns=list(CONFIG_FILES)))
+    _check_channels(model, _check_index(model, configs), _channels(configs))
+    return _checked_flux(model, _from_hub(model, lambda: FluxPipeline.download(model)), torch_dtype)
+
+
+#: The files of a pipeline folder that say which pipeline it is, read before any weights.
+CONFIG_FILES = ("model_index.json", "transformer/config.json", "vae/config.json")
+
+
+def _from_hub(model: str, download: Callable[[], str]) -> Path:
+    """The folder ``download()`` fetched into the hub cache; a one-line ``ValueError`` where it could not."""
     try:
-        folder = FluxPipeline.download(model)
+        return Path(download())
     except (OSError, ValueError) as err:  # huggingface_hub's HTTP, offline and not-found errors are all OSErrors
         reason = " ".join(str(err).split())
         if len(reason) > 200:
@@ -99,12 +114,35 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
             f"could not load model {model!r}: it is no local folder, and the Hugging Face hub could not provide it "
             f"(offline, unknown or gated?): {reason}"
         ) from err
-    return _checked_flux(model, Path(folder), torch_dtype)
 
 
 def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     """``FluxPipeline.from_pretrained(folder)``, refusing other pipelines with a one-line ``ValueError``: diffusers
     loads the components of an SD3 or FLUX Control folder into a FluxPipeline, which then fails mid-generation."""
+    from diffusers import FluxPipeline
+
+    index = _check_index(model, folder)
+    takes = inspect.signature(FluxPipeline.__init__).parameters
+    listed = [name for name, entry in index.items() if name in takes and _is_component(entry)]
+    missing = [name for name in listed if not (folder / name).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
+            f"which {'has' if len(missing) == 1 else 'have'} no folder there"
+        )
+    # from the config files, before loading (FLUX.1-Fill's components are 33 GB in float32); from the loaded model
+    # where a config leaves a field to its class's default
+    pipe, sizes = None, _channels(folder)
+    if sizes is None:
+        pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+        sizes = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
+    _check_channels(model, index, sizes)
+    return pipe or FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
+
+
+def _check_index(model: str, folder: Path) -> dict:
+    """``folder``'s ``model_index.json``: a FLUX pipeline's, with every component ``FluxPipeline`` takes; a
+    one-line ``ValueError`` otherwise."""
     from diffusers import FluxPipeline
 
     try:
@@ -130,26 +168,21 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
             f"{model!r}: its model_index.json gives {', '.join(odd + absent)} as no [library, class] pair (saved "
             f"without them?); this runs {SUPPORTED} with every component"
         )
-    listed = [name for name, entry in index.items() if name in takes and _is_component(entry)]
-    missing = [name for name in listed if not (folder / name).is_dir()]
-    if missing:
-        raise ValueError(
-            f"{model!r} is an incomplete pipeline folder: its model_index.json lists {', '.join(missing)}, "
-            f"which {'has' if len(missing) == 1 else 'have'} no folder there"
-        )
-    # from the config files, before loading (FLUX.1-Fill's components are 33 GB in float32); from the loaded model
-    # where a config leaves a field to its class's default
-    pipe, sizes = None, _channels(folder)
+    return index
+
+
+def _check_channels(model: str, index: dict, sizes: tuple[int, int] | None) -> None:
+    """A one-line ``ValueError`` for ``(transformer in_channels, VAE latent_channels)`` of a pipeline that takes
+    its conditions as extra channels; ``None`` (sizes not in the config files) passes."""
     if sizes is None:
-        pipe = FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
-        sizes = pipe.transformer.config.in_channels, pipe.vae.config.latent_channels
+        return
     channels, latents = sizes
+    kind = index.get("_class_name", "pipeline")
     if channels != 4 * latents:  # FLUX Control (128) and Fill (384) also take their conditions as channels
         raise ValueError(
             f"{model!r} is a {kind} whose transformer takes {channels} input channels, not 4 x {latents} latent "
             f"channels; this runs {SUPPORTED}"
         )
-    return pipe or FluxPipeline.from_pretrained(folder, dtype=torch_dtype)
 
 
 def _channels(folder: Path) -> tuple[int, int] | None:

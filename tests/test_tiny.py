@@ -460,6 +460,20 @@ def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tm
     err = capsys.readouterr().err
     assert "takes 128 input channels" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
 
+    import huggingface_hub
+
+    hub = tmp_path / "hub"  # a hub cache as huggingface_hub lays it out, read offline (conftest)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    for repo, folder in (("me--control", control), ("me--flux", tiny_pipeline_path)):
+        (hub / f"models--{repo}" / "refs").mkdir(parents=True)
+        (hub / f"models--{repo}" / "refs" / "main").write_text("c0ffee")
+        shutil.copytree(folder, hub / f"models--{repo}" / "snapshots" / "c0ffee")
+    with monkeypatch.context() as patched:  # a hub id is refused from its config files, before the weights download
+        patched.setattr(FluxPipeline, "download", lambda *a, **k: pytest.fail("downloaded the whole pipeline"))
+        with pytest.raises(ValueError, match="'me/control' is a FluxControlPipeline whose transformer takes 128"):
+            load_pipeline("me/control")
+    assert load_pipeline("me/flux").transformer.config.in_channels == 64  # then a FLUX.1 one downloads and loads
+
 
 def test_a_group_writable_umask_gives_a_group_writable_cache(tiny_pipeline_path, tmp_path, monkeypatch):
     import os
