@@ -208,13 +208,16 @@ def _validate_generate(args: argparse.Namespace) -> None:
                     f"--{name} must be a multiple of {multiple} ({LATENT_PATCH} x the down factor {down} of "
                     f"{args.weights}), got {getattr(args, name)}"
                 )
-    # every rank loads the model first (minutes for FLUX): a split that cannot be made fails now (in the processes of
-    # a relaunch, for the lone process of `accelerate launch --cpu`)
-    if args.parallel and "WORLD_SIZE" in os.environ:
+    # every rank loads the model first (minutes for FLUX): a split that cannot be made fails now, once in the lone
+    # process of `accelerate launch --cpu` (before it relaunches itself as N)
+    if args.parallel:
+        from app.launch import launched_world_size
         from pipelines.parallel import split_rows
 
+        world_size = launched_world_size(os.environ)
         try:
-            split_rows(args.height // LATENT_PATCH, int(os.environ["WORLD_SIZE"]), down or 1)
+            if world_size is not None:
+                split_rows(args.height // LATENT_PATCH, world_size, down or 1)
         except ValueError as err:
             raise CLIError(f"--parallel: {err}") from None
 

@@ -91,6 +91,15 @@ def requested_processes(launcher_argv: Sequence[str]) -> int | None:
     return None if layout is None else layout.num_processes
 
 
+def launched_world_size(environ: Mapping[str, str]) -> int | None:
+    """How many processes this run will have: ``WORLD_SIZE`` under a distributed launch, N in the lone process
+    of ``accelerate launch --cpu --num_processes N`` (which :func:`relaunch_lost_cpu_processes` runs as N), else
+    ``None``."""
+    if "WORLD_SIZE" in environ:
+        return int(environ["WORLD_SIZE"])
+    return requested_processes(_parent_argv()) if alone_under_cpu_launch(environ) else None
+
+
 def _parent_argv() -> list[str]:
     try:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()

@@ -132,7 +132,7 @@ def test_distill_passes_its_own_argv_to_the_relaunch(tmp_path, monkeypatch):
     assert main(argv) == 7 and seen == [argv]
 
 
-def test_generate_parallel_passes_its_own_argv_to_the_relaunch(tmp_path, monkeypatch):
+def test_generate_parallel_passes_its_own_argv_to_the_relaunch(tmp_path, monkeypatch, capsys):
     """`accelerate launch --cpu --num_processes 2 -m app.cli generate ... --parallel` starts one process: it failed
     with 'needs a distributed launch' while distill relaunched itself as the N processes asked for."""
     import app.launch
@@ -147,6 +147,15 @@ def test_generate_parallel_passes_its_own_argv_to_the_relaunch(tmp_path, monkeyp
     assert main(argv) == 7 and seen == [argv]
     assert main(argv[:-3] + ["--out", str(tmp_path / "y.png")]) != 7  # without --parallel: no relaunch
     assert len(seen) == 1
+    # a split the N processes cannot make: refused once, here, not by each of them after the relaunch
+    launcher = ["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "app.cli"]
+    monkeypatch.setattr(app.launch, "_parent_argv", lambda: [*launcher, *argv])
+    capsys.readouterr()
+    assert main([*argv, "--height", "16"]) == 2 and len(seen) == 1
+    assert capsys.readouterr().err == (
+        "error: --parallel: cannot split 1 token rows into 2 bands of a multiple of 1 row(s) each: use at most 1 "
+        "ranks or a taller image\n"
+    )
 
 
 def test_make_data_overwrite_starts_over(tmp_path, tiny_pipeline_path, capsys):
