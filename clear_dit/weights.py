@@ -302,6 +302,9 @@ def read_weights(
     values, shapes, metadata = _read_file(file, tensors)
     own_r, own_d = _declared_config(file, metadata)
     for name, given, own in (("window_size", window_size, own_r), ("down_factor", down_factor, own_d)):
+        if given is None and own == 0:  # a name's clear_local_8_down_0 (metadata's 0 is refused when read)
+            flag = "--window" if name == "window_size" else "--down"
+            raise ValueError(f"{file.name}: its name gives {name} 0; pass a {name} of at least 1 (clear-dit: {flag})")
         if given is not None and own is not None and given != own:  # allowed (the paper reuses radii), but said
             logger.warning("%s was made for %s %s; using it with %s %s as asked", file.name, name, own, name, given)
     window_size = own_r if window_size is None else window_size

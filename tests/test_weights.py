@@ -3,11 +3,13 @@
 import huggingface_hub.constants
 import pytest
 import torch
+from dit_models import TINY_SD35_CONFIG, tiny_sd3_transformer
 from flux_models import flux_inputs, run, tiny_flux_transformer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import clear_dit
+from clear_dit.weights import is_clear_key
 
 ATTN = ("to_q", "to_k", "to_v")
 
@@ -254,6 +256,14 @@ def test_radius_and_down_factor_of_zero_or_bad_metadata_are_refused(model, tmp_p
     save_file(official_tensors(model, 1), str(path), metadata={"window_size": "4.0"})
     with pytest.raises(ValueError, match=r"clear_local_2.safetensors: its metadata window_size='4.0' is not a posi"):
         clear_dit.read_weights(path)
+    zero = tmp_path / "clear_local_8_down_0.safetensors"  # `or` read the name's 0 as "not given": d = 1
+    save_file(official_tensors(model, 1), str(zero))
+    with pytest.raises(ValueError, match=r"^clear_local_8_down_0.safetensors: its name gives down_factor 0; pass a "):
+        clear_dit.read_weights(zero)
+    assert clear_dit.read_weights(zero, down_factor=1).down_factor == 1
+    save_file(official_tensors(model, 1), str(tmp_path / "clear_local_0.safetensors"))
+    with pytest.raises(ValueError, match=r"^clear_local_0.safetensors: its name gives window_size 0; pass a window"):
+        clear_dit.read_weights(tmp_path / "clear_local_0.safetensors")
 
 
 def test_read_weights_config_reads_the_header_alone(model, tmp_path, monkeypatch):
@@ -358,3 +368,33 @@ def test_a_model_clear_dit_cannot_patch_is_refused_before_the_file_is_read(tmp_p
     """A hub file (gigabytes for FLUX) was downloaded before the model was refused."""
     with pytest.raises(ValueError, match="clear_dit cannot patch Linear"):
         clear_dit.load_weights(torch.nn.Linear(2, 2), tmp_path / "missing.safetensors")
+
+
+def test_a_float32_file_loads_into_a_bf16_model_in_place_in_bf16(tmp_path):
+    """A published fp32 file in a bf16 pipeline: its projections stay bf16 and stay the parameters that optimizers,
+    LoRA layers and offload hooks hold."""
+    model = tiny_flux_transformer(tmp_path / "t").to(torch.bfloat16)
+    tensors = {k: torch.randn_like(v.float()) * 0.1 for k, v in model.state_dict().items() if is_clear_key(k)}
+    save_file(tensors, str(tmp_path / "clear_local_2.safetensors"))
+    storage = {k: p.data_ptr() for k, p in model.named_parameters()}
+    clear_dit.load_weights(model, tmp_path / "clear_local_2.safetensors")
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        assert params[name].dtype == torch.bfloat16 and params[name].data_ptr() == storage[name], name
+        torch.testing.assert_close(params[name], value.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_sd35_files_hold_and_load_the_image_only_attn2_projections(tmp_path):
+    """Without attn2 a d=1 SD3.5 file loads without error, its image-only attention left as the teacher's."""
+    source = tiny_sd3_transformer(tmp_path / "a", TINY_SD35_CONFIG)
+    clear_dit.patch(source, window_size=2)
+    with torch.no_grad():
+        for value in clear_dit.clear_state_dict(source).values():
+            value.add_(0.25)
+    path = clear_dit.save_weights(source, tmp_path / "sd35.safetensors")
+    attn2 = {f"transformer_blocks.0.attn2.{p}.weight" for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert attn2 <= set(clear_dit.read_weights(path).tensors)
+    target = tiny_sd3_transformer(tmp_path / "b", TINY_SD35_CONFIG)
+    clear_dit.load_weights(target, path)
+    for key in attn2:
+        torch.testing.assert_close(target.state_dict()[key], source.state_dict()[key], atol=0, rtol=0)
