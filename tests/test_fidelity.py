@@ -485,6 +485,29 @@ def test_protocol_names_a_results_folder_that_cannot_be_reached(tmp_path, capsys
     assert capsys.readouterr().err == f"error: --results {results} cannot be reached (Permission denied)\n"
 
 
+def test_held_out_scenes_are_not_the_teachers_training_scenes():
+    """train_teacher draws sample_scenes(num, seed, max_shapes): scoring on those would flatter every student."""
+    training = {s.caption for s in sample_scenes(64, 0)}
+    held = [s.caption for s in held_out_scenes(32, 0)]
+    assert len(set(held) & training) < len(held) // 4
+
+
+def test_a_distilled_student_gives_the_teacher_its_weights_back(tmp_path):
+    """The rows after a distilled student (the next student, the next scale's teacher) run the teacher's weights."""
+    from flux_models import tiny_flux_transformer
+
+    teacher = tiny_flux_transformer(tmp_path / "teacher")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distilled = tiny_flux_transformer(tmp_path / "student", seed=7)
+    clear_dit.patch(distilled, window_size=2)
+    weights = clear_dit.save_weights(distilled, tmp_path / "clear_local_2.safetensors")
+    with run.student(SimpleNamespace(transformer=teacher), run.Variant(16, 1, 2), weights):
+        assert any(not torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the student's are in
+    assert clear_dit.patch_handle(teacher) is None
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+
+
 def test_smoke_protocol_never_deletes_an_unfinished_teacher(tmp_path, capsys):
     teacher = tmp_path / "teacher"  # a teacher run still training: no model_index.json until it ends
     (teacher / "training").mkdir(parents=True)
