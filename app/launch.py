@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -167,9 +168,14 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
         run(parse_args(argv))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        code = failure.exitcode if failure.exitcode > 0 else 1
-        sys.stderr.write(f"error: process {rank} failed with exit code {failure.exitcode} (its error is above)\n")
-        return code
+        if failure.exitcode > 0:
+            sys.stderr.write(f"error: process {rank} failed with exit code {failure.exitcode} (its error is above)\n")
+            return failure.exitcode
+        number = -failure.exitcode  # a signal: the process could print nothing
+        name = signal.Signals(number).name if number in signal.valid_signals() else "unknown"
+        why = "; out of memory?" if number == signal.SIGKILL else ""
+        sys.stderr.write(f"error: process {rank} was killed by signal {number} ({name}{why})\n")
+        return 1
     return 0
 
 

@@ -835,7 +835,7 @@ def test_a_process_killed_by_a_signal_is_a_failure(monkeypatch, capsys):
 
     monkeypatch.setattr(torch.distributed.run, "run", killed)
     assert launch.torchrun(["--nproc_per_node", "2", "x.py"]) == 1
-    assert "process 1 failed with exit code -9" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: process 1 was killed by signal 9 (SIGKILL; out of memory?)\n"
 
 
 def test_cpu_launch_reads_accelerates_default_config_and_spreads_over_machines(tmp_path, monkeypatch):
@@ -1416,20 +1416,6 @@ def test_a_kill_while_run_json_or_a_log_is_rewritten_leaves_it_whole(tmp_path, d
         with pytest.raises(KeyboardInterrupt):
             train(config(tmp_path, data_dir, **{**settings, "max_steps": 3}, resume="latest"))
     assert path.read_text() == before and not list(path.parent.glob(f".{name}.*"))
-
-
-def test_torchrun_reports_a_signalled_process_as_exit_code_1(monkeypatch):
-    import torch.distributed.run as run_mod
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-
-    failure = ProcessFailure(local_rank=0, pid=1, exitcode=-9, error_file="/nonexistent")
-
-    def failing(args):
-        raise ChildFailedError("x", {0: failure})
-
-    monkeypatch.setattr(run_mod, "run", failing)
-    monkeypatch.setattr(run_mod, "parse_args", lambda argv: argv)
-    assert launch.torchrun(["x"]) == 1
 
 
 def test_l_attn_alone_trains_the_student_and_copy_mode_aligns_the_same_layers(tiny_pipeline_path):
