@@ -436,6 +436,7 @@ def test_a_folder_that_holds_no_run_is_never_written_to(tmp_path, data_dir, flag
         (dict(weighting_scheme="mode", mode_scale=10.0), "--mode-scale must be in [-1, 1.75] for the 'mode' scheme"),
         (dict(lr_warmup_steps=2), "--lr-scheduler constant has no warmup (diffusers ignores it)"),
         (dict(lr=0.0), "--lr must be positive, got 0.0"),
+        (dict(keep_checkpoints=0), "--keep-checkpoints must be a positive int, got 0"),  # [:-0] kept them all
         (dict(fm_weight=0.0, out_weight=0.0, attn_weight=0.0), "--attn-weight are all 0: no loss to train on"),
     ],
 )
@@ -579,6 +580,53 @@ def test_overwrite_deletes_only_the_previous_runs_own_export(tmp_path, data_dir)
     assert (run / "clear_local_2.safetensors").is_file() and (run / "logs").is_dir()
 
 
+def test_overwrite_discards_the_previous_runs_validation_images(tmp_path, data_dir, monkeypatch):
+    """The old run's step-*.png stayed beside the new run's."""
+
+    def grid(self, path: Path) -> None:  # the file, without drawing it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(Distiller, "validation_grid", grid)
+    settings = dict(validate_every=1, validation_images=True)
+    train(config(tmp_path, data_dir, max_steps=2, **settings))
+    train(config(tmp_path, data_dir, max_steps=1, overwrite=True, **settings))
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000000.png", "step-000001.png"]
+
+
+def test_a_checkpoint_of_another_folder_is_not_resumed_into_a_run(tmp_path, data_dir):
+    """Resuming cuts the run in --out back to the checkpoint's step: a mistyped --out lost its later checkpoints,
+    logs and export."""
+    settings = dict(checkpoint_every=2, num_validation=0)
+    train(config(tmp_path, data_dir, "a", max_steps=4, **settings))
+    train(config(tmp_path, data_dir, "b", max_steps=2, **settings))
+    before = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"--resume .*b.checkpoint-2 is a checkpoint of another folder, and "):
+        train(config(tmp_path, data_dir, "a", max_steps=3, resume=str(tmp_path / "b" / "checkpoint-2"), **settings))
+    assert {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
+    resumed = config(tmp_path, data_dir, "c", max_steps=3, resume=str(tmp_path / "b" / "checkpoint-2"), **settings)
+    assert train(resumed).is_file()  # into a new folder it continues
+    lines = (tmp_path / "c" / "logs" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [3]
+
+
+def test_a_non_finite_gradient_stops_the_run_before_it_is_checkpointed(tmp_path, data_dir, monkeypatch):
+    """The loss is taken before the step: a nan gradient with a finite loss made the weights nan, and its
+    checkpoint and export were written without an error."""
+    import training.distill as distill_module
+
+    losses = distill_module.distill_losses
+
+    def nan_gradient(*args, **kwargs):  # adds 0 to the loss, and nan to its gradient
+        out = losses(*args, **kwargs)
+        return dataclasses.replace(out, total=out.total + (args[0] - args[0].detach()).abs().sqrt().sum())
+
+    monkeypatch.setattr(distill_module, "distill_losses", nan_gradient)
+    with pytest.raises(FloatingPointError, match="^gradient norm became nan at step 1; lower --lr"):
+        train(config(tmp_path, data_dir, max_steps=1, checkpoint_every=1, num_validation=0))
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not list((tmp_path / "run").glob("*.safetensors"))
+
+
 def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(ValueError, match="^--window must be a positive int"):
         train(config(tmp_path, data_dir, window=0))
@@ -612,12 +660,17 @@ def test_clear_errors(tmp_path, data_dir):
             tensors = load_file(data_dir / "shards" / shard.name)
             pad = now["text_dim"] - info["text_dim"]
             tensors["prompt_embeds"] = torch.nn.functional.pad(tensors["prompt_embeds"], (0, pad))
+            pad = now["pooled_dim"] - info["pooled_dim"]
+            tensors["pooled_prompt_embeds"] = torch.nn.functional.pad(tensors["pooled_prompt_embeds"], (0, pad))
             for key in ("latent_mean", "latent_logvar"):
                 tensors[key] = tensors[key][:, : now["latent_shape"][0]].contiguous()
             save_file(tensors, shard)
 
     made_by_another_model(text_dim=48)
     with pytest.raises(ValueError, match="made with another model: T5 embeddings have 48 dims, model takes 32"):
+        train(config(tmp_path, other, "run2"))
+    made_by_another_model(pooled_dim=info["pooled_dim"] + 8)  # else a shape error mid-forward, after run.json
+    with pytest.raises(ValueError, match="made with another model: CLIP pooled embeddings have 40 dims, model takes"):
         train(config(tmp_path, other, "run2"))
     made_by_another_model(latent_shape=[8, *info["latent_shape"][1:]])
     with pytest.raises(ValueError, match=r"made with another model: latents have 8 channels \(x4 packed = 32\)"):

@@ -413,10 +413,15 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         checkpoint = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
+        origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
+        if run_file.is_file() and origin.resolve() != run_file.resolve():  # resuming cuts the run back to the step
+            raise FileExistsError(  # of the checkpoint: its later checkpoints, logs and export would be lost
+                f"--resume {config.resume} is a checkpoint of another folder, and {out} holds a run of its own: "
+                "resume into a new --out (or pass --resume latest to continue the run there)"
+            )
         if run_file.is_file():
             _check_same_run(_read_run_file(run_file), record, str(out))
         # a checkpoint of another folder: the run that wrote it must match too
-        origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
         if origin.resolve() != run_file.resolve() and origin.is_file():
             advice = f"repair or delete it to resume from {checkpoint} (unchecked against its run), or drop --resume"
             _check_same_run(_read_run_file(origin, advice), record, f"from {checkpoint}")
@@ -990,6 +995,12 @@ class Distiller:
             bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2g}")
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(f"loss became {values['loss']} at step {self.state.step}; lower --lr")
+            # the loss is taken before the step: a non-finite gradient (clipping turns inf into nan) has already
+            # made the weights nan, to be checkpointed and exported; fp16's loss scaler skips such steps itself
+            if not math.isfinite(values["grad_norm"]) and not acc.optimizer_step_was_skipped:
+                raise FloatingPointError(
+                    f"gradient norm became {values['grad_norm']} at step {self.state.step}; lower --lr"
+                )
             last = self.state.step == config.max_steps
             if config.checkpoint_every and (self.state.step % config.checkpoint_every == 0 or last):
                 self.save_checkpoint()
