@@ -262,8 +262,9 @@ def test_kernel_under_the_interpreter() -> None:
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
 
 
-def _compiled(layout: CLEARLayout, dtype: torch.dtype, head_dim: int, sm: int):
-    """The kernel compiled for CUDA compute capability ``sm`` with the arguments of a real launch (no GPU needed)."""
+def _compiled(layout: CLEARLayout, dtype: torch.dtype, head_dim: int, sm: int, shared_memory: int = 101376):
+    """The kernel compiled for CUDA compute capability ``sm`` with the arguments of a real launch (no GPU needed)
+    on a GPU whose blocks get ``shared_memory`` bytes."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -271,7 +272,7 @@ def _compiled(layout: CLEARLayout, dtype: torch.dtype, head_dim: int, sm: int):
 
     q = torch.zeros(1, layout.q_len, 2, head_dim, dtype=dtype)
     kv = torch.zeros(1, layout.kv_len, 2, head_dim, dtype=dtype)
-    launch = kernel_launch(q, kv, kv, q, layout, 0.1)
+    launch = kernel_launch(q, kv, kv, q, layout, 0.1, shared_memory)
     kernel = _KERNEL[0]
     names = [name for name in kernel.arg_names if name not in launch.constexprs]
     types = [_POINTER[a.dtype] if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32"
@@ -293,11 +294,33 @@ def test_kernel_compiles_for_a_gpu_target() -> None:
 @outer_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_kernel_fits_the_shared_memory_of_consumer_gpus(dtype, head_dim: int) -> None:
-    """A block gets at most 99 KB of shared memory on sm_86/sm_89 (RTX 30/40), 163 KB on A100, 227 KB on H100;
-    a kernel that needs more fails to launch. fp32 tiles at head_dim 128 needed 104 KB, at 256 200 KB."""
-    compiled = _compiled(CLEARLayout((64, 64), 7, 8, 2), dtype, head_dim, 86)
-    assert compiled.metadata.shared <= 101376
+@pytest.mark.parametrize(("sm", "shared_memory"), [(86, 101376), (75, 65536)], ids=["sm86", "sm75"])
+def test_kernel_fits_the_shared_memory_of_consumer_gpus(dtype, head_dim: int, sm: int, shared_memory: int) -> None:
+    """A block gets at most 99 KB of shared memory on sm_86/sm_89 (RTX 30/40), 64 KB on Turing (T4, RTX 20),
+    163 KB on A100, 227 KB on H100; a kernel that needs more fails to launch. fp32 tiles at head_dim 128 needed
+    104 KB on sm_86, 16-bit ones at head_dim 128 96 KB on sm_75."""
+    compiled = _compiled(CLEARLayout((64, 64), 7, 8, 2), dtype, head_dim, sm, shared_memory)
+    assert compiled.metadata.shared <= shared_memory
+
+
+@outer_test
+def test_fp32_dots_use_tf32_only_where_torch_matmuls_may(monkeypatch) -> None:
+    """The dense oracle's rule (torch.backends.cuda.matmul.allow_tf32, off by default): the interpreter has no
+    TF32, so only the launch shows it."""
+    from clear_dit.backends.triton import kernel_launch
+
+    layout = CLEARLayout((8, 8), 3, 2)
+    q = torch.zeros(1, layout.q_len, 1, 16)
+    for allowed, precision in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
+        assert kernel_launch(q, q, q, q, layout, 0.1).constexprs["PRECISION"] == precision
+    assert kernel_launch(q.half(), q.half(), q.half(), q.half(), layout, 0.1).constexprs["PRECISION"] == "ieee"
+
+
+@outer_test
+def test_kernel_compiles_for_head_dims_below_16() -> None:
+    """tl.dot needs block sides of at least 16: the interpreter runs narrower ones, the GPU compiler refuses them."""
+    assert "cubin" in _compiled(CLEARLayout((8, 8), 3, 2), torch.float16, 8, 90).asm
 
 
 # --- availability and "auto" -------------------------------------------------------------------------
@@ -352,6 +375,7 @@ def test_head_dim_beyond_the_kernel_is_refused() -> None:
         (CLEARLayout((64, 64), 512, 16), torch.bfloat16, 128, "triton"),
         (CLEARLayout((16, 16), 512, 8, 2), torch.float32, 64, "triton"),
         (CLEARLayout((64, 64), 512, 16), torch.float64, 128, "tiled"),  # the kernel has no float64
+        (CLEARLayout((64, 64), 512, 16), torch.float16, MAX_HEAD_DIM, "triton"),
         (CLEARLayout((64, 64), 512, 16), torch.float16, 2 * MAX_HEAD_DIM, "tiled"),
         (CLEARLayout((8, 8), 16, 20), torch.float16, 128, "tiled"),  # covers the grid: one flash SDPA call
     ],

@@ -80,19 +80,25 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def choose_tiling(layout: CLEARLayout, head_dim: int, dtype: torch.dtype) -> Tiling:
-    """Tiles for ``layout``: 128 queries x 64 keys per block for 16-bit inputs up to head_dim 128, half of that
-    for fp32 or larger heads, a quarter for fp32 above head_dim 128 (the accumulators and K/V stages must fit
-    registers and shared memory: with :func:`pipeline_stages`, at most the 99 KB a block gets on sm_86/sm_89).
+#: Shared memory a block may opt into on sm_86/sm_89 (RTX 30/40, 99 KB), which the tilings are sized for; A100 and
+#: H100 give more, Turing (T4, RTX 20) 64 KB.
+CONSUMER_SHARED_MEMORY = 101376
+
+
+def choose_tiling(
+    layout: CLEARLayout, head_dim: int, dtype: torch.dtype, shared_memory: int = CONSUMER_SHARED_MEMORY
+) -> Tiling:
+    """Tiles for ``layout``: 128 queries x 64 keys per block for 16-bit inputs up to head_dim 128, halved for
+    each of fp32, a head_dim above 128 and a GPU whose blocks get less ``shared_memory`` than sm_86/sm_89's 99 KB
+    (Turing's 64 KB), down to a quarter (the accumulators and K/V stages must fit registers and shared memory:
+    with :func:`pipeline_stages`, at most 99 KB, or 64 KB on Turing).
 
     Not tuned on a GPU yet (none was at hand). Query tiles are wide (``8 x 16``): rows are contiguous in
     memory, and the window's reach is the same in both directions. Tile sides shrink to the grid's extent
     (rounded up to a power of two) so that small grids do not compute mostly padding.
     """
-    small = dtype == torch.float32 or head_dim > 128
-    block_m, block_n = (64, 32) if small else (128, 64)
-    if dtype == torch.float32 and head_dim > 128:  # fp32 blocks of 256 channels: halved again to fit shared memory
-        block_m, block_n = 32, 16
+    halvings = (dtype == torch.float32) + (head_dim > 128) + (shared_memory < CONSUMER_SHARED_MEMORY)
+    block_m, block_n = 128 >> min(halvings, 2), 64 >> min(halvings, 2)
     h = _pow2_at_least(max(g[0] for g in layout.image_grids))
     w = _pow2_at_least(max(g[1] for g in layout.image_grids))
 
@@ -251,13 +257,22 @@ class Launch:
 
 
 def kernel_launch(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, layout: CLEARLayout, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    layout: CLEARLayout,
+    scale: float,
+    shared_memory: int | None = None,
 ) -> Launch:
     """The launch that writes the image rows of ``out`` ``(batch, q_len, heads, head_dim)``; shapes as in
-    :class:`~clear_dit.backends.base.AttentionBackend`. Separate from running it so that it can be compiled for
-    a GPU target without one (tests/test_triton.py)."""
+    :class:`~clear_dit.backends.base.AttentionBackend`; ``shared_memory``: bytes a block may use (default: what the
+    tensors' GPU gives, see :func:`choose_tiling`). Separate from running it so that it can be compiled for a GPU
+    target without one (tests/test_triton.py)."""
     b, _, heads, dim = query.shape
-    tiling = choose_tiling(layout, dim, query.dtype)
+    if shared_memory is None:
+        shared_memory = _shared_memory(query.device)
+    tiling = choose_tiling(layout, dim, query.dtype, shared_memory)
     schedule = _device_schedule(layout, tiling, query.device)
     _, circle, step = _KERNEL
     block_m = tiling.query[0] * tiling.query[1]
@@ -281,6 +296,15 @@ def kernel_launch(
     grid = (schedule.query_tiles.shape[0], b * heads)
     options = {"num_warps": 8 if block_m * block_d >= 128 * 128 else 4, "num_stages": pipeline_stages(dim, query.dtype)}
     return Launch(grid, (*tensors, *strides, *sizes, qk_scale), constexprs, options)
+
+
+def _shared_memory(device: torch.device) -> int:
+    """The shared memory a block on ``device`` may opt into; :data:`CONSUMER_SHARED_MEMORY` off CUDA (the
+    interpreter) or where torch does not say."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return CONSUMER_SHARED_MEMORY
+    properties = torch.cuda.get_device_properties(device)
+    return int(getattr(properties, "shared_memory_per_block_optin", CONSUMER_SHARED_MEMORY))
 
 
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: CLEARLayout, scale: float):
