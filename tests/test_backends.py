@@ -553,6 +553,20 @@ def test_auto_takes_dense_where_tiled_would_refuse_a_tiny_fp16_scale() -> None:
                                                     backend="dense"), atol=0, rtol=0)  # fmt: skip
 
 
+def test_the_recomputed_backward_takes_a_tiny_fp16_scale() -> None:
+    """Backend "triton" ran such a scale forward (auto picks it on CUDA), then its backward raised tiled's refusal."""
+    layout = CLEARLayout((6, 5), 3, 2, 1)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.q_len, 2, 8, generator=gen).half().requires_grad_() for _ in range(3))
+    g = torch.randn(q.shape, generator=gen).half()
+    got = torch.autograd.grad(with_tiled_backward(BACKENDS["dense"], q, k, v, layout, 0.02), (q, k, v), g)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(BACKENDS["dense"](*exact, layout, 0.02), exact, g.double())
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.double(), b, atol=2e-3, rtol=2e-3)
+
+
 def test_auto_keeps_tiled_for_a_covering_window_with_a_tiny_fp16_scale() -> None:
     """One unmasked SDPA call, no padding keys to refuse the scale; dense would build an O(seq^2) mask (3 GB here)."""
     layout = CLEARLayout((96, 96), 0, 200)
@@ -709,6 +723,27 @@ def test_flex_block_with_a_single_masked_entry_is_partial() -> None:
     got = flex._block_mask.__wrapped__(layout, torch.device("cpu"))
     for name in ("full_kv_num_blocks", "kv_num_blocks"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_compiled_flex_stays_compiled_past_eight_layouts() -> None:
+    """A compiled flex_attention compiles again for every layout (a new mask_mod, new lengths): past dynamo's
+    default limit of 8 it ran un-compiled, O(seq^2) in memory, without a word. Dynamo's "eager" backend stands in
+    for inductor (the same guards and limit, without minutes of compiling)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from clear_dit.backends import flex
+
+    compiled = torch.compile(flex_attention, dynamic=False, backend="eager")
+    before = counters["frames"]["ok"]
+    for side, radius in [(side, radius) for side in (4, 6, 8) for radius in (1, 2, 3)]:
+        layout = CLEARLayout((side, side), 4, radius)
+        q = torch.randn(1, 1, layout.q_len, 16, generator=torch.Generator().manual_seed(side))
+        block_mask = flex._block_mask.__wrapped__(layout, torch.device("cpu"))
+        out = flex.run_flex(compiled, q, q, q, block_mask, 0.25)
+        expected = BACKENDS["dense"](*(q.transpose(1, 2),) * 3, layout, 0.25).transpose(1, 2)
+        torch.testing.assert_close(out, expected)
+    assert counters["frames"]["ok"] - before == 9  # each layout compiled
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ FlexAttention has no backward on CPU (torch raises ``NotImplementedError`` there
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -84,10 +85,20 @@ class FlexBackend:
         if query.numel() == 0:  # no images or no heads: flex_attention divides by the head count
             return query.new_empty(query.shape)
         attend = _compiled_flex_attention() if query.device.type == "cuda" else flex_attention
-        block_mask = _block_mask(layout, query.device)
-        with warnings.catch_warnings():  # un-compiled on CPU on purpose (see the module docstring)
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            out = attend(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), block_mask=block_mask, scale=scale
-            )
-        return out.transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        return run_flex(attend, q, k, v, _block_mask(layout, query.device), scale).transpose(1, 2)
+
+
+#: Layouts (sizes, windows) one process may compile flex_attention for: every layout is a new mask_mod and new
+#: lengths, and past dynamo's default limit of 8 it silently runs flex un-compiled (O(seq^2) memory) instead.
+RECOMPILE_LIMIT = 256
+
+
+def run_flex(
+    attend: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scale: float
+) -> torch.Tensor:
+    """``attend(query, key, value, block_mask=..., scale=...)`` ``(batch, heads, seq, head_dim)``: flex_attention,
+    compiled or not (un-compiled on CPU on purpose, see the module docstring), with room for a compile per layout."""
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return attend(query, key, value, block_mask=block_mask, scale=scale)

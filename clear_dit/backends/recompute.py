@@ -2,7 +2,8 @@
 
 The ``"triton"`` and ``"xformers"`` backends have fast forwards and no backward of their own; wrapped here, the
 forward saves its inputs and the backward differentiates the same attention through the ``"tiled"`` backend's
-differentiable path (plain ops, exact: the same gradients as ``"dense"``), so training works with them.
+differentiable path (plain ops, exact: the same gradients as ``"dense"``; in float32 for a float16 scale too
+small for it), so training works with them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..mask import CLEARLayout
-from .tiled import TiledBackend
+from .tiled import TiledBackend, scale_fits
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CLEARLayout, float], torch.Tensor]
 
@@ -30,8 +31,11 @@ class _TiledBackward(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needed, strict=True)]
         wanted = [t for t in inputs if t.requires_grad]
         with torch.enable_grad():
-            out = TiledBackend()(*inputs, ctx.layout, ctx.scale)
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+            # fp16 with a tiny scale: tiled's padding keys would take weight (it refuses); in fp32 they do not, and
+            # the memory stays linear (dense's would not, at the sizes the fast forward ran)
+            upcast = not scale_fits(ctx.scale, inputs[0].dtype)
+            out = TiledBackend()(*(t.float() if upcast else t for t in inputs), ctx.layout, ctx.scale)
+            grads = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype)))
         return (None, *(next(grads) if t.requires_grad else None for t in inputs), None, None)
 
 
