@@ -39,13 +39,16 @@ class CLIError(Exception):
 
 
 def _finite(text: str) -> float:
-    """argparse type of every float option: ``nan`` and ``inf`` parse as floats but pass no range check."""
+    """argparse type of every float option: ``nan`` and ``inf`` parse as floats but pass no range check, and the
+    values become float32 tensors."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if abs(value) > 3.4028234663852886e38:  # options become float32 tensors, where such a value overflows
+        raise argparse.ArgumentTypeError(f"expected a number within float32's range (at most 3.4e38), got {text!r}")
     return value
 
 

@@ -293,8 +293,9 @@ class HighResFluxPipeline(FluxPipeline):
             window_size, down_factor, clear_weights, backend, proportional_attention
         )
         check_highres_inputs(
-            stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift
-        )
+            stages, strengths, ntk_factor, base_attention, down, output_type, self.vae_scale_factor * 2, time_shift,
+            guidance_scale, true_cfg_scale,
+        )  # fmt: skip
         # plain floats from here on: diffusers' scheduler fails on a 0-d tensor's shift, a bf16 one rounds theta
         strengths, ntk_factor = [float(v) for v in strengths], float(ntk_factor)
         time_shift = None if time_shift is None else float(time_shift)

@@ -11,11 +11,23 @@ import reprlib
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["BASE_ATTENTIONS", "OUTPUT_TYPES", "TIME_SHIFT_RANGE", "check_highres_inputs", "parse_stages"]
+__all__ = [
+    "BASE_ATTENTIONS",
+    "FLOAT32_MAX",
+    "MAX_SIDE",
+    "OUTPUT_TYPES",
+    "TIME_SHIFT_RANGE",
+    "check_highres_inputs",
+    "parse_stages",
+]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 BASE_ATTENTIONS = ("full", "clear")
 TIME_SHIFT_RANGE = (1e-6, 1e6)
+#: The largest stage side in pixels (8x an 8K image's): a larger one failed only after the base stage ran.
+MAX_SIDE = 65536
+#: Guidance scales become float32 tensors: beyond this they overflow.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class _Brief(reprlib.Repr):
@@ -76,11 +88,17 @@ def check_highres_inputs(
     output_type: str = "pil",
     unit: int = 16,
     time_shift: float | None = None,
+    guidance_scale: float = 3.5,
+    true_cfg_scale: float = 1.0,
 ) -> None:
     """Raise a one-line ValueError for settings :class:`HighResFluxPipeline` cannot run (no model needed).
 
     ``stages`` are ``(width, height)``; ``strengths`` one per upscale stage; ``unit`` the pixels per image token.
     """
+    for name, scale in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+        # a nan scale ran every stage into nan (black) images; one beyond float32 failed as a tensor, mid-run
+        if not _real(scale) or not (scale == 0 or _positive_finite(scale)) or scale > FLOAT32_MAX:
+            raise ValueError(f"{name} must be >= 0 and finite (at most {FLOAT32_MAX:.3g}), got {brief(scale)}")
     if not stages:
         raise ValueError("stages is empty; give at least one (width, height)")
     if base_attention not in BASE_ATTENTIONS:
@@ -102,11 +120,11 @@ def check_highres_inputs(
     for i, (width, height) in enumerate(stages):
         clear = i > 0 or base_attention == "clear"
         multiple = unit * (down_factor if clear else 1)
-        if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE) or width % multiple or height % multiple:
             why = f"{unit}*d, CLEAR down factor d={down_factor}" if multiple > unit else f"{unit} px per image token"
             raise ValueError(
                 f"stage {i} size {brief(width)}x{brief(height)} must be positive multiples of {multiple} ({why}) in "
-                "both sides"
+                f"both sides, at most {MAX_SIDE}"
             )
         if i > 0:
             prev_w, prev_h = stages[i - 1]

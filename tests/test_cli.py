@@ -186,6 +186,7 @@ BAD = {
     "true cfg below 1": (["--true-cfg", "0"], "--true-cfg must be >= 1 (1: off), got 0.0"),
     "guidance not a number": (["--guidance", "nan"], "argument --guidance: expected a finite number, got 'nan'"),
     "true cfg infinite": (["--true-cfg", "inf"], "argument --true-cfg: expected a finite number, got 'inf'"),
+    "guidance beyond float32": (["--guidance", "1e39"], "--guidance: expected a number within float32's range"),
     "negative prompt without true cfg": (["--negative-prompt", "blurry"], "--negative-prompt needs --true-cfg"),
     "seed beyond torch's": (["--seed", str(2**64)], "argument --seed: must be 0 to 9223372036854775807, got 1844"),
     "negative seed": (["--seed", "-1"], "argument --seed: must be 0 to 9223372036854775807, got -1"),

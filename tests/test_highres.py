@@ -191,10 +191,16 @@ def test_stage_checks_at_their_edges():
     huge = 10**5000  # more digits than Python prints: named by its size
     with pytest.raises(ValueError, match=r"stage 1 size <an int of 16610 bits>x64 must be positive multiples of 16"):
         check_highres_inputs([(64, 64), (huge + 8, 64)], [0.5])
-    with pytest.raises(
-        ValueError, match=r"increase: stage 1 \(64x<an int of 16614 bits>\) is not larger than stage 0 "
-    ):
-        check_highres_inputs([(128, 64), (64, 16 * huge)], [0.5])
+    with pytest.raises(ValueError, match=r"stage 1 size 64x<an int of 16614 bits> must be .* at most 65536$"):
+        check_highres_inputs([(128, 64), (64, 16 * huge)], [0.5])  # PIL's resize failed after the base stage
+    check_highres_inputs([(64, 64), (65536, 64)], [0.5])
+    with pytest.raises(ValueError, match=r"stage 1 size 65552x64 must be positive multiples of 16 .*, at most 65536"):
+        check_highres_inputs([(64, 64), (65552, 64)], [0.5])
+    for name in ("guidance_scale", "true_cfg_scale"):  # nan ran into black images, 1e39 failed mid-run
+        for scale in (float("nan"), float("inf"), 1e39, -1.0, "2"):
+            with pytest.raises(ValueError, match=rf"^{name} must be >= 0 and finite \(at most 3.4e\+38\), got"):
+                check_highres_inputs([(64, 64), (128, 128)], [0.5], **{name: scale})
+        check_highres_inputs([(64, 64), (128, 128)], [0.5], **{name: 0})
     with pytest.raises(ValueError, match=r"ntk_factor must be > 0 and finite, got 0"):
         check_highres_inputs([(64, 64), (128, 128)], [0.5], ntk_factor=0)
 
@@ -297,6 +303,7 @@ def test_interrupt_stops_remaining_stages(pipe):
         ),
         (dict(stages=[(64, 64)], num_images_per_prompt=1.5), r"num_images_per_prompt must be a whole number >= 1"),
         (dict(stages=[(64, 64)], output_type="jpg"), r"output_type must be one of"),
+        (dict(stages=[(64, 64), (128, 128)], guidance_scale=float("nan")), r"guidance_scale must be >= 0 and fin"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=0.0), r"time_shift must be in \[1e-06, 1e\+06\] .*, got 0.0"),
         (dict(stages=[(64, 64), (128, 128)], time_shift=-1.0), r"time_shift must be in \["),
         (dict(stages=[(64, 64), (128, 128)], time_shift=1e39), r"time_shift must be in .*, got 1e\+39"),
@@ -455,6 +462,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
     assert existing.read_bytes() == b"mine"
+
+
+def test_guidance_scale_reaches_every_stage(pipe):
+    """FLUX.1-dev's guidance embedding: upscale stages given the default while the PNG recorded the user's."""
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((p.stage_index, p.guidance_scale))
+        return kwargs
+
+    pipe("a red circle", stages=[(64, 48), (128, 96)], num_inference_steps=2, strength=0.5, guidance_scale=2.0,
+         seed=0, output_type="latent", callback_on_step_end=callback)  # fmt: skip
+    assert {stage for stage, _ in seen} == {0, 1} and all(scale == 2.0 for _, scale in seen), seen
 
 
 def test_an_upscale_stage_starts_from_the_image_before_it(pipe, caplog):
