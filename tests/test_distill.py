@@ -594,18 +594,20 @@ def test_overwrite_discards_the_previous_runs_validation_images(tmp_path, data_d
     assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000000.png", "step-000001.png"]
 
 
-def test_a_checkpoint_of_another_folder_is_not_resumed_into_a_run(tmp_path, data_dir):
+def test_a_checkpoint_of_another_folder_is_not_resumed_into_a_run(tmp_path, data_dir, monkeypatch):
     """Resuming cuts the run in --out back to the checkpoint's step: a mistyped --out lost its later checkpoints,
     logs and export."""
     settings = dict(checkpoint_every=2, num_validation=0)
     train(config(tmp_path, data_dir, "a", max_steps=4, **settings))
     train(config(tmp_path, data_dir, "b", max_steps=2, **settings))
     before = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
-    with pytest.raises(FileExistsError, match=r"--resume .*b.checkpoint-2 is a checkpoint of another folder, and "):
+    with pytest.raises(FileExistsError, match=r"--resume .*b.checkpoint-2 is a checkpoint of another folder, and .*"
+                       r"checkpoints of its own \(the latest: checkpoint-4\): resume into a new --out"):  # fmt: skip
         train(config(tmp_path, data_dir, "a", max_steps=3, resume=str(tmp_path / "b" / "checkpoint-2"), **settings))
     assert {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
     resumed = config(tmp_path, data_dir, "c", max_steps=3, resume=str(tmp_path / "b" / "checkpoint-2"), **settings)
-    assert train(resumed).is_file()  # into a new folder it continues
+    train_killed_in("save_checkpoint", 3, resumed, monkeypatch)  # into a new folder it continues; an attempt
+    assert train(resumed).is_file()  # killed before its first checkpoint there is taken up by the same command
     lines = (tmp_path / "c" / "logs" / "train.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [3]
 

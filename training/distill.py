@@ -414,10 +414,12 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
-        if run_file.is_file() and origin.resolve() != run_file.resolve():  # resuming cuts the run back to the step
-            raise FileExistsError(  # of the checkpoint: its later checkpoints, logs and export would be lost
-                f"--resume {config.resume} is a checkpoint of another folder, and {out} holds a run of its own: "
-                "resume into a new --out (or pass --resume latest to continue the run there)"
+        own = latest_checkpoint(out) if origin.resolve() != run_file.resolve() else None
+        if own is not None:  # resuming cuts the run in --out back to the checkpoint's step, deleting its checkpoints
+            raise FileExistsError(
+                f"--resume {config.resume} is a checkpoint of another folder, and {out} holds a run with checkpoints "
+                f"of its own (the latest: {own.name}): resume into a new --out, or pass --resume latest to continue "
+                "the run there"
             )
         if run_file.is_file():
             _check_same_run(_read_run_file(run_file), record, str(out))
