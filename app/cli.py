@@ -217,8 +217,8 @@ def _validate_generate(args: argparse.Namespace) -> None:
         from app.launch import launched_world_size
         from pipelines.parallel import split_rows
 
-        world_size = launched_world_size(os.environ)
         try:
+            world_size = launched_world_size(os.environ)
             if world_size is not None:
                 split_rows(args.height // LATENT_PATCH, world_size, down or 1)
         except ValueError as err:

@@ -94,6 +94,8 @@ def load_pipeline(model: str = TINY, torch_dtype: torch.dtype = torch.float32):
 
     # the config files first: an SD3, Control or Fill pipeline is refused before tens of GB of weights download
     configs = _from_hub(model, lambda: snapshot_download(model, allow_patterns=list(CONFIG_FILES)))
+    if not (configs / "model_index.json").is_file():  # a repo of single files (a checkpoint, LoRA, GGUF)
+        raise ValueError(f"{model!r} on the hub is not a diffusers pipeline (it has no model_index.json)")
     _check_channels(model, _check_index(model, configs), _channels(configs))
     return _checked_flux(model, _from_hub(model, lambda: FluxPipeline.download(model)), torch_dtype)
 

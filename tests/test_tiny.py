@@ -464,6 +464,12 @@ def test_load_pipeline_refuses_folders_of_other_pipelines(tiny_pipeline_path, tm
 
     hub = tmp_path / "hub"  # a hub cache as huggingface_hub lays it out, read offline (conftest)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    (hub / "models--me--lora" / "snapshots" / "c0ffee").mkdir(parents=True)  # a repo of single files
+    (hub / "models--me--lora" / "snapshots" / "c0ffee" / "lora.safetensors").write_bytes(b"x")
+    (hub / "models--me--lora" / "refs").mkdir()
+    (hub / "models--me--lora" / "refs" / "main").write_text("c0ffee")
+    with pytest.raises(ValueError, match=r"^'me/lora' on the hub is not a diffusers pipeline \(it has no model_"):
+        load_pipeline("me/lora")
     for repo, folder in (("me--control", control), ("me--flux", tiny_pipeline_path)):
         (hub / f"models--{repo}" / "refs").mkdir(parents=True)
         (hub / f"models--{repo}" / "refs" / "main").write_text("c0ffee")
