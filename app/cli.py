@@ -23,6 +23,7 @@ from pathlib import Path
 
 from app.errors import is_out_of_memory
 from app.inputs import SEED_LIMIT, attention_saving, not_utf8
+from pipelines.stages import FLOAT32_MAX
 
 logger = logging.getLogger("clear_dit.cli")
 
@@ -47,7 +48,7 @@ def _finite(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    if abs(value) > 3.4028234663852886e38:  # options become float32 tensors, where such a value overflows
+    if abs(value) > FLOAT32_MAX:  # options become float32 tensors, where such a value overflows
         raise argparse.ArgumentTypeError(f"expected a number within float32's range (at most 3.4e38), got {text!r}")
     return value
 

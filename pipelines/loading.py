@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -124,7 +124,7 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
     from diffusers import FluxPipeline
 
     index = _check_index(model, folder)
-    takes = inspect.signature(FluxPipeline.__init__).parameters
+    takes = _flux_components()
     listed = [name for name, entry in index.items() if name in takes and _is_component(entry)]
     missing = [name for name in listed if not (folder / name).is_dir()]
     if missing:
@@ -145,8 +145,6 @@ def _checked_flux(model: str, folder: Path, torch_dtype: torch.dtype):
 def _check_index(model: str, folder: Path) -> dict:
     """``folder``'s ``model_index.json``: a FLUX pipeline's, with every component ``FluxPipeline`` takes; a
     one-line ``ValueError`` otherwise."""
-    from diffusers import FluxPipeline
-
     try:
         index = json.loads((folder / "model_index.json").read_text())
         entry = index["transformer"]
@@ -161,7 +159,7 @@ def _check_index(model: str, folder: Path) -> dict:
     # a partial copy or download: diffusers' error names the pipeline folder, not what it lacks, and without a
     # tokenizer folder transformers makes up an empty tokenizer that runs. Only the components FluxPipeline takes:
     # diffusers warns of other entries and loads the rest.
-    takes = inspect.signature(FluxPipeline.__init__).parameters
+    takes = _flux_components()
     required = [name for name, p in takes.items() if name != "self" and p.default is inspect.Parameter.empty]
     odd = [n for n in takes if n in index and not _is_component(index[n]) and index[n] != [None, None]]
     absent = [n for n in required if n not in odd and not _is_component(index.get(n))]
@@ -171,6 +169,13 @@ def _check_index(model: str, folder: Path) -> dict:
             f"without them?); this runs {SUPPORTED} with every component"
         )
     return index
+
+
+def _flux_components() -> Mapping[str, inspect.Parameter]:
+    """``FluxPipeline.__init__``'s parameters: the components a FLUX pipeline folder may hold (and ``self``)."""
+    from diffusers import FluxPipeline
+
+    return inspect.signature(FluxPipeline.__init__).parameters
 
 
 def _check_channels(model: str, index: dict, sizes: tuple[int, int] | None) -> None:

@@ -26,7 +26,7 @@ BASE_ATTENTIONS = ("full", "clear")
 TIME_SHIFT_RANGE = (1e-6, 1e6)
 #: The largest stage side in pixels (8x an 8K image's): a larger one failed only after the base stage ran.
 MAX_SIDE = 65536
-#: Guidance scales become float32 tensors: beyond this they overflow.
+#: The largest float32: guidance scales (and the CLI's float options) become float32 tensors, and beyond it overflow.
 FLOAT32_MAX = 3.4028234663852886e38
 
 

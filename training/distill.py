@@ -414,7 +414,8 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
         if config.resume != "latest" and not (checkpoint / TRAINABLE_FILE).is_file():
             raise FileNotFoundError(f"--resume {config.resume}: not a checkpoint folder (no {TRAINABLE_FILE})")
         origin = checkpoint.parent / RUN_FILE if checkpoint is not None else run_file
-        own = latest_checkpoint(out) if origin.resolve() != run_file.resolve() else None
+        elsewhere = origin.resolve() != run_file.resolve()  # a checkpoint of another folder
+        own = latest_checkpoint(out) if elsewhere else None
         if own is not None:  # resuming cuts the run in --out back to the checkpoint's step, deleting its checkpoints
             raise FileExistsError(
                 f"--resume {config.resume} is a checkpoint of another folder, and {out} holds a run with checkpoints "
@@ -423,8 +424,7 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
             )
         if run_file.is_file():
             _check_same_run(_read_run_file(run_file), record, str(out))
-        # a checkpoint of another folder: the run that wrote it must match too
-        if origin.resolve() != run_file.resolve() and origin.is_file():
+        if elsewhere and origin.is_file():  # the run that wrote that checkpoint must match too
             advice = f"repair or delete it to resume from {checkpoint} (unchecked against its run), or drop --resume"
             _check_same_run(_read_run_file(origin, advice), record, f"from {checkpoint}")
         if checkpoint is None:
