@@ -537,6 +537,31 @@ def test_a_prompt_file_with_a_byte_order_mark(tmp_path):
     assert data.read_prompts(path) == ["a red circle"]
 
 
+def test_a_prompt_keeps_the_line_separators_python_does_not_split_files_at(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red\u2028circle\r\na blue\x85square\ra green\x0ctriangle\n", encoding="utf-8", newline="")
+    assert data.read_prompts(path) == ["a red\u2028circle", "a blue\x85square", "a green\x0ctriangle"]
+
+
+def test_captions_with_unicode_line_separators_read_back_and_resume(made, tmp_path):
+    """json.dumps leaves U+2028 and U+0085 unescaped: the manifest must split at newlines only."""
+    pipe, _, _ = made
+    src = tmp_path / "images"
+    src.mkdir()
+    captions = {"a": "a red\u2028picture", "b": "a blue\x85picture"}
+    for name, colour in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (32, 32), colour).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text(captions[name], encoding="utf-8")
+    out = import_images(pipe, src, tmp_path / "data", resolution=32)
+    assert DistillDataset(out).prompts == [captions["a"], captions["b"]]
+    Image.new("RGB", (32, 32), "green").save(src / "c.png")
+    (src / "c.txt").write_text("a green picture")
+    assert DistillDataset(import_images(pipe, src, out, resolution=32)).prompts == [
+        *captions.values(),
+        "a green picture",
+    ]
+
+
 def test_overwrite_never_deletes_a_folder_of_someone_elses_files(made, tmp_path):
     """Another tool's info.json passed for ours under --overwrite: images/ and the info file were deleted."""
     pipe, _, _ = made

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,7 +174,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         raise IsADirectoryError(f"{path} is a folder, not a prompt file (one prompt per line)")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in _read_text(path).splitlines()]
+    # universal newlines, as Python's own file iteration splits: str.splitlines would also cut a prompt at a U+2028
+    # or U+0085 pasted from a web page
+    prompts = [line.strip() for line in re.split(r"\r\n?|\n", _read_text(path))]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line expected)")
@@ -367,7 +370,9 @@ def complete_lines(path: Path, repair: bool = False) -> list[str]:
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(len(complete))
-    return complete.decode("utf-8").splitlines()
+    # split at the newlines the writer wrote, not str.splitlines' other separators (U+2028, U+0085) that json.dumps
+    # leaves in a caption unescaped
+    return complete.decode("utf-8").split("\n")[:-1]
 
 
 def _read_manifest(folder: Path, repair: bool = False) -> list[dict[str, Any]]:
