@@ -23,7 +23,7 @@ from pathlib import Path
 
 from app.errors import is_out_of_memory
 from app.inputs import SEED_LIMIT, attention_saving, not_utf8
-from pipelines.stages import FLOAT32_MAX
+from pipelines.stages import FLOAT32_MAX, MAX_SIDE
 
 logger = logging.getLogger("clear_dit.cli")
 
@@ -174,6 +174,8 @@ def _validate_generate(args: argparse.Namespace) -> None:
         if value < multiple or value % multiple:
             why = f"{LATENT_PATCH} x --down {args.down}" if (args.down or 1) > 1 else "one image token is 16 px"
             raise CLIError(f"--{name} must be a positive multiple of {multiple} ({why}), got {value}")
+        if value > MAX_SIDE:
+            raise CLIError(f"--{name} must be at most {MAX_SIDE} px, got {value}")
     if args.guidance < 0:
         raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
     args.cfg = _check_true_cfg(args)
@@ -662,8 +664,10 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", steps), ("--num", args.num), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be at least 1, got {value}")
-    if resolution < LATENT_PATCH or resolution % LATENT_PATCH:
-        raise CLIError(f"--resolution must be a positive multiple of {LATENT_PATCH} px, got {resolution}")
+    if resolution < LATENT_PATCH or resolution % LATENT_PATCH or resolution > MAX_SIDE:
+        raise CLIError(
+            f"--resolution must be a positive multiple of {LATENT_PATCH} px, at most {MAX_SIDE}, got {resolution}"
+        )
     from pipelines.loading import FLUX_MAX_SEQUENCE_LENGTH as LIMIT
 
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= LIMIT:

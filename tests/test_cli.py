@@ -191,6 +191,7 @@ BAD = {
     "seed beyond torch's": (["--seed", str(2**64)], "argument --seed: must be 0 to 9223372036854775807, got 1844"),
     "negative seed": (["--seed", "-1"], "argument --seed: must be 0 to 9223372036854775807, got -1"),
     "zero height": (["--height", "0"], "--height must be a positive multiple of 16"),
+    "huge width": (["--width", "8192000"], "--width must be at most 65536 px, got 8192000"),
     "negative guidance": (["--guidance", "-1"], "--guidance must be >= 0, got -1.0"),
     "parallel compare": (["--window", "2", "--compare", "--parallel"], "--parallel runs CLEAR attention"),
 }
@@ -285,7 +286,8 @@ def test_make_data_refuses_bad_settings_before_touching_its_folder(tmp_path, tin
     made = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     for extra, message in (
         (["--max-sequence-length", "600"], "--max-sequence-length must be 1 to 512 (FLUX's T5 limit), got 600"),
-        (["--resolution", "0"], "--resolution must be a positive multiple of 16 px, got 0"),
+        (["--resolution", "0"], "--resolution must be a positive multiple of 16 px, at most 65536, got 0"),
+        (["--resolution", "8192000"], "--resolution must be a positive multiple of 16 px, at most 65536, got 8192000"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--num", "0"], "--num must be at least 1, got 0"),
         (["--guidance", "-5"], "--guidance must be >= 0, got -5.0"),
