@@ -248,6 +248,10 @@ def _read_file(
     wrong = sorted(f"{k} ({dtype})" for k, dtype in dtypes.items() if not dtype.startswith(("F", "BF")))
     if wrong:
         raise ValueError(f"{path.name} holds tensors that are not floating point: {_first(wrong)}")
+    # a training run that diverged saves NaN or inf weights: loaded, every image comes out black
+    broken = sorted(k for k, t in values.items() if not torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+    if broken:
+        raise ValueError(f"{path.name} holds NaN or infinite values (a diverged training run?): {_first(broken)}")
     return values, shapes, metadata
 
 
@@ -292,7 +296,8 @@ def read_weights(
             before a long run that loads the file later.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: unreadable file or unknown radius.
+        FileNotFoundError: no such file. ValueError: unreadable file, NaN or infinite values (with ``tensors``), or
+            unknown radius.
     """
     if window_size is not None:  # 0 is refused, not taken for "not given"
         window_size = check_window_config(window_size)[0]

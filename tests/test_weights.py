@@ -364,6 +364,28 @@ def test_a_file_of_integer_tensors_is_refused_from_its_header(model, tmp_path, d
     assert clear_dit.patch_handle(model) is None
 
 
+@pytest.mark.parametrize(
+    "dtype, bad",
+    [(torch.float32, float("nan")), (torch.float32, float("-inf")), (torch.bfloat16, float("inf"))]
+    + [(torch.float8_e4m3fn, float("nan"))],  # no inf in float8_e4m3fn: a cast saturates it
+)
+def test_a_file_holding_nan_or_inf_is_refused_naming_a_tensor(model, tmp_path, dtype, bad):
+    """A diverged run's weights loaded without a word, and every image came out black."""
+    path = tmp_path / "clear_local_2.safetensors"
+    tensors = {k: v.to(dtype) for k, v in official_tensors(model, 1).items()}
+    name = sorted(tensors)[1]
+    tensors[name].view(-1)[3] = bad
+    save_file(tensors, str(path))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"clear_local_2.safetensors holds NaN or infinite values .*: {name}$"):
+        clear_dit.load_weights(model, path)
+    assert clear_dit.patch_handle(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    tensors[name].view(-1)[3] = 0.5
+    save_file(tensors, str(path))
+    assert clear_dit.read_weights(path).tensors[name].float().isfinite().all()  # float8 read without error
+
+
 def test_a_model_clear_dit_cannot_patch_is_refused_before_the_file_is_read(tmp_path):
     """A hub file (gigabytes for FLUX) was downloaded before the model was refused."""
     with pytest.raises(ValueError, match="clear_dit cannot patch Linear"):
