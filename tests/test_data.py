@@ -818,6 +818,32 @@ def test_16_bit_gray_images_import_as_their_gray_levels(made, tmp_path):
     assert wide.mode == "I" and np.asarray(data._to_rgb(wide))[0, :, 0].tolist() == [0, 1, 255, 255]
 
 
+def test_transparent_pixels_import_as_white_not_the_colour_hidden_under_them(made, tmp_path):
+    """convert("RGB") kept the colour stored under transparent pixels: a cut-out on black, or an edit's leftovers."""
+    pipe, _, _ = made
+    src = tmp_path / "images"
+    src.mkdir()
+    rgba = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red
+    rgba.paste((0, 0, 255, 255), (0, 0, 16, 32))  # opaque blue on the left
+    rgba.save(src / "a.png")
+    palette = Image.new("P", (32, 32), 1)
+    palette.putpalette([0, 255, 0, 0, 0, 0])  # index 0 green, index 1 black
+    palette.paste(0, (0, 0, 16, 32))
+    palette.save(src / "b.png", transparency=1)  # black (index 1) is the transparent colour
+    half = Image.new("LA", (32, 32), (0, 128))  # half-transparent black
+    half.save(src / "c.png")
+    for name in "abc":
+        (src / f"{name}.txt").write_text(f"picture {name}")
+    out = import_images(pipe, src, tmp_path / "data", resolution=32)
+    seen = []
+    for i in range(3):
+        with Image.open(out / f"images/{i:06d}.png") as image:
+            seen.append((image.getpixel((4, 16)), image.getpixel((28, 16))))
+    assert seen[0] == ((0, 0, 255), (255, 255, 255))
+    assert seen[1] == ((0, 255, 0), (255, 255, 255))
+    assert seen[2][0] == seen[2][1] and abs(seen[2][0][0] - 127) <= 1  # black over white at alpha 128
+
+
 def test_a_set_make_data_did_not_finish_is_named_when_opened(made, tmp_path, monkeypatch, caplog):
     pipe, _, _ = made
     encode, calls = data._encode_images, []

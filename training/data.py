@@ -631,10 +631,14 @@ def _load_square(path: Path, resolution: int) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """``image`` in 8-bit RGB. 16-bit gray (a PNG's ``I;16`` mode; ``I`` in older Pillow) is scaled to 8 bits:
-    Pillow's own conversion clips every level above 255, which turns the image white."""
+    Pillow's own conversion clips every level above 255, which turns the image white. Transparent pixels (an alpha
+    channel, or a palette's or PNG's transparent colour) are laid on white, as viewers show them: a conversion
+    to RGB alone keeps the colour stored under them, often black or leftovers of an edit."""
     if image.mode == "I" or image.mode.startswith("I;16"):
         levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257
         image = Image.fromarray(np.round(levels).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return image.convert("RGB")
 
 
