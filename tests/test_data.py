@@ -215,6 +215,9 @@ def test_import_folder_with_captions(made, tmp_path):
     (src / "a.txt").write_text("a red picture\n")
     Image.new("RGB", (64, 80), "blue").save(src / "sub" / "b.jpg")
     (src / "sub" / "b.json").write_text(json.dumps({"prompt": "a blue picture"}))
+    (src / "._a.png").write_bytes(b"\0\5\x16\7 a macOS resource fork, no image")  # hidden: skipped
+    (src / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(src / ".thumbnails" / "a.png")  # no caption: an import of it would stop
 
     out = import_images(pipe, src, tmp_path / "data", resolution=32)
     ds = DistillDataset(out)

@@ -655,16 +655,21 @@ def import_images(
 ) -> Path:
     """Import a folder of images with captions (``name.txt`` or ``name.json`` beside ``name.png``) into ``out``.
 
-    Images (searched recursively, sorted by path) are center-cropped to a square of ``resolution`` pixels and
-    encoded with the pipeline's VAE and text encoders (its transformer is not used). Resumable like
-    :func:`generate_dataset`.
+    Images (searched recursively, sorted by path; files and folders whose names start with a dot are skipped) are
+    center-cropped to a square of ``resolution`` pixels and encoded with the pipeline's VAE and text encoders (its
+    transformer is not used). Resumable like :func:`generate_dataset`.
     """
     src = Path(images)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder not found: {src}")
     inside = Path(out).resolve()  # an --out inside --images: its own PNGs are no source images
     files = sorted(
-        p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.resolve().is_relative_to(inside)
+        p
+        for p in src.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        # hidden files and folders: macOS' ._name.png resource forks, .ipynb_checkpoints, thumbnail caches
+        and not any(part.startswith(".") for part in p.relative_to(src).parts)
+        and not p.resolve().is_relative_to(inside)
     )
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
