@@ -114,6 +114,8 @@ def test_interrupted_write_keeps_data_consistent(made, tmp_path, monkeypatch):
     with open(out / "manifest.jsonl", "a") as f:
         f.write('{"index": 2, "prompt": "a cu')
     assert len(DistillDataset(out)) == 2
+    for temp in ("images/.000002.png.0123abcd.tmp", "shards/.000002.safetensors.0123abcd.tmp"):  # of a SIGKILL
+        (out / temp).write_bytes(b"half a file")
     generate_dataset(pipe, PROMPTS, out, num=2, **SETTINGS)  # nothing to make: the unfinished batch's files go
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.safetensors"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
@@ -524,6 +526,14 @@ def test_import_crops_the_center_of_a_wide_image(made, tmp_path):
     with Image.open(out / "images/000000.png") as image:
         pixels = np.asarray(image, dtype=int)
     assert np.abs(pixels - np.array([255, 0, 0])).max() <= 2
+
+
+def test_a_downscaled_import_averages_fine_detail_instead_of_sampling_it(tmp_path):
+    """A nearest-pixel resize of a 1-px checkerboard is pure black or white (aliasing); Lanczos gives its mean."""
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(board).save(tmp_path / "board.png")
+    pixels = np.asarray(data._load_square(tmp_path / "board.png", 32), dtype=int)
+    assert pixels.shape == (32, 32, 3) and np.abs(pixels[4:-4, 4:-4] - 127.5).max() < 8
 
 
 def test_png_records_the_items_own_seed(made, tmp_path):
