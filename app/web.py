@@ -63,6 +63,7 @@ ATTENTION_MODES = ("full", "clear")
 MIN_SIDE, MAX_SIDE = 64, 8192
 MAX_STEPS = 100
 MAX_GUIDANCE, MAX_TRUE_CFG = 20.0, 10.0  # the sliders' ranges: the API is held to them too
+MAX_WINDOW = 64
 DOWN_FACTORS = (1, 2, 4)
 #: The published CLEAR checkpoints (hub repo Huage001/CLEAR), as ``(label, path for load_weights)``.
 PUBLISHED_WEIGHTS = [
@@ -270,6 +271,8 @@ class GenerationEngine:
             raise ValueError(f"guidance must be 0 to {MAX_GUIDANCE:g}, got {s.guidance}")
         if not 1 <= s.true_cfg <= MAX_TRUE_CFG:
             raise ValueError(f"true CFG scale must be 1 (off) to {MAX_TRUE_CFG:g}, got {s.true_cfg}")
+        if not 1 <= s.window_size <= MAX_WINDOW:
+            raise ValueError(f"window radius must be 1 to {MAX_WINDOW} tokens, got {s.window_size}")
         if not 0 <= s.seed < SEED_LIMIT - len(s.stages):
             raise ValueError(f"seed must be 0 to {SEED_LIMIT - len(s.stages) - 1}, got {s.seed}")
         clear_dit.mask.check_window_config(s.window_size, s.down_factor)
@@ -515,6 +518,16 @@ def weights_config(path: str | None) -> tuple[int | None, int | None]:
     return config_from_filename(path)
 
 
+def _slider(*args: Any, **kwargs: Any) -> gr.Slider:
+    """A ``gr.Slider`` whose value reaches :meth:`Callbacks.settings` as sent: gradio's own check of an API client's
+    value names no setting ("Value 101 is greater than maximum value 100.") and fails on ``None`` or ``'abc'`` with
+    no message at all; :meth:`GenerationEngine.validate` names the setting and its range. (Not a subclass: gradio
+    writes a ``.pyi`` file beside the module of every component subclass.)"""
+    slider = gr.Slider(*args, **kwargs)
+    slider.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return slider
+
+
 class Callbacks:
     """The UI's event handlers: widget values in, widget values out; errors become ``gr.Error``.
 
@@ -750,11 +763,11 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                     f"Limits: {engine.size_rule()}; with down factor d: multiples of {engine.pixels_per_token}·d."
                 )
                 with gr.Row():
-                    steps_in = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=3.5, step=0.1, label="Guidance")
-                true_cfg = gr.Slider(
+                    steps_in = _slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id="steps")
+                    guidance = _slider(0, MAX_GUIDANCE, value=3.5, step=0.1, label="Guidance")
+                true_cfg = _slider(
                     1,
-                    10,
+                    MAX_TRUE_CFG,
                     value=1,
                     step=0.1,
                     label="True CFG scale (against the negative prompt; 1: off)",
@@ -769,7 +782,9 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                     dice = gr.Button("Random seed", scale=0)
                 attention = gr.Radio(["full", "clear"], value="clear", label="Attention (Generate)")
                 with gr.Row():
-                    window = gr.Slider(1, 64, value=r0 or 16, step=1, label="Window radius (tokens)", elem_id="window")
+                    window = _slider(
+                        1, MAX_WINDOW, value=r0 or 16, step=1, label="Window radius (tokens)", elem_id="window"
+                    )
                     # strings: the API page lists a dropdown's choices as strings, so '2' must be one; custom values
                     # let the ints API clients passed before through to validate(), which names the allowed ones
                     down = gr.Dropdown(
@@ -789,11 +804,11 @@ def build_demo(model: str = "tiny", weights: str | None = None, engine: Generati
                         placeholder=f"{2 * size}x{2 * size}",
                         elem_id="upscale",
                     )
-                    strength = gr.Slider(0.05, 1, value=0.7, step=0.05, label="SDEdit strength of the upscale stages")
+                    strength = _slider(0.05, 1, value=0.7, step=0.05, label="SDEdit strength of the upscale stages")
                     gr.Markdown(
-                        "Generate runs stage 1 at Width x Height with the attention chosen above, then upscales and "
-                        "refines each further size with CLEAR (window radius, down factor and weights above), "
-                        "NTK-scaled RoPE, proportional attention, a fixed time shift and VAE tiling."
+                        "Generate runs stage 0 at Width x Height with the attention chosen above, then upscales and "
+                        "refines each further size (stages 1, 2, ...) with CLEAR (window radius, down factor and "
+                        "weights above), NTK-scaled RoPE, proportional attention, a fixed time shift and VAE tiling."
                     )
             with gr.Column(scale=3):
                 with gr.Row():

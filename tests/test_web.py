@@ -293,7 +293,7 @@ def test_high_resolution_mode_upscales_in_stages_and_restores_the_model(cb, engi
         (dict(seed=float("inf")), "seed must be a finite number, got inf"),
         (dict(width="abc"), "width must be a number, got 'abc'"),
         (dict(true_cfg=11.0), r"true CFG scale must be 1 \(off\) to 10, got 11.0"),
-        (dict(window_size=0), "window_size must be a positive int"),
+        (dict(window_size=0), "window radius must be 1 to 64 tokens, got 0"),
         (dict(steps=101), "steps must be 1 to 100, got 101"),
         (dict(upscale="9000x9000"), "upscale sizes must be at most 8192 px per side, got 9000x9000"),
     ],
@@ -636,10 +636,16 @@ def test_gradio_client_named_endpoint_returns_an_image(server, api_client):
         (dict(seed=1.5), "seed must be a whole number, got 1.5"),
         (dict(height=64.5), "height must be a whole number, got 64.5"),
         (dict(down_factor="3"), "down factor must be one of (1, 2, 4), got 3"),
+        (dict(steps=101), "steps must be 1 to 100, got 101"),
+        (dict(guidance=None), "guidance is missing"),
+        (dict(guidance="abc"), "guidance must be a number, got 'abc'"),
+        (dict(true_cfg=11), "true CFG scale must be 1 (off) to 10, got 11.0"),
+        (dict(window_size=65), "window radius must be 1 to 64 tokens, got 65"),
     ],
 )
 def test_bad_input_through_the_api_is_a_readable_error(server, api_client, changes, message):
-    """gradio's own number handling ran first: 'abc' failed with no message and 1.5 was rounded to seed 2."""
+    """gradio's own number handling ran first: 'abc' failed with no message and 1.5 was rounded to seed 2; its
+    slider range check named no setting ('Value 101 is greater than maximum value 100.')."""
     from gradio_client.exceptions import AppError
 
     kwargs = {**dict(prompt="a cat", width=64, height=64, steps=1, seed=1, window_size=2), **changes}
