@@ -1496,3 +1496,63 @@ def test_l_attn_alone_trains_the_student_and_copy_mode_aligns_the_same_layers(ti
         losses.total.backward()
         q = student.trainable["transformer_blocks.0.attn.to_q.weight"]
         assert q.grad is not None and q.grad.abs().max() > 0, mode
+
+
+def test_weighted_mse_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        weighted_mse(torch.zeros(2, 3, 4), torch.zeros(2, 3, 1), torch.ones(2))
+
+
+def test_distill_losses_refuses_unaligned_attention_lists():
+    v = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="0 student and 1 teacher attention outputs"):
+        distill_losses(v, v, v, [], [torch.zeros(2, 5, 6)], torch.ones(2))
+
+
+def test_a_density_sample_of_exactly_one_maps_to_the_last_sigma():
+    """The 'mode' density maps a uniform 0 to u = 1: one index past the schedule's end without the clamp."""
+    sigmas = torch.linspace(1, 0.001, 1000)
+    assert TimestepSampler(sigmas, "mode").from_uniform(torch.tensor([1.0])).item() == sigmas[-1].item()
+
+
+def test_pooling_weights_train_without_lora(fresh_transformer):
+    student = Student(fresh_transformer(), window_size=1, down_factor=2)
+    spatial = [n for n in student.trainable if n.endswith("processor.spatial_weight")]
+    assert len(spatial) == 3 and all(student.trainable[n].requires_grad for n in spatial)
+
+
+def test_joint_block_capture_is_text_then_image(fresh_transformer):
+    student = Student(fresh_transformer(), window_size=1, attn_layers=[0])
+    seen = []
+    h = student.transformer.transformer_blocks[0].attn.register_forward_hook(lambda m, a, o: seen.append(o))
+    with student.capture.recording() as outputs, torch.no_grad():
+        student.transformer(**transformer_inputs(student.transformer, (4, 4), text_len=8))
+    h.remove()
+    image, text = seen[0]
+    torch.testing.assert_close(outputs[0], torch.cat([text, image], dim=1), atol=0, rtol=0)
+
+
+def test_no_attention_layer_is_hooked_when_l_attn_is_off(tmp_path, data_dir):
+    distiller = Distiller(config(tmp_path, data_dir, attn_weight=0.0, max_steps=1, num_validation=0))
+    assert distiller.student.capture.names == []
+
+
+def test_weighted_mse_refuses_weights_of_another_batch_size():
+    """Broadcast, two weights for one sample gave their mean as its loss without a word."""
+    with pytest.raises(ValueError, match=r"weighting \(2,\) must hold one weight per sample of the batch of 1"):
+        weighted_mse(torch.ones(1, 3, 4), torch.zeros(1, 3, 4), torch.tensor([1.0, 3.0]))
+
+
+def test_a_refused_student_leaves_the_model_as_it_was(fresh_transformer):
+    t = fresh_transformer()
+    with pytest.raises(ValueError, match="out of range"):
+        Student(t, window_size=1, attn_layers=[99])
+    assert clear_dit.patch_handle(t) is None
+    assert all(p.requires_grad for p in t.parameters())
+
+
+def test_a_student_of_a_patched_model_is_refused(fresh_transformer):
+    t = fresh_transformer()
+    clear_dit.patch(t, window_size=1)
+    with pytest.raises(ValueError, match="patched"):
+        Student(t, window_size=1)

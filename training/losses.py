@@ -73,6 +73,10 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tens
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if weighting.numel() != pred.shape[0]:
+        raise ValueError(
+            f"weighting {tuple(weighting.shape)} must hold one weight per sample of the batch of {pred.shape[0]}"
+        )
     w = weighting.float().reshape(-1, *([1] * (pred.dim() - 1)))
     return (w * (pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
 

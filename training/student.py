@@ -38,6 +38,17 @@ def attention_layer_names(transformer: nn.Module) -> list[str]:
     return [name.removesuffix(".processor") for name in transformer.attn_processors]
 
 
+def selected_layer_names(model: nn.Module, layers: Sequence[int] | None) -> list[str]:
+    """The names of ``layers`` (indices into :func:`attention_layer_names`), once each, in execution order."""
+    names = attention_layer_names(model)
+    if layers is None:
+        layers = range(len(names))
+    bad = [i for i in layers if not -len(names) <= i < len(names)]
+    if bad:
+        raise ValueError(f"attention layers {bad} out of range: the model has {len(names)} (0..{len(names) - 1})")
+    return [names[i] for i in sorted({i % len(names) for i in layers})]
+
+
 class AttentionCapture:
     """Forward hooks that record the outputs of chosen attention layers while :meth:`recording` is active.
 
@@ -51,13 +62,7 @@ class AttentionCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
-        names = attention_layer_names(model)
-        if layers is None:
-            layers = range(len(names))
-        bad = [i for i in layers if not -len(names) <= i < len(names)]
-        if bad:
-            raise ValueError(f"attention layers {bad} out of range: the model has {len(names)} (0..{len(names) - 1})")
-        self.names = [names[i] for i in sorted({i % len(names) for i in layers})]
+        self.names = selected_layer_names(model, layers)
         modules = dict(model.named_modules())
         self._outputs: list[torch.Tensor] | None = None
         self._handles = [modules[name].register_forward_hook(self._hook) for name in self.names]
@@ -137,6 +142,11 @@ class Student:
             raise ValueError(f"teacher must be one of {', '.join(TEACHER_MODES)}, got {teacher!r}")
         if lora_rank is not None and lora_rank <= 0:
             raise ValueError(f"lora_rank must be a positive int, got {lora_rank}")
+        if clear_dit.patch_handle(transformer) is not None:
+            raise ValueError(
+                "the transformer is already CLEAR-patched: pass the full-attention teacher (clear_dit.unpatch it first)"
+            )
+        selected_layer_names(transformer, attn_layers)  # refused before the model is changed
         self.transformer = transformer
         self.lora_rank = lora_rank
         transformer.requires_grad_(False)
