@@ -25,9 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: builders replacing a damaged cache are not serialized
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +144,15 @@ def tiny_corpus() -> list[str]:
 def cache_root() -> Path:
     """Folder that holds clear-dit's cached artefacts: ``$CLEAR_DIT_CACHE`` or ``~/.cache/clear-dit``."""
     root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "clear-dit"
+    return _expand(root, f"${CACHE_ENV}") if root else _expand("~/.cache/clear-dit", "the default cache")
+
+
+def _expand(folder: str | os.PathLike, what: str) -> Path:
+    """``folder`` with ``~`` expanded; a one-line ``OSError`` where there is no such home folder."""
+    try:
+        return Path(folder).expanduser()
+    except RuntimeError as err:  # '~nosuchuser/...', or no home folder at all
+        raise OSError(f"cannot find the folder {folder} of {what} ({err}): set {CACHE_ENV} to a writable one") from None
 
 
 def _manifest(path: Path) -> str:
@@ -156,7 +170,7 @@ def _is_complete(path: Path) -> bool:
     """A finished build that nothing has deleted or cut short since (else it is built again)."""
     try:
         return (path / ".complete").read_text() == _manifest(path)
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # the latter: a .complete damaged into bytes that are no text
         return False
 
 
@@ -164,11 +178,12 @@ def _fault(path: Path) -> str:
     """Why the folder at ``path`` is not a complete build, for the warning that it is replaced."""
     try:
         manifest = (path / ".complete").read_text()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return "is incomplete (a build was interrupted)"
-    if manifest == TINY_NAME + "\n":  # what earlier builds wrote: the name alone
+    lines = manifest.splitlines()
+    if lines[:1] == [TINY_NAME] and len(lines) == 1:  # what earlier builds wrote: the name alone
         return "was built by an older clear-dit that kept no list of its files"
-    if all(len(line.split()) == 2 for line in manifest.splitlines()[1:]):  # then names and sizes
+    if lines[:1] == [TINY_NAME] and all(len(line.split()) == 2 for line in lines[1:]):  # then names and sizes
         return "was built by an older clear-dit that kept no checksums of its files"
     return "is damaged (a file was deleted or changed since it was built)"
 
@@ -183,10 +198,15 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     The build happens in a temporary folder next to the target, which is renamed into place when complete,
     so concurrent builders never see a half-written pipeline: the first rename wins, the others are dropped.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    root = _expand(cache_dir, "cache_dir") if cache_dir is not None else cache_root()
     path = root / TINY_NAME
     if _is_complete(path):
         return path
+    if path.is_symlink() or (path.exists() and not path.is_dir()):  # neither can be replaced by a rename
+        what = "a link to a folder that is no complete build" if path.is_symlink() else "not a folder"
+        raise OSError(
+            f"the tiny model's cache folder {path} is {what}: remove it, or set {CACHE_ENV} to another folder"
+        )
     try:  # a missing home folder, another user's shared cache, a read-only mount
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f".{TINY_NAME}.tmp-*"):  # builds killed before their cleanup; a live one is seconds old
@@ -214,18 +234,29 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
             if file.is_file():
                 file.chmod(mode & 0o666)
         tmp.chmod(mode)
-        if path.exists() and not _is_complete(path):
-            logger.warning("the tiny pipeline in %s %s: replacing it", path, _fault(path))
-            shutil.rmtree(path, ignore_errors=True)
-        try:
+        with _replacing(root):
+            if _is_complete(path):  # checked again under the lock: never delete another builder's finished folder
+                logger.info("another process built %s first; using it", path)
+                return path
+            if path.exists():
+                logger.warning("the tiny pipeline in %s %s: replacing it", path, _fault(path))
+                shutil.rmtree(path, ignore_errors=True)
             os.rename(tmp, path)
-        except OSError:
-            if not _is_complete(path):  # not a lost race: a real failure
-                raise
-            logger.info("another process built %s first; using it", path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _replacing(root: Path) -> Iterator[None]:
+    """One builder at a time between its check of the cache folder and its rename into place: two builders that
+    both found it damaged deleted each other's finished folder (one already loading it) otherwise."""
+    if fcntl is None:
+        yield
+        return
+    with open(root / f".{TINY_NAME}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def save_tiny_pipeline(folder: Path) -> None:

@@ -126,6 +126,9 @@ def test_cached_folder_is_reused(tiny_pipeline_path, tiny_cache_dir, monkeypatch
             tiny.TINY_NAME + "\nmodel_index.json 2\n",
             "was built by an older clear-dit that kept no checksums of its files",
         ),
+        ("", "is damaged (a file was deleted or changed since it was built)"),  # not "older": all() of nothing
+        ("model_index.json 2\n", "is damaged (a file was deleted or changed since it was built)"),
+        (b"\xff\xfe", "is incomplete (a build was interrupted)"),  # no text: it failed every run with a decode error
     ],
 )
 def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path, monkeypatch, caplog, complete, fault):
@@ -134,7 +137,9 @@ def test_a_half_written_cache_folder_is_built_again(tiny_pipeline_path, tmp_path
     target = tmp_path / tiny.TINY_NAME
     target.mkdir()
     (target / "model_index.json").write_text("{}")
-    if complete is not None:
+    if isinstance(complete, bytes):
+        (target / ".complete").write_bytes(complete)
+    elif complete is not None:
         (target / ".complete").write_text(complete)
 
     class Copy:
@@ -281,7 +286,60 @@ def test_losing_a_build_race_is_fine(tiny_pipeline_path, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda work_dir: (work_dir.mkdir(), Racer())[1])
     assert tiny.tiny_pipeline_path(tmp_path) == target
-    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny.TINY_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{tiny.TINY_NAME}.lock", tiny.TINY_NAME]
+
+
+def test_a_second_replacer_of_a_damaged_cache_never_deletes_the_first_ones_build(
+    tiny_pipeline_path, tmp_path, monkeypatch
+):
+    """Two builders both found the folder damaged; the first renamed its build into place (and loaded it), then
+    the second deleted that build and put its own there."""
+    target = tmp_path / tiny.TINY_NAME
+    shutil.copytree(tiny_pipeline_path, target)
+    (target / "model_index.json").unlink()
+    _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
+    fault, replaced = tiny._fault, []
+
+    def other_builder_replaces_it_now(path):  # between our "damaged" and our rmtree, as far as a lock lets it
+        import fcntl
+
+        with open(tmp_path / f".{tiny.TINY_NAME}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # we hold it: the other builder waits until ours is in place
+                return fault(path)
+            shutil.rmtree(path)
+            shutil.copytree(tiny_pipeline_path, path)
+            replaced.append(path.stat().st_ino)
+        return fault(path)
+
+    monkeypatch.setattr(tiny, "_fault", other_builder_replaces_it_now)
+    assert tiny.tiny_pipeline_path(tmp_path) == target and tiny._is_complete(target)
+    assert replaced in ([], [target.stat().st_ino])
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_something_else_in_the_cache_folders_place_is_named(tiny_pipeline_path, tmp_path, monkeypatch, kind):
+    """A rename cannot replace either: a raw 'Not a directory: .tiny-flux-v1.tmp-x -> ...' after a build, every run."""
+    target = tmp_path / tiny.TINY_NAME
+    if kind == "file":
+        target.write_text("mine")
+    else:
+        shutil.copytree(tiny_pipeline_path, tmp_path / "elsewhere")
+        (tmp_path / "elsewhere" / "model_index.json").unlink()
+        target.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda *a: pytest.fail("built before the refusal"))
+    what = "not a folder" if kind == "file" else "a link to a folder that is no complete build"
+    with pytest.raises(OSError, match=f"cache folder {target} is {what}: remove it, or set {tiny.CACHE_ENV} to an"):
+        tiny.tiny_pipeline_path(tmp_path)
+    assert kind == "link" or target.read_text() == "mine"
+
+
+def test_a_cache_under_an_unknown_users_home_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv(tiny.CACHE_ENV, "~nosuchuser-clear-dit/cache")
+    message = rf"cannot find the folder ~nosuchuser-clear-dit/cache of \${tiny.CACHE_ENV} \(.*\): set {tiny.CACHE_ENV}"
+    with pytest.raises(OSError, match=message):
+        tiny.tiny_pipeline_path()
 
 
 def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build(tmp_path, tiny_pipeline_path, monkeypatch):
