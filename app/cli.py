@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import is_out_of_memory
-from app.inputs import SEED_LIMIT, attention_saving, not_utf8
+from app.inputs import SEED_LIMIT, attention_saving, blank, not_utf8
 from pipelines.stages import FLOAT32_MAX, MAX_SIDE
 
 logger = logging.getLogger("clear_dit.cli")
@@ -58,6 +58,8 @@ def seed_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
+        if text.strip().lstrip("+-").isdigit():  # digits past int()'s limit of 4300
+            raise argparse.ArgumentTypeError(f"must be 0 to {SEED_LIMIT - 1}, got {len(text.strip())} digits") from None
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be 0 to {SEED_LIMIT - 1}, got {value}")
@@ -65,10 +67,17 @@ def seed_arg(text: str) -> int:
 
 
 def _text(text: str) -> str:
-    """argparse type of prompts (:func:`app.inputs.not_utf8`)."""
+    """argparse type of negative prompts (:func:`app.inputs.not_utf8`)."""
     if reason := not_utf8(text):
         raise argparse.ArgumentTypeError(reason)
     return text
+
+
+def _prompt(text: str) -> str:
+    """argparse type of prompts: :func:`_text`, not :func:`app.inputs.blank`."""
+    if reason := blank(text):
+        raise argparse.ArgumentTypeError(reason)
+    return _text(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,7 +132,7 @@ def _check_true_cfg(args: argparse.Namespace) -> dict:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", type=_text, required=True, help="text prompt")
+    p.add_argument("--prompt", type=_prompt, required=True, help="text prompt")
     p.add_argument(
         "--model",
         default="tiny",
@@ -491,7 +500,7 @@ def _side_by_side(left, right):
 
 
 def _highres_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", type=_text, required=True, help="text prompt")
+    p.add_argument("--prompt", type=_prompt, required=True, help="text prompt")
     p.add_argument("--model", default="tiny", help="'tiny' (default), a local pipeline folder, or a hub id")
     p.add_argument(
         "--stages",

@@ -7,6 +7,11 @@ from __future__ import annotations
 SEED_LIMIT = 2**63
 
 
+def blank(prompt: str) -> str | None:
+    """Why ``prompt`` describes no image, or ``None``: it is empty or white space alone."""
+    return None if prompt.strip() else "empty: describe the image you want"
+
+
 def not_utf8(text: str) -> str | None:
     """Why ``text`` cannot be a prompt, or ``None``: bytes that are not UTF-8 (a command line's, a browser's lone
     surrogate) arrive as surrogates, which the tokenizers reject with a TypeError that names none of this."""

@@ -38,7 +38,7 @@ from PIL import Image, PngImagePlugin
 
 import clear_dit
 from app.errors import is_out_of_memory
-from app.inputs import SEED_LIMIT, attention_saving, not_utf8
+from app.inputs import SEED_LIMIT, attention_saving, blank, not_utf8
 from clear_dit.weights import check_weights, config_from_filename, read_weights, read_weights_config
 from pipelines.highres import HighResFluxPipeline
 from pipelines.loading import default_max_sequence_length, load_pipeline
@@ -252,8 +252,8 @@ class GenerationEngine:
 
     def validate(self, s: GenerationSettings) -> None:
         """Raise a one-line ``ValueError`` naming the first bad setting and what is allowed."""
-        if not s.prompt.strip():
-            raise ValueError("the prompt is empty: describe the image you want")
+        if reason := blank(s.prompt):
+            raise ValueError(f"the prompt is {reason}")
         for name, text in (("prompt", s.prompt), ("negative prompt", s.negative_prompt)):
             if reason := not_utf8(text):  # a browser sends a lone surrogate as JSON's \ud800
                 raise ValueError(f"the {name} is {reason}")
@@ -273,8 +273,8 @@ class GenerationEngine:
             raise ValueError(f"true CFG scale must be 1 (off) to {MAX_TRUE_CFG:g}, got {s.true_cfg}")
         if not 1 <= s.window_size <= MAX_WINDOW:
             raise ValueError(f"window radius must be 1 to {MAX_WINDOW} tokens, got {s.window_size}")
-        if not 0 <= s.seed < SEED_LIMIT - len(s.stages):
-            raise ValueError(f"seed must be 0 to {SEED_LIMIT - len(s.stages) - 1}, got {s.seed}")
+        if not 0 <= s.seed < SEED_LIMIT:  # as the command line's --seed
+            raise ValueError(f"seed must be 0 to {SEED_LIMIT - 1}, got {s.seed}")
         clear_dit.mask.check_window_config(s.window_size, s.down_factor)
         if s.upscale.strip():
             stages = s.stages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -190,6 +191,9 @@ BAD = {
     "negative prompt without true cfg": (["--negative-prompt", "blurry"], "--negative-prompt needs --true-cfg"),
     "seed beyond torch's": (["--seed", str(2**64)], "argument --seed: must be 0 to 9223372036854775807, got 1844"),
     "negative seed": (["--seed", "-1"], "argument --seed: must be 0 to 9223372036854775807, got -1"),
+    # int() refuses 4300+ digits: "expected a whole number" (it is one), with all 5000 digits in the line
+    "5000-digit seed": (["--seed", "9" * 5000], "argument --seed: must be 0 to 9223372036854775807, got 5000 digits"),
+    "blank prompt": (["--prompt", "  "], "argument --prompt: empty: describe the image you want"),
     "zero height": (["--height", "0"], "--height must be a positive multiple of 16"),
     "huge width": (["--width", "8192000"], "--width must be at most 65536 px, got 8192000"),
     "negative guidance": (["--guidance", "-1"], "--guidance must be >= 0, got -1.0"),
@@ -503,3 +507,20 @@ def test_v_goes_before_or_after_the_command_and_a_prompt_may_start_with_it(promp
     for argv in (command, ["-v", *command], [*command, "-v"], [*command, "--verbose"]):
         app.cli.main(argv)
     assert seen == [(prompt, prompt, False)] + [(prompt, prompt, True)] * 3
+
+
+def test_the_largest_seed_is_2_63_minus_1():
+    from app.cli import seed_arg
+
+    assert seed_arg(str(2**63 - 1)) == 2**63 - 1
+    with pytest.raises(argparse.ArgumentTypeError, match="must be 0 to 9223372036854775807, got 9223372036854775808"):
+        seed_arg(str(2**63))
+
+
+def test_a_highres_prompt_that_is_not_utf8_is_a_usage_error(capsys):
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["highres", "--prompt", "caf\udce9", "--stages", "64x64,128x128", "--out", "x.png"])
+    assert exit_.value.code == 2
+    assert "error: argument --prompt: not UTF-8 text: 'caf\\\\udce9'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -575,3 +576,39 @@ def test_the_t5_tokenizer_is_the_same_in_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env, check=True, capture_output=True)
         files.append((tmp_path / seed / "tokenizer.json").read_bytes())
     assert files[0] == files[1] == files[2]
+
+
+def test_an_empty_cache_variable_means_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv(tiny.CACHE_ENV, "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tiny.cache_root() == tmp_path / ".cache" / "clear-dit"
+
+
+def test_the_cache_variable_expands_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(tiny.CACHE_ENV, "~/tiny-cache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tiny.cache_root() == tmp_path / "tiny-cache"
+
+
+def test_a_cache_folder_whose_parents_are_missing_is_made(tiny_pipeline_path, tmp_path, monkeypatch):
+    _copy_instead_of_building(monkeypatch, tiny_pipeline_path)
+    root = tmp_path / "no" / "such" / "cache"
+    assert tiny.tiny_pipeline_path(root) == root / tiny.TINY_NAME
+    assert tiny._is_complete(root / tiny.TINY_NAME)
+
+
+def test_the_manifest_starts_with_the_recipe_name(tiny_pipeline_path):
+    lines = (tiny_pipeline_path / ".complete").read_text().splitlines()
+    assert lines[0] == tiny.TINY_NAME and all(len(line.split()) == 3 for line in lines[1:])
+
+
+def test_the_fresh_build_process_imports_this_package(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(cmd, env, **kwargs):
+        seen["path"] = env["PYTHONPATH"].split(os.pathsep)[0]
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(tiny.subprocess, "run", run)
+    tiny._save_in_a_fresh_process(tmp_path)
+    assert (Path(seen["path"]) / "pipelines" / "tiny.py").resolve() == Path(tiny.__file__).resolve()
