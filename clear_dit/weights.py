@@ -325,6 +325,11 @@ def read_weights(
             f"{file.name} holds pooling weights (spatial_weight) but down_factor is 1: pass down_factor (clear-dit: "
             "--down)"
         )
+    if shapes and not has_pool and down_factor > 1:  # else: a list of missing spatial_weight keys, said later
+        raise ValueError(
+            f"{file.name} holds no pooling weights (spatial_weight): it was made for down_factor 1, not "
+            f"{down_factor} (clear-dit: --down 1)"
+        )
     return ClearWeights(values, window_size, down_factor, file.name, shapes)
 
 

@@ -137,8 +137,10 @@ def test_files_of_either_down_factor_load_into_a_patched_model(model, tmp_path):
     assert clear_dit.load_weights(model, plain).down_factor == 1  # its own down factor, not the patch's
     assert not any("spatial_weight" in name for name in model.state_dict())
     assert clear_dit.load_weights(model, pooled).down_factor == 2
-    # a down factor asked for wins over the file's: a plain file then lacks the pooling weights
-    with pytest.raises(ValueError, match=r"does not match FluxTransformer2DModel: missing keys: .*spatial_weight"):
+    # a down factor asked for wins over the file's, and a plain file says it was made for 1 (a list of missing
+    # spatial_weight keys did not)
+    message = r"clear_local_2.safetensors holds no pooling weights \(spatial_weight\): it was made for down_factor 1, "
+    with pytest.raises(ValueError, match=message + r"not 2 \(clear-dit: --down 1\)$"):
         clear_dit.load_weights(model, plain, down_factor=2)
 
 
