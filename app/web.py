@@ -150,7 +150,7 @@ class Comparison:
             f"attention density {self.density:.1%} ({attention_saving(self.density)}) "
             f"· mean |difference| {self.mean_abs_diff:.1f}/255 · {psnr}  \n"
             "wall times of the whole pipeline call (text encoders, denoising, VAE decode), same seed, each after "
-            "an untimed 1-step warm-up"
+            "an untimed 1-step warm-up" + "".join(f"\n\nwarning: {warning}" for warning in self.clear.warnings)
         )
 
 
@@ -393,12 +393,13 @@ class GenerationEngine:
             callback_on_step_end=on_step_end,
         )
         common.update(self._true_cfg(s))
-        warnings: list[str] = []
+        warnings = _weights_mismatch(s)
         try:
             if s.upscale.strip():
                 start = time.perf_counter()  # the high-resolution pipeline loads its weights per call: timed too
-                with _warnings_of("pipelines.highres") as warnings:  # an upscale stage that ignores its image
+                with _warnings_of("pipelines.highres") as stages:  # an upscale stage that ignores its image
                     image = self._run_highres(s, common)
+                warnings += stages
             else:
                 self._set_attention(s)  # not timed: loading a weights file is not generation
                 if warmup:  # one-off costs (first calls, kernels compiled per size and radius) are not this side's
@@ -507,11 +508,38 @@ def _session_folder(session: str) -> str:
     return "session-" + hashlib.sha256((session or "").encode()).hexdigest()[:16] if session else "default"
 
 
+def _weights_mismatch(s: GenerationSettings) -> list[str]:
+    """A warning for the user when CLEAR runs ``s.weights`` with another radius or down factor than the file was
+    made for: allowed (the paper reuses radii), but the library's warning reached the server log alone."""
+    if s.weights is None or (s.attention != "clear" and not s.upscale.strip()):
+        return []
+    made = dict(zip(("window radius", "down factor"), weights_config(s.weights), strict=True))
+    used = {"window radius": s.window_size, "down factor": s.down_factor}
+    if all(made[k] in (None, used[k]) for k in made):
+        return []
+    declared = ", ".join(f"{k} {v}" for k, v in made.items() if v is not None)
+    asked = ", ".join(f"{k} {v}" for k, v in used.items())
+    return [f"{Path(s.weights).name} was made for {declared}; used with {asked} as asked"]
+
+
+def weights_path(choice: str | None) -> str | None:
+    """The path :func:`clear_dit.load_weights` takes for a weights choice: ``None`` for none; the hub path of a
+    published file typed by hand (``clear_local_16``, with ``.safetensors`` or its label's " (published)"), unless
+    a local file has that name; else the path with ``~`` expanded, as the library reads it."""
+    if not choice or choice == NO_WEIGHTS:
+        return None
+    text = str(choice).strip()
+    published = {name: path for label, path in PUBLISHED_WEIGHTS for name in (label, Path(path).name, Path(path).stem)}
+    if text in published and not Path(text).expanduser().is_file():
+        return published[text]
+    return os.path.expanduser(text)
+
+
 def weights_config(path: str | None) -> tuple[int | None, int | None]:
     """``(window_size, down_factor)`` a weights file declares (metadata of a local file, else its name)."""
-    if not path or path == NO_WEIGHTS:
+    path = weights_path(path)
+    if path is None:
         return None, None
-    path = os.path.expanduser(path)  # as the library reads it: ~ is the home folder
     if Path(path).is_file():
         with contextlib.suppress(ValueError):  # an unreadable file gets its readable error when it is loaded
             return read_weights_config(path)
@@ -567,7 +595,7 @@ class Callbacks:
             attention=str(attention).lower(),
             window_size=_as_int("window radius", window_size),
             down_factor=_as_int("down factor", down_factor),
-            weights=None if not weights or weights == NO_WEIGHTS else os.path.expanduser(str(weights)),
+            weights=weights_path(weights),
             upscale=upscale or "",
             strength=_as_float("strength", strength),
         )
@@ -665,6 +693,8 @@ class Callbacks:
         def work():
             s = self.settings(*values)
             c = self.engine.compare(s, self._session(request), self._progress(progress))
+            for warning in c.clear.warnings:
+                gr.Warning(warning)
             paths = [str(c.full.path), str(c.clear.path)]
             entries = [
                 *(gallery or []),

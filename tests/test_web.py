@@ -174,6 +174,31 @@ def test_weights_file_is_loaded_and_full_attention_gets_its_projections_back(cb,
     assert np.array_equal(np.asarray(read_png(before)), np.asarray(read_png(after)))
 
 
+def test_weights_used_with_another_radius_say_so_in_the_summary(cb, tmp_path):
+    """Allowed (the paper reuses radii), but the library's warning reached the server log alone."""
+    weights = _weights_file(tmp_path, window=4)
+    _, summary, *_ = cb.generate(*values(window_size=2, weights=str(weights)))
+    warning = "clear_local_4.safetensors was made for window radius 4, down factor 1; used with window radius 2, "
+    assert f"warning: {warning}down factor 1 as asked" in summary
+    *_, summary, _, _ = cb.compare(*values(window_size=2, weights=str(weights)))
+    assert f"warning: {warning}down factor 1 as asked" in summary
+    for same in (dict(window_size=4), dict(window_size=2, attention="full")):  # as made, or not used at all
+        _, summary, *_ = cb.generate(*values(**{**dict(weights=str(weights)), **same}))
+        assert "warning" not in summary
+
+
+def test_a_published_weights_name_typed_by_hand_is_the_published_file(cb, tmp_path, monkeypatch):
+    """'clear_local_16' typed into the dropdown was looked for as a local file, not found."""
+    hub = "Huage001/CLEAR/clear_local_16.safetensors"
+    for typed in ("clear_local_16", " clear_local_16.safetensors", "clear_local_16 (published)", hub):
+        assert cb.settings(*values(weights=typed, window_size=16)).weights == hub
+    assert Callbacks.weights_selected("clear_local_8_down_4", 16, "1") == (8, "4")
+    monkeypatch.chdir(tmp_path)  # a local file of that name is the user's own
+    _weights_file(tmp_path, window=16).rename(tmp_path / "clear_local_16")
+    assert cb.settings(*values(weights="clear_local_16", window_size=16)).weights == "clear_local_16"
+    assert cb.settings(*values(weights="clear_local_17", window_size=16)).weights == "clear_local_17"
+
+
 def _weights_file(folder: Path, window: int = 2) -> Path:
     other = load_pipeline("tiny", torch.float32)
     clear_dit.patch(other, window_size=window)
