@@ -779,7 +779,9 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out-weight", type=_finite, default=0.5, help="weight a of L_out (default: 0.5)")
     p.add_argument("--attn-weight", type=_finite, default=0.5, help="weight b of L_attn (default: 0.5)")
-    p.add_argument("--attn-layers", type=_layers, default=None, help="layers aligned by L_attn: 'all' or '0,1,5'")
+    p.add_argument(
+        "--attn-layers", type=_layers, default=None, help="layers aligned by L_attn: 'all' or '0,1,5' (default: all)"
+    )
     p.add_argument(
         "--weighting-scheme", default="none", help="none, sigma_sqrt, logit_normal, mode or cosmap (default: none)"
     )
