@@ -135,11 +135,14 @@ def _whole(value: Any) -> int:
     return int(value)
 
 
-def _per_stage(value: Any, count: int, name: str) -> list[Any]:
-    """A scalar repeated ``count`` times, or a sequence that must have ``count`` entries."""
+def _per_stage(value: Any, count: int, name: str, per: str = "stage") -> list[Any]:
+    """A scalar repeated ``count`` times, or a sequence (a 1-d numpy array or tensor too) that must have ``count``
+    entries, one per ``per``."""
+    if getattr(value, "ndim", 0) == 1 and hasattr(value, "tolist"):  # as stages take them
+        value = value.tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != count:
-            raise ValueError(f"{name} has {len(value)} entries; expected one per stage ({count})")
+            raise ValueError(f"{name} has {len(value)} entries; expected one per {per} ({count})")
         return list(value)
     return [value] * count
 
@@ -248,6 +251,8 @@ class HighResFluxPipeline(FluxPipeline):
             )
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass prompt or prompt_embeds (with pooled_prompt_embeds), not both")
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and not prompt:
+            raise ValueError("prompt is an empty list: pass one prompt or more")
         stages = parse_stages(stages) if isinstance(stages, str) else stages
         try:  # pairs of whole numbers: tuples, lists, numpy rows
             stages = [(_whole(w), _whole(h)) for w, h in stages]
@@ -257,7 +262,7 @@ class HighResFluxPipeline(FluxPipeline):
         count = len(stages)
         if not count:  # before the per-stage lists, whose counts it would make -1 and 0
             check_highres_inputs(stages, [])
-        strengths = _per_stage(strength, count - 1, "strength")
+        strengths = _per_stage(strength, count - 1, "strength", "upscale stage")
         steps = _per_stage(num_inference_steps, count, "num_inference_steps")  # its own error for a wrong count
         try:
             steps = [_whole(n) for n in steps]
@@ -301,7 +306,13 @@ class HighResFluxPipeline(FluxPipeline):
         time_shift = None if time_shift is None else float(time_shift)
         if weights is not None:  # before the base stage runs, not after it (keys, shapes, fused or offloaded)
             check_weights(self.transformer, weights)
+        try:
+            resample = PIL.Image.Resampling(resample)
+        except (TypeError, ValueError):
+            raise ValueError(f"resample must be a PIL.Image.Resampling filter, got {brief(resample)}") from None
         for i, (n, s) in enumerate(zip(steps[1:], strengths, strict=True), start=1):
+            if int(n - min(n * s, n)) >= n:
+                raise ValueError(f"upscale stage {i}: strength {s:g} of {n} steps runs no step; raise it or the steps")
             if s < 1 and int(n - min(n * s, n)) == 0:  # FluxImg2ImgPipeline's start step, rounded down
                 logger.warning(
                     "upscale stage %d: strength %g of %d steps starts from pure noise (the start step rounds down "
@@ -324,7 +335,15 @@ class HighResFluxPipeline(FluxPipeline):
             )
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too")
+        if pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+            raise ValueError(
+                f"pooled_prompt_embeds has {pooled_prompt_embeds.shape[0]} rows, prompt_embeds {prompt_embeds.shape[0]}"
+            )
         prompts = prompt_embeds.shape[0]
+        for i, g in enumerate(generators):
+            if isinstance(g, list) and len(g) != prompts * num_images_per_prompt:
+                images = prompts * num_images_per_prompt
+                raise ValueError(f"generator of stage {i} has {len(g)} entries; expected one per image ({images})")
         # FluxPipeline repeats only the embeddings it encodes itself: repeat once here, one image per row in stages
         prompt_embeds, pooled_prompt_embeds = (
             t.repeat_interleave(num_images_per_prompt, dim=0) for t in (prompt_embeds, pooled_prompt_embeds)

@@ -312,6 +312,14 @@ def test_interrupt_stops_remaining_stages(pipe):
         (dict(stages=[(64, 64), (128, 128)], down_factor=0), r"down_factor must be a positive int .*, got 0"),
         (dict(stages=[(64, 64), (128, 128)], backend="bogus"), r"unknown backend 'bogus'"),
         (dict(stages=[(64, 64), (128, 128)], proportional_attention="false"), r"proportional_attention must be True"),
+        # each of these failed in the first upscale stage, after the whole base stage
+        (dict(stages=[(64, 64), (128, 128)], resample="lanczos"), r"resample must be a PIL.Image.Resampling filter"),
+        (dict(stages=[(64, 64), (128, 128)], strength=1e-17), r"upscale stage 1: strength 1e-17 of 2 steps runs no"),
+        (
+            dict(stages=[(64, 64), (128, 128)], num_images_per_prompt=2, generator=[None, [torch.Generator()] * 3]),
+            r"generator of stage 1 has 3 entries; expected one per image \(2\)$",
+        ),
+        (dict(stages=[(64, 64), (128, 128)], strength=[0.5, 0.5]), r"expected one per upscale stage \(1\)$"),
     ],
 )
 def test_bad_input_is_a_clear_value_error_before_any_step(pipe, kwargs, message):
@@ -628,3 +636,103 @@ def test_a_step_count_past_floats_range_is_a_clear_error(pipe):
         pipe(prompt="a red circle", num_inference_steps=10**400, stages=STAGES)
     with pytest.raises(ValueError, match=r"for every stage, got <an int of 16610 bits>$"):  # more digits than print
         pipe(prompt="a red circle", num_inference_steps=10**5000, stages=STAGES)
+
+
+def test_mismatched_embeddings_and_an_empty_prompt_list_fail_before_any_step(pipe):
+    """Pooled embeddings of another batch failed inside the model after the base stage (or were broadcast);
+    an empty prompt list failed with an IndexError from the tokenizer."""
+    embeds, pooled, _ = pipe.encode_prompt(prompt="a red circle", prompt_2=None, max_sequence_length=32)
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds has 2 rows, prompt_embeds 1$"):
+        pipe(stages=STAGES, prompt_embeds=embeds, pooled_prompt_embeds=pooled.repeat(2, 1), num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds has 1 rows, prompt_embeds 2$"):
+        pipe(stages=STAGES, prompt_embeds=embeds.repeat(2, 1, 1), pooled_prompt_embeds=pooled, num_inference_steps=2)
+    with pytest.raises(ValueError, match="prompt is an empty list: pass one prompt or more"):
+        pipe(prompt=[], stages=STAGES, num_inference_steps=2)
+
+
+def test_per_stage_values_as_numpy_arrays_are_taken_as_stages_are(pipe):
+    """They were taken for one value: 'must be whole numbers for every stage, got array([2, 2])'."""
+    arrays = dict(stages=np.array(STAGES), num_inference_steps=np.array([2, 3]), strength=np.array([0.5]))
+    out = pipe("a red circle", **arrays, seed=0)
+    same = pipe("a red circle", stages=STAGES, num_inference_steps=[2, 3], strength=0.5, seed=0)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(same.images[0]))
+
+
+def test_resample_is_the_filter_used(pipe, monkeypatch):
+    from diffusers import FluxImg2ImgPipeline
+
+    inputs, call = [], FluxImg2ImgPipeline.__call__
+    monkeypatch.setattr(
+        FluxImg2ImgPipeline, "__call__", lambda sp, *a, **k: inputs.append(k["image"][0]) or call(sp, *a, **k)
+    )
+    out = pipe(**FAST, stages=STAGES, seed=0, resample=Image.Resampling.NEAREST)
+    expected = out.stage_images[0][0].resize(STAGES[1], Image.Resampling.NEAREST)
+    np.testing.assert_array_equal(np.asarray(inputs[0]), np.asarray(expected))
+
+
+def test_return_dict_false_is_images_then_stage_images(pipe):
+    images, stage_images = pipe(**FAST, stages=STAGES, seed=0, output_type="np", return_dict=False)
+    assert images.shape == (1, 96, 128, 3) and len(stage_images) == 2 and stage_images[-1] is images
+
+
+def test_callback_sees_each_stages_num_timesteps(pipe):
+    seen = []
+
+    def callback(p, step, t, kwargs):
+        seen.append((p.stage_index, p.num_timesteps))
+        return kwargs
+
+    pipe(**{**FAST, "num_inference_steps": [2, 4], "strength": 0.5}, stages=STAGES, seed=0, output_type="latent",
+         callback_on_step_end=callback)  # fmt: skip
+    assert seen == [(0, 2), (0, 2), (1, 2), (1, 2)]
+
+
+def test_a_pipeline_callback_gets_its_tensor_inputs(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class Spy(PipelineCallback):
+        tensor_inputs = ["prompt_embeds"]
+
+        def __init__(self):
+            super().__init__()
+            self.keys = []
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.keys.append(sorted(callback_kwargs))
+            return callback_kwargs
+
+    spy = Spy()
+    pipe(**{**FAST, "strength": 0.5}, stages=STAGES, seed=0, output_type="latent", callback_on_step_end=spy)
+    assert spy.keys == [["prompt_embeds"]] * 3
+
+
+def test_the_pure_noise_warning_uses_each_upscale_stages_own_step_count(pipe, caplog):
+    with caplog.at_level("WARNING", logger="pipelines.highres"):
+        pipe(**{**FAST, "num_inference_steps": [1, 4]}, stages=STAGES, seed=0, output_type="latent")
+    assert "starts from pure noise" not in caplog.text  # stage 1 starts at int(4 - 2.8) = 1
+    with caplog.at_level("WARNING", logger="pipelines.highres"):
+        pipe(**{**FAST, "num_inference_steps": [4, 2]}, stages=STAGES, seed=0, output_type="latent")
+    assert "upscale stage 1: strength 0.7 of 2 steps starts from pure noise" in caplog.text
+
+
+def test_no_pure_noise_warning_at_strength_one(pipe, caplog):
+    with caplog.at_level("WARNING", logger="pipelines.highres"):
+        pipe(**{**FAST, "num_inference_steps": 1, "strength": 1.0}, stages=STAGES, seed=0, output_type="latent")
+    assert "pure noise" not in caplog.text
+
+
+def test_a_call_after_an_interrupted_one_runs_every_stage(pipe):
+    def interrupt(p, step, t, kwargs):
+        p._interrupt = True
+        return kwargs
+
+    pipe(**FAST, stages=STAGES, seed=0, output_type="latent", callback_on_step_end=interrupt)
+    assert len(pipe(**FAST, stages=STAGES, seed=0, output_type="latent").stage_images) == 2
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    from pipelines.stages import FLOAT32_MAX
+
+    for time_shift in (1e-6, 1e6):
+        check_highres_inputs(STAGES, [0.5], time_shift=time_shift)
+    check_highres_inputs(STAGES, [0.5], guidance_scale=FLOAT32_MAX, true_cfg_scale=FLOAT32_MAX)
