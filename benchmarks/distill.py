@@ -42,6 +42,7 @@ import torch
 
 from benchmarks._args import add_json_arguments, non_negative_int, positive_float, positive_int, refuse_existing_json
 from benchmarks._results import run_meta, write_results
+from clear_dit import CLEARLayout
 from training.distill import export_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_train, args.num_val, args.steps, args.data_steps = 4, 2, 3, 2
         args.bench_steps, args.bench_warmup, args.bench_batch, args.rounds = 1, 1, 1, 1
         args.width, args.layers = 2, [1, 1]
+    side = args.resolution // 16
+    if side and CLEARLayout((side, side), 0, args.window).covers_grid:
+        p.error(
+            f"--window {args.window} sees all {side}x{side} tokens at --resolution {args.resolution}: the student is "
+            "the teacher (a gap of 0 to reduce); use a smaller --window or a larger --resolution"
+        )
     work = args.work
     if work is not None and work.exists() and not work.is_dir():
         p.error(f"--work {work} is a file; give a folder")
