@@ -337,6 +337,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, data_dir, mon
 
     train_killed_in("train_step", 3, config(tmp_path, data_dir, "resumed", **settings), monkeypatch)
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    with pytest.raises(FileExistsError, match="holds a distillation run; pass --resume latest to continue it or"):
+        train(config(tmp_path, data_dir, "resumed", **settings))
     resumed = train(config(tmp_path, data_dir, "resumed", resume="latest", **settings))
 
     a, b = load_file(full), load_file(resumed)
@@ -642,7 +644,7 @@ def test_clear_errors(tmp_path, data_dir):
         train(config(tmp_path, data_dir, caption_dropout=1.0))
 
     train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
-    with pytest.raises(FileExistsError, match="already holds a distillation run"):
+    with pytest.raises(FileExistsError, match="already holds a finished distillation run; pass --overwrite"):
         train(config(tmp_path, data_dir, max_steps=1, num_validation=0))
     with pytest.raises(ValueError, match="window: 1 -> 2"):
         train(config(tmp_path, data_dir, window=2, max_steps=1, num_validation=0, resume="latest"))
@@ -1556,3 +1558,89 @@ def test_a_student_of_a_patched_model_is_refused(fresh_transformer):
     clear_dit.patch(t, window_size=1)
     with pytest.raises(ValueError, match="patched"):
         Student(t, window_size=1)
+
+
+def test_resume_latest_does_not_restart_a_finished_run_without_checkpoints(tmp_path, data_dir):
+    """checkpoint_every=0: 'already holds a run; pass --resume latest to continue it' — which retrained from step 0
+    and replaced the finished run's export and logs."""
+    export = train(config(tmp_path, data_dir, max_steps=3, num_validation=0))
+    before = export.read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a finished distillation run; pass --overwrite to start"):
+        train(config(tmp_path, data_dir, max_steps=1, num_validation=0))  # not "pass --resume latest to continue it"
+    with pytest.raises(FileExistsError, match="holds a finished run and no checkpoint to continue it from"):
+        train(config(tmp_path, data_dir, max_steps=1, num_validation=0, resume="latest"))
+    assert export.read_bytes() == before
+    lines = (tmp_path / "run/logs/train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_a_new_start_under_resume_latest_purges_the_killed_attempts_tensorboard_events(tmp_path, data_dir, monkeypatch):
+    settings = dict(max_steps=3, checkpoint_every=3, num_validation=2)
+    train_killed_in("train_step", 2, config(tmp_path, data_dir, **settings), monkeypatch)
+    train(config(tmp_path, data_dir, resume="latest", **settings))
+    events = EventAccumulator(str(tmp_path / "run/logs/distill"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [s.step for s in events.Scalars("validation/val_gap")] == [0, 3]
+
+
+def test_overwrite_discards_a_killed_saves_temporary_checkpoint(tmp_path, data_dir, monkeypatch):
+    settings = dict(max_steps=3, checkpoint_every=1, num_validation=0)
+    train_killed_in("_save_hook", 2, config(tmp_path, data_dir, **settings), monkeypatch)
+    assert (tmp_path / "run/.checkpoint-2.tmp").is_dir()  # up to a full trainable and optimizer state
+    train(config(tmp_path, data_dir, max_steps=1, checkpoint_every=1, num_validation=0, overwrite=True))
+    assert not list((tmp_path / "run").glob(".checkpoint-*.tmp"))
+
+
+def test_a_polynomial_schedule_with_an_lr_at_its_end_is_refused_by_check(tmp_path, data_dir):
+    """diffusers' polynomial schedule decays to lr_end=1e-7 and refuses an lr at or below it, naming lr_end (no
+    flag), after the model is loaded (and in every DDP process)."""
+    with pytest.raises(ValueError, match="--lr-scheduler polynomial decays the rate to 1e-7: --lr must be above it"):
+        config(tmp_path, data_dir, lr=1e-7, lr_scheduler="polynomial").check()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(max_steps=2.5), "--max-steps must be an int, got 2.5"),  # ran 3 steps and no final validation
+        (dict(lr=float("nan")), "--lr must be finite, got nan"),
+        (dict(fm_weight=float("inf")), "--fm-weight must be finite, got inf"),
+    ],
+)
+def test_check_refuses_non_integer_counts_and_non_finite_rates(tmp_path, data_dir, overrides, message):
+    """The Python API's settings (the CLI's types refuse these): each failed late, or named the wrong setting."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(tmp_path, data_dir, **overrides).check()
+
+
+def test_a_stale_temporary_checkpoint_of_the_same_step_is_not_carried_into_the_checkpoint(tmp_path, data_dir):
+    distiller = Distiller(config(tmp_path, data_dir, max_steps=1, checkpoint_every=1, num_validation=0))
+    stale = tmp_path / "run/.checkpoint-1.tmp"
+    stale.mkdir(parents=True)
+    (stale / "random_states_1.pkl").write_bytes(b"left by a killed 2-process save")
+    distiller.fit()
+    assert not (tmp_path / "run/checkpoint-1/random_states_1.pkl").exists()
+
+
+def test_a_partly_deleted_later_checkpoint_is_replaced_when_its_step_is_saved_again(tmp_path, data_dir):
+    """A kill while a resume deleted the abandoned attempt's later checkpoint (trainable file gone first) leaves a
+    folder that is no checkpoint; the resumed run reaching that step replaces it."""
+    settings = dict(checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, max_steps=2, **settings))
+    partial = tmp_path / "run/checkpoint-3"
+    partial.mkdir()
+    (partial / "optimizer.bin").write_bytes(b"half deleted")
+    train(config(tmp_path, data_dir, max_steps=3, resume="latest", **settings))
+    assert (partial / "trainable.safetensors").is_file() and (partial / "optimizer.bin").read_bytes() != b"half deleted"
+
+
+def test_a_resumed_runs_checkpoint_records_its_own_initial_lr(tmp_path, data_dir):
+    """Behaviourally near-equivalent (LambdaLR reads initial_lr only when built with last_epoch >= 0): the saved
+    optimizer groups say the rate the resumed run was given, as run.json does."""
+    import torch
+
+    settings = dict(max_steps=1, checkpoint_every=1, num_validation=0)
+    train(config(tmp_path, data_dir, **settings))
+    train(config(tmp_path, data_dir, **{**settings, "max_steps": 2, "lr": 2e-3, "resume": "latest"}))
+    state = torch.load(tmp_path / "run/checkpoint-2/optimizer.bin", weights_only=False)
+    assert [g["initial_lr"] for g in state["param_groups"]] == [2e-3]

@@ -149,6 +149,10 @@ class DistillConfig:
         except ValueError as err:  # named as the flags of `clear-dit distill`, which these settings are
             raise ValueError(str(err).replace("window_size", "--window").replace("down_factor", "--down")) from None
         positive = ("max_steps", "batch_size", "grad_accum", "keep_checkpoints")
+        for name in (*positive, "checkpoint_every", "validate_every", "lr_warmup_steps", "num_validation"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"--{name.replace('_', '-')} must be an int, got {value!r}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(self, name)}")
@@ -162,11 +166,19 @@ class DistillConfig:
         for name in ("weight_decay", "fm_weight", "out_weight", "attn_weight"):  # < 0 pushes away from the target
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "fm_weight", "out_weight", "attn_weight", "guidance", "logit_mean"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         if self.fm_weight == self.out_weight == self.attn_weight == 0:  # weight decay alone would shrink the student
             raise ValueError("--fm-weight, --out-weight and --attn-weight are all 0: no loss to train on")
         if self.weighting_scheme == "mode" and not -1 <= self.mode_scale <= MAX_MODE_SCALE:
             raise ValueError(  # beyond it the 'mode' density leaves [0, 1] and timesteps wrap around
                 f"--mode-scale must be in [-1, {MAX_MODE_SCALE:.2f}] for the 'mode' scheme, got {self.mode_scale}"
+            )
+        if self.lr_scheduler == "polynomial" and _learning_rate(self) <= 1e-7:  # diffusers' lr_end
+            raise ValueError(
+                f"--lr-scheduler polynomial decays the rate to 1e-7: --lr must be above it, got {_learning_rate(self)}"
             )
         if self.lr_warmup_steps and self.lr_scheduler == "constant":
             raise ValueError(
@@ -428,9 +440,16 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
             advice = f"repair or delete it to resume from {checkpoint} (unchecked against its run), or drop --resume"
             _check_same_run(_read_run_file(origin, advice), record, f"from {checkpoint}")
         if checkpoint is None:
+            if (out / export_name(config.window, config.down)).exists():
+                raise FileExistsError(
+                    f"--resume latest: {out} holds a finished run and no checkpoint to continue it from "
+                    "(--checkpoint-every 0); pass --overwrite to start it over"
+                )
             logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
     if run_file.is_file() and not config.overwrite:
+        if latest_checkpoint(out) is None and (out / export_name(config.window, config.down)).exists():
+            raise FileExistsError(f"{out} already holds a finished distillation run; pass --overwrite to start over")
         raise FileExistsError(
             f"{out} already holds a distillation run; pass --resume latest to continue it or --overwrite to start over"
         )
@@ -454,7 +473,7 @@ def _write_run_dir(config: DistillConfig, record: dict[str, Any], resuming: bool
     """Clear what --overwrite discards (only the trainer's own files) and write run.json (main process)."""
     out = Path(config.out)
     if config.overwrite and not resuming and (out / RUN_FILE).is_file():
-        for path in [*out.glob("checkpoint-*"), out / "logs", out / "validation"]:
+        for path in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*.tmp"), out / "logs", out / "validation"]:
             shutil.rmtree(path, ignore_errors=True)
         previous = _previous_export(out / RUN_FILE)  # its export only: others may be the user's
         if previous is None:
@@ -743,7 +762,7 @@ class Distiller:
         acc.wait_for_everyone()
         if trackers and acc.is_main_process:
             # purge_step: readers drop the events the interrupted attempt logged after its last checkpoint.
-            purge = {"purge_step": self.state.step + 1} if self.resume_from is not None else {}
+            purge = {"purge_step": self.state.step + 1 if self.resume_from is not None else 0}
             acc.init_trackers("distill", init_kwargs={"tensorboard": purge})
         # Log lines after the resumed step (or all, for a fresh start) belong to the interrupted attempt.
         self.logs = _Logger(acc, self.out / "logs", self.state.step if self.resume_from is not None else -1)
