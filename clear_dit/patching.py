@@ -250,9 +250,16 @@ class _ModelPatch:
         vars(self.model).pop(_HANDLE_ATTR, None)  # not set yet when a patch fails half-way
 
     def _set_processors(self, processors: dict[str, Any]) -> None:
-        # layer by layer: set_attn_processor refuses a dict once a loader has added attention layers
-        for name, processor in processors.items():
-            self.model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+        set_processors(self.model, processors)
+
+
+def set_processors(model: nn.Module, processors: dict[str, Any]) -> None:
+    """Install ``processors`` (``{"...processor": processor}``, as ``model.attn_processors`` names them), also on a
+    patched model, whose ``set_attn_processor`` :func:`patch` refuses: for code that swaps CLEAR's processors out
+    on purpose and puts them back (the shared teacher, the band-parallel runner)."""
+    # layer by layer: set_attn_processor refuses a dict once a loader has added attention layers
+    for name, processor in processors.items():
+        model.get_submodule(name.removesuffix(".processor")).set_processor(processor)
 
 
 @dataclass
@@ -397,14 +404,35 @@ def _refuse_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> None:
     )
 
 
-def _pipeline_load_ip_adapter(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-    """``load_ip_adapter`` of a pipeline patched by :func:`patch`: refused before diffusers loads (and attaches)
-    the image encoder, which the model's own guard would only refuse afterwards."""
-    model = resolve_transformer(pipe)
-    if patch_handle(model) is not None:
-        _refuse_ip_adapter(model)
-    pipe.__dict__.pop("load_ip_adapter", None)  # unpatched meanwhile (through the model): diffusers' own method
-    return pipe.load_ip_adapter(*args, **kwargs)
+def _refuse_pag(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise ValueError(
+        f"perturbed-attention guidance puts full-attention PAG processors on the CLEAR-patched "
+        f"{type(model).__name__}: call the pipeline with pag_scale=0, or clear_dit.unpatch(pipe) first"
+    )
+
+
+def _pipeline_guard(method: str, refuse: Callable[..., None]) -> Callable[..., Any]:
+    """A pipeline's ``method`` refused by ``refuse`` while its transformer is patched, else diffusers' own: refused
+    before it changes anything (load_ip_adapter loads and attaches the image encoder before the model's guard)."""
+
+    def guarded(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        model = resolve_transformer(pipe)
+        if patch_handle(model) is not None:
+            refuse(model)
+        pipe.__dict__.pop(method, None)  # unpatched meanwhile (through the model): diffusers' own method
+        return getattr(pipe, method)(*args, **kwargs)
+
+    return guarded
+
+
+#: Pipeline methods that would put full-attention processors on a patched transformer: diffusers' IP-Adapter
+#: loading and unloading (which rebuilds every processor with its class's no-argument constructor) and PAG
+#: pipelines' processor swap (a plain object assigned over the CLEAR processor module: torch's bare TypeError).
+PIPELINE_GUARDS: dict[str, Callable[..., None]] = {
+    "load_ip_adapter": _refuse_ip_adapter,
+    "unload_ip_adapter": _refuse("unload_ip_adapter"),
+    "_set_pag_attn_processor": _refuse_pag,
+}
 
 
 #: What (enable|disable)_xformers_memory_efficient_attention (on a model or its pipeline) and
@@ -425,6 +453,8 @@ def _add_guards(model: nn.Module, family: ModelFamily, guarded: list[str]) -> No
         "enable_parallelism": _refuse_context_parallelism,
         # what the pipelines' load_ip_adapter() calls: it puts IP-Adapter processors (full attention) on every layer
         "_load_ip_adapter_weights": _refuse_ip_adapter,
+        # any other full-attention processor: it ran while patch_handle() still reported the patch
+        "set_attn_processor": _refuse("set_attn_processor"),
         **{name: _refuse(name) for name in (*family.refused_methods, *ATTENTION_SWITCHES)},
     }
     for name, fn in guards.items():
@@ -574,8 +604,12 @@ def patch(
     )
     for model in models:
         setattr(model, _HANDLE_ATTR, handle)
-    if not isinstance(pipe_or_transformer, nn.Module) and hasattr(pipe_or_transformer, "load_ip_adapter"):
-        pipe_or_transformer.load_ip_adapter = types.MethodType(_pipeline_load_ip_adapter, pipe_or_transformer)
+    if not isinstance(pipe_or_transformer, nn.Module):
+        for method, refuse in PIPELINE_GUARDS.items():
+            if hasattr(pipe_or_transformer, method):
+                setattr(
+                    pipe_or_transformer, method, types.MethodType(_pipeline_guard(method, refuse), pipe_or_transformer)
+                )
     logger.info(
         "patched %d attention layers of %s with CLEAR (%s)",
         handle.num_layers,
@@ -600,4 +634,5 @@ def unpatch(pipe_or_transformer: Any) -> None:
         while (handle := getattr(model, _HANDLE_ATTR, None)) is not None:
             handle._release(model)
     if not isinstance(pipe_or_transformer, nn.Module):
-        vars(pipe_or_transformer).pop("load_ip_adapter", None)
+        for method in PIPELINE_GUARDS:
+            vars(pipe_or_transformer).pop(method, None)

@@ -55,7 +55,7 @@ from torch.distributed import distributed_c10d
 from clear_dit import CLEARFluxAttnProcessor, pool_tokens, proportional_scale
 from clear_dit.bands import attention_with_lse, band_attention, window_reach
 from clear_dit.mask import CLEARLayout
-from clear_dit.patching import patch_handle, resolve_transformer
+from clear_dit.patching import patch_handle, resolve_transformer, set_processors
 from clear_dit.processors import CLEARAttnProcessor
 
 logger = logging.getLogger(__name__)
@@ -463,13 +463,13 @@ class BandParallel:
         self._saved = (processors, instance_forward)
         self._forward = model.forward
         self._forward_params = list(inspect.signature(model.forward).parameters)
-        model.set_attn_processor({name: ParallelCLEARFluxAttnProcessor(p, self) for name, p in processors.items()})
+        set_processors(model, {name: ParallelCLEARFluxAttnProcessor(p, self) for name, p in processors.items()})
         model.forward = self._band_forward
         return self
 
     def __exit__(self, *exc: object) -> None:
         processors, instance_forward = self._saved
-        self.transformer.set_attn_processor(processors)
+        set_processors(self.transformer, processors)
         if instance_forward is None:
             del self.transformer.forward
         else:

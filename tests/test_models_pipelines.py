@@ -13,6 +13,7 @@ from diffusers import (
     FluxMultiControlNetModel,
     FluxPipeline,
     StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3PAGPipeline,
 )
 from PIL import Image
 from pipeline_models import flux_controlnet, flux_transformer_variant, tiny_sd3_pipeline
@@ -105,6 +106,19 @@ def test_flux_controlnet_pipeline_patches_the_controlnets_too(flux_pipe, tmp_pat
     assert image.size == (WIDTH, HEIGHT)
 
 
+def test_perturbed_attention_guidance_on_a_patched_pipeline_is_one_line(tmp_path):
+    """The PAG pipeline assigns a plain processor object over CLEAR's processor module: torch's bare TypeError."""
+    pipe = StableDiffusion3PAGPipeline.from_pipe(tiny_sd3_pipeline(tmp_path / "sd3"), pag_applied_layers=["blocks.0"])
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(CALL, max_sequence_length=16, output_type="pt")
+    with clear_dit.patch(pipe, window_size=2):
+        with pytest.raises(ValueError, match="perturbed-attention guidance puts full-attention PAG processors on"):
+            pipe(**call, pag_scale=3.0)
+        assert all(isinstance(p, clear_dit.CLEARJointAttnProcessor) for p in pipe.transformer.attn_processors.values())
+        assert pipe(**call, pag_scale=0.0).images.shape[-2:] == (HEIGHT, WIDTH)  # no PAG: CLEAR runs
+    assert pipe(**call, pag_scale=3.0).images.shape[-2:] == (HEIGHT, WIDTH)  # unpatched: diffusers' PAG runs
+
+
 @pytest.mark.parametrize("dual_attention", [False, True], ids=["sd3", "sd3.5"])
 def test_sd3_pipeline_runs_patched(tmp_path, dual_attention):
     pipe = tiny_sd3_pipeline(tmp_path / "sd3", dual_attention=dual_attention)
@@ -150,8 +164,12 @@ def test_a_patched_pipeline_refuses_ip_adapters_before_loading_the_image_encoder
             assert "load_ip_adapter" not in vars(pipe)
         handle = clear_dit.patch(pipe, window_size=2)
         assert "load_ip_adapter" in vars(pipe)
+        # diffusers rebuilds every processor with its class's no-argument constructor: a bare TypeError for CLEAR's
+        with pytest.raises(ValueError, match=r"unload_ip_adapter\(\) on the CLEAR-patched FluxTransformer2DModel"):
+            pipe.unload_ip_adapter()
         clear_dit.unpatch(pipe)
         assert "load_ip_adapter" not in vars(pipe) and clear_dit.patch_handle(pipe) is None and handle.models == []
+        assert "unload_ip_adapter" not in vars(pipe)
         clear_dit.patch(pipe.transformer, window_size=2)  # a patched model alone: its own guard still refuses
         with pytest.raises(ValueError, match=r"load_ip_adapter\(\) on the CLEAR-patched FluxTransformer2DModel"):
             pipe.transformer._load_ip_adapter_weights({}, low_cpu_mem_usage=False)

@@ -489,3 +489,65 @@ def test_a_handle_ended_by_unpatch_lists_no_models(tmp_path):
     handle = clear_dit.patch(model, window_size=2)
     clear_dit.unpatch(model)
     assert handle.models == [] and handle.processors == {}
+
+
+def test_the_grid_of_the_call_wins_over_a_stale_clear_grid_in_joint_attention_kwargs(model):
+    """the grid read from img_ids must override any clear_grid the caller's joint_attention_kwargs carry
+    (a dict reused from a call at another resolution)."""
+    inputs = flux_inputs((4, 6), text_len=2)
+    with clear_dit.patch(model, window_size=2):
+        expected = run(model, inputs)
+        with torch.no_grad():
+            out = model(**inputs, joint_attention_kwargs={"clear_grid": (6, 4), "clear_reference_grid": None})[0]
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_native_backend_in_any_case_is_accepted_as_diffusers_accepts_it(model):
+    """diffusers lower-cases the backend name; the patched model's guard must accept 'NATIVE' like 'native'."""
+    with clear_dit.patch(model, window_size=1):
+        model.set_attention_backend("NATIVE")
+        assert {str(p._attention_backend.value) for p in model.attn_processors.values()} == {"native"}
+
+
+def test_nested_patches_leave_no_hook_behind(model):
+    """the patch beneath a new one must have its hooks taken off, or they leak past unpatch."""
+    outer = clear_dit.patch(model, window_size=1)
+    inner = clear_dit.patch(model, window_size=2)
+    assert len(model._forward_pre_hooks) == 1
+    inner.unpatch()
+    outer.unpatch()
+    assert len(model._forward_pre_hooks) == 0
+
+
+def test_two_ended_patches_beneath_are_both_skipped(model):
+    """the walk down skips every ended patch, not only the nearest one."""
+    inputs = flux_inputs((4, 4))
+    reference = run(model, inputs)
+    first, second = clear_dit.patch(model, window_size=1), clear_dit.patch(model, window_size=2)
+    top = clear_dit.patch(model, window_size=3)
+    first.unpatch()
+    second.unpatch()
+    top.unpatch()
+    assert clear_dit.patch_handle(model) is None
+    assert all(isinstance(p, FluxAttnProcessor) for p in model.attn_processors.values())
+    torch.testing.assert_close(run(model, inputs), reference, atol=0, rtol=0)
+
+
+def test_a_context_parallel_config_put_on_the_processors_behind_the_guard_is_refused(model):
+    """what diffusers' enable_parallelism sets on every processor for context parallelism (reached by
+    type(model).enable_parallelism, past the instance guard) must fail at the forward, not compute silently."""
+    with clear_dit.patch(model, window_size=1):
+        for processor in model.attn_processors.values():
+            processor._parallel_config = object()
+        with pytest.raises(ValueError, match="context parallelism"):
+            run(model, flux_inputs((4, 4)))
+
+
+def test_set_attn_processor_is_refused_while_patched(model):
+    """It ran full attention while patch_handle() still reported the patch, warning on every layer of every call."""
+    with clear_dit.patch(model, window_size=1):
+        with pytest.raises(ValueError, match=r"set_attn_processor\(\) on the CLEAR-patched FluxTransformer2DModel"):
+            model.set_attn_processor(FluxAttnProcessor())
+        assert all(isinstance(p, clear_dit.CLEARFluxAttnProcessor) for p in model.attn_processors.values())
+    model.set_attn_processor(FluxAttnProcessor())  # unpatched: diffusers' own method again
+    assert "set_attn_processor" not in vars(model)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import clear_dit
+from clear_dit.patching import set_processors
 from clear_dit.weights import is_clear_key
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class Student:
                 yield self._teacher_model
             return
         model = self.transformer
-        model.set_attn_processor(dict(self._full_processors))
+        set_processors(model, self._full_processors)
         stash = {}
         try:
             if self.lora_rank is not None:
@@ -249,7 +250,7 @@ class Student:
                 self._trainable[name].data = tensor
             if self.lora_rank is not None:
                 model.enable_adapters()
-            model.set_attn_processor(dict(self._clear_processors))
+            set_processors(model, self._clear_processors)
 
     def export(self, path: str | os.PathLike, overwrite: bool = False, base_model: str | None = None) -> Path:
         """Write the student's CLEAR weights with :func:`clear_dit.save_weights` (published key layout).
