@@ -222,7 +222,7 @@ class _ModelPatch:
     def install(self) -> None:
         """Put this patch's processors, grid hooks and guards on the model (each recorded as it goes on, so that
         :meth:`suspend` takes off what a failure half-way put on)."""
-        self._set_processors(self.processors)
+        set_processors(self.model, self.processors)
         attention_names = [name.removesuffix(".processor") for name in self.processors]
         self.hooks, self.guarded = [], []
         _add_grid_hooks(self.model, self.family, attention_names, self.hooks)
@@ -246,11 +246,8 @@ class _ModelPatch:
             below[1].install()
             setattr(self.model, _HANDLE_ATTR, below[0])
             return
-        self._set_processors(self.original_processors)
+        set_processors(self.model, self.original_processors)
         vars(self.model).pop(_HANDLE_ATTR, None)  # not set yet when a patch fails half-way
-
-    def _set_processors(self, processors: dict[str, Any]) -> None:
-        set_processors(self.model, processors)
 
 
 def set_processors(model: nn.Module, processors: dict[str, Any]) -> None:

@@ -311,9 +311,10 @@ class HighResFluxPipeline(FluxPipeline):
         except (TypeError, ValueError):
             raise ValueError(f"resample must be a PIL.Image.Resampling filter, got {brief(resample)}") from None
         for i, (n, s) in enumerate(zip(steps[1:], strengths, strict=True), start=1):
-            if int(n - min(n * s, n)) >= n:
+            start = int(n - min(n * s, n))  # FluxImg2ImgPipeline's start step, rounded down
+            if start >= n:
                 raise ValueError(f"upscale stage {i}: strength {s:g} of {n} steps runs no step; raise it or the steps")
-            if s < 1 and int(n - min(n * s, n)) == 0:  # FluxImg2ImgPipeline's start step, rounded down
+            if s < 1 and start == 0:
                 logger.warning(
                     "upscale stage %d: strength %g of %d steps starts from pure noise (the start step rounds down "
                     "to 0), so the stage ignores the image before it: use more steps or a lower strength",

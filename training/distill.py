@@ -440,7 +440,7 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
             advice = f"repair or delete it to resume from {checkpoint} (unchecked against its run), or drop --resume"
             _check_same_run(_read_run_file(origin, advice), record, f"from {checkpoint}")
         if checkpoint is None:
-            if (out / export_name(config.window, config.down)).exists():
+            if _finished_without_checkpoints(config):
                 raise FileExistsError(
                     f"--resume latest: {out} holds a finished run and no checkpoint to continue it from "
                     "(--checkpoint-every 0); pass --overwrite to start it over"
@@ -448,7 +448,7 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
             logger.warning("--resume latest: no checkpoint in %s yet, starting a new run", out)
         return checkpoint
     if run_file.is_file() and not config.overwrite:
-        if latest_checkpoint(out) is None and (out / export_name(config.window, config.down)).exists():
+        if _finished_without_checkpoints(config):
             raise FileExistsError(f"{out} already holds a finished distillation run; pass --overwrite to start over")
         raise FileExistsError(
             f"{out} already holds a distillation run; pass --resume latest to continue it or --overwrite to start over"
@@ -458,6 +458,12 @@ def _check_run_dir(config: DistillConfig, record: dict[str, Any]) -> Path | None
     if previous is not None and previous != target.name:  # a damaged run.json: a file of that name is taken as ours
         raise FileExistsError(f"{target} is not the export of the run in {out}; move it or choose another --out")
     return None
+
+
+def _finished_without_checkpoints(config: DistillConfig) -> bool:
+    """Whether ``--out`` holds the run's export and no checkpoint (``--checkpoint-every 0``): nothing to resume."""
+    out = Path(config.out)
+    return latest_checkpoint(out) is None and (out / export_name(config.window, config.down)).exists()
 
 
 def _previous_export(run_file: Path) -> str | None:
