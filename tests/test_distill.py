@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,6 +68,13 @@ def one_thread():
 @pytest.fixture()
 def fresh_transformer(tiny_pipeline_path):
     return lambda: FluxTransformer2DModel.from_pretrained(tiny_pipeline_path, subfolder="transformer").eval()
+
+
+def a_second_later() -> None:
+    """Wait for the next wall-clock second before a resume: tensorboard reads event files in name order, whose
+    first field is the second each was made in, then pid and a per-process counter compared as text ('10' before
+    '9'); a real restart after a kill comes seconds later, in another process."""
+    time.sleep(1.01 - time.time() % 1)
 
 
 def config(tmp_path, data_dir, name="run", **overrides) -> DistillConfig:
@@ -339,6 +347,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, data_dir, mon
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
     with pytest.raises(FileExistsError, match="holds a distillation run; pass --resume latest to continue it or"):
         train(config(tmp_path, data_dir, "resumed", **settings))
+    a_second_later()
     resumed = train(config(tmp_path, data_dir, "resumed", resume="latest", **settings))
 
     a, b = load_file(full), load_file(resumed)
@@ -1577,6 +1586,7 @@ def test_resume_latest_does_not_restart_a_finished_run_without_checkpoints(tmp_p
 def test_a_new_start_under_resume_latest_purges_the_killed_attempts_tensorboard_events(tmp_path, data_dir, monkeypatch):
     settings = dict(max_steps=3, checkpoint_every=3, num_validation=2)
     train_killed_in("train_step", 2, config(tmp_path, data_dir, **settings), monkeypatch)
+    a_second_later()
     train(config(tmp_path, data_dir, resume="latest", **settings))
     events = EventAccumulator(str(tmp_path / "run/logs/distill"))
     events.Reload()
