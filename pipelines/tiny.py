@@ -181,10 +181,11 @@ def _fault(path: Path) -> str:
     except (OSError, UnicodeDecodeError):
         return "is incomplete (a build was interrupted)"
     lines = manifest.splitlines()
-    if lines[:1] == [TINY_NAME] and len(lines) == 1:  # what earlier builds wrote: the name alone
-        return "was built by an older clear-dit that kept no list of its files"
-    if lines[:1] == [TINY_NAME] and all(len(line.split()) == 2 for line in lines[1:]):  # then names and sizes
-        return "was built by an older clear-dit that kept no checksums of its files"
+    if lines[:1] == [TINY_NAME]:  # one of ours: it names the recipe first
+        if len(lines) == 1:  # what earlier builds wrote: the name alone
+            return "was built by an older clear-dit that kept no list of its files"
+        if all(len(line.split()) == 2 for line in lines[1:]):  # then names and sizes
+            return "was built by an older clear-dit that kept no checksums of its files"
     return "is damaged (a file was deleted or changed since it was built)"
 
 
@@ -196,7 +197,8 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of the saved tiny pipeline (``cache_dir or cache_root()`` / ``tiny-flux-v1``); built if missing.
 
     The build happens in a temporary folder next to the target, which is renamed into place when complete,
-    so concurrent builders never see a half-written pipeline: the first rename wins, the others are dropped.
+    so concurrent builders never see a half-written pipeline: the first rename wins, and a later builder, which
+    finds that folder complete under the lock, drops its own.
     """
     root = _expand(cache_dir, "cache_dir") if cache_dir is not None else cache_root()
     path = root / TINY_NAME
